@@ -1,0 +1,371 @@
+#!/usr/bin/env python3
+"""Convert a Hugging Face DeepSeek-V2 checkpoint folder into one dsv2 file.
+
+    python3 export.py HF_DIR OUT.bin [--dtype f32|bf16]
+
+HF_DIR holds config.json and model.safetensors, or shards with
+model.safetensors.index.json (F32, BF16 or F16 tensors). The conversion streams
+tensor by tensor in bounded chunks, so peak memory stays near one chunk whatever
+the model size. Standard library + numpy only.
+
+File layout (dsv2.c reads it with mmap; keep the two in step):
+  [0, 512)   header: magic "DSV2", version, every hyper-parameter (struct Config in dsv2.c)
+  tensors    in the order of tensor_plan() below, each 64-byte aligned. Weight matrices
+             are stored in the chosen dtype ([out, in] row-major, as nn.Linear);
+             norms and the MoE router are always float32 (tiny, and the router decides).
+"""
+import json
+import os
+import struct
+import sys
+
+try:
+    import numpy as np
+except ImportError:
+    sys.exit("export.py: error: numpy is missing (Debian: apt-get install -y python3-numpy, then use /usr/bin/python3)")
+
+MAGIC = b"DSV2"
+VERSION = 1
+HEADER_SIZE = 512
+ALIGN = 64
+DTYPES = {"f32": 0, "bf16": 1}
+TOPK_METHODS = {"greedy": 0, "group_limited_greedy": 1}
+CHUNK_BYTES = 64 << 20  # conversion works through tensors this many bytes at a time
+
+
+def fail(msg):
+    print(f"export.py: error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+# --------------------------------------------------------------------------- config
+
+def read_config(path):
+    """config.json -> the header fields, validated. Raises on anything dsv2.c cannot run."""
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"cannot read {path}: {e}")
+    if hf.get("model_type") not in ("deepseek_v2", None):
+        fail(f"{path}: model_type {hf.get('model_type')!r} is not deepseek_v2")
+
+    def need(key):
+        if key not in hf or hf[key] is None:
+            fail(f"{path}: missing required field '{key}'")
+        return hf[key]
+
+    def integer(key, default=None, required=True):
+        v = hf.get(key, default)
+        if v is None:
+            if required:
+                fail(f"{path}: missing required field '{key}'")
+            return 0
+        if isinstance(v, bool) or not isinstance(v, int):
+            fail(f"{path}: field '{key}' must be an integer, got {v!r}")
+        return v
+
+    def number(key, default):
+        v = hf.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            fail(f"{path}: field '{key}' must be a number, got {v!r}")
+        return float(v)
+
+    for key, want in (("hidden_act", "silu"), ("scoring_func", "softmax")):
+        if hf.get(key, want) != want:
+            fail(f"{path}: {key} {hf[key]!r} is not supported (only {want!r})")
+    if hf.get("attention_bias", False):
+        fail(f"{path}: attention_bias true is not supported (no released model uses it)")
+
+    c = {}
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
+        c[key] = integer(key)
+    if "q_lora_rank" not in hf:
+        fail(f"{path}: missing required field 'q_lora_rank' (null means no q compression)")
+    c["q_lora_rank"] = integer("q_lora_rank", required=False)
+    c["n_routed_experts"] = integer("n_routed_experts", required=False)
+    c["n_shared_experts"] = integer("n_shared_experts", required=False)
+    c["first_k_dense_replace"] = integer("first_k_dense_replace", 0)
+    c["moe_layer_freq"] = integer("moe_layer_freq", 1)
+    moe_layers = [l for l in range(c["num_hidden_layers"]) if is_moe_layer(c, l)]
+    dense_layers = c["num_hidden_layers"] - len(moe_layers)
+    c["intermediate_size"] = integer("intermediate_size", required=dense_layers > 0)
+    if moe_layers:
+        c["moe_intermediate_size"] = integer("moe_intermediate_size")
+        c["num_experts_per_tok"] = integer("num_experts_per_tok")
+        method = need("topk_method")
+        if method not in TOPK_METHODS:
+            fail(f"{path}: unknown topk_method {method!r} (supported: {', '.join(TOPK_METHODS)})")
+        c["topk_method"] = TOPK_METHODS[method]
+        grouped = method == "group_limited_greedy"
+        c["n_group"] = integer("n_group", required=grouped)
+        c["topk_group"] = integer("topk_group", required=grouped)
+    else:
+        for key in ("moe_intermediate_size", "num_experts_per_tok", "topk_method", "n_group", "topk_group"):
+            c[key] = integer(key, 0) if key != "topk_method" else 0
+    norm = hf.get("norm_topk_prob", False)
+    if not isinstance(norm, bool):
+        fail(f"{path}: norm_topk_prob must be true or false")
+    c["norm_topk_prob"] = int(norm)
+    c["seq_aux"] = int(bool(hf.get("seq_aux", True)))
+    c["rms_norm_eps"] = number("rms_norm_eps", 1e-6)
+    c["rope_theta"] = number("rope_theta", 10000.0)
+    c["routed_scaling_factor"] = number("routed_scaling_factor", 1.0)
+    c["aux_loss_alpha"] = number("aux_loss_alpha", 0.001)
+    for key in ("bos_token_id", "eos_token_id"):
+        v = hf.get(key)
+        c[key] = v if isinstance(v, int) and 0 <= v < c["vocab_size"] else -1
+
+    rs = hf.get("rope_scaling")
+    c.update(rope_scaling=0, rope_factor=1.0, original_max_position_embeddings=0,
+             beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=0.0)
+    if rs is not None:
+        kind = rs.get("type", rs.get("rope_type"))
+        if kind != "yarn":
+            fail(f"{path}: rope_scaling type {kind!r} is not supported (only yarn or null)")
+        if "factor" not in rs:
+            fail(f"{path}: rope_scaling has no 'factor'")
+        c.update(rope_scaling=1, rope_factor=float(rs["factor"]),
+                 original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 4096)),
+                 beta_fast=float(rs.get("beta_fast", 32)), beta_slow=float(rs.get("beta_slow", 1)),
+                 mscale=float(rs.get("mscale", 1)), mscale_all_dim=float(rs.get("mscale_all_dim", 0)))
+
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                "v_head_dim", "qk_rope_head_dim", "max_position_embeddings"):
+        if c[key] < 1:
+            fail(f"{path}: {key} must be positive, got {c[key]}")
+    if c["qk_rope_head_dim"] % 2:
+        fail(f"{path}: qk_rope_head_dim must be even, got {c['qk_rope_head_dim']}")
+    if moe_layers:
+        E, K = c["n_routed_experts"], c["num_experts_per_tok"]
+        if not 1 <= K <= E:
+            fail(f"{path}: num_experts_per_tok {K} must be in [1, n_routed_experts={E}]")
+        if c["topk_method"] == 1:
+            G, TG = c["n_group"], c["topk_group"]
+            if G < 1 or E % G or not 1 <= TG <= G or K > TG * (E // G):
+                fail(f"{path}: n_group {G} / topk_group {TG} do not fit {E} experts with top-{K}")
+    return c
+
+
+def is_moe_layer(c, l):
+    return c["n_routed_experts"] > 0 and l >= c["first_k_dense_replace"] and l % c["moe_layer_freq"] == 0
+
+
+INT_FIELDS = ["dtype", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "q_lora_rank",
+              "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size",
+              "moe_intermediate_size", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+              "topk_method", "n_group", "topk_group", "norm_topk_prob", "first_k_dense_replace",
+              "moe_layer_freq", "max_position_embeddings", "bos_token_id", "eos_token_id", "rope_scaling",
+              "original_max_position_embeddings", "seq_aux"]
+FLOAT_FIELDS = ["rms_norm_eps", "rope_theta", "routed_scaling_factor", "rope_factor", "beta_fast", "beta_slow",
+                "mscale", "mscale_all_dim", "aux_loss_alpha"]
+
+
+def pack_header(c, tokenizer_offset=0, tokenizer_size=0, file_size=0):
+    ints = [c[k] for k in INT_FIELDS] + [0] * (32 - len(INT_FIELDS))
+    floats = [c[k] for k in FLOAT_FIELDS] + [0.0] * (16 - len(FLOAT_FIELDS))
+    head = MAGIC + struct.pack("<I32i16d4Q", VERSION, *ints, *floats, tokenizer_offset, tokenizer_size, file_size, 0)
+    return head + b"\0" * (HEADER_SIZE - len(head))
+
+
+def tensor_plan(c):
+    """(HF name, shape, is_matrix) in file order; mirrors layout_weights() in dsv2.c.
+    is_matrix False means stored float32 whatever the dtype (norms, router)."""
+    D, H = c["hidden_size"], c["num_attention_heads"]
+    dq = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+    yield "model.embed_tokens.weight", (c["vocab_size"], D), True
+    for l in range(c["num_hidden_layers"]):
+        p = f"model.layers.{l}."
+        yield p + "input_layernorm.weight", (D,), False
+        if c["q_lora_rank"] > 0:
+            yield p + "self_attn.q_a_proj.weight", (c["q_lora_rank"], D), True
+            yield p + "self_attn.q_a_layernorm.weight", (c["q_lora_rank"],), False
+            yield p + "self_attn.q_b_proj.weight", (H * dq, c["q_lora_rank"]), True
+        else:
+            yield p + "self_attn.q_proj.weight", (H * dq, D), True
+        yield p + "self_attn.kv_a_proj_with_mqa.weight", (c["kv_lora_rank"] + c["qk_rope_head_dim"], D), True
+        yield p + "self_attn.kv_a_layernorm.weight", (c["kv_lora_rank"],), False
+        yield p + "self_attn.kv_b_proj.weight", (H * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"]), True
+        yield p + "self_attn.o_proj.weight", (D, H * c["v_head_dim"]), True
+        yield p + "post_attention_layernorm.weight", (D,), False
+        if is_moe_layer(c, l):
+            Im = c["moe_intermediate_size"]
+            yield p + "mlp.gate.weight", (c["n_routed_experts"], D), False
+            for e in range(c["n_routed_experts"]):
+                yield p + f"mlp.experts.{e}.gate_proj.weight", (Im, D), True
+                yield p + f"mlp.experts.{e}.up_proj.weight", (Im, D), True
+                yield p + f"mlp.experts.{e}.down_proj.weight", (D, Im), True
+            width, prefix = Im * c["n_shared_experts"], p + "mlp.shared_experts."
+        else:
+            width, prefix = c["intermediate_size"], p + "mlp."
+        if width > 0:
+            yield prefix + "gate_proj.weight", (width, D), True
+            yield prefix + "up_proj.weight", (width, D), True
+            yield prefix + "down_proj.weight", (D, width), True
+    yield "model.norm.weight", (D,), False
+    yield "lm_head.weight", (c["vocab_size"], D), True
+
+
+# --------------------------------------------------------------------------- safetensors
+
+ST_DTYPES = {"F32": 4, "BF16": 2, "F16": 2}
+
+
+class SafeTensors:
+    """Index of every tensor in the folder: name -> (file, dtype, shape, byte offset). Reads nothing else."""
+
+    def __init__(self, folder):
+        index = os.path.join(folder, "model.safetensors.index.json")
+        single = os.path.join(folder, "model.safetensors")
+        if os.path.exists(index):
+            try:
+                with open(index) as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+            except (OSError, ValueError, KeyError) as e:
+                fail(f"cannot read {index}: {e}")
+        elif os.path.exists(single):
+            files = ["model.safetensors"]
+        else:
+            fail(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+        self.tensors = {}
+        for name in files:
+            self._scan(os.path.join(folder, name))
+
+    def _scan(self, path):
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                raw = f.read(8)
+                if len(raw) < 8:
+                    fail(f"{path} is truncated (no header)")
+                (n,) = struct.unpack("<Q", raw)
+                if n > size - 8:
+                    fail(f"{path} is truncated or not safetensors (header length {n})")
+                header = json.loads(f.read(n))
+        except OSError as e:
+            fail(f"cannot read {path}: {e}")
+        except ValueError as e:
+            fail(f"{path}: bad safetensors header: {e}")
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            if t["dtype"] not in ST_DTYPES:
+                fail(f"{path}: tensor {name} has dtype {t['dtype']}; supported: F32, BF16, F16")
+            begin, end = t["data_offsets"]
+            count = int(np.prod(t["shape"], dtype=np.int64))
+            if end - begin != count * ST_DTYPES[t["dtype"]] or 8 + n + end > size:
+                fail(f"{path}: tensor {name} data is truncated or inconsistent")
+            self.tensors[name] = (path, t["dtype"], tuple(t["shape"]), 8 + n + begin)
+
+    def chunks(self, name, shape):
+        """Yields the tensor as float32 or raw bf16 (uint16) arrays of whole rows, CHUNK_BYTES at a time."""
+        if name not in self.tensors:
+            fail(f"tensor {name} is missing from the checkpoint")
+        path, dtype, got, offset = self.tensors[name]
+        if got != tuple(shape):
+            fail(f"tensor {name} has shape {list(got)}, the config implies {list(shape)}")
+        cols = shape[-1]
+        rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+        item = ST_DTYPES[dtype]
+        step = max(1, CHUNK_BYTES // (cols * item))
+        np_dtype = {"F32": "<f4", "BF16": "<u2", "F16": "<f2"}[dtype]
+        with open(path, "rb") as f:
+            f.seek(offset)
+            for r in range(0, rows, step):
+                n = min(step, rows - r)
+                a = np.frombuffer(f.read(n * cols * item), dtype=np_dtype)
+                yield a.astype(np.float32) if dtype == "F16" else a, dtype
+
+
+def to_f32(a, dtype):
+    if dtype == "BF16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)
+
+
+def to_bf16(a, dtype):
+    """Round to nearest even, as torch does; NaN stays NaN."""
+    if dtype == "BF16":
+        return a
+    bits = a.astype(np.float32, copy=False).view(np.uint32)
+    rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
+    nan = np.isnan(a)
+    if nan.any():
+        rounded[nan] = 0x7FC0
+    return rounded
+
+
+# --------------------------------------------------------------------------- writer
+
+class Writer:
+    def __init__(self, path, config):
+        self.path, self.tmp = path, path + ".tmp"
+        self.config = config
+        try:
+            self.f = open(self.tmp, "wb")
+        except OSError as e:
+            fail(f"cannot write {path}: {e}")
+        self.f.write(pack_header(config))
+
+    def align(self):
+        pad = -self.f.tell() % ALIGN
+        self.f.write(b"\0" * pad)
+
+    def tensor(self, arrays):
+        self.align()
+        for a in arrays:
+            self.f.write(np.ascontiguousarray(a).tobytes())
+
+    def finish(self):
+        size = self.f.tell()
+        self.f.seek(0)
+        self.f.write(pack_header(self.config, 0, 0, size))
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        return size
+
+
+def export_model(folder, out, dtype_name):
+    config = read_config(os.path.join(folder, "config.json"))
+    source = SafeTensors(folder)
+    if dtype_name is None:  # keep bf16 as bf16; anything else becomes f32
+        kinds = {source.tensors[n][1] for n in source.tensors}
+        dtype_name = "bf16" if kinds == {"BF16"} else "f32"
+    config["dtype"] = DTYPES[dtype_name]
+    convert = to_bf16 if dtype_name == "bf16" else to_f32
+    w = Writer(out, config)
+    count = 0
+    for name, shape, is_matrix in tensor_plan(config):
+        cast = convert if is_matrix else to_f32
+        w.tensor(cast(a, dt) for a, dt in source.chunks(name, shape))
+        count += 1
+    size = w.finish()
+    print(f"wrote {out}: {count} tensors, {dtype_name}, {size / 2**20:.1f} MiB")
+    has_tokenizer = os.path.exists(os.path.join(folder, "tokenizer.json"))
+    if not has_tokenizer:
+        print(f"export.py: warning: {folder} has no tokenizer.json; exported the model alone "
+              "(token ids in and out)", file=sys.stderr)
+
+
+def main(argv):
+    args, dtype = [], None
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--dtype":
+            if i + 1 >= len(argv) or argv[i + 1] not in DTYPES:
+                fail(f"--dtype expects one of {', '.join(DTYPES)}")
+            dtype = argv[i + 1]
+            i += 2
+        elif argv[i].startswith("-"):
+            fail(f"unknown option {argv[i]}")
+        else:
+            args.append(argv[i])
+            i += 1
+    if len(args) != 2:
+        sys.exit("usage: python3 export.py HF_DIR OUT.bin [--dtype f32|bf16]")
+    export_model(args[0], args[1], dtype)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
