@@ -518,6 +518,10 @@ typedef struct {
     RouterScratch router;
     float *logits;                    /* [vocab] */
     float *cache;                     /* [L][context][cache_width] */
+    /* Optional taps (NULL = off), filled by forward() for inspection and tests: the residual
+     * stream after each layer [L][D], and each MoE layer's routing [L][K]. */
+    float *tap_hidden, *tap_route_weight;
+    int *tap_route_idx;
     size_t cache_width;               /* floats per token per layer */
 } RunState;
 
@@ -759,6 +763,11 @@ static float *forward(const Weights *w, RunState *s, int token, int pos) {
         if (L->is_moe) moe(s, c, L);
         else swiglu_mlp(s->branch, s->xn, &L->mlp_gate, &L->mlp_up, &L->mlp_down, s->hidden, s->hidden2);
         for (int i = 0; i < D; i++) s->x[i] += s->branch[i];
+        if (s->tap_hidden) memcpy(s->tap_hidden + (size_t)l * D, s->x, D * sizeof(float));
+        if (s->tap_route_idx && L->is_moe) {
+            memcpy(s->tap_route_idx + (size_t)l * c->num_experts_per_tok, s->topk_idx, c->num_experts_per_tok * sizeof(int));
+            memcpy(s->tap_route_weight + (size_t)l * c->num_experts_per_tok, s->topk_weight, c->num_experts_per_tok * sizeof(float));
+        }
     }
     rmsnorm(s->x, s->x, w->final_norm, D, c->rms_norm_eps);
     matvec(s->logits, &w->lm_head, s->x);
@@ -1014,6 +1023,7 @@ int main(int argc, char **argv) {
     int n_ids = 0, *ids = NULL;
     if (input) ids = parse_ids(input, c->vocab_size, &n_ids);
     else if (c->bos_token_id >= 0) { ids = xcalloc(1, sizeof(int)); ids[0] = c->bos_token_id; n_ids = 1; }
+    if (n_ids < 1) die("no token ids given: the prompt is empty");
     check_context(n_ids, (int)context);
 
     RunState s;

@@ -337,8 +337,12 @@ def export_model(folder, out, dtype_name):
     w = Writer(out, config)
     count = 0
     for name, shape, is_matrix in tensor_plan(config):
-        cast = convert if is_matrix else to_f32
-        w.tensor(cast(a, dt) for a, dt in source.chunks(name, shape))
+        if is_matrix:
+            w.tensor(convert(a, dt) for a, dt in source.chunks(name, shape))
+        elif dtype_name == "bf16":  # stored as f32, but at bf16 precision: the bf16 model, exactly
+            w.tensor(to_f32(to_bf16(a, dt), "BF16") for a, dt in source.chunks(name, shape))
+        else:
+            w.tensor(to_f32(a, dt) for a, dt in source.chunks(name, shape))
         count += 1
     size = w.finish()
     print(f"wrote {out}: {count} tensors, {dtype_name}, {size / 2**20:.1f} MiB")

@@ -1,0 +1,33 @@
+# dsv2: DeepSeek-V2 in one C file.   make run | make test | make bench
+CC ?= cc
+CFLAGS ?= -O3 -march=native
+WARN = -std=c11 -Wall -Wextra
+OMP = -fopenmp
+# export.py needs numpy: use the first python3 that has it (Debian's /usr/bin/python3 with python3-numpy).
+PYTHON ?= $(shell for p in python3 /usr/bin/python3; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
+SAN = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
+
+.PHONY: all test test-asan clean
+
+all: dsv2
+
+dsv2: dsv2.c
+	$(CC) $(WARN) $(CFLAGS) $(OMP) -o $@ dsv2.c -lm
+
+test_all: test_all.c dsv2.c
+	$(CC) $(WARN) -Wno-unused-function $(CFLAGS) $(OMP) -o $@ test_all.c -lm
+
+test: dsv2 test_all
+	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy (apt-get install -y python3-numpy)"; exit 1; }
+	PYTHON=$(PYTHON) ./test_all
+
+# The same suite with AddressSanitizer and UndefinedBehaviorSanitizer in both binaries.
+dsv2_asan: dsv2.c
+	$(CC) $(WARN) $(SAN) $(OMP) -o $@ dsv2.c -lm
+test_all_asan: test_all.c dsv2.c
+	$(CC) $(WARN) -Wno-unused-function $(SAN) $(OMP) -o $@ test_all.c -lm
+test-asan: dsv2_asan test_all_asan
+	PYTHON=$(PYTHON) DSV2_BIN=./dsv2_asan ./test_all_asan
+
+clean:
+	rm -f dsv2 test_all dsv2_asan test_all_asan

@@ -1,0 +1,618 @@
+/*
+ * test_all.c: the dsv2 test suite.
+ *
+ *   ./test_all            unit tests, then every fixture folder under tests/fixtures
+ *   ./test_all DIR...     every check that applies to each fixture folder given
+ *
+ * Unit tests call dsv2.c's functions directly (it is included below). End-to-end
+ * checks go through what users run: the real export.py and the real ./dsv2 binary.
+ * Environment: PYTHON (default python3), DSV2_BIN (default ./dsv2).
+ * Ends with the line "N passed, N failed"; exits non-zero if anything failed.
+ */
+#define DSV2_NO_MAIN
+#include "dsv2.c"
+
+#include <dirent.h>
+#include <stddef.h>
+#include <sys/wait.h>
+
+static int n_passed, n_failed;
+
+static void check(int ok, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    printf(ok ? "  ok    " : "  FAIL  ");
+    vprintf(fmt, ap);
+    printf("\n");
+    fflush(stdout);
+    va_end(ap);
+    if (ok) n_passed++;
+    else n_failed++;
+}
+
+static float max_abs_diff(const float *a, const float *b, size_t n) {
+    float m = 0.0f;
+    for (size_t i = 0; i < n; i++) {
+        float d = fabsf(a[i] - b[i]);
+        if (!(d <= m)) m = d;  /* NaN propagates as a failure */
+    }
+    return m;
+}
+
+static uint64_t test_rng = 0x1234567ull;
+static float rand_normal(void) {  /* Box-Muller from the sampler's generator */
+    float u1 = random_f32(&test_rng) + 1e-7f, u2 = random_f32(&test_rng);
+    return sqrtf(-2.0f * logf(u1)) * cosf(6.2831853f * u2);
+}
+
+/* ------------------------------------------------------------------------- */
+/* Running commands                                                           */
+/* ------------------------------------------------------------------------- */
+
+static const char *python, *dsv2_bin;
+static char tmp_dir[256];
+
+/* Runs a shell command with stdout and stderr captured to files; returns the exit status,
+ * or -1 if it died from a signal (a crash). */
+static int run(const char *cmd, char *err_out, size_t err_size) {
+    char full[8192], err_path[512];
+    snprintf(err_path, sizeof err_path, "%s/stderr.txt", tmp_dir);
+    snprintf(full, sizeof full, "%s >%s/stdout.txt 2>%s", cmd, tmp_dir, err_path);
+    int status = system(full);
+    if (err_out) {
+        err_out[0] = '\0';
+        FILE *f = fopen(err_path, "r");
+        if (f) {
+            size_t n = fread(err_out, 1, err_size - 1, f);
+            err_out[n] = '\0';
+            fclose(f);
+        }
+    }
+    if (status == -1 || !WIFEXITED(status)) return -1;
+    int code = WEXITSTATUS(status);
+    return code >= 128 ? -1 : code;  /* the shell reports a child's signal as 128+n */
+}
+
+static char *stdout_text(void) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/stdout.txt", tmp_dir);
+    return read_file(path, NULL);
+}
+
+static int count_lines(const char *s) {
+    int n = 0;
+    for (; *s; s++) n += *s == '\n';
+    return n;
+}
+
+/* A command that must fail cleanly: exit status 1, exactly one line on stderr naming an error. */
+static void expect_clean_error(const char *what, const char *cmd, const char *needle) {
+    char err[4096];
+    int code = run(cmd, err, sizeof err);
+    int one_line = count_lines(err) == 1 && strstr(err, "error") != NULL;
+    int names_it = needle == NULL || strstr(err, needle) != NULL;
+    check(code == 1 && one_line && names_it, "bad input: %s -> exit %d, \"%.*s\"", what, code,
+          (int)strcspn(err, "\n"), err);
+}
+
+/* ------------------------------------------------------------------------- */
+/* Fixture files: manifest.txt says where each reference tensor lies.         */
+/* ------------------------------------------------------------------------- */
+
+typedef struct {
+    char name[128], dtype[8], file[64];
+    int ndim;
+    long dims[4];
+    long offset;
+} RefTensor;
+
+static int find_ref(const char *dir, const char *name, RefTensor *out) {
+    char path[512], line[1024];
+    snprintf(path, sizeof path, "%s/manifest.txt", dir);
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    int found = 0;
+    while (!found && fgets(line, sizeof line, f)) {
+        if (line[0] == '#') continue;
+        RefTensor t;
+        int used = 0;
+        memset(&t, 0, sizeof t);
+        if (sscanf(line, "%127s %7s %d%n", t.name, t.dtype, &t.ndim, &used) != 3 || strcmp(t.name, name)) continue;
+        if (t.ndim < 1 || t.ndim > 4) continue;
+        char *p = line + used;
+        for (int d = 0; d < t.ndim; d++) t.dims[d] = strtol(p, &p, 10);
+        if (sscanf(p, "%63s %ld", t.file, &t.offset) == 2) { *out = t; found = 1; }
+    }
+    fclose(f);
+    return found;
+}
+
+static long ref_count(const RefTensor *t) {
+    long n = 1;
+    for (int d = 0; d < t->ndim; d++) n *= t->dims[d];
+    return n;
+}
+
+/* Loads a reference tensor (f32 or i32, 4 bytes each); NULL if the fixture lacks it. */
+static void *load_ref(const char *dir, const char *name, RefTensor *t) {
+    if (!find_ref(dir, name, t)) return NULL;
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", dir, t->file);
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    long n = ref_count(t);
+    void *buf = xcalloc(n, 4);
+    int ok = fseek(f, t->offset, SEEK_SET) == 0 && fread(buf, 4, n, f) == (size_t)n;
+    fclose(f);
+    if (!ok) { free(buf); return NULL; }
+    return buf;
+}
+
+static void write_ids(const char *path, const int *ids, int n) {
+    FILE *f = fopen(path, "w");
+    if (!f) die("cannot write %s", path);
+    for (int i = 0; i < n; i++) fprintf(f, "%s%d", i ? " " : "", ids[i]);
+    fprintf(f, "\n");
+    fclose(f);
+}
+
+/* ------------------------------------------------------------------------- */
+/* Unit tests of the building blocks                                          */
+/* ------------------------------------------------------------------------- */
+
+static void test_rmsnorm_softmax(void) {
+    float x[4] = {1, -2, 3, -4}, w[4] = {1, 0.5f, 2, 1}, out[4];
+    rmsnorm(out, x, w, 4, 1e-6);
+    double rms = sqrt((1 + 4 + 9 + 16) / 4.0 + 1e-6);
+    float want[4] = {(float)(1 / rms), (float)(-2 * 0.5 / rms), (float)(3 * 2 / rms), (float)(-4 / rms)};
+    check(max_abs_diff(out, want, 4) < 1e-6f, "rmsnorm matches w*x/sqrt(mean(x^2)+eps)");
+    float big[3] = {1000.0f, 1001.0f, 999.0f};
+    softmax(big, 3);
+    double e = exp(1.0), sum = 1 + e + 1 / e;
+    check(fabsf(big[1] - (float)(e / sum)) < 1e-6f && fabsf(big[0] + big[1] + big[2] - 1) < 1e-6f,
+          "softmax is exact and stable for large logits");
+}
+
+/* The real DeepSeek-V2 RoPE config: the spec derives low=10, high=23 and scale 0.1147214. */
+static void test_yarn_real_config(void) {
+    Config c;
+    memset(&c, 0, sizeof c);
+    c.qk_nope_head_dim = 128; c.qk_rope_head_dim = 64; c.rope_theta = 10000; c.rope_scaling = ROPE_YARN;
+    c.rope_factor = 40; c.original_max_position_embeddings = 4096; c.beta_fast = 32; c.beta_slow = 1;
+    c.mscale = 0.707; c.mscale_all_dim = 0.707;
+    double inv_freq[32];
+    rope_inv_freq(&c, inv_freq);
+    int ok = 1;
+    for (int i = 0; i < 32; i++) {
+        double extra = 1.0 / pow(10000.0, 2.0 * i / 64), ramp = fmin(fmax((i - 10) / 13.0, 0), 1);
+        double want = extra * (1 - ramp) + extra / 40 * ramp;
+        if (fabs(inv_freq[i] - want) > 1e-12 * extra) ok = 0;
+    }
+    check(ok, "YaRN inv_freq for the real V2 config: keep i<=10, /40 from i>=23, linear blend between");
+    check(fabs(attention_softmax_scale(&c) - 0.1147214) < 1e-6, "softmax scale with mscale^2 = %.7f (spec 0.1147214)",
+          attention_softmax_scale(&c));
+    c.rope_scaling = ROPE_PLAIN;
+    check(fabs(attention_softmax_scale(&c) - 1 / sqrt(192.0)) < 1e-12, "softmax scale without YaRN is dq^-1/2");
+}
+
+/* Rotating q at position m and k at n leaves q.k depending on m-n only. */
+static void test_rope_relative(void) {
+    Config c;
+    memset(&c, 0, sizeof c);
+    c.qk_rope_head_dim = 8; c.rope_theta = 10000; c.rope_scaling = ROPE_PLAIN;
+    float cos_t[20 * 4], sin_t[20 * 4], q[8], k[8], q1[8], k1[8], q2[8], k2[8];
+    rope_tables(&c, 20, cos_t, sin_t);
+    for (int i = 0; i < 8; i++) { q[i] = rand_normal(); k[i] = rand_normal(); }
+    memcpy(q1, q, sizeof q); memcpy(k1, k, sizeof k); memcpy(q2, q, sizeof q); memcpy(k2, k, sizeof k);
+    rope_rotate(q1, cos_t + 7 * 4, sin_t + 7 * 4, 8);
+    rope_rotate(k1, cos_t + 3 * 4, sin_t + 3 * 4, 8);
+    rope_rotate(q2, cos_t + 15 * 4, sin_t + 15 * 4, 8);
+    rope_rotate(k2, cos_t + 11 * 4, sin_t + 11 * 4, 8);
+    check(fabsf(dot_f32(q1, k1, 8) - dot_f32(q2, k2, 8)) < 1e-5f, "rope: q.k depends only on relative position");
+    float x[8] = {1, 0, 0, 1, 1, 1, 2, 3}, y[8];
+    memcpy(y, x, sizeof x);
+    rope_rotate(y, cos_t, sin_t, 8);
+    check(max_abs_diff(x, y, 8) == 0.0f, "rope: position 0 is the identity");
+    /* pair (x0, x1) rotates by pos*inv_freq[0] = pos radians */
+    float p[8] = {1, 0, 0, 0, 0, 0, 0, 0};
+    rope_rotate(p, cos_t + 2 * 4, sin_t + 2 * 4, 8);
+    check(fabsf(p[0] - cosf(2)) < 1e-6f && fabsf(p[1] - sinf(2)) < 1e-6f, "rope: interleaved pairs (x[2i], x[2i+1]) rotate");
+}
+
+static void test_routing(void) {
+    Config c;
+    memset(&c, 0, sizeof c);
+    c.n_routed_experts = 8; c.num_experts_per_tok = 2; c.topk_method = TOPK_GREEDY; c.n_group = 1;
+    c.routed_scaling_factor = 2.0;
+    float masked[8], group_score[8];
+    unsigned char taken[8], group_taken[8];
+    RouterScratch r = {masked, group_score, taken, group_taken};
+    float probs[8] = {0.05f, 0.30f, 0.05f, 0.10f, 0.25f, 0.05f, 0.15f, 0.05f};
+    int idx[3];
+    float wt[3];
+    route_tokens(&c, probs, idx, wt, &r);
+    check(idx[0] == 1 && idx[1] == 4 && fabsf(wt[0] - 0.6f) < 1e-6f && fabsf(wt[1] - 0.5f) < 1e-6f,
+          "greedy top-2, ascending ids, weights x routed_scaling_factor");
+    c.norm_topk_prob = 1;
+    route_tokens(&c, probs, idx, wt, &r);
+    check(fabsf(wt[0] - 0.30f / 0.55f) < 1e-6f && fabsf(wt[1] - 0.25f / 0.55f) < 1e-6f,
+          "norm_topk_prob renormalises and skips routed_scaling_factor");
+    c.num_experts_per_tok = 1;
+    route_tokens(&c, probs, idx, wt, &r);
+    check(idx[0] == 1 && fabsf(wt[0] - 0.6f) < 1e-6f, "norm_topk_prob with k=1 scales instead (as the official code)");
+    /* Groups of 2: {0,1} max .30, {2,3} .10, {4,5} .25, {6,7} .15. Keep 2 groups -> {0,1},{4,5}.
+     * Plain top-3 would take expert 6 (0.15); group-limited must take 0 or 5 (0.05) instead. */
+    c.norm_topk_prob = 0; c.num_experts_per_tok = 3; c.topk_method = TOPK_GROUP_LIMITED_GREEDY;
+    c.n_group = 4; c.topk_group = 2; c.routed_scaling_factor = 1.0;
+    route_tokens(&c, probs, idx, wt, &r);
+    check(idx[0] == 0 && idx[1] == 1 && idx[2] == 4, "group_limited_greedy: group score is the max, other groups masked (got %d %d %d)",
+          idx[0], idx[1], idx[2]);
+    float ties[8] = {0.125f, 0.125f, 0.125f, 0.125f, 0.125f, 0.125f, 0.125f, 0.125f};
+    c.topk_method = TOPK_GREEDY; c.n_group = 1; c.num_experts_per_tok = 3;
+    route_tokens(&c, ties, idx, wt, &r);
+    check(idx[0] == 0 && idx[1] == 1 && idx[2] == 2, "routing ties go to the lower expert id");
+}
+
+/* A small random model in memory, laid out exactly like a checkpoint. */
+static void *random_model(Weights *w, const Config *c) {
+    memset(w, 0, sizeof *w);
+    w->cfg = *c;
+    alloc_layers(w);
+    Cursor measure = {NULL, 0, DTYPE_F32};
+    size_t size = layout_weights(w, &measure);
+    float *buf = xcalloc(size / 4 + 1, 4);
+    for (size_t i = 0; i < size / 4; i++) buf[i] = 0.3f * rand_normal();
+    Cursor fill = {(const char *)buf, 0, DTYPE_F32};
+    layout_weights(w, &fill);
+    for (int l = 0; l < c->num_hidden_layers; l++) {  /* norms near 1, as trained models have */
+        Layer *L = &w->layers[l];
+        for (int i = 0; i < c->kv_lora_rank; i++) ((float *)L->kv_a_norm)[i] = 1.0f + 0.1f * rand_normal();
+    }
+    return buf;
+}
+
+static Config small_config(int q_lora_rank) {
+    Config c;
+    memset(&c, 0, sizeof c);
+    c.dtype = DTYPE_F32; c.vocab_size = 32; c.hidden_size = 24; c.num_hidden_layers = 2; c.num_attention_heads = 3;
+    c.q_lora_rank = q_lora_rank; c.kv_lora_rank = 12; c.qk_nope_head_dim = 8; c.qk_rope_head_dim = 6; c.v_head_dim = 10;
+    c.intermediate_size = 20; c.moe_intermediate_size = 6; c.n_routed_experts = 4; c.n_shared_experts = 1;
+    c.num_experts_per_tok = 2; c.topk_method = TOPK_GREEDY; c.n_group = 1; c.topk_group = 1; c.first_k_dense_replace = 1;
+    c.moe_layer_freq = 1; c.max_position_embeddings = 16; c.bos_token_id = 0; c.eos_token_id = 1;
+    c.rope_scaling = ROPE_YARN; c.original_max_position_embeddings = 4; c.rope_factor = 4; c.beta_fast = 32;
+    c.beta_slow = 1; c.mscale = 0.707; c.mscale_all_dim = 0.707; c.rms_norm_eps = 1e-6; c.rope_theta = 10000;
+    c.routed_scaling_factor = 1.0;
+    return c;
+}
+
+/* The absorption identity, on one layer: both forms give the same attention output. */
+static void test_naive_equals_absorb(int q_lora_rank) {
+    Config c = small_config(q_lora_rank);
+    Weights w;
+    void *buf = random_model(&w, &c);
+    RunState naive, absorb;
+    init_run_state(&naive, &c, ATTN_NAIVE, 10);
+    init_run_state(&absorb, &c, ATTN_ABSORB, 10);
+    float worst = 0.0f;
+    for (int pos = 0; pos < 10; pos++) {
+        for (int i = 0; i < c.hidden_size; i++) naive.xn[i] = absorb.xn[i] = rand_normal();
+        mla(&naive, &c, &w.layers[1], 1, pos);
+        mla(&absorb, &c, &w.layers[1], 1, pos);
+        worst = fmaxf(worst, max_abs_diff(naive.branch, absorb.branch, c.hidden_size));
+    }
+    check(worst < 1e-4f, "naive == absorb MLA on one layer over 10 positions (q_lora_rank %d): max diff %.2e", q_lora_rank, worst);
+    check(absorb.cache_width == (size_t)(c.kv_lora_rank + c.qk_rope_head_dim), "absorb cache holds kv_lora_rank + rope dim per token");
+    free_run_state(&naive);
+    free_run_state(&absorb);
+    free_weights(&w);
+    free(buf);
+}
+
+static void test_bf16(void) {
+    uint16_t b[3] = {0x3F80, 0xC000, 0x3EAB};  /* 1, -2, 0.333984375 */
+    float x[3] = {1, 1, 3};
+    check(fabsf(dot_bf16(b, x, 3) - (1 - 2 + 3 * 0.333984375f)) < 1e-6f, "bf16 widening and dot product");
+}
+
+/* ------------------------------------------------------------------------- */
+/* Fixture checks                                                             */
+/* ------------------------------------------------------------------------- */
+
+static int export_model(const char *dir, const char *out, const char *dtype_flag) {
+    char cmd[2048], err[4096];
+    snprintf(cmd, sizeof cmd, "%s export.py %s %s %s", python, dir, out, dtype_flag);
+    int code = run(cmd, err, sizeof err);
+    check(code == 0, "export.py %s %s -> exit %d %.*s", dir, dtype_flag, code, code ? (int)strcspn(err, "\n") : 0, err);
+    return code == 0;
+}
+
+/* In-process: the exported model's RoPE tables, latent cache, routing and hidden states. */
+static void check_internals(const char *dir, const char *model_path) {
+    Weights w;
+    memset(&w, 0, sizeof w);
+    load_weights(&w, model_path);
+    const Config *c = &w.cfg;
+    RefTensor t_ids, t;
+    int *prompt = load_ref(dir, "prompt_ids", &t_ids);
+    int T = (int)t_ids.dims[0], L = c->num_hidden_layers, D = c->hidden_size, K = c->num_experts_per_tok;
+    RunState s;
+    init_run_state(&s, c, ATTN_ABSORB, c->max_position_embeddings);
+    float *inv = load_ref(dir, "rope.inv_freq", &t), *cos_ref = load_ref(dir, "rope.cos", &t), *sin_ref;
+    if (inv) {
+        double inv_freq[c->qk_rope_head_dim / 2];
+        float inv_f[c->qk_rope_head_dim / 2];
+        rope_inv_freq(c, inv_freq);
+        for (int i = 0; i < c->qk_rope_head_dim / 2; i++) inv_f[i] = (float)inv_freq[i];
+        float d = max_abs_diff(inv_f, inv, c->qk_rope_head_dim / 2);
+        check(d < 1e-6f, "%s: YaRN inv_freq (max diff %.1e)", dir, d);
+        free(inv);
+    }
+    if (cos_ref && (sin_ref = load_ref(dir, "rope.sin", &t))) {
+        size_t n = (size_t)t.dims[0] * t.dims[1];
+        float d = fmaxf(max_abs_diff(s.rope_cos, cos_ref, n), max_abs_diff(s.rope_sin, sin_ref, n));
+        check(d < 1e-5f, "%s: rope cos/sin tables with mscale (max diff %.1e)", dir, d);
+        free(sin_ref);
+    }
+    free(cos_ref);
+    float *hidden = xcalloc((size_t)T * L * D, sizeof(float)), *rw = xcalloc((size_t)T * L * K, sizeof(float));
+    int *ri = xcalloc((size_t)T * L * K, sizeof(int));
+    for (int pos = 0; pos < T; pos++) {
+        s.tap_hidden = hidden + (size_t)pos * L * D;
+        s.tap_route_idx = ri + (size_t)pos * L * K;
+        s.tap_route_weight = rw + (size_t)pos * L * K;
+        forward(&w, &s, prompt[pos], pos);
+    }
+    for (int l = 0; l < L; l++) {
+        char name[64];
+        snprintf(name, sizeof name, "hidden.layer.%d", l);
+        float *ref = load_ref(dir, name, &t), worst = 0.0f;
+        if (ref) {
+            for (int pos = 0; pos < T; pos++)
+                worst = fmaxf(worst, max_abs_diff(hidden + ((size_t)pos * L + l) * D, ref + (size_t)pos * D, D));
+            check(worst < 1e-4f, "%s: hidden state after layer %d (max diff %.1e)", dir, l, worst);
+            free(ref);
+        }
+        snprintf(name, sizeof name, "cache.%d.c_kv", l);
+        float *c_kv = load_ref(dir, name, &t);
+        snprintf(name, sizeof name, "cache.%d.k_pe", l);
+        float *k_pe = load_ref(dir, name, &t);
+        if (c_kv && k_pe) {
+            worst = 0.0f;
+            const float *cache = s.cache + (size_t)l * s.context * s.cache_width;
+            for (int pos = 0; pos < T; pos++) {
+                worst = fmaxf(worst, max_abs_diff(cache + pos * s.cache_width, c_kv + (size_t)pos * c->kv_lora_rank, c->kv_lora_rank));
+                worst = fmaxf(worst, max_abs_diff(cache + pos * s.cache_width + c->kv_lora_rank, k_pe + (size_t)pos * c->qk_rope_head_dim, c->qk_rope_head_dim));
+            }
+            check(worst < 1e-4f, "%s: latent KV cache (c_kv, rotated k_pe) of layer %d (max diff %.1e)", dir, l, worst);
+        }
+        free(c_kv);
+        free(k_pe);
+        snprintf(name, sizeof name, "route.%d.idx", l);
+        int *idx = load_ref(dir, name, &t);
+        snprintf(name, sizeof name, "route.%d.weight", l);
+        float *wt = load_ref(dir, name, &t);
+        if (idx && wt) {
+            int same = 1;
+            worst = 0.0f;
+            for (int pos = 0; pos < T; pos++)
+                for (int k = 0; k < K; k++) {
+                    size_t at = ((size_t)pos * L + l) * K + k;
+                    same &= ri[at] == idx[pos * K + k];
+                    worst = fmaxf(worst, fabsf(rw[at] - wt[pos * K + k]));
+                }
+            check(same && worst < 1e-4f, "%s: routing of layer %d: same experts, weights max diff %.1e", dir, l, worst);
+        }
+        free(idx);
+        free(wt);
+    }
+    free(hidden); free(rw); free(ri); free(prompt);
+    free_run_state(&s);
+    free_weights(&w);
+}
+
+/* Through the CLI: logits at every prompt and generated position, and the greedy continuation. */
+static void check_cli(const char *dir, const char *model_path, const char *label) {
+    RefTensor tp, tg, tl, tgl;
+    int *prompt = load_ref(dir, "prompt_ids", &tp), *gen = load_ref(dir, "gen_ids", &tg);
+    float *logits = load_ref(dir, "logits", &tl), *gen_logits = load_ref(dir, "gen_logits", &tgl);
+    if (!prompt || !gen || !logits || !gen_logits) { check(0, "%s: fixture lacks prompt/gen references", dir); return; }
+    int T = (int)tp.dims[0], N = (int)tg.dims[0], V = (int)tl.dims[1];
+    int *all = xcalloc(T + N, sizeof(int));
+    memcpy(all, prompt, T * sizeof(int));
+    memcpy(all + T, gen, N * sizeof(int));
+    char ids_path[512], out_path[512], cmd[2048];
+    snprintf(ids_path, sizeof ids_path, "%s/ids.txt", tmp_dir);
+    snprintf(out_path, sizeof out_path, "%s/logits.bin", tmp_dir);
+    write_ids(ids_path, all, T + N - 1);  /* the last generated token is never fed back */
+    const char *modes[] = {"naive", "absorb"};
+    for (int m = 0; m < 2; m++) {
+        snprintf(cmd, sizeof cmd, "%s %s -m logits -f %s -o %s -a %s", dsv2_bin, model_path, ids_path, out_path, modes[m]);
+        int code = run(cmd, NULL, 0);
+        size_t bytes = 0;
+        float *got = code == 0 ? (float *)read_file(out_path, &bytes) : NULL;
+        if (!got || bytes != (size_t)(T + N - 1) * V * sizeof(float)) {
+            check(0, "%s %s -a %s: logits mode exit %d, %zu bytes", dir, label, modes[m], code, bytes);
+            free(got);
+            continue;
+        }
+        float prefill = max_abs_diff(got, logits, (size_t)T * V);
+        float decode = max_abs_diff(got + (size_t)(T - 1) * V, gen_logits, (size_t)N * V);
+        check(prefill <= 1e-4f, "%s %s -a %s: logits at all %d prompt positions, max |diff| %.2e", dir, label, modes[m], T, prefill);
+        check(decode <= 1e-4f, "%s %s -a %s: logits at all %d generated positions, max |diff| %.2e", dir, label, modes[m], N, decode);
+        free(got);
+        write_ids(ids_path, prompt, T);
+        snprintf(cmd, sizeof cmd, "%s %s -f %s -t 0 -n %d -a %s", dsv2_bin, model_path, ids_path, N, modes[m]);
+        code = run(cmd, NULL, 0);
+        char *text = stdout_text();
+        int n_out = 0, *out = code == 0 ? parse_ids(text, V, &n_out) : NULL;
+        check(code == 0 && n_out == N && !memcmp(out, gen, N * sizeof(int)), "%s %s -a %s: greedy continuation of %d tokens identical",
+              dir, label, modes[m], N);
+        free(out);
+        free(text);
+        write_ids(ids_path, all, T + N - 1);
+    }
+    free(all); free(prompt); free(gen); free(logits); free(gen_logits);
+}
+
+static int weights_are_bf16(const char *dir) {
+    char path[512], line[256];
+    snprintf(path, sizeof path, "%s/meta.txt", dir);
+    FILE *f = fopen(path, "r");
+    int bf16 = 0;
+    while (f && fgets(line, sizeof line, f)) if (!strncmp(line, "weights_dtype BF16", 18)) bf16 = 1;
+    if (f) fclose(f);
+    return bf16;
+}
+
+static void test_fixture_dir(const char *dir) {
+    printf("%s\n", dir);
+    RefTensor t;
+    if (!find_ref(dir, "logits", &t)) { printf("  (no forward references here)\n"); return; }
+    char model[512];
+    snprintf(model, sizeof model, "%s/model.bin", tmp_dir);
+    /* f32 weights are checked as f32; bf16 weights both as stored and widened to f32 */
+    const char *flags[] = {"--dtype f32", "", NULL};
+    int n = weights_are_bf16(dir) ? 2 : 1;
+    for (int i = 0; i < n && flags[i]; i++) {
+        if (!export_model(dir, model, flags[i])) continue;
+        Weights w;
+        memset(&w, 0, sizeof w);
+        load_weights(&w, model);
+        const char *label = w.cfg.dtype == DTYPE_BF16 ? "bf16" : "f32";
+        free_weights(&w);
+        if (i == 0) check_internals(dir, model);
+        check_cli(dir, model, label);
+    }
+}
+
+/* ------------------------------------------------------------------------- */
+/* Bad inputs: one error line, exit 1, never a crash.                         */
+/* ------------------------------------------------------------------------- */
+
+static void copy_prefix(const char *from, const char *to, size_t bytes, long patch_at, const void *patch, size_t patch_len) {
+    size_t size = 0;
+    char *data = read_file(from, &size);
+    if (bytes > size) bytes = size;
+    if (patch) memcpy(data + patch_at, patch, patch_len);
+    FILE *f = fopen(to, "wb");
+    fwrite(data, 1, bytes, f);
+    fclose(f);
+    free(data);
+}
+
+static void test_bad_inputs(const char *fixture) {
+    printf("bad inputs\n");
+    char model[512], bad[512], cmd[4096], dir[512];
+    snprintf(model, sizeof model, "%s/good.bin", tmp_dir);
+    snprintf(bad, sizeof bad, "%s/bad.bin", tmp_dir);
+    if (!export_model(fixture, model, "")) return;
+    size_t size = 0;
+    free(read_file(model, &size));
+
+    copy_prefix(model, bad, size - 100, 0, NULL, 0);
+    snprintf(cmd, sizeof cmd, "%s %s -i 1", dsv2_bin, bad);
+    expect_clean_error("truncated checkpoint", cmd, "truncated");
+    copy_prefix(model, bad, 300, 0, NULL, 0);
+    expect_clean_error("checkpoint cut inside the header", cmd, NULL);
+    copy_prefix(model, bad, size, 0, "GGUF", 4);
+    expect_clean_error("wrong magic", cmd, "magic");
+    uint32_t version = 99;
+    copy_prefix(model, bad, size, 4, &version, 4);
+    expect_clean_error("wrong version", cmd, "version");
+    int32_t zero = 0;
+    copy_prefix(model, bad, size, offsetof(Config, hidden_size), &zero, 4);
+    expect_clean_error("config out of range (hidden_size 0)", cmd, "hidden_size");
+    int32_t topk = 7;
+    copy_prefix(model, bad, size, offsetof(Config, topk_method), &topk, 4);
+    expect_clean_error("unknown topk_method in the header", cmd, "topk_method");
+    snprintf(cmd, sizeof cmd, "%s %s/model.safetensors -i 1", dsv2_bin, fixture);
+    expect_clean_error("a safetensors file instead of a dsv2 checkpoint", cmd, "magic");
+    snprintf(cmd, sizeof cmd, "%s %s/no-such-model.bin -i 1", dsv2_bin, tmp_dir);
+    expect_clean_error("missing model file", cmd, "cannot open");
+    snprintf(cmd, sizeof cmd, "%s %s -i \"1 2 99999\"", dsv2_bin, model);
+    expect_clean_error("token id >= vocab_size", cmd, "out of range");
+    snprintf(cmd, sizeof cmd, "%s %s -i \"1 -2\"", dsv2_bin, model);
+    expect_clean_error("negative token id", cmd, "out of range");
+    snprintf(cmd, sizeof cmd, "%s %s -i \"1 two 3\"", dsv2_bin, model);
+    expect_clean_error("non-numeric token id", cmd, "integers");
+    snprintf(cmd, sizeof cmd, "%s %s -c 4 -i \"1 2 3 4 5\"", dsv2_bin, model);
+    expect_clean_error("more prompt tokens than the context", cmd, "context");
+    snprintf(cmd, sizeof cmd, "%s %s -m logits -c 4 -i \"1 2 3 4 5\" -o %s/x.bin", dsv2_bin, model, tmp_dir);
+    expect_clean_error("logits mode: more tokens than the context", cmd, "context");
+    snprintf(cmd, sizeof cmd, "%s %s -c 100000000", dsv2_bin, model);
+    expect_clean_error("context beyond max_position_embeddings", cmd, NULL);
+    snprintf(cmd, sizeof cmd, "%s %s -m logits -f %s/no-such-ids.txt -o %s/x.bin", dsv2_bin, model, tmp_dir, tmp_dir);
+    expect_clean_error("missing prompt file", cmd, "cannot open");
+    snprintf(cmd, sizeof cmd, "%s %s -a fast", dsv2_bin, model);
+    expect_clean_error("unknown attention mode", cmd, "absorb or naive");
+    snprintf(cmd, sizeof cmd, "%s %s -m logits -i \"\" -o %s/x.bin", dsv2_bin, model, tmp_dir);
+    expect_clean_error("empty id list", cmd, NULL);
+
+    /* export.py on broken Hugging Face folders */
+    snprintf(dir, sizeof dir, "%s/hf", tmp_dir);
+    const char *edits[][3] = {
+        {"unknown topk_method", "c['topk_method'] = 'noaux_tc'", "topk_method"},
+        {"missing field kv_lora_rank", "del c['kv_lora_rank']", "kv_lora_rank"},
+        {"misspelled default topk_method 'gready'", "c['topk_method'] = 'gready'", "topk_method"},
+        {"rope_scaling of an unsupported type", "c['rope_scaling'] = {'type': 'dynamic', 'factor': 2}", "rope_scaling"},
+        {"shape that contradicts the weights", "c['hidden_size'] = 64", "shape"},
+    };
+    for (size_t i = 0; i < sizeof edits / sizeof edits[0]; i++) {
+        snprintf(cmd, sizeof cmd,
+                 "rm -rf %s && mkdir -p %s && ln -s $(realpath %s)/model.safetensors %s/ && "
+                 "%s -c \"import json; c = json.load(open('%s/config.json')); %s; json.dump(c, open('%s/config.json', 'w'))\" && "
+                 "%s export.py %s %s/x.bin",
+                 dir, dir, fixture, dir, python, fixture, edits[i][1], dir, python, dir, tmp_dir);
+        char what[128];
+        snprintf(what, sizeof what, "export.py with %s", edits[i][0]);
+        expect_clean_error(what, cmd, edits[i][2]);
+    }
+    snprintf(cmd, sizeof cmd, "rm -rf %s && mkdir -p %s && cp %s/config.json %s/ && head -c 1000 %s/model.safetensors > %s/model.safetensors && %s export.py %s %s/x.bin",
+             dir, dir, fixture, dir, fixture, dir, python, dir, tmp_dir);
+    expect_clean_error("export.py with a truncated safetensors file", cmd, "truncated");
+    snprintf(cmd, sizeof cmd, "%s export.py %s/nowhere %s/x.bin", python, tmp_dir, tmp_dir);
+    expect_clean_error("export.py with a missing folder", cmd, NULL);
+}
+
+/* f32 -> bf16 in export.py must round to nearest even exactly like the fixture's bf16 set. */
+static void test_bf16_rounding(const char *f32_dir, const char *bf16_dir) {
+    char a[512], b[512];
+    snprintf(a, sizeof a, "%s/rounded.bin", tmp_dir);
+    snprintf(b, sizeof b, "%s/stored.bin", tmp_dir);
+    if (!export_model(f32_dir, a, "--dtype bf16") || !export_model(bf16_dir, b, "")) return;
+    size_t na = 0, nb = 0;
+    char *da = read_file(a, &na), *db = read_file(b, &nb);
+    check(na == nb && !memcmp(da, db, na), "export.py --dtype bf16 of %s is byte-identical to %s (round to nearest even)", f32_dir, bf16_dir);
+    free(da);
+    free(db);
+}
+
+int main(int argc, char **argv) {
+    python = getenv("PYTHON") ? getenv("PYTHON") : "python3";
+    dsv2_bin = getenv("DSV2_BIN") ? getenv("DSV2_BIN") : "./dsv2";
+    snprintf(tmp_dir, sizeof tmp_dir, "/tmp/dsv2_test_XXXXXX");
+    if (!mkdtemp(tmp_dir)) die("cannot create a temporary directory");
+
+    if (argc > 1) {
+        for (int i = 1; i < argc; i++) test_fixture_dir(argv[i]);
+    } else {
+        printf("building blocks\n");
+        test_rmsnorm_softmax();
+        test_yarn_real_config();
+        test_rope_relative();
+        test_routing();
+        test_bf16();
+        test_naive_equals_absorb(0);
+        test_naive_equals_absorb(8);
+        const char *fixtures[] = {"tests/fixtures/lite", "tests/fixtures/v2", "tests/fixtures/v2-bf16-sharded"};
+        for (int i = 0; i < 3; i++) test_fixture_dir(fixtures[i]);
+        printf("export\n");
+        test_bf16_rounding("tests/fixtures/v2", "tests/fixtures/v2-bf16-sharded");
+        test_bad_inputs("tests/fixtures/lite");
+    }
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", tmp_dir);
+    if (system(cmd) != 0) fprintf(stderr, "warning: could not remove %s\n", tmp_dir);
+    printf("%d passed, %d failed\n", n_passed, n_failed);
+    return n_failed != 0;
+}
