@@ -7,7 +7,7 @@ OMP = -fopenmp
 PYTHON ?= $(shell for p in python3 /usr/bin/python3; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
 SAN = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-.PHONY: all test test-asan clean
+.PHONY: all test test-asan clean run
 
 all: dsv2
 
@@ -31,3 +31,10 @@ test-asan: dsv2_asan test_all_asan
 
 clean:
 	rm -f dsv2 test_all dsv2_asan test_all_asan
+
+# The built-in model (for now the lite test fixture, random weights: prints token ids).
+build/lite.bin: export.py tests/fixtures/lite/model.safetensors
+	@mkdir -p build
+	$(PYTHON) export.py tests/fixtures/lite $@
+run: dsv2 build/lite.bin
+	./dsv2 build/lite.bin -n 32 -s 42

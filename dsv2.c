@@ -160,7 +160,7 @@ static void validate_config(const Config *c) {
     if (!(c->rope_theta > 1)) die("config rope_theta = %g is out of range", c->rope_theta);
     if (!isfinite(c->routed_scaling_factor)) die("config routed_scaling_factor is not finite");
     if (c->rope_scaling == ROPE_YARN) {
-        if (!(c->rope_factor >= 1 && c->rope_factor < 1e6)) die("config rope_scaling.factor = %g is out of range", c->rope_factor);
+        if (!(c->rope_factor > 0 && c->rope_factor < 1e6)) die("config rope_scaling.factor = %g is out of range", c->rope_factor);
         check_range("original_max_position_embeddings", c->original_max_position_embeddings, 1, 1 << 24);
         if (!(c->beta_fast > 0 && c->beta_slow > 0)) die("config rope_scaling beta_fast/beta_slow must be positive");
     }

@@ -315,7 +315,7 @@ class Writer:
     def tensor(self, arrays):
         self.align()
         for a in arrays:
-            self.f.write(np.ascontiguousarray(a).tobytes())
+            self.f.write(np.ascontiguousarray(a).data)  # a view, not a copy
 
     def finish(self):
         size = self.f.tell()
