@@ -33,7 +33,7 @@
 #define PI 3.14159265358979323846
 
 /* Every bad input ends here: one line on stderr, non-zero exit. */
-static void die(const char *fmt, ...) {
+_Noreturn static void die(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     fprintf(stderr, "dsv2: error: ");
@@ -775,6 +775,863 @@ static float *forward(const Weights *w, RunState *s, int token, int pos) {
 }
 
 /* ------------------------------------------------------------------------- */
+/* Tokenizer: byte-level BPE exactly as Hugging Face `tokenizers` runs it.     */
+/*   encode: added tokens (leftmost-longest) -> pre-tokenizer regex splits    */
+/*           -> BPE merges by rank on each piece's bytes                      */
+/*   decode: token bytes -> lossy UTF-8 (one U+FFFD per maximal bad subpart)   */
+/* export.py turns tokenizer.json into a blob (format in export.py): the      */
+/* pre-tokenizer's regexes travel verbatim and run on the small regex engine  */
+/* below, so each model's own rules (V2's, V3's) come from its file.          */
+/* ------------------------------------------------------------------------- */
+
+#define TOKENIZER_MAGIC "DSVT"
+#define TOKENIZER_VERSION 1
+enum { TOKEN_UNUSED = 0, TOKEN_BPE = 1, TOKEN_ADDED = 2, TOKEN_SPECIAL = 3 };
+enum { CHAT_NONE = 0, CHAT_DEEPSEEK_V2 = 1, CHAT_DEEPSEEK_V3 = 2 };
+
+/* UTF-8 decoding as WHATWG and Rust's from_utf8_lossy do it: streaming, and each maximal
+ * subpart of an ill-formed sequence becomes one U+FFFD. */
+typedef struct {
+    uint32_t cp;
+    int needed, seen;
+    uint8_t lower, upper;
+} Utf8Decoder;
+
+/* Feeds one byte; writes 0, 1 or 2 code points to out (room for 2) and returns how many. */
+static int utf8_feed(Utf8Decoder *d, uint8_t b, uint32_t *out) {
+    if (d->needed == 0) {
+        d->lower = 0x80; d->upper = 0xBF;
+        if (b < 0x80) { out[0] = b; return 1; }
+        if (b >= 0xC2 && b <= 0xDF) { d->needed = 1; d->cp = b & 0x1F; }
+        else if (b >= 0xE0 && b <= 0xEF) {
+            if (b == 0xE0) d->lower = 0xA0;
+            if (b == 0xED) d->upper = 0x9F;  /* no surrogates */
+            d->needed = 2; d->cp = b & 0x0F;
+        } else if (b >= 0xF0 && b <= 0xF4) {
+            if (b == 0xF0) d->lower = 0x90;
+            if (b == 0xF4) d->upper = 0x8F;  /* nothing above U+10FFFF */
+            d->needed = 3; d->cp = b & 0x07;
+        } else { out[0] = 0xFFFD; return 1; }
+        d->seen = 0;
+        return 0;
+    }
+    if (b < d->lower || b > d->upper) {  /* the sequence so far is one bad subpart; b starts afresh */
+        d->needed = 0;
+        out[0] = 0xFFFD;
+        return 1 + utf8_feed(d, b, out + 1);
+    }
+    d->lower = 0x80; d->upper = 0xBF;
+    d->cp = (d->cp << 6) | (b & 0x3F);
+    if (++d->seen < d->needed) return 0;
+    d->needed = 0;
+    out[0] = d->cp;
+    return 1;
+}
+
+/* Dies unless text is valid UTF-8: prompts are text, and a wrong byte would silently become U+FFFD. */
+static void utf8_validate(const unsigned char *text, size_t len) {
+    Utf8Decoder d = {0};
+    uint32_t cp[2];
+    size_t start = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (d.needed == 0) start = i;
+        int k = utf8_feed(&d, text[i], cp);
+        if (k == 2 || (k == 1 && cp[0] == 0xFFFD && !(i >= 2 && text[i - 2] == 0xEF && text[i - 1] == 0xBF && text[i] == 0xBD)))
+            die("the input is not valid UTF-8 (bad byte sequence at byte %zu)", k == 2 ? start : i);
+    }
+    if (d.needed) die("the input is not valid UTF-8 (it ends inside a character)");
+}
+
+static int utf8_encode(uint32_t cp, char *out) {
+    if (cp < 0x80) { out[0] = (char)cp; return 1; }
+    if (cp < 0x800) { out[0] = (char)(0xC0 | cp >> 6); out[1] = (char)(0x80 | (cp & 0x3F)); return 2; }
+    if (cp < 0x10000) {
+        out[0] = (char)(0xE0 | cp >> 12); out[1] = (char)(0x80 | ((cp >> 6) & 0x3F)); out[2] = (char)(0x80 | (cp & 0x3F));
+        return 3;
+    }
+    out[0] = (char)(0xF0 | cp >> 18); out[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
+    out[2] = (char)(0x80 | ((cp >> 6) & 0x3F)); out[3] = (char)(0x80 | (cp & 0x3F));
+    return 4;
+}
+
+/* --- A small backtracking regex engine: the subset tokenizer.json files use. ---
+ * Classes [...] with ranges and \s \S \d \p{L} \p{N} \p{M} \p{P} \p{S} (negations too), literals,
+ * . ^ $, groups (...) (?:...), lookahead (?!...) (?=...), alternation, ? * + {m,n} and lazy forms.
+ * Leftmost-first semantics like Oniguruma. The pattern compiles to a program of a few opcodes
+ * that runs with an explicit backtrack stack, so long inputs cannot overflow the C stack. */
+
+typedef struct { uint32_t lo, hi; } Range;
+typedef struct { char name[16]; Range *ranges; int n; } Property;
+
+#define CLASS_MAX_PROPS 8
+typedef struct {
+    Range *ranges;
+    int n_ranges, cap_ranges;
+    const Property *props[CLASS_MAX_PROPS];
+    unsigned char prop_negated[CLASS_MAX_PROPS];
+    int n_props, negated;
+    uint64_t ascii[2];  /* membership of code points < 128, precomputed */
+} CharClass;
+
+enum { OP_CLASS, OP_SPLIT, OP_JMP, OP_MATCH, OP_EOL, OP_BOL, OP_LOOKAHEAD };
+typedef struct { int op, x, y; } ReInst;  /* SPLIT: try x, then y. LOOKAHEAD: x = negative, y = continuation */
+
+enum { NODE_CLASS, NODE_CAT, NODE_ALT, NODE_REPEAT, NODE_EOL, NODE_BOL, NODE_LOOK, NODE_EMPTY };
+typedef struct { int kind, a, b, min, max, greedy; } ReNode;  /* max -1 = unbounded; LOOK: greedy = negative */
+
+typedef struct {
+    ReInst *code;
+    int n_code;
+    CharClass *classes;
+    int n_classes;
+} Regex;
+
+typedef struct {  /* parser state */
+    const uint32_t *p;
+    int n, at;
+    ReNode *nodes;
+    int n_nodes;
+    Regex *re;
+    const Property *props;
+    int n_props;
+    const char *source;
+} ReParser;
+
+_Noreturn static void regex_fail(const ReParser *ps, const char *why) {
+    die("tokenizer pre-tokenizer regex: %s at character %d of \"%.60s\"", why, ps->at, ps->source);
+}
+
+static int new_node(ReParser *ps, int kind, int a, int b) {
+    ps->nodes = realloc(ps->nodes, (size_t)(ps->n_nodes + 1) * sizeof(ReNode));
+    if (!ps->nodes) die("out of memory");
+    ps->nodes[ps->n_nodes] = (ReNode){kind, a, b, 1, 1, 1};
+    return ps->n_nodes++;
+}
+
+static void class_add_range(CharClass *c, uint32_t lo, uint32_t hi) {
+    if (c->n_ranges == c->cap_ranges) {
+        c->cap_ranges = c->cap_ranges ? 2 * c->cap_ranges : 8;
+        c->ranges = realloc(c->ranges, (size_t)c->cap_ranges * sizeof(Range));
+        if (!c->ranges) die("out of memory");
+    }
+    c->ranges[c->n_ranges++] = (Range){lo, hi};
+}
+
+static void class_add_property(ReParser *ps, CharClass *c, const char *name, int negated) {
+    for (int i = 0; i < ps->n_props; i++)
+        if (!strcmp(ps->props[i].name, name)) {
+            if (c->n_props == CLASS_MAX_PROPS) regex_fail(ps, "too many properties in one class");
+            c->prop_negated[c->n_props] = (unsigned char)negated;
+            c->props[c->n_props++] = &ps->props[i];
+            return;
+        }
+    char why[64];
+    snprintf(why, sizeof why, "unknown Unicode property %s", name);
+    regex_fail(ps, why);
+}
+
+static int in_ranges(const Range *r, int n, uint32_t cp) {
+    int lo = 0, hi = n - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        if (cp < r[mid].lo) hi = mid - 1;
+        else if (cp > r[mid].hi) lo = mid + 1;
+        else return 1;
+    }
+    return 0;
+}
+
+static int class_has_slow(const CharClass *c, uint32_t cp) {
+    int in = in_ranges(c->ranges, c->n_ranges, cp);
+    for (int i = 0; !in && i < c->n_props; i++)
+        in = in_ranges(c->props[i]->ranges, c->props[i]->n, cp) != c->prop_negated[i];
+    return in != c->negated;
+}
+
+static inline int class_has(const CharClass *c, uint32_t cp) {
+    if (cp < 128) return (int)((c->ascii[cp >> 6] >> (cp & 63)) & 1);
+    return class_has_slow(c, cp);
+}
+
+static int compare_range(const void *a, const void *b) {
+    uint32_t x = ((const Range *)a)->lo, y = ((const Range *)b)->lo;
+    return (x > y) - (x < y);
+}
+
+/* Sorts and merges the ranges (binary search needs them disjoint) and fills the ASCII bitmap. */
+static int finish_class(ReParser *ps, CharClass *c) {
+    qsort(c->ranges, c->n_ranges, sizeof(Range), compare_range);
+    int n = 0;
+    for (int i = 0; i < c->n_ranges; i++) {
+        if (n && c->ranges[i].lo <= c->ranges[n - 1].hi + 1) {
+            if (c->ranges[i].hi > c->ranges[n - 1].hi) c->ranges[n - 1].hi = c->ranges[i].hi;
+        } else c->ranges[n++] = c->ranges[i];
+    }
+    c->n_ranges = n;
+    for (uint32_t cp = 0; cp < 128; cp++)
+        if (class_has_slow(c, cp)) c->ascii[cp >> 6] |= 1ull << (cp & 63);
+    Regex *re = ps->re;
+    re->classes = realloc(re->classes, (size_t)(re->n_classes + 1) * sizeof(CharClass));
+    if (!re->classes) die("out of memory");
+    re->classes[re->n_classes] = *c;
+    int node = new_node(ps, NODE_CLASS, re->n_classes++, 0);
+    return node;
+}
+
+static uint32_t peek(const ReParser *ps) { return ps->at < ps->n ? ps->p[ps->at] : 0; }
+static int at_end(const ReParser *ps) { return ps->at >= ps->n; }
+
+/* After a backslash: adds a class escape (\s, \p{..}, ...) to c, or returns the literal it denotes. */
+static int parse_escape(ReParser *ps, CharClass *c, uint32_t *literal) {
+    if (at_end(ps)) regex_fail(ps, "trailing backslash");
+    uint32_t e = ps->p[ps->at++];
+    switch (e) {
+    case 's': class_add_property(ps, c, "White_Space", 0); return 0;
+    case 'S': class_add_property(ps, c, "White_Space", 1); return 0;
+    case 'd': class_add_property(ps, c, "Nd", 0); return 0;
+    case 'D': class_add_property(ps, c, "Nd", 1); return 0;
+    case 'p': case 'P': {
+        char name[16];
+        int n = 0;
+        if (peek(ps) != '{') regex_fail(ps, "expected { after \\p");
+        ps->at++;
+        while (!at_end(ps) && peek(ps) != '}' && n < 15) name[n++] = (char)ps->p[ps->at++];
+        name[n] = '\0';
+        if (peek(ps) != '}') regex_fail(ps, "unterminated \\p{...}");
+        ps->at++;
+        int negated = e == 'P';
+        if (name[0] == '^') { negated = !negated; memmove(name, name + 1, strlen(name)); }
+        class_add_property(ps, c, name, negated);
+        return 0;
+    }
+    case 'n': *literal = '\n'; return 1;
+    case 'r': *literal = '\r'; return 1;
+    case 't': *literal = '\t'; return 1;
+    case 'f': *literal = '\f'; return 1;
+    case 'v': *literal = '\v'; return 1;
+    default:
+        if ((e >= 'a' && e <= 'z') || (e >= 'A' && e <= 'Z') || (e >= '0' && e <= '9'))
+            regex_fail(ps, "unsupported escape");
+        *literal = e;  /* an escaped punctuation character stands for itself */
+        return 1;
+    }
+}
+
+static int parse_alternation(ReParser *ps);
+
+static int parse_bracket_class(ReParser *ps) {
+    CharClass c;
+    memset(&c, 0, sizeof c);
+    if (peek(ps) == '^') { c.negated = 1; ps->at++; }
+    int first = 1;
+    while (!at_end(ps) && (peek(ps) != ']' || first)) {
+        first = 0;
+        uint32_t lo = ps->p[ps->at++];
+        if (lo == '\\' && !parse_escape(ps, &c, &lo)) continue;
+        uint32_t hi = lo;
+        if (peek(ps) == '-' && ps->at + 1 < ps->n && ps->p[ps->at + 1] != ']') {
+            ps->at++;
+            hi = ps->p[ps->at++];
+            if (hi == '\\') {
+                CharClass unused;
+                memset(&unused, 0, sizeof unused);
+                if (!parse_escape(ps, &unused, &hi)) regex_fail(ps, "class escape used as a range end");
+            }
+            if (hi < lo) regex_fail(ps, "reversed range");
+        }
+        class_add_range(&c, lo, hi);
+    }
+    if (at_end(ps)) regex_fail(ps, "unterminated [");
+    ps->at++;
+    return finish_class(ps, &c);
+}
+
+static int parse_atom(ReParser *ps) {
+    uint32_t ch = ps->p[ps->at++];
+    CharClass c;
+    memset(&c, 0, sizeof c);
+    switch (ch) {
+    case '(': {
+        int look = -1;
+        if (peek(ps) == '?') {
+            ps->at++;
+            uint32_t k = ps->at < ps->n ? ps->p[ps->at++] : 0;
+            if (k == '!') look = 1;
+            else if (k == '=') look = 0;
+            else if (k != ':') regex_fail(ps, "unsupported group type");
+        }
+        int inner = parse_alternation(ps);
+        if (peek(ps) != ')') regex_fail(ps, "missing )");
+        ps->at++;
+        if (look < 0) return inner;
+        int node = new_node(ps, NODE_LOOK, inner, 0);
+        ps->nodes[node].greedy = look;
+        return node;
+    }
+    case '[': return parse_bracket_class(ps);
+    case '.': c.negated = 1; class_add_range(&c, '\n', '\n'); return finish_class(ps, &c);
+    case '$': return new_node(ps, NODE_EOL, 0, 0);
+    case '^': return new_node(ps, NODE_BOL, 0, 0);
+    case '\\': {
+        uint32_t lit;
+        if (parse_escape(ps, &c, &lit)) class_add_range(&c, lit, lit);
+        return finish_class(ps, &c);
+    }
+    case ')': case '|': case '*': case '+': case '?': case '{': regex_fail(ps, "unexpected operator");
+    default: class_add_range(&c, ch, ch); return finish_class(ps, &c);
+    }
+    return -1;
+}
+
+static int parse_number(ReParser *ps) {
+    int v = 0, digits = 0;
+    while (peek(ps) >= '0' && peek(ps) <= '9' && v < 100000) { v = v * 10 + (int)(ps->p[ps->at++] - '0'); digits++; }
+    return digits ? v : -1;
+}
+
+static int parse_repeat(ReParser *ps) {
+    int node = parse_atom(ps);
+    for (;;) {
+        uint32_t q = peek(ps);
+        int min, max;
+        if (q == '?') { min = 0; max = 1; }
+        else if (q == '*') { min = 0; max = -1; }
+        else if (q == '+') { min = 1; max = -1; }
+        else if (q == '{') {
+            int save = ps->at++;
+            min = parse_number(ps);
+            max = min;
+            if (peek(ps) == ',') { ps->at++; max = parse_number(ps); }
+            if (min < 0 || peek(ps) != '}' || (max >= 0 && max < min) || max > 1000) { ps->at = save; regex_fail(ps, "bad {m,n}"); }
+        } else return node;
+        ps->at++;
+        int r = new_node(ps, NODE_REPEAT, node, 0);
+        ps->nodes[r].min = min;
+        ps->nodes[r].max = max;
+        if (peek(ps) == '?') { ps->nodes[r].greedy = 0; ps->at++; }
+        else if (peek(ps) == '+') regex_fail(ps, "possessive quantifiers are not supported");
+        node = r;
+    }
+}
+
+static int parse_concat(ReParser *ps) {
+    int node = -1;
+    while (!at_end(ps) && peek(ps) != '|' && peek(ps) != ')') {
+        int next = parse_repeat(ps);
+        node = node < 0 ? next : new_node(ps, NODE_CAT, node, next);
+    }
+    return node < 0 ? new_node(ps, NODE_EMPTY, 0, 0) : node;
+}
+
+static int parse_alternation(ReParser *ps) {
+    int node = parse_concat(ps);
+    while (peek(ps) == '|') {
+        ps->at++;
+        int right = parse_concat(ps);
+        node = new_node(ps, NODE_ALT, node, right);
+    }
+    return node;
+}
+
+static int node_nullable(const ReParser *ps, int i) {
+    const ReNode *n = &ps->nodes[i];
+    switch (n->kind) {
+    case NODE_CLASS: return 0;
+    case NODE_CAT: return node_nullable(ps, n->a) && node_nullable(ps, n->b);
+    case NODE_ALT: return node_nullable(ps, n->a) || node_nullable(ps, n->b);
+    case NODE_REPEAT: return n->min == 0 || node_nullable(ps, n->a);
+    default: return 1;
+    }
+}
+
+static int emit(ReParser *ps, int op, int x, int y) {
+    Regex *re = ps->re;
+    re->code = realloc(re->code, (size_t)(re->n_code + 1) * sizeof(ReInst));
+    if (!re->code) die("out of memory");
+    re->code[re->n_code] = (ReInst){op, x, y};
+    return re->n_code++;
+}
+
+static void compile_node(ReParser *ps, int i) {
+    ReNode n = ps->nodes[i];
+    Regex *re = ps->re;
+    switch (n.kind) {
+    case NODE_CLASS: emit(ps, OP_CLASS, n.a, 0); break;
+    case NODE_CAT: compile_node(ps, n.a); compile_node(ps, n.b); break;
+    case NODE_EMPTY: break;
+    case NODE_EOL: emit(ps, OP_EOL, 0, 0); break;
+    case NODE_BOL: emit(ps, OP_BOL, 0, 0); break;
+    case NODE_ALT: {
+        int split = emit(ps, OP_SPLIT, 0, 0);
+        re->code[split].x = re->n_code;
+        compile_node(ps, n.a);
+        int jmp = emit(ps, OP_JMP, 0, 0);
+        re->code[split].y = re->n_code;
+        compile_node(ps, n.b);
+        re->code[jmp].x = re->n_code;
+        break;
+    }
+    case NODE_LOOK: {
+        int look = emit(ps, OP_LOOKAHEAD, n.greedy, 0);
+        compile_node(ps, n.a);
+        emit(ps, OP_MATCH, 0, 0);
+        re->code[look].y = re->n_code;
+        break;
+    }
+    case NODE_REPEAT: {
+        for (int k = 0; k < n.min; k++) compile_node(ps, n.a);
+        if (n.max < 0) {
+            if (node_nullable(ps, n.a)) regex_fail(ps, "a repeated group that can match empty");
+            int split = emit(ps, OP_SPLIT, 0, 0), body = re->n_code;
+            compile_node(ps, n.a);
+            emit(ps, OP_JMP, split, 0);
+            re->code[split].x = n.greedy ? body : re->n_code;
+            re->code[split].y = n.greedy ? re->n_code : body;
+        } else {
+            int first_split = re->n_code;
+            for (int k = n.min; k < n.max; k++) {
+                emit(ps, OP_SPLIT, re->n_code + 1, -1);
+                compile_node(ps, n.a);
+            }
+            for (int pc = first_split; pc < re->n_code; pc++)  /* every optional copy can exit to the end */
+                if (re->code[pc].op == OP_SPLIT && re->code[pc].y == -1) {
+                    re->code[pc].y = re->n_code;
+                    if (!n.greedy) { re->code[pc].y = re->code[pc].x; re->code[pc].x = re->n_code; }
+                }
+        }
+        break;
+    }
+    }
+}
+
+static void regex_compile(Regex *re, const char *pattern, size_t len, const Property *props, int n_props) {
+    memset(re, 0, sizeof *re);
+    uint32_t *cps = xcalloc(len + 1, sizeof(uint32_t)), out[2];
+    int n = 0;
+    Utf8Decoder d = {0};
+    for (size_t i = 0; i < len; i++) {
+        int k = utf8_feed(&d, (uint8_t)pattern[i], out);
+        for (int j = 0; j < k; j++) cps[n++] = out[j];
+    }
+    ReParser ps = {cps, n, 0, NULL, 0, re, props, n_props, pattern};
+    int root = parse_alternation(&ps);
+    if (!at_end(&ps)) regex_fail(&ps, "unbalanced )");
+    compile_node(&ps, root);
+    emit(&ps, OP_MATCH, 0, 0);
+    free(ps.nodes);
+    free(cps);
+}
+
+static void regex_free(Regex *re) {
+    for (int i = 0; i < re->n_classes; i++) free(re->classes[i].ranges);
+    free(re->classes);
+    free(re->code);
+}
+
+typedef struct { int *pc_pos; int n, cap; } BacktrackStack;
+
+static void stack_push(BacktrackStack *st, int pc, int pos) {
+    if (st->n + 2 > st->cap) {
+        st->cap = st->cap ? 2 * st->cap : 256;
+        st->pc_pos = realloc(st->pc_pos, (size_t)st->cap * sizeof(int));
+        if (!st->pc_pos) die("out of memory");
+    }
+    st->pc_pos[st->n++] = pc;
+    st->pc_pos[st->n++] = pos;
+}
+
+/* Runs the program from pc at s[pos]; returns the end of the first (leftmost-first) match, or -1. */
+static int regex_run(const Regex *re, int pc, const uint32_t *s, int pos, int n, BacktrackStack *st) {
+    int base = st->n;
+    stack_push(st, pc, pos);
+    while (st->n > base) {
+        pos = st->pc_pos[--st->n];
+        pc = st->pc_pos[--st->n];
+        for (;;) {
+            const ReInst *in = &re->code[pc];
+            if (in->op == OP_CLASS) {
+                if (pos < n && class_has(&re->classes[in->x], s[pos])) { pc++; pos++; continue; }
+                break;
+            } else if (in->op == OP_SPLIT) {
+                stack_push(st, in->y, pos);
+                pc = in->x;
+            } else if (in->op == OP_JMP) {
+                pc = in->x;
+            } else if (in->op == OP_MATCH) {
+                st->n = base;
+                return pos;
+            } else if (in->op == OP_EOL) {  /* Ruby-syntax $: end of input or before a newline */
+                if (pos == n || s[pos] == '\n') pc++;
+                else break;
+            } else if (in->op == OP_BOL) {
+                if (pos == 0 || s[pos - 1] == '\n') pc++;
+                else break;
+            } else {  /* OP_LOOKAHEAD */
+                int matched = regex_run(re, pc + 1, s, pos, n, st) >= 0;
+                if (matched == !in->x) pc = in->y;
+                else break;
+            }
+        }
+    }
+    return -1;
+}
+
+/* --- The tokenizer proper --- */
+
+typedef struct {
+    int n_ids, bos_id, eos_id, add_bos, chat_template;
+    unsigned char *kind;                 /* per id: TOKEN_* */
+    const unsigned char **bytes;         /* per id: what it decodes to */
+    uint32_t *len;
+    int n_added;                         /* added tokens, matched in the raw text before anything else */
+    int *added_id;
+    const unsigned char **added_text;
+    uint32_t *added_len;
+    int n_merges;
+    uint32_t *merges;                    /* [rank][3]: left id, right id, merged id */
+    uint64_t *merge_key;                 /* hash (left, right) -> rank; key 0 = empty slot */
+    int *merge_rank;
+    size_t merge_mask;
+    int byte_id[256];                    /* the single-byte token of each byte, or -1 */
+    int n_regex;
+    Regex *regex;
+    int n_props;
+    Property *props;
+    BacktrackStack stack;
+    void *map;                           /* a standalone tokenizer file's mapping */
+    size_t map_size;
+} Tokenizer;
+
+typedef struct { const unsigned char *p, *end; const char *path; } BlobReader;
+
+static const unsigned char *blob_take(BlobReader *r, size_t n) {
+    if ((size_t)(r->end - r->p) < n) die("tokenizer in %s is truncated or corrupt", r->path);
+    const unsigned char *at = r->p;
+    r->p += n;
+    return at;
+}
+static uint32_t blob_u32(BlobReader *r) {
+    uint32_t v;
+    memcpy(&v, blob_take(r, 4), 4);
+    return v;
+}
+
+static uint64_t merge_hash_key(uint32_t left, uint32_t right) { return ((uint64_t)left << 32 | right) + 1; }
+static size_t merge_slot(const Tokenizer *t, uint64_t key) {
+    size_t h = (size_t)((key * 0x9E3779B97F4A7C15ull) >> 17) & t->merge_mask;
+    while (t->merge_key[h] && t->merge_key[h] != key) h = (h + 1) & t->merge_mask;
+    return h;
+}
+static int merge_lookup(const Tokenizer *t, int left, int right) {
+    size_t h = merge_slot(t, merge_hash_key((uint32_t)left, (uint32_t)right));
+    return t->merge_key[h] ? t->merge_rank[h] : -1;
+}
+
+static void tokenizer_parse(Tokenizer *t, const unsigned char *blob, size_t size, const char *path) {
+    BlobReader r = {blob, blob + size, path};
+    if (size < 8 || memcmp(blob_take(&r, 4), TOKENIZER_MAGIC, 4)) die("%s: no tokenizer found (bad magic)", path);
+    uint32_t version = blob_u32(&r);
+    if (version != TOKENIZER_VERSION) die("%s: tokenizer version %u; this build reads version %d", path, version, TOKENIZER_VERSION);
+    t->n_ids = (int)blob_u32(&r);
+    t->bos_id = (int32_t)blob_u32(&r);
+    t->eos_id = (int32_t)blob_u32(&r);
+    t->add_bos = (int)blob_u32(&r);
+    t->chat_template = (int)blob_u32(&r);
+    if (t->n_ids < 1 || t->n_ids > (1 << 24) || t->bos_id >= t->n_ids || t->eos_id >= t->n_ids)
+        die("tokenizer in %s is corrupt (%d ids, bos %d, eos %d)", path, t->n_ids, t->bos_id, t->eos_id);
+    t->kind = xcalloc(t->n_ids, 1);
+    t->bytes = xcalloc(t->n_ids, sizeof(char *));
+    t->len = xcalloc(t->n_ids, sizeof(uint32_t));
+    for (int b = 0; b < 256; b++) t->byte_id[b] = -1;
+    for (int i = 0; i < t->n_ids; i++) {
+        t->kind[i] = *blob_take(&r, 1);
+        t->len[i] = blob_u32(&r);
+        t->bytes[i] = blob_take(&r, t->len[i]);
+        if (t->kind[i] == TOKEN_BPE && t->len[i] == 1) t->byte_id[t->bytes[i][0]] = i;
+    }
+    t->n_added = (int)blob_u32(&r);
+    if (t->n_added > t->n_ids) die("tokenizer in %s is corrupt (added tokens)", path);
+    t->added_id = xcalloc(t->n_added, sizeof(int));
+    t->added_text = xcalloc(t->n_added, sizeof(char *));
+    t->added_len = xcalloc(t->n_added, sizeof(uint32_t));
+    for (int i = 0; i < t->n_added; i++) {
+        t->added_id[i] = (int)blob_u32(&r);
+        t->added_len[i] = blob_u32(&r);
+        t->added_text[i] = blob_take(&r, t->added_len[i]);
+        if (t->added_id[i] < 0 || t->added_id[i] >= t->n_ids || t->added_len[i] == 0) die("tokenizer in %s is corrupt (added token %d)", path, i);
+    }
+    t->n_merges = (int)blob_u32(&r);
+    if (t->n_merges < 0 || t->n_merges > (1 << 24)) die("tokenizer in %s is corrupt (merges)", path);
+    t->merges = xcalloc((size_t)t->n_merges * 3, sizeof(uint32_t));
+    memcpy(t->merges, blob_take(&r, (size_t)t->n_merges * 12), (size_t)t->n_merges * 12);
+    size_t slots = 16;
+    while (slots < 2 * (size_t)t->n_merges) slots *= 2;
+    t->merge_mask = slots - 1;
+    t->merge_key = xcalloc(slots, sizeof(uint64_t));
+    t->merge_rank = xcalloc(slots, sizeof(int));
+    for (int m = 0; m < t->n_merges; m++) {
+        uint32_t *mg = t->merges + 3 * (size_t)m;
+        if (mg[0] >= (uint32_t)t->n_ids || mg[1] >= (uint32_t)t->n_ids || mg[2] >= (uint32_t)t->n_ids)
+            die("tokenizer in %s is corrupt (merge %d)", path, m);
+        uint64_t key = merge_hash_key(mg[0], mg[1]);
+        size_t h = merge_slot(t, key);
+        if (!t->merge_key[h]) { t->merge_key[h] = key; t->merge_rank[h] = m; }  /* the first (lowest) rank wins */
+    }
+    t->n_regex = (int)blob_u32(&r);
+    if (t->n_regex < 0 || t->n_regex > 64) die("tokenizer in %s is corrupt (pre-tokenizer)", path);
+    const unsigned char **pattern = xcalloc(t->n_regex, sizeof(char *));
+    uint32_t *pattern_len = xcalloc(t->n_regex, sizeof(uint32_t));
+    for (int i = 0; i < t->n_regex; i++) {
+        pattern_len[i] = blob_u32(&r);
+        pattern[i] = blob_take(&r, pattern_len[i]);
+    }
+    t->n_props = (int)blob_u32(&r);
+    if (t->n_props < 0 || t->n_props > 64) die("tokenizer in %s is corrupt (properties)", path);
+    t->props = xcalloc(t->n_props, sizeof(Property));
+    for (int i = 0; i < t->n_props; i++) {
+        uint32_t n = blob_u32(&r);
+        if (n >= sizeof t->props[i].name) die("tokenizer in %s is corrupt (property name)", path);
+        memcpy(t->props[i].name, blob_take(&r, n), n);
+        t->props[i].n = (int)blob_u32(&r);
+        if (t->props[i].n < 0 || t->props[i].n > (1 << 20)) die("tokenizer in %s is corrupt (property ranges)", path);
+        t->props[i].ranges = xcalloc(t->props[i].n, sizeof(Range));
+        memcpy(t->props[i].ranges, blob_take(&r, (size_t)t->props[i].n * 8), (size_t)t->props[i].n * 8);
+    }
+    t->regex = xcalloc(t->n_regex, sizeof(Regex));
+    for (int i = 0; i < t->n_regex; i++) {
+        char *source = xcalloc(pattern_len[i] + 1, 1);
+        memcpy(source, pattern[i], pattern_len[i]);
+        regex_compile(&t->regex[i], source, pattern_len[i], t->props, t->n_props);
+        free(source);
+    }
+    free(pattern);
+    free(pattern_len);
+}
+
+static void free_tokenizer(Tokenizer *t) {
+    for (int i = 0; i < t->n_regex; i++) regex_free(&t->regex[i]);
+    for (int i = 0; i < t->n_props; i++) free(t->props[i].ranges);
+    free(t->regex); free(t->props); free(t->kind); free(t->bytes); free(t->len);
+    free(t->added_id); free(t->added_text); free(t->added_len); free(t->merges);
+    free(t->merge_key); free(t->merge_rank); free(t->stack.pc_pos);
+    if (t->map) munmap(t->map, t->map_size);
+}
+
+/* Growable list of token ids. */
+typedef struct { int *ids; int n, cap; } IdList;
+static void ids_push(IdList *l, int id) {
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 64;
+        l->ids = realloc(l->ids, (size_t)l->cap * sizeof(int));
+        if (!l->ids) die("out of memory");
+    }
+    l->ids[l->n++] = id;
+}
+
+/* BPE on one pre-token: start from single bytes and repeatedly merge the adjacent pair of lowest
+ * rank (leftmost on ties), as HF does with a priority queue. */
+typedef struct { int rank, pos; } MergeCandidate;
+
+static void heap_push(MergeCandidate *h, int *n, MergeCandidate c) {
+    int i = (*n)++;
+    while (i > 0) {
+        int parent = (i - 1) / 2;
+        if (h[parent].rank < c.rank || (h[parent].rank == c.rank && h[parent].pos < c.pos)) break;
+        h[i] = h[parent];
+        i = parent;
+    }
+    h[i] = c;
+}
+static MergeCandidate heap_pop(MergeCandidate *h, int *n) {
+    MergeCandidate top = h[0], last = h[--*n];
+    int i = 0;
+    for (;;) {
+        int child = 2 * i + 1;
+        if (child >= *n) break;
+        if (child + 1 < *n && (h[child + 1].rank < h[child].rank || (h[child + 1].rank == h[child].rank && h[child + 1].pos < h[child].pos))) child++;
+        if (last.rank < h[child].rank || (last.rank == h[child].rank && last.pos <= h[child].pos)) break;
+        h[i] = h[child];
+        i = child;
+    }
+    h[i] = last;
+    return top;
+}
+
+static void bpe_piece(const Tokenizer *t, const unsigned char *text, int n, IdList *out) {
+    if (n == 0) return;
+    int *sym = xcalloc(n, sizeof(int)), *next = xcalloc(n, sizeof(int)), *prev = xcalloc(n, sizeof(int));
+    MergeCandidate *heap = xcalloc((size_t)2 * n, sizeof(MergeCandidate));
+    int heap_n = 0;
+    for (int i = 0; i < n; i++) {
+        sym[i] = t->byte_id[text[i]];
+        if (sym[i] < 0) die("byte 0x%02X has no token in this tokenizer", text[i]);
+        next[i] = i + 1 < n ? i + 1 : -1;
+        prev[i] = i - 1;
+    }
+    for (int i = 0; i + 1 < n; i++) {
+        int rank = merge_lookup(t, sym[i], sym[i + 1]);
+        if (rank >= 0) heap_push(heap, &heap_n, (MergeCandidate){rank, i});
+    }
+    while (heap_n > 0) {
+        MergeCandidate c = heap_pop(heap, &heap_n);
+        int i = c.pos, j = next[i];
+        if (sym[i] < 0 || j < 0 || merge_lookup(t, sym[i], sym[j]) != c.rank) continue;  /* stale */
+        sym[i] = (int)t->merges[3 * (size_t)c.rank + 2];
+        sym[j] = -1;
+        next[i] = next[j];
+        if (next[j] >= 0) prev[next[j]] = i;
+        int rank;
+        if (prev[i] >= 0 && (rank = merge_lookup(t, sym[prev[i]], sym[i])) >= 0) heap_push(heap, &heap_n, (MergeCandidate){rank, prev[i]});
+        if (next[i] >= 0 && (rank = merge_lookup(t, sym[i], sym[next[i]])) >= 0) heap_push(heap, &heap_n, (MergeCandidate){rank, i});
+    }
+    for (int i = 0; i >= 0; i = next[i]) ids_push(out, sym[i]);
+    free(sym); free(next); free(prev); free(heap);
+}
+
+/* The pre-tokenizer: each regex splits every current piece (Isolated: matches and gaps both
+ * stay), in order; a match never crosses a piece boundary. Pieces are [start, end) code points. */
+static int pretokenize(Tokenizer *t, const uint32_t *cps, int n, int **pieces_out) {
+    int cap = 2 * n + 2, count = n > 0, *pieces = xcalloc(cap, sizeof(int)), *next = xcalloc(cap, sizeof(int));
+    pieces[0] = 0; pieces[1] = n;
+    for (int r = 0; r < t->n_regex; r++) {
+        int m = 0;
+        for (int k = 0; k < count; k++) {
+            int start = pieces[2 * k], len = pieces[2 * k + 1] - start, last = 0;
+            const uint32_t *s = cps + start;
+            for (int p = 0; p < len;) {
+                int end = regex_run(&t->regex[r], 0, s, p, len, &t->stack);
+                if (end <= p) { p++; continue; }
+                if (p > last) { next[2 * m] = start + last; next[2 * m + 1] = start + p; m++; }
+                next[2 * m] = start + p; next[2 * m + 1] = start + end; m++;
+                last = p = end;
+            }
+            if (last < len) { next[2 * m] = start + last; next[2 * m + 1] = start + len; m++; }
+        }
+        int *swap = pieces; pieces = next; next = swap;
+        count = m;
+    }
+    free(next);
+    *pieces_out = pieces;
+    return count;
+}
+
+/* Encodes a text segment that holds no added token: pre-tokenize, then BPE each piece. */
+static void encode_segment(Tokenizer *t, const unsigned char *text, int len, IdList *out) {
+    if (len == 0) return;
+    uint32_t *cps = xcalloc(len + 1, sizeof(uint32_t)), cp[2];
+    int *offset = xcalloc(len + 1, sizeof(int)), n = 0;
+    Utf8Decoder d = {0};
+    for (int i = 0; i < len; i++)  /* valid UTF-8 (checked by the caller): one code point per sequence */
+        if (utf8_feed(&d, text[i], cp)) { cps[n++] = cp[0]; offset[n] = i + 1; }
+    int *pieces, count = pretokenize(t, cps, n, &pieces);
+    for (int k = 0; k < count; k++)
+        bpe_piece(t, text + offset[pieces[2 * k]], offset[pieces[2 * k + 1]] - offset[pieces[2 * k]], out);
+    free(pieces); free(cps); free(offset);
+}
+
+/* text -> ids, as HF's encode(text, add_special_tokens=add_bos). Added tokens are found first,
+ * leftmost-longest, in the raw text; what lies between them is encoded segment by segment. */
+static void tokenizer_encode(Tokenizer *t, const char *text, size_t len, int add_bos, IdList *out) {
+    const unsigned char *s = (const unsigned char *)text;
+    utf8_validate(s, len);
+    if (add_bos && t->bos_id >= 0) ids_push(out, t->bos_id);
+    size_t seg = 0;
+    for (size_t i = 0; i < len;) {
+        int best = -1;
+        for (int a = 0; a < t->n_added; a++)
+            if (t->added_len[a] <= len - i && (best < 0 || t->added_len[a] > t->added_len[best]) &&
+                t->added_text[a][0] == s[i] && !memcmp(t->added_text[a], s + i, t->added_len[a]))
+                best = a;
+        if (best < 0) { i++; continue; }
+        encode_segment(t, s + seg, (int)(i - seg), out);
+        ids_push(out, t->added_id[best]);
+        i += t->added_len[best];
+        seg = i;
+    }
+    encode_segment(t, s + seg, (int)(len - seg), out);
+}
+
+/* Decoding streams: bytes go through the lossy UTF-8 decoder, whole characters come out. */
+typedef struct {
+    Utf8Decoder utf8;
+    FILE *file;           /* write here, or */
+    char *buf;            /* append here (tests) */
+    size_t n, cap;
+} TextSink;
+
+static void sink_put(TextSink *o, uint32_t cp) {
+    char bytes[4];
+    int k = utf8_encode(cp, bytes);
+    if (o->file) { fwrite(bytes, 1, k, o->file); return; }
+    if (o->n + k + 1 > o->cap) {
+        o->cap = (o->cap + k + 1) * 2;
+        o->buf = realloc(o->buf, o->cap);
+        if (!o->buf) die("out of memory");
+    }
+    memcpy(o->buf + o->n, bytes, k);
+    o->n += k;
+    o->buf[o->n] = '\0';
+}
+
+static void sink_bytes(TextSink *o, const unsigned char *bytes, size_t n) {
+    uint32_t cp[2];
+    for (size_t i = 0; i < n; i++) {
+        int k = utf8_feed(&o->utf8, bytes[i], cp);
+        for (int j = 0; j < k; j++) sink_put(o, cp[j]);
+    }
+}
+
+/* End of the stream: an unfinished character becomes U+FFFD. */
+static void sink_flush(TextSink *o) {
+    if (o->utf8.needed) { o->utf8.needed = 0; sink_put(o, 0xFFFD); }
+    if (o->file) fflush(o->file);
+}
+
+/* One id's bytes into the sink; unknown ids are dropped, specials too when skip_special. */
+static void decode_token(const Tokenizer *t, TextSink *o, int id, int skip_special) {
+    if (id < 0 || id >= t->n_ids || t->kind[id] == TOKEN_UNUSED) return;
+    if (skip_special && t->kind[id] == TOKEN_SPECIAL) return;
+    sink_bytes(o, t->bytes[id], t->len[id]);
+}
+
+/* One chat turn as text, with the model's template (tokenizer_config.json's chat_template):
+ *   DeepSeek-V2: <bos>{system}\n\nUser: {user}\n\nAssistant:      (no space after "Assistant:")
+ *   DeepSeek-V3: <bos>{system}<｜User｜>{user}<｜Assistant｜>
+ * The first turn carries BOS and the optional system prompt. The caller feeds EOS after each reply. */
+static char *render_chat_turn(const Tokenizer *t, const char *system, const char *user, int first_turn) {
+    size_t n = strlen(user) + (system ? strlen(system) : 0) + (t->bos_id >= 0 ? t->len[t->bos_id] : 0) + 64;
+    char *out = xcalloc(n, 1), *p = out;
+    if (first_turn && t->bos_id >= 0) { memcpy(p, t->bytes[t->bos_id], t->len[t->bos_id]); p += t->len[t->bos_id]; }
+    if (t->chat_template == CHAT_DEEPSEEK_V2)
+        snprintf(p, n - (p - out), "%s%sUser: %s\n\nAssistant:", first_turn && system ? system : "", first_turn && system ? "\n\n" : "", user);
+    else if (t->chat_template == CHAT_DEEPSEEK_V3)
+        snprintf(p, n - (p - out), "%s<\xEF\xBD\x9CUser\xEF\xBD\x9C>%s<\xEF\xBD\x9C" "Assistant\xEF\xBD\x9C>", first_turn && system ? system : "", user);
+    else die("this tokenizer has no known chat template (DeepSeek-V2 or V3)");
+    return out;
+}
+
+/* A file holding a tokenizer: a model with one inside, or a standalone .tok from export.py. */
+static int load_tokenizer_file(Tokenizer *t, const char *path, const Weights *w) {
+    memset(t, 0, sizeof *t);
+    if (w) {
+        if (!w->cfg.tokenizer_offset) return 0;
+        tokenizer_parse(t, (const unsigned char *)w->map + w->cfg.tokenizer_offset, w->cfg.tokenizer_size, path);
+        if (t->n_ids > w->cfg.vocab_size) die("%s: the tokenizer has %d ids, more than the model's vocab_size %d", path, t->n_ids, w->cfg.vocab_size);
+        return 1;
+    }
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) die("cannot open %s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || st.st_size < 8) die("%s is too short to be a tokenizer", path);
+    t->map_size = (size_t)st.st_size;
+    t->map = mmap(NULL, t->map_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (t->map == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
+    tokenizer_parse(t, t->map, t->map_size, path);
+    return 1;
+}
+
+/* ------------------------------------------------------------------------- */
 /* Sampler: greedy, temperature, top-p (nucleus).                             */
 /* ------------------------------------------------------------------------- */
 
@@ -882,28 +1739,64 @@ static void check_context(int n_tokens, int context) {
     if (n_tokens > context) die("%d tokens do not fit the context of %d (raise it with -c, up to max_position_embeddings)", n_tokens, context);
 }
 
-/* Feeds the prompt token by token, then samples `steps` new tokens, printing their ids. */
-static void generate_ids(const Weights *w, RunState *s, Sampler *sp, const int *prompt, int n_prompt, int steps) {
+/* Feeds prompt[0..n) at positions *pos onwards, then samples up to max_new tokens, streaming each
+ * (as text through the tokenizer, or as ids without one) and feeding it back. The last sampled
+ * token is returned, not fed: chat feeds it with the next turn. stop_at_eos ends at EOS. */
+static int generate(const Weights *w, RunState *s, Sampler *sp, const Tokenizer *tok, TextSink *sink,
+                    const int *prompt, int n_prompt, int *pos, int max_new, int stop_at_eos) {
     if (n_prompt < 1) die("the prompt is empty: give at least one token");
-    check_context(n_prompt, s->context);
+    check_context(*pos + n_prompt, s->context);
     double t0 = now_seconds();
     float *logits = NULL;
-    for (int pos = 0; pos < n_prompt; pos++) logits = forward(w, s, prompt[pos], pos);
+    for (int i = 0; i < n_prompt; i++) logits = forward(w, s, prompt[i], (*pos)++);
     double t1 = now_seconds();
-    int generated = 0;
-    for (int pos = n_prompt; generated < steps; pos++) {
-        int next = sample(sp, logits);
-        printf("%s%d", generated ? " " : "", next);
-        fflush(stdout);
+    int generated = 0, next = -1;
+    while (generated < max_new) {
+        if (generated > 0) {
+            if (*pos >= s->context) { fprintf(stderr, "\n[context of %d positions is full]\n", s->context); break; }
+            logits = forward(w, s, next, (*pos)++);
+        }
+        next = sample(sp, logits);
         generated++;
-        if (generated == steps) break;
-        if (pos >= s->context) { fprintf(stderr, "dsv2: context of %d is full, stopping\n", s->context); break; }
-        logits = forward(w, s, next, pos);
+        if (stop_at_eos && next == w->cfg.eos_token_id) break;
+        if (tok) { decode_token(tok, sink, next, 1); fflush(stdout); }
+        else { printf("%s%d", generated > 1 ? " " : "", next); fflush(stdout); }
     }
-    printf("\n");
+    if (tok) sink_flush(sink);
+    else printf("\n");
     double t2 = now_seconds();
-    fprintf(stderr, "prompt: %d tokens, %.1f tok/s | generation: %d tokens, %.1f tok/s\n", n_prompt,
+    fprintf(stderr, "\nprompt: %d tokens, %.1f tok/s | generation: %d tokens, %.1f tok/s\n", n_prompt,
             n_prompt / fmax(t1 - t0, 1e-9), generated, generated > 1 ? (generated - 1) / fmax(t2 - t1, 1e-9) : 0.0);
+    return next;
+}
+
+/* Multi-turn chat on stdin/stdout. The first user message may come from -i. Each turn is rendered
+ * with the model's template, encoded, and appended to the same KV cache. */
+static void chat(const Weights *w, RunState *s, Sampler *sp, Tokenizer *tok, const char *system, const char *first, int max_new) {
+    TextSink out = {.file = stdout};
+    char line[65536];
+    int pos = 0, pending[2], n_pending = 0;
+    for (int turn = 0;; turn++) {
+        const char *user = turn == 0 && first ? first : NULL;
+        if (!user) {
+            fprintf(stderr, "User: ");
+            if (!fgets(line, sizeof line, stdin)) break;
+            line[strcspn(line, "\n")] = '\0';
+            user = line;
+        }
+        char *text = render_chat_turn(tok, system, user, turn == 0);
+        IdList ids = {0};
+        for (int i = 0; i < n_pending; i++) ids_push(&ids, pending[i]);
+        tokenizer_encode(tok, text, strlen(text), 0, &ids);
+        printf("Assistant:");
+        int last = generate(w, s, sp, tok, &out, ids.ids, ids.n, &pos, max_new, 1);
+        printf("\n");
+        n_pending = 0;  /* the reply ends with EOS in the cache, as the template has it */
+        if (last != w->cfg.eos_token_id && last >= 0) pending[n_pending++] = last;
+        pending[n_pending++] = w->cfg.eos_token_id;
+        free(ids.ids);
+        free(text);
+    }
 }
 
 /* -m logits: every position's logits, float32 little-endian, [T][vocab], from the decode path. */
@@ -949,12 +1842,13 @@ static void print_kv_cache_sizes(const Config *c, int context, int attn_mode) {
 #ifndef DSV2_NO_MAIN
 static void usage(void) {
     fprintf(stderr,
-            "usage: ./dsv2 MODEL [options]\n"
-            "  -m MODE    generate (default) | logits\n"
-            "  -i TEXT    prompt: whitespace-separated token ids\n"
-            "  -f FILE    read the prompt from a file instead\n"
-            "  -o FILE    logits mode: output file (float32 [T][vocab])\n"
-            "  -n N       tokens to generate (default 64)\n"
+            "usage: ./dsv2 FILE [options]          FILE: a model (.bin) or, for encode/decode, a tokenizer (.tok)\n"
+            "  -m MODE    generate (default) | chat | logits | encode | decode\n"
+            "  -i TEXT    the prompt (text, or whitespace-separated ids for a model without a tokenizer)\n"
+            "  -f FILE    read the prompt (or the text to encode, the ids to decode) from a file\n"
+            "  -o FILE    logits: output file (float32 [T][vocab]); decode: output file (default stdout)\n"
+            "  -y TEXT    chat: system prompt\n"
+            "  -n N       tokens to generate (default 256)\n"
             "  -t T       temperature, 0 = greedy (default 1.0)\n"
             "  -p P       top-p (default 0.9)\n"
             "  -s SEED    random seed (default: time)\n"
@@ -977,10 +1871,19 @@ static float parse_float_arg(const char *flag, const char *v, float lo, float hi
     return x;
 }
 
+static int is_tokenizer_file(const char *path) {
+    char magic[4] = {0};
+    FILE *f = fopen(path, "rb");
+    if (!f) die("cannot open %s: %s", path, strerror(errno));
+    size_t got = fread(magic, 1, 4, f);
+    fclose(f);
+    return got == 4 && !memcmp(magic, TOKENIZER_MAGIC, 4);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2 || argv[1][0] == '-') usage();
-    const char *model_path = argv[1], *mode = "generate", *prompt = NULL, *prompt_file = NULL, *out_path = NULL;
-    long steps = 64, context = 0;
+    const char *path = argv[1], *mode = "generate", *prompt = NULL, *prompt_file = NULL, *out_path = NULL, *system = NULL;
+    long steps = 256, context = 0;
     float temperature = 1.0f, topp = 0.9f;
     uint64_t seed = (uint64_t)time(NULL);
     int attn_mode = ATTN_ABSORB;
@@ -993,6 +1896,7 @@ int main(int argc, char **argv) {
         case 'i': prompt = v; break;
         case 'f': prompt_file = v; break;
         case 'o': out_path = v; break;
+        case 'y': system = v; break;
         case 'n': steps = parse_int_arg("-n", v, 0, 1 << 24); break;
         case 't': temperature = parse_float_arg("-t", v, 0, 100); break;
         case 'p': topp = parse_float_arg("-p", v, 0, 1); break;
@@ -1006,40 +1910,92 @@ int main(int argc, char **argv) {
         default: die("unknown option %s (run ./dsv2 for usage)", argv[i]);
         }
     }
-    int is_logits = !strcmp(mode, "logits");
-    if (!is_logits && strcmp(mode, "generate")) die("unknown mode \"%s\" (generate | logits)", mode);
+    const char *modes[] = {"generate", "chat", "logits", "encode", "decode"};
+    int m = 0;
+    while (m < 5 && strcmp(mode, modes[m])) m++;
+    if (m == 5) die("unknown mode \"%s\" (generate | chat | logits | encode | decode)", mode);
+    int is_generate = m == 0, is_chat = m == 1, is_logits = m == 2, is_encode = m == 3, is_decode = m == 4;
     if (prompt && prompt_file) die("give the prompt with -i or -f, not both");
     if (is_logits && !out_path) die("-m logits needs -o FILE");
 
+    size_t input_len = 0;
+    char *file_text = prompt_file ? read_file(prompt_file, &input_len) : NULL;
+    const char *input = file_text ? file_text : prompt;
+    if (prompt) input_len = strlen(prompt);
+
     Weights w;
+    Tokenizer tok;
     memset(&w, 0, sizeof w);
-    load_weights(&w, model_path);
-    const Config *c = &w.cfg;
-    if (context == 0) context = c->max_position_embeddings < 4096 ? c->max_position_embeddings : 4096;
-    if (context > c->max_position_embeddings) die("-c %ld exceeds max_position_embeddings %d", context, c->max_position_embeddings);
-
-    char *text = prompt_file ? read_file(prompt_file, NULL) : NULL;
-    const char *input = text ? text : prompt;
-    int n_ids = 0, *ids = NULL;
-    if (input) ids = parse_ids(input, c->vocab_size, &n_ids);
-    else if (c->bos_token_id >= 0) { ids = xcalloc(1, sizeof(int)); ids[0] = c->bos_token_id; n_ids = 1; }
-    if (n_ids < 1) die("no token ids given: the prompt is empty");
-    check_context(n_ids, (int)context);
-
-    RunState s;
-    init_run_state(&s, c, attn_mode, (int)context);
-    print_kv_cache_sizes(c, (int)context, attn_mode);
-    if (is_logits) {
-        write_logits(&w, &s, ids, n_ids, out_path);
+    int tokenizer_only = is_tokenizer_file(path), has_tokenizer;
+    if (tokenizer_only) {
+        if (!is_encode && !is_decode) die("%s is a tokenizer, not a model: only -m encode and -m decode work on it", path);
+        has_tokenizer = load_tokenizer_file(&tok, path, NULL);
     } else {
-        Sampler sp = {c->vocab_size, temperature, topp, seed * 0x9E3779B97F4A7C15ull + 1, xcalloc(c->vocab_size, sizeof(int))};
-        generate_ids(&w, &s, &sp, ids, n_ids, (int)steps);
-        free(sp.order);
+        load_weights(&w, path);
+        has_tokenizer = load_tokenizer_file(&tok, path, &w);
     }
-    free_run_state(&s);
-    free(ids);
-    free(text);
-    free_weights(&w);
+    if ((is_encode || is_decode || is_chat) && !has_tokenizer) die("%s has no tokenizer (export the model from a folder with tokenizer.json)", path);
+
+    if (is_encode) {  /* the input's bytes exactly, no BOS */
+        if (!input) die("-m encode needs the text with -f FILE or -i TEXT");
+        IdList ids = {0};
+        tokenizer_encode(&tok, input, input_len, 0, &ids);
+        for (int i = 0; i < ids.n; i++) printf("%s%d", i ? " " : "", ids.ids[i]);
+        printf("\n");
+        free(ids.ids);
+    } else if (is_decode) {
+        if (!input) die("-m decode needs the ids with -f FILE or -i IDS");
+        int n = 0, *ids = parse_ids(input, 1 << 30, &n);
+        FILE *f = out_path ? fopen(out_path, "wb") : stdout;
+        if (!f) die("cannot open %s for writing: %s", out_path, strerror(errno));
+        TextSink sink = {.file = f};
+        for (int i = 0; i < n; i++) decode_token(&tok, &sink, ids[i], 0);
+        sink_flush(&sink);
+        if (out_path && fclose(f) != 0) die("cannot write %s", out_path);
+        free(ids);
+    } else {
+        const Config *c = &w.cfg;
+        if (context == 0) context = c->max_position_embeddings < 4096 ? c->max_position_embeddings : 4096;
+        if (context > c->max_position_embeddings) die("-c %ld exceeds max_position_embeddings %d", context, c->max_position_embeddings);
+        IdList ids = {0};
+        int text_prompt = has_tokenizer && !is_logits;
+        if (is_chat) {
+            if (c->eos_token_id < 0) die("chat needs an eos_token_id in the model config");
+        } else if (text_prompt) {
+            tokenizer_encode(&tok, input ? input : "", input ? input_len : 0, tok.add_bos, &ids);
+        } else if (input) {
+            ids.ids = parse_ids(input, c->vocab_size, &ids.n);
+        } else if (c->bos_token_id >= 0) {
+            ids_push(&ids, c->bos_token_id);
+        }
+        if (!is_chat) {
+            if (ids.n < 1) die("no tokens to run: the prompt is empty");
+            check_context(ids.n, (int)context);
+        }
+        RunState s;
+        init_run_state(&s, c, attn_mode, (int)context);
+        print_kv_cache_sizes(c, (int)context, attn_mode);
+        Sampler sp = {c->vocab_size, temperature, topp, seed * 0x9E3779B97F4A7C15ull + 1, xcalloc(c->vocab_size, sizeof(int))};
+        if (is_logits) {
+            write_logits(&w, &s, ids.ids, ids.n, out_path);
+        } else if (is_chat) {
+            chat(&w, &s, &sp, &tok, system, input, (int)steps);
+        } else {
+            int pos = 0;
+            TextSink sink = {.file = stdout};
+            if (text_prompt && input) { fwrite(input, 1, input_len, stdout); fflush(stdout); }
+            /* With a tokenizer, generation is text and stops at EOS; without, ids in and out. */
+            generate(&w, &s, &sp, text_prompt ? &tok : NULL, &sink, ids.ids, ids.n, &pos, (int)steps, text_prompt);
+            if (text_prompt) printf("\n");
+        }
+        free(sp.order);
+        free_run_state(&s);
+        free(ids.ids);
+    }
+    (void)is_generate;
+    free(file_text);
+    if (has_tokenizer) free_tokenizer(&tok);
+    if (!tokenizer_only) free_weights(&w);
     return 0;
 }
 #endif

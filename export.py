@@ -2,6 +2,7 @@
 """Convert a Hugging Face DeepSeek-V2 checkpoint folder into one dsv2 file.
 
     python3 export.py HF_DIR OUT.bin [--dtype f32|bf16]
+    python3 export.py --tokenizer tokenizer.json OUT.tok
 
 HF_DIR holds config.json and model.safetensors, or shards with
 model.safetensors.index.json (F32, BF16 or F16 tensors). The conversion streams
@@ -13,6 +14,7 @@ File layout (dsv2.c reads it with mmap; keep the two in step):
   tensors    in the order of tensor_plan() below, each 64-byte aligned. Weight matrices
              are stored in the chosen dtype ([out, in] row-major, as nn.Linear);
              norms and the MoE router are always float32 (tiny, and the router decides).
+  tokenizer  optional (header.tokenizer_offset), the same blob a standalone .tok file holds
 """
 import json
 import os
@@ -296,6 +298,166 @@ def to_bf16(a, dtype):
     return rounded
 
 
+# --------------------------------------------------------------------------- tokenizer
+#
+# tokenizer.json -> a compact blob that dsv2.c reads (inside the model file, or alone with magic DSVT):
+#   "DSVT" u32 version, u32 n_ids, i32 bos, i32 eos, u32 add_bos, u32 chat_template
+#   per id 0..n_ids-1: u8 kind (0 unused, 1 BPE token, 2 added, 3 added special), u32 len, the token's bytes
+#   u32 n_added, then per added token: u32 id, u32 len, the text matched in the input (UTF-8)
+#   u32 n_merges, then per merge in rank order: u32 left id, u32 right id, u32 merged id
+#   u32 n_patterns, then the pre-tokenizer as regexes, each an "Isolated" split: u32 len, UTF-8
+#   u32 n_properties, then per Unicode property: u32 name len, name, u32 n_ranges, (u32 lo, u32 hi)*
+TOKENIZER_MAGIC = b"DSVT"
+TOKENIZER_VERSION = 1
+CHAT_TEMPLATES = {"none": 0, "deepseek-v2": 1, "deepseek-v3": 2}
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+WHITE_SPACE = [(0x9, 0xD), (0x20, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A),
+               (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000)]  # Unicode White_Space = regex \s
+
+
+def byte_level_decoder():
+    """GPT-2's bytes_to_unicode, inverted: the character that stands for each byte -> the byte."""
+    keep = list(range(0x21, 0x7F)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(0x100 + n)] = b
+            n += 1
+    return chars
+
+
+def unicode_properties():
+    """General-category ranges for \p{L} \p{M} \p{N} \p{Nd} \p{P} \p{S}, and White_Space for \s."""
+    import unicodedata
+    ranges = {k: [] for k in ("L", "M", "N", "Nd", "P", "S")}
+    for cp in range(0x110000):
+        cat = unicodedata.category(chr(cp))
+        for name in (cat[0], cat if cat == "Nd" else None):
+            if name in ranges:
+                r = ranges[name]
+                if r and r[-1][1] == cp - 1:
+                    r[-1] = (r[-1][0], cp)
+                else:
+                    r.append((cp, cp))
+    ranges["White_Space"] = WHITE_SPACE
+    return ranges
+
+
+def tokenizer_patterns(pre, path):
+    """The pre-tokenizer as a list of regexes, each splitting every piece with behavior Isolated."""
+    if pre is None:
+        return []
+    steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
+    patterns = []
+    for st in steps:
+        kind = st.get("type")
+        if kind == "Split":
+            if st.get("behavior") != "Isolated" or st.get("invert"):
+                fail(f"{path}: Split behavior {st.get('behavior')!r} (invert {st.get('invert')}) is not supported")
+            pat = st["pattern"]
+            if "Regex" in pat:
+                patterns.append(pat["Regex"])
+            else:
+                patterns.append("".join("\\" + ch if ch in r"\.^$|?*+()[]{}" else ch for ch in pat["String"]))
+        elif kind == "Digits":
+            patterns.append(r"\p{N}" if st.get("individual_digits") else r"\p{N}+")
+        elif kind == "ByteLevel":
+            if st.get("add_prefix_space"):
+                fail(f"{path}: ByteLevel add_prefix_space is not supported")
+            if st.get("use_regex", True):
+                patterns.append(GPT2_PATTERN)
+        else:
+            fail(f"{path}: pre-tokenizer {kind!r} is not supported")
+    return patterns
+
+
+def read_tokenizer(path):
+    """tokenizer.json (+ tokenizer_config.json beside it) -> the blob dsv2.c reads."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tj = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"cannot read tokenizer {path}: {e}")
+    config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+    tc = {}
+    if os.path.exists(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                tc = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(f"cannot read {config_path}: {e}")
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE":
+        fail(f"{path}: tokenizer model type {model.get('type')!r} is not supported (only byte-level BPE)")
+    if model.get("byte_fallback") or model.get("dropout") or model.get("continuing_subword_prefix") \
+            or model.get("end_of_word_suffix") or model.get("ignore_merges"):
+        fail(f"{path}: BPE options byte_fallback/dropout/subword prefixes/ignore_merges are not supported")
+    norm = tj.get("normalizer")
+    if norm is not None and not (norm.get("type") == "Sequence" and not norm.get("normalizers")):
+        fail(f"{path}: normalizer {norm.get('type')!r} is not supported")
+    dec = tj.get("decoder")
+    if dec is not None and dec.get("type") != "ByteLevel":
+        fail(f"{path}: decoder {dec.get('type')!r} is not supported (only ByteLevel)")
+    patterns = tokenizer_patterns(tj.get("pre_tokenizer"), path)
+
+    unbyte = byte_level_decoder()
+
+    def raw_bytes(s):  # a byte-level token string -> its bytes; other text (specials) stays UTF-8
+        return bytes(unbyte[ch] for ch in s) if all(ch in unbyte for ch in s) else s.encode("utf-8")
+
+    vocab = model["vocab"]
+    added = tj.get("added_tokens") or []
+    n_ids = max([*vocab.values(), *(a["id"] for a in added)]) + 1
+    kinds, tokens = [0] * n_ids, [b""] * n_ids
+    for s, i in vocab.items():
+        kinds[i], tokens[i] = 1, raw_bytes(s)
+    for a in added:
+        kinds[a["id"]], tokens[a["id"]] = (3 if a.get("special") else 2), raw_bytes(a["content"])
+        if a.get("single_word") or a.get("lstrip") or a.get("rstrip"):
+            fail(f"{path}: added token {a['content']!r} uses single_word/lstrip/rstrip, not supported")
+    merges = []
+    for m in model.get("merges", []):
+        left, right = m.split(" ", 1) if isinstance(m, str) else m
+        if left not in vocab or right not in vocab or left + right not in vocab:
+            fail(f"{path}: merge {left!r} + {right!r} refers to tokens missing from the vocab")
+        merges.append((vocab[left], vocab[right], vocab[left + right]))
+
+    def token_id(entry):
+        text = entry.get("content") if isinstance(entry, dict) else entry
+        ids = [a["id"] for a in added if a["content"] == text]
+        return ids[0] if ids else vocab.get(text, -1)
+    bos, eos = token_id(tc.get("bos_token")), token_id(tc.get("eos_token"))
+    post = json.dumps(tj.get("post_processor") or {})
+    add_bos = tc.get("add_bos_token", "SpecialToken" in post)
+    if bos < 0 and added:
+        bos = added[0]["id"]
+    template = tc.get("chat_template") or ""
+    chat = "deepseek-v3" if "<｜User｜>" in template else "deepseek-v2" if "'User: '" in template else "none"
+
+    out = [TOKENIZER_MAGIC, struct.pack("<IIiiII", TOKENIZER_VERSION, n_ids, bos, eos, int(bool(add_bos)),
+                                        CHAT_TEMPLATES[chat])]
+    for k, t in zip(kinds, tokens):
+        out.append(struct.pack("<BI", k, len(t)) + t)
+    out.append(struct.pack("<I", len(added)))
+    for a in added:
+        text = a["content"].encode("utf-8")
+        out.append(struct.pack("<II", a["id"], len(text)) + text)
+    out.append(struct.pack("<I", len(merges)))
+    out.append(np.array(merges, dtype="<u4").tobytes())
+    out.append(struct.pack("<I", len(patterns)))
+    for p in patterns:
+        raw = p.encode("utf-8")
+        out.append(struct.pack("<I", len(raw)) + raw)
+    props = unicode_properties()
+    out.append(struct.pack("<I", len(props)))
+    for name, ranges in props.items():
+        out.append(struct.pack("<I", len(name)) + name.encode() + struct.pack("<I", len(ranges)))
+        out.append(np.array(ranges, dtype="<u4").tobytes())
+    return b"".join(out), n_ids, chat
+
+
 # --------------------------------------------------------------------------- writer
 
 class Writer:
@@ -317,10 +479,15 @@ class Writer:
         for a in arrays:
             self.f.write(np.ascontiguousarray(a).data)  # a view, not a copy
 
-    def finish(self):
+    def finish(self, tokenizer=b""):
+        tok_offset = 0
+        if tokenizer:
+            self.align()
+            tok_offset = self.f.tell()
+            self.f.write(tokenizer)
         size = self.f.tell()
         self.f.seek(0)
-        self.f.write(pack_header(self.config, 0, 0, size))
+        self.f.write(pack_header(self.config, tok_offset, len(tokenizer), size))
         self.f.close()
         os.replace(self.tmp, self.path)
         return size
@@ -344,19 +511,38 @@ def export_model(folder, out, dtype_name):
         else:
             w.tensor(to_f32(a, dt) for a, dt in source.chunks(name, shape))
         count += 1
-    size = w.finish()
-    print(f"wrote {out}: {count} tensors, {dtype_name}, {size / 2**20:.1f} MiB")
-    has_tokenizer = os.path.exists(os.path.join(folder, "tokenizer.json"))
-    if not has_tokenizer:
+    tok_path = os.path.join(folder, "tokenizer.json")
+    tokenizer = b""
+    if os.path.exists(tok_path):
+        tokenizer, n_ids, _ = read_tokenizer(tok_path)
+        if n_ids > config["vocab_size"]:
+            fail(f"{tok_path} has {n_ids} ids but the model's vocab_size is {config['vocab_size']}")
+    else:
         print(f"export.py: warning: {folder} has no tokenizer.json; exported the model alone "
               "(token ids in and out)", file=sys.stderr)
+    size = w.finish(tokenizer)
+    print(f"wrote {out}: {count} tensors, {dtype_name}, {size / 2**20:.1f} MiB"
+          + (", with tokenizer" if tokenizer else ""))
+
+
+def export_tokenizer(path, out):
+    blob, n_ids, chat = read_tokenizer(path)
+    with open(out + ".tmp", "wb") as f:
+        f.write(blob)
+    os.replace(out + ".tmp", out)
+    print(f"wrote {out}: tokenizer with {n_ids} ids, chat template {chat}")
 
 
 def main(argv):
-    args, dtype = [], None
+    args, dtype, tokenizer = [], None, None
     i = 0
     while i < len(argv):
-        if argv[i] == "--dtype":
+        if argv[i] == "--tokenizer":
+            if i + 1 >= len(argv):
+                fail("--tokenizer expects the path of a tokenizer.json")
+            tokenizer = argv[i + 1]
+            i += 2
+        elif argv[i] == "--dtype":
             if i + 1 >= len(argv) or argv[i + 1] not in DTYPES:
                 fail(f"--dtype expects one of {', '.join(DTYPES)}")
             dtype = argv[i + 1]
@@ -366,8 +552,14 @@ def main(argv):
         else:
             args.append(argv[i])
             i += 1
+    if tokenizer is not None:
+        if len(args) != 1:
+            sys.exit("usage: python3 export.py --tokenizer tokenizer.json OUT.tok")
+        export_tokenizer(tokenizer, args[0])
+        return
     if len(args) != 2:
-        sys.exit("usage: python3 export.py HF_DIR OUT.bin [--dtype f32|bf16]")
+        sys.exit("usage: python3 export.py HF_DIR OUT.bin [--dtype f32|bf16]\n"
+                 "       python3 export.py --tokenizer tokenizer.json OUT.tok")
     export_model(args[0], args[1], dtype)
 
 

@@ -464,10 +464,15 @@ static int weights_are_bf16(const char *dir) {
     return bf16;
 }
 
+static void test_tokenizer_dir(const char *dir);
+
 static void test_fixture_dir(const char *dir) {
     printf("%s\n", dir);
+    char path[512];
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    if (access(path, R_OK) == 0) test_tokenizer_dir(dir);
     RefTensor t;
-    if (!find_ref(dir, "logits", &t)) { printf("  (no forward references here)\n"); return; }
+    if (!find_ref(dir, "logits", &t)) return;
     char model[512];
     snprintf(model, sizeof model, "%s/model.bin", tmp_dir);
     /* f32 weights are checked as f32; bf16 weights both as stored and widened to f32 */
@@ -483,6 +488,189 @@ static void test_fixture_dir(const char *dir) {
         if (i == 0) check_internals(dir, model);
         check_cli(dir, model, label);
     }
+}
+
+/* ------------------------------------------------------------------------- */
+/* Tokenizer fixtures: cases.txt / decode_cases.txt / llamacpp_cases.txt /    */
+/* pretok_cases.txt next to a tokenizer.json (format in their README).        */
+/* ------------------------------------------------------------------------- */
+
+typedef struct {
+    char name[256];
+    char *text, *decode, *decode_skip, *ids;  /* text fields unescaped; ids as written */
+    size_t text_len, decode_len, decode_skip_len;
+    int has_text, has_ids, has_decode, has_decode_skip;
+    char **pieces;
+    size_t *piece_len;
+    int n_pieces;
+} TokCase;
+
+/* Undoes the case files' escapes: \\ \n \r \t \xHH. */
+static char *unescape(const char *s, size_t *len) {
+    size_t n = strlen(s), k = 0;
+    char *out = xcalloc(n + 1, 1);
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] != '\\' || i + 1 >= n) { out[k++] = s[i]; continue; }
+        char e = s[++i];
+        if (e == 'n') out[k++] = '\n';
+        else if (e == 'r') out[k++] = '\r';
+        else if (e == 't') out[k++] = '\t';
+        else if (e == 'x' && i + 2 < n + 1) { char hex[3] = {s[i + 1], s[i + 2], 0}; out[k++] = (char)strtol(hex, NULL, 16); i += 2; }
+        else out[k++] = e;
+    }
+    *len = k;
+    return out;
+}
+
+static void free_case(TokCase *c) {
+    free(c->text); free(c->decode); free(c->decode_skip); free(c->ids);
+    for (int i = 0; i < c->n_pieces; i++) free(c->pieces[i]);
+    free(c->pieces); free(c->piece_len);
+    memset(c, 0, sizeof *c);
+}
+
+/* Reads the next record; returns 0 at the end of the file. */
+static int next_case(FILE *f, TokCase *c) {
+    static char line[1 << 20];
+    memset(c, 0, sizeof *c);
+    int any = 0;
+    while (fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\n")] = '\0';
+        if (line[0] == '#') continue;
+        if (line[0] == '\0') { if (any) return 1; continue; }
+        any = 1;
+        char *sp = strchr(line, ' ');
+        const char *payload = sp ? sp + 1 : "";
+        if (sp) *sp = '\0';
+        if (!strcmp(line, "case")) snprintf(c->name, sizeof c->name, "%s", payload);
+        else if (!strcmp(line, "text")) { c->text = unescape(payload, &c->text_len); c->has_text = 1; }
+        else if (!strcmp(line, "ids")) { c->ids = strdup(payload); c->has_ids = 1; }
+        else if (!strcmp(line, "decode")) { c->decode = unescape(payload, &c->decode_len); c->has_decode = 1; }
+        else if (!strcmp(line, "decode_skip")) { c->decode_skip = unescape(payload, &c->decode_skip_len); c->has_decode_skip = 1; }
+        else if (!strcmp(line, "piece")) {
+            c->pieces = realloc(c->pieces, (c->n_pieces + 1) * sizeof(char *));
+            c->piece_len = realloc(c->piece_len, (c->n_pieces + 1) * sizeof(size_t));
+            c->pieces[c->n_pieces] = unescape(payload, &c->piece_len[c->n_pieces]);
+            c->n_pieces++;
+        }
+    }
+    return any;
+}
+
+static void write_bytes(const char *path, const char *data, size_t n) {
+    FILE *f = fopen(path, "wb");
+    if (!f) die("cannot write %s", path);
+    if (n) fwrite(data, 1, n, f);
+    fclose(f);
+}
+
+static int same_ids(const char *a, const char *b) {  /* compares two id lists, ignoring spacing */
+    for (;;) {
+        while (*a == ' ' || *a == '\n') a++;
+        while (*b == ' ' || *b == '\n') b++;
+        if (!*a || !*b) return !*a && !*b;
+        char *ea, *eb;
+        long x = strtol(a, &ea, 10), y = strtol(b, &eb, 10);
+        if (ea == a || eb == b || x != y) return 0;
+        a = ea; b = eb;
+    }
+}
+
+/* Encode and decode every case through the CLI; decode_skip in-process. */
+static void check_token_cases(const char *dir, const char *file, const char *tok_path, Tokenizer *tok) {
+    char path[512], in_path[512], out_path[512], cmd[2048];
+    snprintf(path, sizeof path, "%s/%s", dir, file);
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    snprintf(in_path, sizeof in_path, "%s/case.in", tmp_dir);
+    snprintf(out_path, sizeof out_path, "%s/case.out", tmp_dir);
+    int n = 0, enc_ok = 0, dec_ok = 0, skip_ok = 0, n_enc = 0, n_dec = 0, n_skip = 0;
+    TokCase c;
+    while (next_case(f, &c)) {
+        n++;
+        if (c.has_text && c.has_ids) {
+            n_enc++;
+            write_bytes(in_path, c.text, c.text_len);
+            snprintf(cmd, sizeof cmd, "%s %s -m encode -f %s", dsv2_bin, tok_path, in_path);
+            int code = run(cmd, NULL, 0);
+            char *got = stdout_text();
+            if (code == 0 && same_ids(got, c.ids)) enc_ok++;
+            else printf("  encode mismatch in %s case %s\n    want %.200s\n    got  %.200s\n", file, c.name, c.ids, got);
+            free(got);
+        }
+        if (c.has_ids && c.has_decode) {
+            n_dec++;
+            write_bytes(in_path, c.ids, strlen(c.ids));
+            snprintf(cmd, sizeof cmd, "%s %s -m decode -f %s -o %s", dsv2_bin, tok_path, in_path, out_path);
+            size_t len = 0;
+            char *got = run(cmd, NULL, 0) == 0 ? read_file(out_path, &len) : NULL;
+            if (got && len == c.decode_len && !memcmp(got, c.decode, len)) dec_ok++;
+            else printf("  decode mismatch in %s case %s\n", file, c.name);
+            free(got);
+        }
+        if (c.has_ids && c.has_decode_skip) {
+            n_skip++;
+            int k = 0, *ids = parse_ids(c.ids, 1 << 30, &k);
+            TextSink sink = {0};
+            for (int i = 0; i < k; i++) decode_token(tok, &sink, ids[i], 1);
+            sink_flush(&sink);
+            if (sink.n == c.decode_skip_len && (sink.n == 0 || !memcmp(sink.buf, c.decode_skip, sink.n))) skip_ok++;
+            else printf("  decode_skip mismatch in %s case %s\n", file, c.name);
+            free(sink.buf);
+            free(ids);
+        }
+        free_case(&c);
+    }
+    fclose(f);
+    if (n_enc) check(enc_ok == n_enc, "%s %s: ./dsv2 -m encode gives the reference ids in %d/%d cases", dir, file, enc_ok, n_enc);
+    if (n_dec) check(dec_ok == n_dec, "%s %s: ./dsv2 -m decode gives the reference bytes in %d/%d cases", dir, file, dec_ok, n_dec);
+    if (n_skip) check(skip_ok == n_skip, "%s %s: decode with specials skipped in %d/%d cases", dir, file, skip_ok, n_skip);
+}
+
+static void check_pretok_cases(const char *dir, Tokenizer *tok) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/pretok_cases.txt", dir);
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    int n = 0, ok = 0;
+    TokCase c;
+    while (next_case(f, &c)) {
+        if (!c.has_text) { free_case(&c); continue; }
+        n++;
+        uint32_t *cps = xcalloc(c.text_len + 1, sizeof(uint32_t)), cp[2];
+        size_t *offset = xcalloc(c.text_len + 2, sizeof(size_t));
+        int m = 0;
+        Utf8Decoder d = {0};
+        for (size_t i = 0; i < c.text_len; i++)
+            if (utf8_feed(&d, (uint8_t)c.text[i], cp)) { cps[m++] = cp[0]; offset[m] = i + 1; }
+        int *pieces, count = pretokenize(tok, cps, m, &pieces), same = count == c.n_pieces;
+        for (int k = 0; same && k < count; k++) {
+            size_t a = offset[pieces[2 * k]], b = offset[pieces[2 * k + 1]];
+            same = b - a == c.piece_len[k] && !memcmp(c.text + a, c.pieces[k], b - a);
+        }
+        if (same) ok++;
+        else printf("  pre-tokenizer mismatch in case %s (%d pieces, want %d)\n", c.name, count, c.n_pieces);
+        free(pieces); free(cps); free(offset);
+        free_case(&c);
+    }
+    fclose(f);
+    check(ok == n, "%s: pre-tokenizer pieces identical in %d/%d cases", dir, ok, n);
+}
+
+static void test_tokenizer_dir(const char *dir) {
+    char json[512], tok_path[512], cmd[2048], err[4096];
+    snprintf(json, sizeof json, "%s/tokenizer.json", dir);
+    snprintf(tok_path, sizeof tok_path, "%s/tokenizer.tok", tmp_dir);
+    snprintf(cmd, sizeof cmd, "%s export.py --tokenizer %s %s", python, json, tok_path);
+    int code = run(cmd, err, sizeof err);
+    check(code == 0, "export.py --tokenizer %s -> exit %d %.*s", json, code, code ? (int)strcspn(err, "\n") : 0, err);
+    if (code) return;
+    Tokenizer tok;
+    load_tokenizer_file(&tok, tok_path, NULL);
+    check_pretok_cases(dir, &tok);
+    const char *files[] = {"cases.txt", "decode_cases.txt", "llamacpp_cases.txt"};
+    for (int i = 0; i < 3; i++) check_token_cases(dir, files[i], tok_path, &tok);
+    free_tokenizer(&tok);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -604,8 +792,9 @@ int main(int argc, char **argv) {
         test_bf16();
         test_naive_equals_absorb(0);
         test_naive_equals_absorb(8);
-        const char *fixtures[] = {"tests/fixtures/lite", "tests/fixtures/v2", "tests/fixtures/v2-bf16-sharded"};
-        for (int i = 0; i < 3; i++) test_fixture_dir(fixtures[i]);
+        const char *fixtures[] = {"tests/fixtures/lite", "tests/fixtures/v2", "tests/fixtures/v2-bf16-sharded",
+                                  "tests/fixtures/tokenizer", "tests/fixtures/tokenizer/deepseek-v3"};
+        for (int i = 0; i < 5; i++) test_fixture_dir(fixtures[i]);
         printf("export\n");
         test_bf16_rounding("tests/fixtures/v2", "tests/fixtures/v2-bf16-sharded");
         test_bad_inputs("tests/fixtures/lite");
