@@ -1284,6 +1284,7 @@ typedef struct {
     const unsigned char **bytes;         /* per id: what it decodes to */
     uint32_t *len;
     int n_added;                         /* added tokens, matched in the raw text before anything else */
+    int *added_by_byte, added_start[257];/* added token indices grouped by first byte */
     int *added_id;
     const unsigned char **added_text;
     uint32_t *added_len;
@@ -1359,7 +1360,13 @@ static void tokenizer_parse(Tokenizer *t, const unsigned char *blob, size_t size
         t->added_len[i] = blob_u32(&r);
         t->added_text[i] = blob_take(&r, t->added_len[i]);
         if (t->added_id[i] < 0 || t->added_id[i] >= t->n_ids || t->added_len[i] == 0) die("tokenizer in %s is corrupt (added token %d)", path, i);
+        t->added_start[t->added_text[i][0] + 1]++;
     }
+    for (int b = 0; b < 256; b++) t->added_start[b + 1] += t->added_start[b];
+    t->added_by_byte = xcalloc(t->n_added, sizeof(int));
+    int fill[256];
+    memcpy(fill, t->added_start, sizeof fill);
+    for (int i = 0; i < t->n_added; i++) t->added_by_byte[fill[t->added_text[i][0]]++] = i;
     t->n_merges = (int)blob_u32(&r);
     if (t->n_merges < 0 || t->n_merges > (1 << 24)) die("tokenizer in %s is corrupt (merges)", path);
     t->merges = xcalloc((size_t)t->n_merges * 3, sizeof(uint32_t));
@@ -1412,7 +1419,7 @@ static void free_tokenizer(Tokenizer *t) {
     for (int i = 0; i < t->n_regex; i++) regex_free(&t->regex[i]);
     for (int i = 0; i < t->n_props; i++) free(t->props[i].ranges);
     free(t->regex); free(t->props); free(t->kind); free(t->bytes); free(t->len);
-    free(t->added_id); free(t->added_text); free(t->added_len); free(t->merges);
+    free(t->added_id); free(t->added_by_byte); free(t->added_text); free(t->added_len); free(t->merges);
     free(t->merge_key); free(t->merge_rank); free(t->stack.pc_pos);
     if (t->map) munmap(t->map, t->map_size);
 }
@@ -1538,10 +1545,12 @@ static void tokenizer_encode(Tokenizer *t, const char *text, size_t len, int add
     size_t seg = 0;
     for (size_t i = 0; i < len;) {
         int best = -1;
-        for (int a = 0; a < t->n_added; a++)
+        for (int k = t->added_start[s[i]]; k < t->added_start[s[i] + 1]; k++) {
+            int a = t->added_by_byte[k];
             if (t->added_len[a] <= len - i && (best < 0 || t->added_len[a] > t->added_len[best]) &&
-                t->added_text[a][0] == s[i] && !memcmp(t->added_text[a], s + i, t->added_len[a]))
+                !memcmp(t->added_text[a], s + i, t->added_len[a]))
                 best = a;
+        }
         if (best < 0) { i++; continue; }
         encode_segment(t, s + seg, (int)(i - seg), out);
         ids_push(out, t->added_id[best]);

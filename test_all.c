@@ -657,6 +657,36 @@ static void check_pretok_cases(const char *dir, Tokenizer *tok) {
     check(ok == n, "%s: pre-tokenizer pieces identical in %d/%d cases", dir, ok, n);
 }
 
+/* The chat layout documented for each template, and its ids for the V2 example. */
+static void check_chat_template(const char *dir, Tokenizer *tok) {
+    if (tok->chat_template == CHAT_NONE) return;
+    const char *bos = "<\xEF\xBD\x9C" "begin\xE2\x96\x81of\xE2\x96\x81sentence\xEF\xBD\x9C>";
+    char want1[512], want2[512], want3[512];
+    char *t1 = render_chat_turn(tok, NULL, "Hello", 1), *t2 = render_chat_turn(tok, "Be brief.", "Hi", 1);
+    char *t3 = render_chat_turn(tok, "Be brief.", "More?", 0);
+    if (tok->chat_template == CHAT_DEEPSEEK_V2) {
+        snprintf(want1, sizeof want1, "%sUser: Hello\n\nAssistant:", bos);
+        snprintf(want2, sizeof want2, "%sBe brief.\n\nUser: Hi\n\nAssistant:", bos);
+        snprintf(want3, sizeof want3, "User: More?\n\nAssistant:");
+    } else {
+        snprintf(want1, sizeof want1, "%s<\xEF\xBD\x9CUser\xEF\xBD\x9C>Hello<\xEF\xBD\x9C" "Assistant\xEF\xBD\x9C>", bos);
+        snprintf(want2, sizeof want2, "%sBe brief.<\xEF\xBD\x9CUser\xEF\xBD\x9C>Hi<\xEF\xBD\x9C" "Assistant\xEF\xBD\x9C>", bos);
+        snprintf(want3, sizeof want3, "<\xEF\xBD\x9CUser\xEF\xBD\x9C>More?<\xEF\xBD\x9C" "Assistant\xEF\xBD\x9C>");
+    }
+    check(!strcmp(t1, want1) && !strcmp(t2, want2) && !strcmp(t3, want3),
+          "%s: chat template (%s) renders first turn, system prompt and later turns as documented", dir,
+          tok->chat_template == CHAT_DEEPSEEK_V2 ? "DeepSeek-V2" : "DeepSeek-V3");
+    if (tok->chat_template == CHAT_DEEPSEEK_V2) {
+        IdList ids = {0};
+        tokenizer_encode(tok, t1, strlen(t1), 0, &ids);
+        char got[256] = "";
+        for (int i = 0; i < ids.n && strlen(got) < 200; i++) snprintf(got + strlen(got), sizeof got - strlen(got), "%s%d", i ? " " : "", ids.ids[i]);
+        check(!strcmp(got, "100000 5726 25 37727 185 185 77398 25"), "%s: chat prompt ids, BOS once, no space after Assistant: (%s)", dir, got);
+        free(ids.ids);
+    }
+    free(t1); free(t2); free(t3);
+}
+
 static void test_tokenizer_dir(const char *dir) {
     char json[512], tok_path[512], cmd[2048], err[4096];
     snprintf(json, sizeof json, "%s/tokenizer.json", dir);
@@ -668,6 +698,7 @@ static void test_tokenizer_dir(const char *dir) {
     Tokenizer tok;
     load_tokenizer_file(&tok, tok_path, NULL);
     check_pretok_cases(dir, &tok);
+    check_chat_template(dir, &tok);
     const char *files[] = {"cases.txt", "decode_cases.txt", "llamacpp_cases.txt"};
     for (int i = 0; i < 3; i++) check_token_cases(dir, files[i], tok_path, &tok);
     free_tokenizer(&tok);
@@ -735,6 +766,42 @@ static void test_bad_inputs(const char *fixture) {
     expect_clean_error("unknown attention mode", cmd, "absorb or naive");
     snprintf(cmd, sizeof cmd, "%s %s -m logits -i \"\" -o %s/x.bin", dsv2_bin, model, tmp_dir);
     expect_clean_error("empty id list", cmd, NULL);
+
+    /* tokenizers */
+    char tok[512];
+    snprintf(tok, sizeof tok, "%s/v2.tok", tmp_dir);
+    snprintf(cmd, sizeof cmd, "%s export.py --tokenizer tests/fixtures/tokenizer/tokenizer.json %s", python, tok);
+    if (run(cmd, NULL, 0) == 0) {
+        char bad_text[512];
+        snprintf(bad_text, sizeof bad_text, "%s/bad.txt", tmp_dir);
+        write_bytes(bad_text, "ok \xC3\x28 bad", 9);
+        snprintf(cmd, sizeof cmd, "%s %s -m encode -f %s", dsv2_bin, tok, bad_text);
+        expect_clean_error("invalid UTF-8 to encode", cmd, "UTF-8");
+        write_bytes(bad_text, "cut \xE4\xB8", 6);
+        expect_clean_error("UTF-8 cut inside a character", cmd, "UTF-8");
+        snprintf(cmd, sizeof cmd, "printf '' > %s/empty.txt && %s %s -m encode -f %s/empty.txt", tmp_dir, dsv2_bin, tok, tmp_dir);
+        char *out = NULL;
+        int code = run(cmd, NULL, 0);
+        out = stdout_text();
+        check(code == 0 && !strcmp(out, "\n"), "empty input encodes to no ids");
+        free(out);
+        size_t tok_size = 0;
+        free(read_file(tok, &tok_size));
+        copy_prefix(tok, bad, tok_size / 2, 0, NULL, 0);
+        snprintf(cmd, sizeof cmd, "%s %s -m encode -i hello", dsv2_bin, bad);
+        expect_clean_error("truncated tokenizer file", cmd, "truncated");
+        snprintf(cmd, sizeof cmd, "%s %s -m generate -i hello", dsv2_bin, tok);
+        expect_clean_error("a tokenizer given where a model is needed", cmd, "not a model");
+    } else check(0, "export.py --tokenizer");
+    snprintf(cmd, sizeof cmd, "%s %s -m encode -i hello", dsv2_bin, model);
+    expect_clean_error("encode with a model that has no tokenizer", cmd, "no tokenizer");
+    snprintf(cmd, sizeof cmd, "%s %s -m chat -i hello", dsv2_bin, model);
+    expect_clean_error("chat with a model that has no tokenizer", cmd, "no tokenizer");
+    snprintf(cmd, sizeof cmd,
+             "%s -c \"import json; t = json.load(open('tests/fixtures/tokenizer/tokenizer.json')); t['model']['type'] = 'WordPiece'; "
+             "json.dump(t, open('%s/wp.json', 'w'))\" && %s export.py --tokenizer %s/wp.json %s/wp.tok",
+             python, tmp_dir, python, tmp_dir, tmp_dir);
+    expect_clean_error("a tokenizer.json of an unsupported model type", cmd, "WordPiece");
 
     /* export.py on broken Hugging Face folders */
     snprintf(dir, sizeof dir, "%s/hf", tmp_dir);
