@@ -59,7 +59,7 @@ static void *xcalloc(size_t n, size_t size) {
 #define HEADER_SIZE 512
 #define TENSOR_ALIGN 64
 
-enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_Q8 = 2 };
 enum { TOPK_GREEDY = 0, TOPK_GROUP_LIMITED_GREEDY = 1 };
 enum { ROPE_PLAIN = 0, ROPE_YARN = 1 };
 
@@ -93,7 +93,8 @@ typedef struct {
     int32_t rope_scaling;           /* ROPE_PLAIN or ROPE_YARN */
     int32_t original_max_position_embeddings;
     int32_t seq_aux;
-    int32_t reserved_int[5];
+    int32_t q8_group;               /* q8 files: weights per scale, along the input dimension */
+    int32_t reserved_int[4];
     double rms_norm_eps;
     double rope_theta;
     double routed_scaling_factor;
@@ -120,7 +121,8 @@ static void check_range(const char *name, long long v, long long lo, long long h
 }
 
 static void validate_config(const Config *c) {
-    if (c->dtype != DTYPE_F32 && c->dtype != DTYPE_BF16) die("unknown weight dtype %d", c->dtype);
+    if (c->dtype != DTYPE_F32 && c->dtype != DTYPE_BF16 && c->dtype != DTYPE_Q8) die("unknown weight dtype %d", c->dtype);
+    if (c->dtype == DTYPE_Q8) check_range("q8_group", c->q8_group, 1, 4096);
     check_range("vocab_size", c->vocab_size, 1, 1 << 24);
     check_range("hidden_size", c->hidden_size, 1, 1 << 16);
     check_range("num_hidden_layers", c->num_hidden_layers, 1, 1024);
@@ -170,11 +172,12 @@ static void validate_config(const Config *c) {
 /* Weights: mmapped from the checkpoint and read in place (f32 or bf16).      */
 /* ------------------------------------------------------------------------- */
 
-/* A weight matrix [rows, cols] in row-major order, as nn.Linear stores it: y = W x. */
+/* A weight matrix [rows, cols] in row-major order, as nn.Linear stores it: y = W x.
+ * q8: int8 weights, and one float scale per `group` consecutive weights of a row. */
 typedef struct {
     const void *data;
-    int dtype;
-    int rows, cols;
+    const float *scale;  /* q8 only: [rows][cols / group] */
+    int dtype, rows, cols, group;
 } Mat;
 
 typedef struct {
@@ -202,13 +205,13 @@ typedef struct {
     size_t map_size;
 } Weights;
 
-static size_t dtype_size(int dtype) { return dtype == DTYPE_BF16 ? 2 : 4; }
+static size_t dtype_size(int dtype) { return dtype == DTYPE_Q8 ? 1 : dtype == DTYPE_BF16 ? 2 : 4; }
 
 /* Lays tensors out in the one order export.py writes them; each starts TENSOR_ALIGN-aligned. */
 typedef struct {
     const char *base;  /* NULL while only measuring the size */
     size_t offset;
-    int weight_dtype;
+    int weight_dtype, q8_group;
 } Cursor;
 
 static const void *take(Cursor *cur, size_t bytes) {
@@ -218,8 +221,10 @@ static const void *take(Cursor *cur, size_t bytes) {
     return p;
 }
 static Mat take_mat(Cursor *cur, int rows, int cols, int dtype) {
-    Mat m = {NULL, dtype, rows, cols};
+    Mat m = {NULL, NULL, dtype, rows, cols, dtype == DTYPE_Q8 ? cur->q8_group : cols};
+    if (cols % m.group) die("q8 group %d does not divide a matrix width %d", m.group, cols);
     m.data = take(cur, (size_t)rows * cols * dtype_size(dtype));
+    if (dtype == DTYPE_Q8) m.scale = take(cur, (size_t)rows * (cols / m.group) * sizeof(float));
     return m;
 }
 static const float *take_vec(Cursor *cur, int n) { return take(cur, (size_t)n * sizeof(float)); }
@@ -291,7 +296,7 @@ static void load_weights(Weights *w, const char *path) {
     if (c->version != DSV2_VERSION) die("%s has checkpoint version %u; this build reads version %d", path, c->version, DSV2_VERSION);
     validate_config(c);
     alloc_layers(w);
-    Cursor measure = {NULL, HEADER_SIZE, c->dtype};
+    Cursor measure = {NULL, HEADER_SIZE, c->dtype, c->q8_group};
     size_t end = layout_weights(w, &measure);
     if (c->tokenizer_offset && (c->tokenizer_offset < end || c->tokenizer_offset + c->tokenizer_size > c->file_size))
         die("%s: tokenizer section out of bounds", path);
@@ -301,7 +306,7 @@ static void load_weights(Weights *w, const char *path) {
     close(fd);
     if (w->map == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
     w->map_size = size;
-    Cursor fill = {(const char *)w->map, HEADER_SIZE, c->dtype};
+    Cursor fill = {(const char *)w->map, HEADER_SIZE, c->dtype, c->q8_group};
     layout_weights(w, &fill);
 }
 
@@ -334,41 +339,102 @@ static float dot_f32(const float *a, const float *b, int n) {
     return sum;
 }
 
-static float dot_bf16(const uint16_t *a, const float *b, int n) {
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int i = 0; i < n; i++) sum += bf16_to_f32(a[i]) * b[i];
-    return sum;
+/* Activations for q8 weights: int8 per token, one scale per group (absmax / 127), so the
+ * products are int8 x int8 with int32 sums. */
+static void quantize_activations(int8_t *q, float *scale, const float *x, int n, int group) {
+    for (int g = 0; g < n / group; g++) {
+        float amax = 0.0f;
+        for (int i = 0; i < group; i++) amax = fmaxf(amax, fabsf(x[g * group + i]));
+        float sc = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+        scale[g] = sc;
+        for (int i = 0; i < group; i++) q[g * group + i] = (int8_t)lrintf(x[g * group + i] * inv);
+    }
 }
 
-/* Row r of W dotted with x: the one place that knows how each dtype is stored. */
-static inline float row_dot(const Mat *W, int r, const float *x) {
+/* Four consecutive rows of W (from r0; rows past the end repeat the last) dotted with one token:
+ * four independent weight streams per thread keep more memory reads in flight than one.
+ * x is the token's activations; xq/xs their int8 form for q8 weights. */
+static void dot4_rows(const Mat *W, int r0, const float *x, const int8_t *xq, const float *xs, float out[4]) {
+    int cols = W->cols;
+    size_t row[4];
+    for (int k = 0; k < 4; k++) row[k] = (size_t)(r0 + k < W->rows ? r0 + k : W->rows - 1) * cols;
+    float a = 0, b = 0, c = 0, d = 0;
+    if (W->dtype == DTYPE_F32) {
+        const float *w0 = (const float *)W->data + row[0], *w1 = (const float *)W->data + row[1];
+        const float *w2 = (const float *)W->data + row[2], *w3 = (const float *)W->data + row[3];
+#pragma omp simd reduction(+ : a, b, c, d)
+        for (int i = 0; i < cols; i++) { a += w0[i] * x[i]; b += w1[i] * x[i]; c += w2[i] * x[i]; d += w3[i] * x[i]; }
+    } else if (W->dtype == DTYPE_BF16) {
+        const uint16_t *w0 = (const uint16_t *)W->data + row[0], *w1 = (const uint16_t *)W->data + row[1];
+        const uint16_t *w2 = (const uint16_t *)W->data + row[2], *w3 = (const uint16_t *)W->data + row[3];
+#pragma omp simd reduction(+ : a, b, c, d)
+        for (int i = 0; i < cols; i++) {
+            a += bf16_to_f32(w0[i]) * x[i]; b += bf16_to_f32(w1[i]) * x[i];
+            c += bf16_to_f32(w2[i]) * x[i]; d += bf16_to_f32(w3[i]) * x[i];
+        }
+    } else {
+        int G = W->group, groups = cols / G;
+        const int8_t *w0 = (const int8_t *)W->data + row[0], *w1 = (const int8_t *)W->data + row[1];
+        const int8_t *w2 = (const int8_t *)W->data + row[2], *w3 = (const int8_t *)W->data + row[3];
+        const float *s0 = W->scale + row[0] / G, *s1 = W->scale + row[1] / G, *s2 = W->scale + row[2] / G, *s3 = W->scale + row[3] / G;
+        for (int g = 0; g < groups; g++) {
+            int32_t ia = 0, ib = 0, ic = 0, id = 0;
+            const int8_t *xg = xq + g * G;
+#pragma omp simd reduction(+ : ia, ib, ic, id)
+            for (int i = 0; i < G; i++) {
+                ia += w0[g * G + i] * xg[i]; ib += w1[g * G + i] * xg[i];
+                ic += w2[g * G + i] * xg[i]; id += w3[g * G + i] * xg[i];
+            }
+            a += ia * s0[g] * xs[g]; b += ib * s1[g] * xs[g]; c += ic * s2[g] * xs[g]; d += id * s3[g] * xs[g];
+        }
+    }
+    out[0] = a; out[1] = b; out[2] = c; out[3] = d;
+}
+
+/* Scratch for quantized activations, sized once by init_run_state (q8 models only). */
+typedef struct { int8_t *q; float *scale; size_t capacity; } ActivationScratch;
+
+/* y[t] = W x[t] for n tokens (x: [n][cols], y: [n][rows]): the one matrix product, for every
+ * weight type. Threads take blocks of four rows; each block is read from memory once per batch
+ * and reused from cache for every token. */
+static void matmul(float *y, const Mat *W, const float *x, int n, ActivationScratch *scratch) {
+    int rows = W->rows, cols = W->cols, groups = cols / W->group;
+    if (W->dtype == DTYPE_Q8) {
+        if ((size_t)n * cols > scratch->capacity) die("internal: activation scratch too small");
+        for (int t = 0; t < n; t++)
+            quantize_activations(scratch->q + (size_t)t * cols, scratch->scale + (size_t)t * groups, x + (size_t)t * cols, cols, W->group);
+    }
+    int blocks = (rows + 3) / 4;
+#pragma omp parallel for schedule(static) if ((long)rows * cols * n > 65536)
+    for (int blk = 0; blk < blocks; blk++) {
+        int r0 = 4 * blk;
+        for (int t = 0; t < n; t++) {
+            float out[4];
+            dot4_rows(W, r0, x + (size_t)t * cols, W->dtype == DTYPE_Q8 ? scratch->q + (size_t)t * cols : NULL,
+                      W->dtype == DTYPE_Q8 ? scratch->scale + (size_t)t * groups : NULL, out);
+            for (int k = 0; k < 4 && r0 + k < rows; k++) y[(size_t)t * rows + r0 + k] = out[k];
+        }
+    }
+}
+
+/* Row r of W as floats: embedding lookup, and the rows W_UK^T sums in the absorbed query. */
+static void mat_row_to_f32(float *out, const Mat *W, int r) {
     size_t at = (size_t)r * W->cols;
-    if (W->dtype == DTYPE_BF16) return dot_bf16((const uint16_t *)W->data + at, x, W->cols);
-    return dot_f32((const float *)W->data + at, x, W->cols);
+    if (W->dtype == DTYPE_BF16)
+        for (int c = 0; c < W->cols; c++) out[c] = bf16_to_f32(((const uint16_t *)W->data)[at + c]);
+    else if (W->dtype == DTYPE_Q8)
+        for (int c = 0; c < W->cols; c++) out[c] = ((const int8_t *)W->data)[at + c] * W->scale[(at + c) / W->group];
+    else memcpy(out, (const float *)W->data + at, (size_t)W->cols * sizeof(float));
 }
 
-/* y = W x, parallel over output rows. */
-static void matvec(float *y, const Mat *W, const float *x) {
-#pragma omp parallel for schedule(static) if (W->rows * (long)W->cols > 32768)
-    for (int r = 0; r < W->rows; r++) y[r] = row_dot(W, r, x);
-}
-
-/* y = W^T x (serial): accumulates the rows of W weighted by x. Used to absorb W_UK into q. */
-static void matvec_transposed(float *y, const Mat *W, const float *x) {
+/* y = W^T x: sums the rows of W weighted by x (row: scratch of W->cols). Absorbs W_UK into q. */
+static void matvec_transposed(float *y, const Mat *W, const float *x, float *row) {
     memset(y, 0, (size_t)W->cols * sizeof(float));
     for (int r = 0; r < W->rows; r++) {
-        size_t at = (size_t)r * W->cols;
+        mat_row_to_f32(row, W, r);
         float xr = x[r];
-        if (W->dtype == DTYPE_BF16) {
-            const uint16_t *row = (const uint16_t *)W->data + at;
 #pragma omp simd
-            for (int c = 0; c < W->cols; c++) y[c] += xr * bf16_to_f32(row[c]);
-        } else {
-            const float *row = (const float *)W->data + at;
-#pragma omp simd
-            for (int c = 0; c < W->cols; c++) y[c] += xr * row[c];
-        }
+        for (int c = 0; c < W->cols; c++) y[c] += xr * row[c];
     }
 }
 
@@ -376,15 +442,9 @@ static void matvec_transposed(float *y, const Mat *W, const float *x) {
 static Mat mat_rows(const Mat *W, int row0, int rows) {
     Mat m = *W;
     m.data = (const char *)W->data + (size_t)row0 * W->cols * dtype_size(W->dtype);
+    if (W->scale) m.scale = W->scale + (size_t)row0 * (W->cols / W->group);
     m.rows = rows;
     return m;
-}
-
-/* Copies row r of W into out as floats (embedding lookup). */
-static void mat_row_to_f32(float *out, const Mat *W, int r) {
-    size_t at = (size_t)r * W->cols;
-    for (int c = 0; c < W->cols; c++)
-        out[c] = W->dtype == DTYPE_BF16 ? bf16_to_f32(((const uint16_t *)W->data)[at + c]) : ((const float *)W->data)[at + c];
 }
 
 /* RMSNorm: out = w * x / sqrt(mean(x^2) + eps). Accumulated in double, as exact as cheap. */
@@ -406,15 +466,6 @@ static void softmax(float *x, int n) {
 }
 
 static inline float silu(float x) { return x / (1.0f + expf(-x)); }
-
-/* SwiGLU MLP (used by dense layers, each routed expert and the shared experts):
- * out = down( silu(gate x) * up x ). hidden, hidden2: scratch of the MLP width. */
-static void swiglu_mlp(float *out, const float *x, const Mat *gate, const Mat *up, const Mat *down, float *hidden, float *hidden2) {
-    matvec(hidden, gate, x);
-    matvec(hidden2, up, x);
-    for (int i = 0; i < gate->rows; i++) hidden[i] = silu(hidden[i]) * hidden2[i];
-    matvec(out, down, hidden);
-}
 
 /* ------------------------------------------------------------------------- */
 /* Decoupled RoPE with YaRN (paper eq. 14-16; YaRN: arXiv:2309.00071)          */
@@ -486,7 +537,8 @@ static void rope_rotate(float *x, const float *cos_row, const float *sin_row, in
 }
 
 /* ------------------------------------------------------------------------- */
-/* Run state: activations and the KV cache, allocated once before decoding.   */
+/* Run state: activations for a batch of tokens and the KV cache, allocated   */
+/* once before decoding (nothing is allocated per token).                     */
 /* ------------------------------------------------------------------------- */
 
 enum { ATTN_ABSORB = 0, ATTN_NAIVE = 1 };
@@ -497,32 +549,39 @@ typedef struct {
     unsigned char *taken, *group_taken;
 } RouterScratch;
 
+/* Tokens per forward call: a longer prompt goes through in chunks of this many. */
+#define MAX_BATCH 64
+
 typedef struct {
     int attn_mode, context;           /* context: positions the cache holds */
     double softmax_scale;
     float *rope_cos, *rope_sin;       /* [context][rope_dim/2] */
-    float *x, *xn, *branch;           /* residual stream, its norm, a block's output [D] */
-    float *q_latent;                  /* [q_lora_rank] */
-    float *q;                         /* [H * (nope+rope)] */
-    float *kv_a;                      /* [kv_lora_rank + rope] */
-    float *kv;                        /* naive: this token's K_nope|V for all heads [H*(nope+v)] */
+    float *x, *xn, *branch;           /* residual stream, its norm, a block's output [B][D] */
+    float *q_latent;                  /* [B][q_lora_rank] */
+    float *q;                         /* [B][H * (nope+rope)] */
+    float *kv_a;                      /* [B][kv_lora_rank + rope] */
+    float *kv;                        /* naive: each token's K_nope|V for all heads [B][H*(nope+v)] */
     float *q_absorbed;                /* absorb: [H][kv_lora_rank] */
-    float *latent_out;                /* absorb: [H][kv_lora_rank] */
+    float *row;                       /* absorb: [H][kv_lora_rank] one weight row as floats */
+    float *latent_out;                /* absorb: [H][B][kv_lora_rank] */
+    float *head_tmp;                  /* absorb: [H][B][v] */
     float *scores;                    /* [H][context] */
-    float *head_out;                  /* [H * v] */
-    float *hidden, *hidden2;          /* MLP scratch [max width] */
-    float *expert_out;                /* [D] */
-    float *router_probs;              /* [E] */
-    int *topk_idx;                    /* [K] */
-    float *topk_weight;               /* [K] */
+    float *head_out;                  /* [B][H * v] */
+    float *hidden, *hidden2;          /* MLP scratch [B][max width] */
+    float *expert_in, *expert_out;    /* the tokens routed to one expert [B][D] */
+    int *expert_tokens;               /* [B] */
+    float *router_probs;              /* [B][E] */
+    int *topk_idx;                    /* [B][K] */
+    float *topk_weight;               /* [B][K] */
     RouterScratch router;
-    float *logits;                    /* [vocab] */
+    ActivationScratch act;            /* int8 activations for q8 weights */
+    float *logits;                    /* [vocab] of the batch's last token */
     float *cache;                     /* [L][context][cache_width] */
-    /* Optional taps (NULL = off), filled by forward() for inspection and tests: the residual
-     * stream after each layer [L][D], and each MoE layer's routing [L][K]. */
+    size_t cache_width;               /* floats per token per layer */
+    /* Optional taps (NULL = off), filled by forward() for the batch's last token, for inspection
+     * and tests: the residual stream after each layer [L][D], and each MoE layer's routing [L][K]. */
     float *tap_hidden, *tap_route_weight;
     int *tap_route_idx;
-    size_t cache_width;               /* floats per token per layer */
 } RunState;
 
 /* Floats per token per layer: the latent (absorb) or full per-head keys and values (naive). */
@@ -534,10 +593,10 @@ static size_t kv_cache_width(const Config *c, int attn_mode) {
 static int max_int(int a, int b) { return a > b ? a : b; }
 
 static void init_run_state(RunState *s, const Config *c, int attn_mode, int context) {
-    int D = c->hidden_size, H = c->num_attention_heads;
-    int q_head_dim = c->qk_nope_head_dim + c->qk_rope_head_dim;
-    int mlp_width = max_int(max_int(c->intermediate_size, c->moe_intermediate_size),
-                            c->moe_intermediate_size * c->n_shared_experts);
+    int D = c->hidden_size, H = c->num_attention_heads, B = MAX_BATCH, E = c->n_routed_experts, K = c->num_experts_per_tok;
+    int q_head_dim = c->qk_nope_head_dim + c->qk_rope_head_dim, r = c->kv_lora_rank;
+    int mlp_width = max_int(max_int(c->intermediate_size, c->moe_intermediate_size), c->moe_intermediate_size * c->n_shared_experts);
+    int widest = max_int(max_int(max_int(D, mlp_width), max_int(c->q_lora_rank, r)), H * c->v_head_dim);
     memset(s, 0, sizeof *s);
     s->attn_mode = attn_mode;
     s->context = context;
@@ -545,42 +604,57 @@ static void init_run_state(RunState *s, const Config *c, int attn_mode, int cont
     s->rope_cos = xcalloc((size_t)context * c->qk_rope_head_dim / 2, sizeof(float));
     s->rope_sin = xcalloc((size_t)context * c->qk_rope_head_dim / 2, sizeof(float));
     rope_tables(c, context, s->rope_cos, s->rope_sin);
-    s->x = xcalloc(D, sizeof(float));
-    s->xn = xcalloc(D, sizeof(float));
-    s->branch = xcalloc(D, sizeof(float));
-    s->q_latent = xcalloc(c->q_lora_rank, sizeof(float));
-    s->q = xcalloc((size_t)H * q_head_dim, sizeof(float));
-    s->kv_a = xcalloc(c->kv_lora_rank + c->qk_rope_head_dim, sizeof(float));
-    s->kv = xcalloc((size_t)H * (c->qk_nope_head_dim + c->v_head_dim), sizeof(float));
-    s->q_absorbed = xcalloc((size_t)H * c->kv_lora_rank, sizeof(float));
-    s->latent_out = xcalloc((size_t)H * c->kv_lora_rank, sizeof(float));
+    s->x = xcalloc((size_t)B * D, sizeof(float));
+    s->xn = xcalloc((size_t)B * D, sizeof(float));
+    s->branch = xcalloc((size_t)B * D, sizeof(float));
+    s->q_latent = xcalloc((size_t)B * c->q_lora_rank, sizeof(float));
+    s->q = xcalloc((size_t)B * H * q_head_dim, sizeof(float));
+    s->kv_a = xcalloc((size_t)B * (r + c->qk_rope_head_dim), sizeof(float));
+    s->kv = xcalloc((size_t)B * H * (c->qk_nope_head_dim + c->v_head_dim), sizeof(float));
+    s->q_absorbed = xcalloc((size_t)H * r, sizeof(float));
+    s->row = xcalloc((size_t)H * r, sizeof(float));
+    s->latent_out = xcalloc((size_t)H * B * r, sizeof(float));
+    s->head_tmp = xcalloc((size_t)H * B * c->v_head_dim, sizeof(float));
     s->scores = xcalloc((size_t)H * context, sizeof(float));
-    s->head_out = xcalloc((size_t)H * c->v_head_dim, sizeof(float));
-    s->hidden = xcalloc(mlp_width, sizeof(float));
-    s->hidden2 = xcalloc(mlp_width, sizeof(float));
-    s->expert_out = xcalloc(D, sizeof(float));
-    s->router_probs = xcalloc(c->n_routed_experts, sizeof(float));
-    s->topk_idx = xcalloc(c->num_experts_per_tok, sizeof(int));
-    s->topk_weight = xcalloc(c->num_experts_per_tok, sizeof(float));
-    s->router.masked = xcalloc(c->n_routed_experts, sizeof(float));
+    s->head_out = xcalloc((size_t)B * H * c->v_head_dim, sizeof(float));
+    s->hidden = xcalloc((size_t)B * mlp_width, sizeof(float));
+    s->hidden2 = xcalloc((size_t)B * mlp_width, sizeof(float));
+    s->expert_in = xcalloc((size_t)B * D, sizeof(float));
+    s->expert_out = xcalloc((size_t)B * D, sizeof(float));
+    s->expert_tokens = xcalloc(B, sizeof(int));
+    s->router_probs = xcalloc((size_t)B * E, sizeof(float));
+    s->topk_idx = xcalloc((size_t)B * K, sizeof(int));
+    s->topk_weight = xcalloc((size_t)B * K, sizeof(float));
+    s->router.masked = xcalloc(E, sizeof(float));
     s->router.group_score = xcalloc(c->n_group, sizeof(float));
-    s->router.taken = xcalloc(c->n_routed_experts, 1);
+    s->router.taken = xcalloc(E, 1);
     s->router.group_taken = xcalloc(c->n_group, 1);
+    if (c->dtype == DTYPE_Q8) {
+        s->act.capacity = (size_t)B * widest;
+        s->act.q = xcalloc(s->act.capacity, 1);
+        s->act.scale = xcalloc(s->act.capacity, sizeof(float));
+    }
     s->logits = xcalloc(c->vocab_size, sizeof(float));
     s->cache_width = kv_cache_width(c, attn_mode);
     s->cache = xcalloc((size_t)c->num_hidden_layers * context * s->cache_width, sizeof(float));
 }
 
 static void free_run_state(RunState *s) {
-    float *bufs[] = {s->rope_cos, s->rope_sin, s->x, s->xn, s->branch, s->q_latent, s->q, s->kv_a, s->kv,
-                     s->q_absorbed, s->latent_out, s->scores, s->head_out, s->hidden, s->hidden2,
-                     s->expert_out, s->router_probs, s->topk_weight, s->logits, s->cache};
+    void *bufs[] = {s->rope_cos, s->rope_sin, s->x, s->xn, s->branch, s->q_latent, s->q, s->kv_a, s->kv,
+                    s->q_absorbed, s->row, s->latent_out, s->head_tmp, s->scores, s->head_out, s->hidden,
+                    s->hidden2, s->expert_in, s->expert_out, s->expert_tokens, s->router_probs, s->topk_idx,
+                    s->topk_weight, s->router.masked, s->router.group_score, s->router.taken,
+                    s->router.group_taken, s->act.q, s->act.scale, s->logits, s->cache};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
-    free(s->topk_idx);
-    free(s->router.masked);
-    free(s->router.group_score);
-    free(s->router.taken);
-    free(s->router.group_taken);
+}
+
+/* SwiGLU MLP for n tokens (dense layers, each routed expert, the shared experts):
+ * out = down( silu(gate x) * up x ). hidden, hidden2: [n][width] scratch. */
+static void swiglu_mlp(RunState *s, float *out, const float *x, int n, const Mat *gate, const Mat *up, const Mat *down) {
+    matmul(s->hidden, gate, x, n, &s->act);
+    matmul(s->hidden2, up, x, n, &s->act);
+    for (size_t i = 0; i < (size_t)n * gate->rows; i++) s->hidden[i] = silu(s->hidden[i]) * s->hidden2[i];
+    matmul(out, down, s->hidden, n, &s->act);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -598,96 +672,117 @@ static void free_run_state(RunState *s) {
 /* per-head K and V and caches them, as a standard multi-head cache would.    */
 /* ------------------------------------------------------------------------- */
 
-/* Query for one token (eq. 12-13, 15): with q LoRA, q = W_UQ norm(W_DQ h); else q = W_Q h. */
-static void mla_query(RunState *s, const Config *c, const Layer *L, int pos) {
+/* Queries for n tokens from pos (eq. 12-13, 15): with q LoRA, q = W_UQ norm(W_DQ h); else q = W_Q h. */
+static void mla_query(RunState *s, const Config *c, const Layer *L, int n, int pos) {
     if (c->q_lora_rank > 0) {
-        matvec(s->q_latent, &L->q_a_proj, s->xn);
-        rmsnorm(s->q_latent, s->q_latent, L->q_a_norm, c->q_lora_rank, 1e-6);  /* eps fixed in the official code */
-        matvec(s->q, &L->q_b_proj, s->q_latent);
+        matmul(s->q_latent, &L->q_a_proj, s->xn, n, &s->act);
+        for (int t = 0; t < n; t++)  /* eps 1e-6 is fixed in the official code */
+            rmsnorm(s->q_latent + (size_t)t * c->q_lora_rank, s->q_latent + (size_t)t * c->q_lora_rank, L->q_a_norm, c->q_lora_rank, 1e-6);
+        matmul(s->q, &L->q_b_proj, s->q_latent, n, &s->act);
     } else {
-        matvec(s->q, &L->q_proj, s->xn);
+        matmul(s->q, &L->q_proj, s->xn, n, &s->act);
     }
-    int q_head_dim = c->qk_nope_head_dim + c->qk_rope_head_dim, half = c->qk_rope_head_dim / 2;
-    for (int h = 0; h < c->num_attention_heads; h++)
-        rope_rotate(s->q + (size_t)h * q_head_dim + c->qk_nope_head_dim, s->rope_cos + (size_t)pos * half,
-                    s->rope_sin + (size_t)pos * half, c->qk_rope_head_dim);
+    int q_head_dim = c->qk_nope_head_dim + c->qk_rope_head_dim, H = c->num_attention_heads, half = c->qk_rope_head_dim / 2;
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < H; h++)
+            rope_rotate(s->q + ((size_t)t * H + h) * q_head_dim + c->qk_nope_head_dim, s->rope_cos + (size_t)(pos + t) * half,
+                        s->rope_sin + (size_t)(pos + t) * half, c->qk_rope_head_dim);
 }
 
-/* Compressed KV for one token (eq. 9, 14): kv_a = [c_kv | k_pe]; c = norm(c_kv); k_pe rotated. */
-static void mla_latent(RunState *s, const Config *c, const Layer *L, int pos) {
-    int half = c->qk_rope_head_dim / 2;
-    matvec(s->kv_a, &L->kv_a_proj, s->xn);
-    rmsnorm(s->kv_a, s->kv_a, L->kv_a_norm, c->kv_lora_rank, 1e-6);
-    rope_rotate(s->kv_a + c->kv_lora_rank, s->rope_cos + (size_t)pos * half, s->rope_sin + (size_t)pos * half,
-                c->qk_rope_head_dim);
-}
-
-/* Absorbed attention over the latent cache, for every head. */
-static void mla_attend_absorbed(RunState *s, const Config *c, const Layer *L, float *layer_cache, int pos) {
-    int H = c->num_attention_heads, nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim;
-    int rank = c->kv_lora_rank, q_head_dim = nope + rope, kv_head_rows = nope + c->v_head_dim;
-    size_t width = s->cache_width;
-    memcpy(layer_cache + (size_t)pos * width, s->kv_a, width * sizeof(float));
-#pragma omp parallel for schedule(static)
-    for (int h = 0; h < H; h++) {
-        const float *q_nope = s->q + (size_t)h * q_head_dim, *q_pe = q_nope + nope;
-        float *q_abs = s->q_absorbed + (size_t)h * rank, *u = s->latent_out + (size_t)h * rank;
-        float *att = s->scores + (size_t)h * s->context;
-        Mat w_uk = mat_rows(&L->kv_b_proj, h * kv_head_rows, nope);
-        Mat w_uv = mat_rows(&L->kv_b_proj, h * kv_head_rows + nope, c->v_head_dim);
-        matvec_transposed(q_abs, &w_uk, q_nope);                 /* q_abs = W_UK^T q_nope */
-        for (int j = 0; j <= pos; j++) {
-            const float *cj = layer_cache + (size_t)j * width;
-            att[j] = (float)s->softmax_scale * (dot_f32(q_abs, cj, rank) + dot_f32(q_pe, cj + rank, rope));
-        }
-        softmax(att, pos + 1);
-        memset(u, 0, (size_t)rank * sizeof(float));                /* u = sum_j P_j c_j */
-        for (int j = 0; j <= pos; j++) {
-            const float *cj = layer_cache + (size_t)j * width;
-            float p = att[j];
-#pragma omp simd
-            for (int i = 0; i < rank; i++) u[i] += p * cj[i];
-        }
-        for (int i = 0; i < c->v_head_dim; i++) s->head_out[(size_t)h * c->v_head_dim + i] = row_dot(&w_uv, i, u);
+/* Compressed KV for n tokens (eq. 9, 14): kv_a = [c_kv | k_pe]; c = norm(c_kv); k_pe rotated. */
+static void mla_latent(RunState *s, const Config *c, const Layer *L, int n, int pos) {
+    int half = c->qk_rope_head_dim / 2, width = c->kv_lora_rank + c->qk_rope_head_dim;
+    matmul(s->kv_a, &L->kv_a_proj, s->xn, n, &s->act);
+    for (int t = 0; t < n; t++) {
+        float *a = s->kv_a + (size_t)t * width;
+        rmsnorm(a, a, L->kv_a_norm, c->kv_lora_rank, 1e-6);
+        rope_rotate(a + c->kv_lora_rank, s->rope_cos + (size_t)(pos + t) * half, s->rope_sin + (size_t)(pos + t) * half, c->qk_rope_head_dim);
     }
 }
 
-/* Naive attention: decompress this token's per-head K and V, cache them, attend as in MHA. */
-static void mla_attend_naive(RunState *s, const Config *c, const Layer *L, float *layer_cache, int pos) {
+/* Absorbed attention over the latent cache, for every head and token of the batch. */
+static void mla_attend_absorbed(RunState *s, const Config *c, const Layer *L, float *layer_cache, int n, int pos) {
     int H = c->num_attention_heads, nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim, vdim = c->v_head_dim;
-    int q_head_dim = nope + rope, kv_head_rows = nope + vdim;
+    int rank = c->kv_lora_rank, q_head_dim = nope + rope, kv_head_rows = nope + vdim;
+    size_t width = s->cache_width;
+    memcpy(layer_cache + (size_t)pos * width, s->kv_a, (size_t)n * width * sizeof(float));
+#pragma omp parallel for schedule(static)
+    for (int h = 0; h < H; h++) {
+        float *q_abs = s->q_absorbed + (size_t)h * rank, *att = s->scores + (size_t)h * s->context;
+        Mat w_uk = mat_rows(&L->kv_b_proj, h * kv_head_rows, nope);
+        for (int t = 0; t < n; t++) {
+            const float *q_nope = s->q + ((size_t)t * H + h) * q_head_dim, *q_pe = q_nope + nope;
+            float *u = s->latent_out + ((size_t)h * n + t) * rank;
+            int last = pos + t;                                   /* causal: up to this token */
+            matvec_transposed(q_abs, &w_uk, q_nope, s->row + (size_t)h * rank);  /* q_abs = W_UK^T q_nope */
+            for (int j = 0; j <= last; j++) {
+                const float *cj = layer_cache + (size_t)j * width;
+                att[j] = (float)s->softmax_scale * (dot_f32(q_abs, cj, rank) + dot_f32(q_pe, cj + rank, rope));
+            }
+            softmax(att, last + 1);
+            memset(u, 0, (size_t)rank * sizeof(float));            /* u = sum_j P_j c_j */
+            for (int j = 0; j <= last; j++) {
+                const float *cj = layer_cache + (size_t)j * width;
+                float p = att[j];
+#pragma omp simd
+                for (int i = 0; i < rank; i++) u[i] += p * cj[i];
+            }
+        }
+    }
+    for (int h = 0; h < H; h++) {                                  /* o = W_UV u, per head */
+        Mat w_uv = mat_rows(&L->kv_b_proj, h * kv_head_rows + nope, vdim);
+        matmul(s->head_tmp + (size_t)h * n * vdim, &w_uv, s->latent_out + (size_t)h * n * rank, n, &s->act);
+    }
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < H; h++)
+            memcpy(s->head_out + ((size_t)t * H + h) * vdim, s->head_tmp + ((size_t)h * n + t) * vdim, vdim * sizeof(float));
+}
+
+/* Naive attention: decompress each token's per-head K and V, cache them, attend as in MHA. */
+static void mla_attend_naive(RunState *s, const Config *c, const Layer *L, float *layer_cache, int n, int pos) {
+    int H = c->num_attention_heads, nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim, vdim = c->v_head_dim;
+    int q_head_dim = nope + rope, kv_head_rows = nope + vdim, latent = c->kv_lora_rank + rope;
     size_t width = s->cache_width, head_width = (size_t)q_head_dim + vdim;
-    matvec(s->kv, &L->kv_b_proj, s->kv_a);                       /* [k_nope | v] per head, eq. 10-11 */
-    float *slot = layer_cache + (size_t)pos * width;
-    for (int h = 0; h < H; h++) {                                /* cached per head: [k_nope | k_pe | v] */
-        float *k = slot + h * head_width;
-        memcpy(k, s->kv + (size_t)h * kv_head_rows, nope * sizeof(float));
-        memcpy(k + nope, s->kv_a + c->kv_lora_rank, rope * sizeof(float));
-        memcpy(k + q_head_dim, s->kv + (size_t)h * kv_head_rows + nope, vdim * sizeof(float));
+    for (int t = 0; t < n; t++)                                   /* kv_b_proj takes the normed latent only */
+        memcpy(s->hidden + (size_t)t * c->kv_lora_rank, s->kv_a + (size_t)t * latent, c->kv_lora_rank * sizeof(float));
+    matmul(s->kv, &L->kv_b_proj, s->hidden, n, &s->act);          /* [k_nope | v] per head, eq. 10-11 */
+    for (int t = 0; t < n; t++) {                                  /* cached per head: [k_nope | k_pe | v] */
+        float *slot = layer_cache + (size_t)(pos + t) * width;
+        const float *kv = s->kv + (size_t)t * H * kv_head_rows;
+        for (int h = 0; h < H; h++) {
+            float *k = slot + h * head_width;
+            memcpy(k, kv + (size_t)h * kv_head_rows, nope * sizeof(float));
+            memcpy(k + nope, s->kv_a + (size_t)t * latent + c->kv_lora_rank, rope * sizeof(float));
+            memcpy(k + q_head_dim, kv + (size_t)h * kv_head_rows + nope, vdim * sizeof(float));
+        }
     }
 #pragma omp parallel for schedule(static)
     for (int h = 0; h < H; h++) {
-        const float *q = s->q + (size_t)h * q_head_dim;
-        float *att = s->scores + (size_t)h * s->context, *out = s->head_out + (size_t)h * vdim;
-        for (int j = 0; j <= pos; j++)
-            att[j] = (float)s->softmax_scale * dot_f32(q, layer_cache + j * width + h * head_width, q_head_dim);
-        softmax(att, pos + 1);
-        memset(out, 0, vdim * sizeof(float));
-        for (int j = 0; j <= pos; j++) {
-            const float *v = layer_cache + j * width + h * head_width + q_head_dim;
-            for (int i = 0; i < vdim; i++) out[i] += att[j] * v[i];
+        float *att = s->scores + (size_t)h * s->context;
+        for (int t = 0; t < n; t++) {
+            const float *q = s->q + ((size_t)t * H + h) * q_head_dim;
+            float *out = s->head_out + ((size_t)t * H + h) * vdim;
+            int last = pos + t;
+            for (int j = 0; j <= last; j++)
+                att[j] = (float)s->softmax_scale * dot_f32(q, layer_cache + j * width + h * head_width, q_head_dim);
+            softmax(att, last + 1);
+            memset(out, 0, vdim * sizeof(float));
+            for (int j = 0; j <= last; j++) {
+                const float *v = layer_cache + j * width + h * head_width + q_head_dim;
+                for (int i = 0; i < vdim; i++) out[i] += att[j] * v[i];
+            }
         }
     }
 }
 
-/* MLA for one token at position pos: s->xn in, s->branch out (eq. 19: u = W_O [o_1; ...; o_H]). */
-static void mla(RunState *s, const Config *c, const Layer *L, int layer, int pos) {
+/* MLA for n tokens at positions pos..: s->xn in, s->branch out (eq. 19: u = W_O [o_1; ...; o_H]). */
+static void mla(RunState *s, const Config *c, const Layer *L, int layer, int n, int pos) {
     float *layer_cache = s->cache + (size_t)layer * s->context * s->cache_width;
-    mla_query(s, c, L, pos);
-    mla_latent(s, c, L, pos);
-    if (s->attn_mode == ATTN_ABSORB) mla_attend_absorbed(s, c, L, layer_cache, pos);
-    else mla_attend_naive(s, c, L, layer_cache, pos);
-    matvec(s->branch, &L->o_proj, s->head_out);
+    mla_query(s, c, L, n, pos);
+    mla_latent(s, c, L, n, pos);
+    if (s->attn_mode == ATTN_ABSORB) mla_attend_absorbed(s, c, L, layer_cache, n, pos);
+    else mla_attend_naive(s, c, L, layer_cache, n, pos);
+    matmul(s->branch, &L->o_proj, s->head_out, n, &s->act);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -704,7 +799,7 @@ static int argmax_untaken(const float *v, const unsigned char *taken, int n) {
 
 /* Router (eq. 21-22): softmax over all experts, then top-k; with group_limited_greedy only
  * the topk_group groups with the highest max score stay eligible (device-limited routing).
- * Fills idx/weight (K entries, ascending expert id). probs: [E] in, masked scratch. */
+ * Fills idx/weight (K entries, ascending expert id). probs: [E]. */
 static void route_tokens(const Config *c, const float *probs, int *idx, float *weight, RouterScratch *r) {
     int E = c->n_routed_experts, K = c->num_experts_per_tok;
     float *masked = r->masked, *group_score = r->group_score;
@@ -731,47 +826,75 @@ static void route_tokens(const Config *c, const float *probs, int *idx, float *w
                                                  : (float)(weight[k] * c->routed_scaling_factor);
 }
 
-/* MoE FFN for one token (eq. 20): shared experts always, plus the K routed experts, weighted. */
-static void moe(RunState *s, const Config *c, const Layer *L) {
-    int D = c->hidden_size;
-    matvec(s->router_probs, &L->router, s->xn);
-    softmax(s->router_probs, c->n_routed_experts);
-    route_tokens(c, s->router_probs, s->topk_idx, s->topk_weight, &s->router);
-    if (L->has_mlp) swiglu_mlp(s->branch, s->xn, &L->mlp_gate, &L->mlp_up, &L->mlp_down, s->hidden, s->hidden2);
-    else memset(s->branch, 0, D * sizeof(float));
-    for (int k = 0; k < c->num_experts_per_tok; k++) {
-        int e = s->topk_idx[k];
-        swiglu_mlp(s->expert_out, s->xn, &L->expert_gate[e], &L->expert_up[e], &L->expert_down[e], s->hidden, s->hidden2);
-        for (int i = 0; i < D; i++) s->branch[i] += s->topk_weight[k] * s->expert_out[i];
+/* MoE FFN for n tokens (eq. 20): the shared experts on every token, plus each routed expert on
+ * just the tokens that chose it (its weights read once for all of them), weighted. */
+static void moe(RunState *s, const Config *c, const Layer *L, int n) {
+    int D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
+    matmul(s->router_probs, &L->router, s->xn, n, &s->act);
+    for (int t = 0; t < n; t++) {
+        softmax(s->router_probs + (size_t)t * E, E);
+        route_tokens(c, s->router_probs + (size_t)t * E, s->topk_idx + (size_t)t * K, s->topk_weight + (size_t)t * K, &s->router);
+    }
+    if (L->has_mlp) swiglu_mlp(s, s->branch, s->xn, n, &L->mlp_gate, &L->mlp_up, &L->mlp_down);
+    else memset(s->branch, 0, (size_t)n * D * sizeof(float));
+    for (int e = 0; e < E; e++) {
+        int m = 0;
+        for (int t = 0; t < n; t++)
+            for (int k = 0; k < K; k++)
+                if (s->topk_idx[t * K + k] == e) {
+                    s->expert_tokens[m] = t * K + k;
+                    memcpy(s->expert_in + (size_t)m * D, s->xn + (size_t)t * D, D * sizeof(float));
+                    m++;
+                }
+        if (m == 0) continue;
+        swiglu_mlp(s, s->expert_out, s->expert_in, m, &L->expert_gate[e], &L->expert_up[e], &L->expert_down[e]);
+        for (int j = 0; j < m; j++) {
+            int t = s->expert_tokens[j] / K;
+            float wgt = s->topk_weight[s->expert_tokens[j]];
+            for (int i = 0; i < D; i++) s->branch[(size_t)t * D + i] += wgt * s->expert_out[(size_t)j * D + i];
+        }
     }
 }
 
 /* ------------------------------------------------------------------------- */
-/* Forward: one token through every layer, using and extending the KV cache.  */
+/* Forward: n tokens at positions pos.. through every layer, extending the KV */
+/* cache. Decoding is n = 1; a prompt goes through as a matrix, in chunks.    */
+/* Returns the logits of the last token.                                      */
 /* ------------------------------------------------------------------------- */
 
-static float *forward(const Weights *w, RunState *s, int token, int pos) {
+static float *forward_batch(const Weights *w, RunState *s, const int *tokens, int n, int pos) {
     const Config *c = &w->cfg;
-    int D = c->hidden_size;
-    mat_row_to_f32(s->x, &w->embed, token);
-    for (int l = 0; l < c->num_hidden_layers; l++) {
-        const Layer *L = &w->layers[l];
-        rmsnorm(s->xn, s->x, L->input_norm, D, c->rms_norm_eps);
-        mla(s, c, L, l, pos);
-        for (int i = 0; i < D; i++) s->x[i] += s->branch[i];
-        rmsnorm(s->xn, s->x, L->post_attention_norm, D, c->rms_norm_eps);
-        if (L->is_moe) moe(s, c, L);
-        else swiglu_mlp(s->branch, s->xn, &L->mlp_gate, &L->mlp_up, &L->mlp_down, s->hidden, s->hidden2);
-        for (int i = 0; i < D; i++) s->x[i] += s->branch[i];
-        if (s->tap_hidden) memcpy(s->tap_hidden + (size_t)l * D, s->x, D * sizeof(float));
-        if (s->tap_route_idx && L->is_moe) {
-            memcpy(s->tap_route_idx + (size_t)l * c->num_experts_per_tok, s->topk_idx, c->num_experts_per_tok * sizeof(int));
-            memcpy(s->tap_route_weight + (size_t)l * c->num_experts_per_tok, s->topk_weight, c->num_experts_per_tok * sizeof(float));
+    int D = c->hidden_size, L = c->num_hidden_layers, K = c->num_experts_per_tok;
+    for (int t = 0; t < n; t++) mat_row_to_f32(s->x + (size_t)t * D, &w->embed, tokens[t]);
+    for (int l = 0; l < L; l++) {
+        const Layer *layer = &w->layers[l];
+        for (int t = 0; t < n; t++) rmsnorm(s->xn + (size_t)t * D, s->x + (size_t)t * D, layer->input_norm, D, c->rms_norm_eps);
+        mla(s, c, layer, l, n, pos);
+        for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->branch[i];
+        for (int t = 0; t < n; t++) rmsnorm(s->xn + (size_t)t * D, s->x + (size_t)t * D, layer->post_attention_norm, D, c->rms_norm_eps);
+        if (layer->is_moe) moe(s, c, layer, n);
+        else swiglu_mlp(s, s->branch, s->xn, n, &layer->mlp_gate, &layer->mlp_up, &layer->mlp_down);
+        for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->branch[i];
+        if (s->tap_hidden) memcpy(s->tap_hidden + (size_t)l * D, s->x + (size_t)(n - 1) * D, D * sizeof(float));
+        if (s->tap_route_idx && layer->is_moe) {
+            memcpy(s->tap_route_idx + (size_t)l * K, s->topk_idx + (size_t)(n - 1) * K, K * sizeof(int));
+            memcpy(s->tap_route_weight + (size_t)l * K, s->topk_weight + (size_t)(n - 1) * K, K * sizeof(float));
         }
     }
-    rmsnorm(s->x, s->x, w->final_norm, D, c->rms_norm_eps);
-    matvec(s->logits, &w->lm_head, s->x);
+    float *last = s->x + (size_t)(n - 1) * D;
+    rmsnorm(last, last, w->final_norm, D, c->rms_norm_eps);
+    matmul(s->logits, &w->lm_head, last, 1, &s->act);
     return s->logits;
+}
+
+/* Any number of tokens: in chunks of MAX_BATCH. */
+static float *forward(const Weights *w, RunState *s, const int *tokens, int n, int pos) {
+    float *logits = NULL;
+    for (int done = 0; done < n; done += MAX_BATCH) {
+        int chunk = n - done < MAX_BATCH ? n - done : MAX_BATCH;
+        logits = forward_batch(w, s, tokens + done, chunk, pos + done);
+    }
+    return logits;
 }
 
 /* ------------------------------------------------------------------------- */
@@ -1757,13 +1880,14 @@ static int generate(const Weights *w, RunState *s, Sampler *sp, const Tokenizer 
     check_context(*pos + n_prompt, s->context);
     double t0 = now_seconds();
     float *logits = NULL;
-    for (int i = 0; i < n_prompt; i++) logits = forward(w, s, prompt[i], (*pos)++);
+    logits = forward(w, s, prompt, n_prompt, *pos);
+    *pos += n_prompt;
     double t1 = now_seconds();
     int generated = 0, next = -1;
     while (generated < max_new) {
         if (generated > 0) {
             if (*pos >= s->context) { fprintf(stderr, "\n[context of %d positions is full]\n", s->context); break; }
-            logits = forward(w, s, next, (*pos)++);
+            logits = forward(w, s, &next, 1, (*pos)++);
         }
         next = sample(sp, logits);
         generated++;
@@ -1815,7 +1939,7 @@ static void write_logits(const Weights *w, RunState *s, const int *ids, int n, c
     FILE *out = fopen(out_path, "wb");
     if (!out) die("cannot open %s for writing: %s", out_path, strerror(errno));
     for (int pos = 0; pos < n; pos++) {
-        float *logits = forward(w, s, ids[pos], pos);
+        float *logits = forward(w, s, &ids[pos], 1, pos);
         if (fwrite(logits, sizeof(float), w->cfg.vocab_size, out) != (size_t)w->cfg.vocab_size) die("cannot write %s", out_path);
     }
     if (fclose(out) != 0) die("cannot write %s", out_path);

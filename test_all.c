@@ -258,11 +258,11 @@ static void *random_model(Weights *w, const Config *c) {
     memset(w, 0, sizeof *w);
     w->cfg = *c;
     alloc_layers(w);
-    Cursor measure = {NULL, 0, DTYPE_F32};
+    Cursor measure = {NULL, 0, DTYPE_F32, 0};
     size_t size = layout_weights(w, &measure);
     float *buf = xcalloc(size / 4 + 1, 4);
     for (size_t i = 0; i < size / 4; i++) buf[i] = 0.3f * rand_normal();
-    Cursor fill = {(const char *)buf, 0, DTYPE_F32};
+    Cursor fill = {(const char *)buf, 0, DTYPE_F32, 0};
     layout_weights(w, &fill);
     for (int l = 0; l < c->num_hidden_layers; l++) {  /* norms near 1, as trained models have */
         Layer *L = &w->layers[l];
@@ -296,8 +296,8 @@ static void test_naive_equals_absorb(int q_lora_rank) {
     float worst = 0.0f;
     for (int pos = 0; pos < 10; pos++) {
         for (int i = 0; i < c.hidden_size; i++) naive.xn[i] = absorb.xn[i] = rand_normal();
-        mla(&naive, &c, &w.layers[1], 1, pos);
-        mla(&absorb, &c, &w.layers[1], 1, pos);
+        mla(&naive, &c, &w.layers[1], 1, 1, pos);
+        mla(&absorb, &c, &w.layers[1], 1, 1, pos);
         worst = fmaxf(worst, max_abs_diff(naive.branch, absorb.branch, c.hidden_size));
     }
     check(worst < 1e-4f, "naive == absorb MLA on one layer over 10 positions (q_lora_rank %d): max diff %.2e", q_lora_rank, worst);
@@ -310,8 +310,62 @@ static void test_naive_equals_absorb(int q_lora_rank) {
 
 static void test_bf16(void) {
     uint16_t b[3] = {0x3F80, 0xC000, 0x3EAB};  /* 1, -2, 0.333984375 */
-    float x[3] = {1, 1, 3};
-    check(fabsf(dot_bf16(b, x, 3) - (1 - 2 + 3 * 0.333984375f)) < 1e-6f, "bf16 widening and dot product");
+    float x[3] = {1, 1, 3}, y[1];
+    Mat W = {b, NULL, DTYPE_BF16, 1, 3, 3};
+    matmul(y, &W, x, 1, NULL);
+    check(fabsf(y[0] - (1 - 2 + 3 * 0.333984375f)) < 1e-6f, "bf16 widening and matmul");
+}
+
+/* matmul for every weight type against a double-precision reference; q8 within its rounding. */
+static void test_matmul_dtypes(void) {
+    enum { ROWS = 37, COLS = 64, N = 3, G = 32 };
+    float w[ROWS * COLS], x[N * COLS], y[N * ROWS], wq_scale[ROWS * COLS / G];
+    int8_t wq[ROWS * COLS], xq[N * COLS];
+    float xs[N * COLS / G];
+    double ref[N * ROWS], max_ref = 0;
+    for (int i = 0; i < ROWS * COLS; i++) w[i] = rand_normal();
+    for (int i = 0; i < N * COLS; i++) x[i] = rand_normal();
+    for (int t = 0; t < N; t++)
+        for (int r = 0; r < ROWS; r++) {
+            double sum = 0;
+            for (int c = 0; c < COLS; c++) sum += (double)w[r * COLS + c] * x[t * COLS + c];
+            ref[t * ROWS + r] = sum;
+            max_ref = fmax(max_ref, fabs(sum));
+        }
+    Mat W = {w, NULL, DTYPE_F32, ROWS, COLS, COLS};
+    matmul(y, &W, x, N, NULL);
+    double err = 0;
+    for (int i = 0; i < N * ROWS; i++) err = fmax(err, fabs(y[i] - ref[i]));
+    check(err < 1e-4, "f32 matmul of 3 tokens, 37 rows (blocks of 4 with a ragged end): max err %.1e", err);
+    quantize_activations(wq, wq_scale, w, ROWS * COLS, G);  /* the same symmetric scheme as export.py */
+    ActivationScratch act = {xq, xs, N * COLS};
+    Mat Q = {wq, wq_scale, DTYPE_Q8, ROWS, COLS, G};
+    matmul(y, &Q, x, N, &act);
+    err = 0;
+    for (int i = 0; i < N * ROWS; i++) err = fmax(err, fabs(y[i] - ref[i]));
+    check(err < 0.02 * max_ref, "q8 matmul (int8 weights and activations, groups of 32) within 2%% of the max: %.1e of %.1f", err, max_ref);
+}
+
+/* The prompt as one batch gives the same result as feeding it token by token. */
+static void test_batch_equals_single(int attn_mode) {
+    Config c = small_config(8);
+    Weights w;
+    void *buf = random_model(&w, &c);
+    RunState one, batch;
+    init_run_state(&one, &c, attn_mode, 12);
+    init_run_state(&batch, &c, attn_mode, 12);
+    int tokens[12] = {3, 17, 5, 29, 8, 8, 1, 30, 12, 0, 7, 21};
+    float *a = NULL, *b;
+    for (int pos = 0; pos < 12; pos++) a = forward(&w, &one, &tokens[pos], 1, pos);
+    b = forward(&w, &batch, tokens, 12, 0);
+    float d = max_abs_diff(a, b, c.vocab_size);
+    float cache = max_abs_diff(one.cache, batch.cache, (size_t)c.num_hidden_layers * 12 * one.cache_width);
+    check(d < 1e-5f && cache < 1e-5f, "batched prefill == token by token (%s): logits %.1e, cache %.1e",
+          attn_mode == ATTN_ABSORB ? "absorb" : "naive", d, cache);
+    free_run_state(&one);
+    free_run_state(&batch);
+    free_weights(&w);
+    free(buf);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -360,7 +414,7 @@ static void check_internals(const char *dir, const char *model_path) {
         s.tap_hidden = hidden + (size_t)pos * L * D;
         s.tap_route_idx = ri + (size_t)pos * L * K;
         s.tap_route_weight = rw + (size_t)pos * L * K;
-        forward(&w, &s, prompt[pos], pos);
+        forward(&w, &s, &prompt[pos], 1, pos);
     }
     for (int l = 0; l < L; l++) {
         char name[64];
@@ -857,6 +911,9 @@ int main(int argc, char **argv) {
         test_rope_relative();
         test_routing();
         test_bf16();
+        test_matmul_dtypes();
+        test_batch_equals_single(ATTN_ABSORB);
+        test_batch_equals_single(ATTN_NAIVE);
         test_naive_equals_absorb(0);
         test_naive_equals_absorb(8);
         const char *fixtures[] = {"tests/fixtures/lite", "tests/fixtures/v2", "tests/fixtures/v2-bf16-sharded",
