@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Convert a Hugging Face DeepSeek-V2 checkpoint folder into one dsv2 file.
 
-    python3 export.py HF_DIR OUT.bin [--dtype f32|bf16]
+    python3 export.py HF_DIR OUT.bin [--dtype f32|bf16|q8]
     python3 export.py --tokenizer tokenizer.json OUT.tok
+    python3 export.py --random lite|v2 OUT.bin [--layers N] [--dtype f32|bf16|q8]   (random weights, real shapes)
 
 HF_DIR holds config.json and model.safetensors, or shards with
 model.safetensors.index.json (F32, BF16 or F16 tensors). The conversion streams
@@ -12,8 +13,9 @@ the model size. Standard library + numpy only.
 File layout (dsv2.c reads it with mmap; keep the two in step):
   [0, 512)   header: magic "DSV2", version, every hyper-parameter (struct Config in dsv2.c)
   tensors    in the order of tensor_plan() below, each 64-byte aligned. Weight matrices
-             are stored in the chosen dtype ([out, in] row-major, as nn.Linear);
-             norms and the MoE router are always float32 (tiny, and the router decides).
+             are stored in the chosen dtype ([out, in] row-major, as nn.Linear); q8 is int8
+             followed by a second block of float32 scales, one per q8_group weights of a row.
+             Norms and the MoE router are always float32 (tiny, and the router decides).
   tokenizer  optional (header.tokenizer_offset), the same blob a standalone .tok file holds
 """
 import json
@@ -30,7 +32,7 @@ MAGIC = b"DSV2"
 VERSION = 1
 HEADER_SIZE = 512
 ALIGN = 64
-DTYPES = {"f32": 0, "bf16": 1}
+DTYPES = {"f32": 0, "bf16": 1, "q8": 2}
 TOPK_METHODS = {"greedy": 0, "group_limited_greedy": 1}
 CHUNK_BYTES = 64 << 20  # conversion works through tensors this many bytes at a time
 
@@ -42,13 +44,14 @@ def fail(msg):
 
 # --------------------------------------------------------------------------- config
 
-def read_config(path):
-    """config.json -> the header fields, validated. Raises on anything dsv2.c cannot run."""
-    try:
-        with open(path) as f:
-            hf = json.load(f)
-    except (OSError, ValueError) as e:
-        fail(f"cannot read {path}: {e}")
+def read_config(path, hf=None):
+    """config.json (or the same dict) -> the header fields, validated. Fails on anything dsv2.c cannot run."""
+    if hf is None:
+        try:
+            with open(path) as f:
+                hf = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(f"cannot read {path}: {e}")
     if hf.get("model_type") not in ("deepseek_v2", None):
         fail(f"{path}: model_type {hf.get('model_type')!r} is not deepseek_v2")
 
@@ -159,9 +162,26 @@ INT_FIELDS = ["dtype", "vocab_size", "hidden_size", "num_hidden_layers", "num_at
               "moe_intermediate_size", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
               "topk_method", "n_group", "topk_group", "norm_topk_prob", "first_k_dense_replace",
               "moe_layer_freq", "max_position_embeddings", "bos_token_id", "eos_token_id", "rope_scaling",
-              "original_max_position_embeddings", "seq_aux"]
+              "original_max_position_embeddings", "seq_aux", "q8_group"]
 FLOAT_FIELDS = ["rms_norm_eps", "rope_theta", "routed_scaling_factor", "rope_factor", "beta_fast", "beta_slow",
                 "mscale", "mscale_all_dim", "aux_loss_alpha"]
+
+
+def q8_group_size(c):
+    """Weights per q8 scale: 32, or the largest power of two dividing every matrix width (tiny models)."""
+    group = 32
+    while any(shape[-1] % group for _, shape, is_matrix in tensor_plan(c) if is_matrix):
+        group //= 2
+    return group
+
+
+def quantize_q8(a, group):
+    """Symmetric int8 in groups along each row: scale = max|w| / 127 per group, q = round(w / scale)."""
+    g = a.reshape(-1, group)
+    amax = np.abs(g).max(axis=1, keepdims=True)
+    scale = amax / 127.0
+    q = np.rint(g / np.where(scale > 0, scale, 1.0)).astype(np.int8)
+    return q.reshape(-1), scale.astype(np.float32).reshape(-1)
 
 
 def pack_header(c, tokenizer_offset=0, tokenizer_size=0, file_size=0):
@@ -493,6 +513,25 @@ class Writer:
         return size
 
 
+def write_tensor(w, chunks, is_matrix, dtype_name, group):
+    """Writes one tensor from its chunks (arrays of whole rows, with their source dtype)."""
+    if not is_matrix:  # norms and router: f32 (at bf16 precision in a bf16 file: exactly the bf16 model)
+        w.tensor(to_f32(to_bf16(a, dt), "BF16") if dtype_name == "bf16" else to_f32(a, dt) for a, dt in chunks)
+    elif dtype_name == "q8":  # int8 rows, then all the scales as a second aligned block
+        scales = []
+
+        def data():
+            for a, dt in chunks:
+                q, sc = quantize_q8(to_f32(a, dt), group)
+                scales.append(sc)
+                yield q
+        w.tensor(data())
+        w.tensor(scales)
+    else:
+        convert = to_bf16 if dtype_name == "bf16" else to_f32
+        w.tensor(convert(a, dt) for a, dt in chunks)
+
+
 def export_model(folder, out, dtype_name):
     config = read_config(os.path.join(folder, "config.json"))
     source = SafeTensors(folder)
@@ -500,16 +539,11 @@ def export_model(folder, out, dtype_name):
         kinds = {source.tensors[n][1] for n in source.tensors}
         dtype_name = "bf16" if kinds == {"BF16"} else "f32"
     config["dtype"] = DTYPES[dtype_name]
-    convert = to_bf16 if dtype_name == "bf16" else to_f32
+    config["q8_group"] = q8_group_size(config) if dtype_name == "q8" else 0
     w = Writer(out, config)
     count = 0
     for name, shape, is_matrix in tensor_plan(config):
-        if is_matrix:
-            w.tensor(convert(a, dt) for a, dt in source.chunks(name, shape))
-        elif dtype_name == "bf16":  # stored as f32, but at bf16 precision: the bf16 model, exactly
-            w.tensor(to_f32(to_bf16(a, dt), "BF16") for a, dt in source.chunks(name, shape))
-        else:
-            w.tensor(to_f32(a, dt) for a, dt in source.chunks(name, shape))
+        write_tensor(w, source.chunks(name, shape), is_matrix, dtype_name, config["q8_group"])
         count += 1
     tok_path = os.path.join(folder, "tokenizer.json")
     tokenizer = b""
@@ -525,6 +559,63 @@ def export_model(folder, out, dtype_name):
           + (", with tokenizer" if tokenizer else ""))
 
 
+# --------------------------------------------------------------------------- random checkpoints
+
+PRESETS = {  # the released config.json values (shared/docs/architecture.md section 10)
+    "lite": dict(hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27,
+                 num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None, n_routed_experts=64,
+                 topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0),
+    "v2": dict(hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536, num_hidden_layers=60,
+               num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, n_routed_experts=160,
+               topk_method="group_limited_greedy", n_group=8, topk_group=3, routed_scaling_factor=16.0),
+}
+PRESET_COMMON = dict(
+    model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], vocab_size=102400, kv_lora_rank=512,
+    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_shared_experts=2, num_experts_per_tok=6,
+    first_k_dense_replace=1, moe_layer_freq=1, norm_topk_prob=False, max_position_embeddings=163840,
+    rms_norm_eps=1e-6, rope_theta=10000, hidden_act="silu", scoring_func="softmax", seq_aux=True,
+    aux_loss_alpha=0.001, attention_bias=False, tie_word_embeddings=False, bos_token_id=100000,
+    eos_token_id=100001, torch_dtype="bfloat16",
+    rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                      mscale=0.707, mscale_all_dim=0.707))
+
+
+def preset_config(name, layers=None):
+    """The Hugging Face config.json of a released shape, optionally cut to fewer layers."""
+    hf = dict(PRESET_COMMON, **PRESETS[name])
+    if layers:
+        hf["num_hidden_layers"] = layers
+    return hf
+
+
+def export_random(preset, out, dtype_name, layers, seed):
+    """Random weights of a real shape, straight into our format, a chunk at a time: uniform with
+    std 0.02 for matrices (router included: its logits spread tokens over the experts), norms 1."""
+    if preset not in PRESETS:
+        fail(f"--random expects one of {', '.join(PRESETS)}")
+    config = read_config(f"--random {preset}", preset_config(preset, layers))
+    dtype_name = dtype_name or "bf16"
+    config["dtype"] = DTYPES[dtype_name]
+    config["q8_group"] = q8_group_size(config) if dtype_name == "q8" else 0
+    rng = np.random.default_rng(seed)
+    half_width = 0.02 * 3 ** 0.5  # uniform(-a, a) has std a / sqrt(3)
+
+    def chunks(shape, is_matrix):
+        if not is_matrix and len(shape) == 1:
+            yield np.ones(shape[0], dtype=np.float32), "F32"
+            return
+        rows_per = max(1, (16 << 20) // shape[-1])
+        for r in range(0, shape[0], rows_per):
+            n = min(rows_per, shape[0] - r) * shape[-1]
+            yield (rng.random(n, dtype=np.float32) * 2 - 1) * half_width, "F32"
+
+    w = Writer(out, config)
+    for name, shape, is_matrix in tensor_plan(config):
+        write_tensor(w, chunks(shape, is_matrix), is_matrix, dtype_name, config["q8_group"])
+    size = w.finish()
+    print(f"wrote {out}: random {preset}, {config['num_hidden_layers']} layers, {dtype_name}, {size / 2**30:.2f} GiB")
+
+
 def export_tokenizer(path, out):
     blob, n_ids, chat = read_tokenizer(path)
     with open(out + ".tmp", "wb") as f:
@@ -534,10 +625,27 @@ def export_tokenizer(path, out):
 
 
 def main(argv):
-    args, dtype, tokenizer = [], None, None
+    args, dtype, tokenizer, random_preset, layers, seed = [], None, None, None, None, 0
     i = 0
     while i < len(argv):
-        if argv[i] == "--tokenizer":
+        if argv[i] in ("--random", "--layers", "--seed"):
+            if i + 1 >= len(argv):
+                fail(f"{argv[i]} needs a value")
+            if argv[i] == "--random":
+                random_preset = argv[i + 1]
+            else:
+                try:
+                    v = int(argv[i + 1])
+                except ValueError:
+                    fail(f"{argv[i]} expects an integer")
+                if argv[i] == "--layers":
+                    layers = v
+                    if v < 1:
+                        fail("--layers must be at least 1")
+                else:
+                    seed = v
+            i += 2
+        elif argv[i] == "--tokenizer":
             if i + 1 >= len(argv):
                 fail("--tokenizer expects the path of a tokenizer.json")
             tokenizer = argv[i + 1]
@@ -552,13 +660,19 @@ def main(argv):
         else:
             args.append(argv[i])
             i += 1
+    if random_preset is not None:
+        if len(args) != 1:
+            sys.exit("usage: python3 export.py --random lite|v2 OUT.bin [--layers N] [--dtype f32|bf16|q8] [--seed S]")
+        export_random(random_preset, args[0], dtype, layers, seed)
+        return
     if tokenizer is not None:
         if len(args) != 1:
             sys.exit("usage: python3 export.py --tokenizer tokenizer.json OUT.tok")
         export_tokenizer(tokenizer, args[0])
         return
     if len(args) != 2:
-        sys.exit("usage: python3 export.py HF_DIR OUT.bin [--dtype f32|bf16]\n"
+        sys.exit("usage: python3 export.py HF_DIR OUT.bin [--dtype f32|bf16|q8]\n"
+                 "       python3 export.py --random lite|v2 OUT.bin [--layers N] [--dtype f32|bf16|q8] [--seed S]\n"
                  "       python3 export.py --tokenizer tokenizer.json OUT.tok")
     export_model(args[0], args[1], dtype)
 

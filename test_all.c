@@ -384,7 +384,7 @@ static int export_model(const char *dir, const char *out, const char *dtype_flag
 static void check_internals(const char *dir, const char *model_path) {
     Weights w;
     memset(&w, 0, sizeof w);
-    load_weights(&w, model_path);
+    load_weights(&w, model_path, WEIGHTS_MMAP);
     const Config *c = &w.cfg;
     RefTensor t_ids, t;
     int *prompt = load_ref(dir, "prompt_ids", &t_ids);
@@ -536,7 +536,7 @@ static void test_fixture_dir(const char *dir) {
         if (!export_model(dir, model, flags[i])) continue;
         Weights w;
         memset(&w, 0, sizeof w);
-        load_weights(&w, model);
+        load_weights(&w, model, WEIGHTS_MMAP);
         const char *label = w.cfg.dtype == DTYPE_BF16 ? "bf16" : "f32";
         free_weights(&w);
         if (i == 0) check_internals(dir, model);

@@ -12,24 +12,6 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import export  # noqa: E402  (the tensor names and shapes come from export.tensor_plan)
 
-CONFIGS = {  # the released config.json values (shared/docs/architecture.md section 10)
-    "lite": dict(hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27,
-                 num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None, n_routed_experts=64,
-                 topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0),
-    "v2": dict(hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536, num_hidden_layers=60,
-               num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, n_routed_experts=160,
-               topk_method="group_limited_greedy", n_group=8, topk_group=3, routed_scaling_factor=16.0),
-}
-COMMON = dict(model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], vocab_size=102400,
-              kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_shared_experts=2,
-              num_experts_per_tok=6, first_k_dense_replace=1, moe_layer_freq=1, norm_topk_prob=False,
-              max_position_embeddings=163840, rms_norm_eps=1e-6, rope_theta=10000, hidden_act="silu",
-              scoring_func="softmax", seq_aux=True, aux_loss_alpha=0.001, attention_bias=False,
-              tie_word_embeddings=False, bos_token_id=100000, eos_token_id=100001, torch_dtype="bfloat16",
-              rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
-                                beta_slow=1, mscale=0.707, mscale_all_dim=0.707))
-
-
 def main():
     args = sys.argv[1:]
     layers = None
@@ -39,9 +21,7 @@ def main():
     if "--shard-mb" in args:
         i = args.index("--shard-mb"); shard_bytes = int(args[i + 1]) << 20; del args[i:i + 2]
     preset, out = args
-    hf = dict(COMMON, **CONFIGS[preset])
-    if layers:
-        hf["num_hidden_layers"] = layers
+    hf = export.preset_config(preset, layers)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
