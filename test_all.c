@@ -319,9 +319,9 @@ static void test_bf16(void) {
 /* matmul for every weight type against a double-precision reference; q8 within its rounding. */
 static void test_matmul_dtypes(void) {
     enum { ROWS = 37, COLS = 64, N = 3, G = 32 };
-    float w[ROWS * COLS], x[N * COLS], y[N * ROWS], wq_scale[ROWS * COLS / G];
+    float w[ROWS * COLS], x[N * COLS], y[N * ROWS], wq_scale[ROWS * COLS / 16];
     int8_t wq[ROWS * COLS], xq[N * COLS];
-    float xs[N * COLS / G];
+    float xs[N * COLS / 16];
     double ref[N * ROWS], max_ref = 0;
     for (int i = 0; i < ROWS * COLS; i++) w[i] = rand_normal();
     for (int i = 0; i < N * COLS; i++) x[i] = rand_normal();
@@ -340,10 +340,22 @@ static void test_matmul_dtypes(void) {
     quantize_activations(wq, wq_scale, w, ROWS * COLS, G);  /* the same symmetric scheme as export.py */
     ActivationScratch act = {xq, xs, N * COLS};
     Mat Q = {wq, wq_scale, DTYPE_Q8, ROWS, COLS, G};
-    matmul(y, &Q, x, N, &act);
+    float y_simd[N * ROWS];
+    for (int simd = 1; simd >= 0; simd--) {  /* the intrinsics kernel (where built) and the portable one */
+        dsv2_simd = simd;
+        matmul(simd ? y_simd : y, &Q, x, N, &act);
+    }
+    dsv2_simd = 1;
     err = 0;
     for (int i = 0; i < N * ROWS; i++) err = fmax(err, fabs(y[i] - ref[i]));
     check(err < 0.02 * max_ref, "q8 matmul (int8 weights and activations, groups of 32) within 2%% of the max: %.1e of %.1f", err, max_ref);
+    check(max_abs_diff(y, y_simd, N * ROWS) < 1e-4f, "q8: the SIMD kernel and the portable C kernel agree (%.1e)", max_abs_diff(y, y_simd, N * ROWS));
+    Mat Q16 = {wq, wq_scale, DTYPE_Q8, ROWS, COLS, 16};  /* other group sizes take the generic path */
+    quantize_activations(wq, wq_scale, w, ROWS * COLS, 16);
+    matmul(y, &Q16, x, N, &act);
+    err = 0;
+    for (int i = 0; i < N * ROWS; i++) err = fmax(err, fabs(y[i] - ref[i]));
+    check(err < 0.02 * max_ref, "q8 matmul with groups of 16: %.1e of %.1f", err, max_ref);
 }
 
 /* The prompt as one batch gives the same result as feeding it token by token. */
@@ -508,6 +520,38 @@ static void check_cli(const char *dir, const char *model_path, const char *label
     free(all); free(prompt); free(gen); free(logits); free(gen_logits);
 }
 
+/* q8 through the CLI: prints max and mean |logit - reference| and top-1 agreement over every
+ * position; checks them against loose bounds (quantization changes results by design). */
+static void check_q8(const char *dir, const char *model_path) {
+    RefTensor tp, tl;
+    int *prompt = load_ref(dir, "prompt_ids", &tp);
+    float *logits = load_ref(dir, "logits", &tl);
+    if (!prompt || !logits) { free(prompt); free(logits); return; }
+    int T = (int)tp.dims[0], V = (int)tl.dims[1];
+    char ids_path[512], out_path[512], cmd[2048];
+    snprintf(ids_path, sizeof ids_path, "%s/ids.txt", tmp_dir);
+    snprintf(out_path, sizeof out_path, "%s/logits.bin", tmp_dir);
+    write_ids(ids_path, prompt, T);
+    snprintf(cmd, sizeof cmd, "%s %s -m logits -f %s -o %s", dsv2_bin, model_path, ids_path, out_path);
+    size_t bytes = 0;
+    float *got = run(cmd, NULL, 0) == 0 ? (float *)read_file(out_path, &bytes) : NULL;
+    if (!got || bytes != (size_t)T * V * sizeof(float)) { check(0, "%s q8: logits mode", dir); free(got); free(prompt); free(logits); return; }
+    double max_err = 0, sum_err = 0, max_ref = 0;
+    int top1 = 0;
+    for (int t = 0; t < T; t++) {
+        top1 += argmax(got + (size_t)t * V, V) == argmax(logits + (size_t)t * V, V);
+        for (int v = 0; v < V; v++) {
+            double e = fabs(got[(size_t)t * V + v] - logits[(size_t)t * V + v]);
+            max_err = fmax(max_err, e);
+            sum_err += e;
+            max_ref = fmax(max_ref, fabs(logits[(size_t)t * V + v]));
+        }
+    }
+    check(max_err < 0.25 * max_ref && top1 >= T * 3 / 4, "%s q8: max |dlogit| %.4f, mean %.4f (logits up to %.2f), top-1 agreement %d/%d",
+          dir, max_err, sum_err / ((double)T * V), max_ref, top1, T);
+    free(got); free(prompt); free(logits);
+}
+
 static int weights_are_bf16(const char *dir) {
     char path[512], line[256];
     snprintf(path, sizeof path, "%s/meta.txt", dir);
@@ -542,6 +586,7 @@ static void test_fixture_dir(const char *dir) {
         if (i == 0) check_internals(dir, model);
         check_cli(dir, model, label);
     }
+    if (export_model(dir, model, "--dtype q8")) check_q8(dir, model);
 }
 
 /* ------------------------------------------------------------------------- */
