@@ -7,7 +7,7 @@ OMP = -fopenmp
 PYTHON ?= $(shell for p in python3 /usr/bin/python3; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
 SAN = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-.PHONY: all test test-asan clean run
+.PHONY: all test test-asan clean run bench bench-full
 
 all: dsv2
 
@@ -38,3 +38,9 @@ build/lite.bin: export.py tests/fixtures/lite/model.safetensors
 	$(PYTHON) export.py tests/fixtures/lite $@
 run: dsv2 build/lite.bin
 	./dsv2 build/lite.bin -n 32 -s 42
+
+# Speed on random weights of the real V2-Lite shape: 8 layers (quick), or all 27 (bench-full).
+bench: dsv2
+	PYTHON=$(PYTHON) tests/bench.sh 8 "q8 bf16" 5
+bench-full: dsv2
+	PYTHON=$(PYTHON) tests/bench.sh 27 "q8" 3

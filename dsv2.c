@@ -2067,6 +2067,27 @@ static const char *human_bytes(double bytes, char *buf, size_t size) {
     return buf;
 }
 
+static double mat_bytes(const Mat *m) {
+    return m->data ? (double)m->rows * m->cols * dtype_size(m->dtype) + (m->scale ? (double)m->rows * (m->cols / m->group) * 4 : 0) : 0;
+}
+
+/* Weight bytes one decoded token reads: attention, dense MLPs, the router, the shared experts and
+ * num_experts_per_tok routed experts per MoE layer, and lm_head (one embedding row is noise).
+ * This over memory bandwidth is the decode roofline. */
+static double decode_bytes_per_token(const Weights *w) {
+    const Config *c = &w->cfg;
+    double bytes = mat_bytes(&w->lm_head);
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        const Layer *L = &w->layers[l];
+        const Mat *m[] = {&L->q_proj, &L->q_a_proj, &L->q_b_proj, &L->kv_a_proj, &L->kv_b_proj, &L->o_proj,
+                          &L->mlp_gate, &L->mlp_up, &L->mlp_down, &L->router};
+        for (size_t i = 0; i < sizeof m / sizeof m[0]; i++) bytes += mat_bytes(m[i]);
+        if (L->is_moe)
+            bytes += c->num_experts_per_tok * (mat_bytes(&L->expert_gate[0]) + mat_bytes(&L->expert_up[0]) + mat_bytes(&L->expert_down[0]));
+    }
+    return bytes;
+}
+
 /* What the latent cache saves: printed at start. */
 static void print_kv_cache_sizes(const Config *c, int context, int attn_mode) {
     double latent = (double)kv_cache_width(c, ATTN_ABSORB) * c->num_hidden_layers * sizeof(float);
@@ -2228,6 +2249,14 @@ int main(int argc, char **argv) {
         RunState s;
         init_run_state(&s, c, attn_mode, (int)context);
         print_kv_cache_sizes(c, (int)context, attn_mode);
+        fprintf(stderr, "weights: %s, %.3f GB read per decoded token, %d threads\n",
+                c->dtype == DTYPE_Q8 ? "q8" : c->dtype == DTYPE_BF16 ? "bf16" : "f32", decode_bytes_per_token(&w) / 1e9,
+#ifdef _OPENMP
+                omp_get_max_threads()
+#else
+                1
+#endif
+        );
         Sampler sp = {c->vocab_size, temperature, topp, seed * 0x9E3779B97F4A7C15ull + 1, xcalloc(c->vocab_size, sizeof(int))};
         if (is_logits) {
             write_logits(&w, &s, ids.ids, ids.n, out_path);
