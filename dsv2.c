@@ -1196,7 +1196,7 @@ static int compare_range(const void *a, const void *b) {
 
 /* Sorts and merges the ranges (binary search needs them disjoint) and fills the ASCII bitmap. */
 static int finish_class(ReParser *ps, CharClass *c) {
-    qsort(c->ranges, c->n_ranges, sizeof(Range), compare_range);
+    if (c->n_ranges > 1) qsort(c->ranges, c->n_ranges, sizeof(Range), compare_range);
     int n = 0;
     for (int i = 0; i < c->n_ranges; i++) {
         if (n && c->ranges[i].lo <= c->ranges[n - 1].hi + 1) {
