@@ -212,11 +212,15 @@ typedef struct {
     const char *base;  /* NULL while only measuring the size */
     size_t offset;
     int weight_dtype, q8_group;
+    size_t *tensor_start, *tensor_bytes;  /* optional: where each tensor lies (training, tests) */
+    int n_tensors;
 } Cursor;
 
 static const void *take(Cursor *cur, size_t bytes) {
     cur->offset = (cur->offset + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN;
     const void *p = cur->base ? cur->base + cur->offset : NULL;
+    if (cur->tensor_start) { cur->tensor_start[cur->n_tensors] = cur->offset; cur->tensor_bytes[cur->n_tensors] = bytes; }
+    cur->n_tensors++;
     cur->offset += bytes;
     return p;
 }
@@ -331,7 +335,7 @@ static void load_weights(Weights *w, const char *path, int weights_mode) {
     if (c->version != DSV2_VERSION) die("%s has checkpoint version %u; this build reads version %d", path, c->version, DSV2_VERSION);
     validate_config(c);
     alloc_layers(w);
-    Cursor measure = {NULL, HEADER_SIZE, c->dtype, c->q8_group};
+    Cursor measure = {NULL, HEADER_SIZE, c->dtype, c->q8_group, NULL, NULL, 0};
     size_t end = layout_weights(w, &measure);
     if (c->tokenizer_offset && (c->tokenizer_offset < end || c->tokenizer_offset + c->tokenizer_size > c->file_size))
         die("%s: tokenizer section out of bounds", path);
@@ -340,7 +344,7 @@ static void load_weights(Weights *w, const char *path, int weights_mode) {
     w->map = map_checkpoint(fd, size, weights_mode, path);
     close(fd);
     w->map_size = size;
-    Cursor fill = {(const char *)w->map, HEADER_SIZE, c->dtype, c->q8_group};
+    Cursor fill = {(const char *)w->map, HEADER_SIZE, c->dtype, c->q8_group, NULL, NULL, 0};
     layout_weights(w, &fill);
 }
 
@@ -2054,6 +2058,513 @@ static void write_logits(const Weights *w, RunState *s, const int *ids, int n, c
         if (fwrite(logits, sizeof(float), w->cfg.vocab_size, out) != (size_t)w->cfg.vocab_size) die("cannot write %s", out_path);
     }
     if (fclose(out) != 0) die("cannot write %s", out_path);
+}
+
+/* ------------------------------------------------------------------------- */
+/* Training (tiny f32 models): forward with saved activations, backward for   */
+/* every operation, the expert-level balance loss (paper eq. 24-26, as the    */
+/* official MoEGate computes it in training mode) and AdamW. Parameters,      */
+/* gradients and Adam moments all use the checkpoint's own f32 layout, so a    */
+/* training state is a checkpoint: saving is one write.                       */
+/* ------------------------------------------------------------------------- */
+
+typedef struct {
+    Config cfg;
+    char *buf;              /* [0, HEADER_SIZE) header, then every tensor as in the file */
+    size_t size;
+    Weights w;              /* Mats and norm pointers into buf */
+    size_t *tensor_start, *tensor_bytes;
+    int n_tensors;
+} Params;
+
+static void params_init(Params *p, const Config *c) {
+    memset(p, 0, sizeof *p);
+    p->cfg = *c;
+    p->cfg.dtype = DTYPE_F32;
+    p->cfg.q8_group = 0;
+    p->w.cfg = p->cfg;
+    alloc_layers(&p->w);
+    Cursor measure = {NULL, HEADER_SIZE, DTYPE_F32, 0, NULL, NULL, 0};
+    p->size = layout_weights(&p->w, &measure);
+    p->n_tensors = measure.n_tensors;
+    p->tensor_start = xcalloc(p->n_tensors, sizeof(size_t));
+    p->tensor_bytes = xcalloc(p->n_tensors, sizeof(size_t));
+    p->buf = xcalloc(p->size, 1);
+    Cursor fill = {p->buf, HEADER_SIZE, DTYPE_F32, 0, p->tensor_start, p->tensor_bytes, 0};
+    layout_weights(&p->w, &fill);
+}
+
+static void params_free(Params *p) {
+    Weights *w = &p->w;
+    w->map = NULL;
+    free_weights(w);
+    free(p->buf); free(p->tensor_start); free(p->tensor_bytes);
+}
+
+static float *params_data(const Params *p) { return (float *)(p->buf + HEADER_SIZE); }
+static size_t params_count(const Params *p) { return (p->size - HEADER_SIZE) / sizeof(float); }
+static float *mut(const void *p) { return (float *)(uintptr_t)p; }  /* the Weights view is const; training writes */
+
+/* An f32 checkpoint's tensors into p (initialised from its config). */
+static void params_load(Params *p, const char *path) {
+    Weights w;
+    memset(&w, 0, sizeof w);
+    load_weights(&w, path, WEIGHTS_MMAP);
+    if (w.cfg.dtype != DTYPE_F32) die("%s: training needs an f32 checkpoint (export with --dtype f32)", path);
+    params_init(p, &w.cfg);
+    memcpy(p->buf + HEADER_SIZE, (const char *)w.map + HEADER_SIZE, p->size - HEADER_SIZE);
+    free_weights(&w);
+}
+
+/* Writes p as a checkpoint (with the tokenizer blob, if any): the same format ./dsv2 runs. */
+static void params_save(const Params *p, const char *path, const void *tokenizer, size_t tokenizer_size) {
+    char tmp[4096];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "wb");
+    if (!f) die("cannot write %s: %s", tmp, strerror(errno));
+    Config c = p->cfg;
+    size_t tok_offset = (p->size + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN;
+    c.tokenizer_offset = tokenizer_size ? tok_offset : 0;
+    c.tokenizer_size = tokenizer_size;
+    c.file_size = tokenizer_size ? tok_offset + tokenizer_size : p->size;
+    static const char zeros[TENSOR_ALIGN] = {0};
+    int ok = fwrite(&c, sizeof c, 1, f) == 1 && fwrite(p->buf + HEADER_SIZE, 1, p->size - HEADER_SIZE, f) == p->size - HEADER_SIZE;
+    if (tokenizer_size)
+        ok = ok && fwrite(zeros, 1, tok_offset - p->size, f) == tok_offset - p->size && fwrite(tokenizer, 1, tokenizer_size, f) == tokenizer_size;
+    if (fclose(f) != 0 || !ok) die("cannot write %s", tmp);
+    if (rename(tmp, path) != 0) die("cannot rename %s to %s: %s", tmp, path, strerror(errno));
+}
+
+/* Forward-pass values kept for the backward pass, per layer. N = batch * seq tokens. */
+typedef struct {
+    float *x_in, *xn1, *rstd1;        /* layer input, its norm [N][D], 1/rms [N] */
+    float *q_a, *q_an, *rstd_q;       /* q LoRA: down-projection, normed */
+    float *q;                         /* [N][H*dq], rope applied */
+    float *c, *rstd_c;                /* normed latent [N][r] */
+    float *k_pe;                      /* rotated shared rope key [N][dr] */
+    float *kv;                        /* [N][H*(dn+dv)] */
+    float *probs;                     /* attention probabilities [B][H][T][T] */
+    float *attn;                      /* [N][H*dv] */
+    float *x_mid, *xn2, *rstd2;       /* after attention, its norm */
+    float *g, *u;                     /* dense MLP or shared experts: gate and up [N][width] */
+    float *scores;                    /* router softmax [N][E] */
+    int *idx;                         /* [N][K] chosen experts */
+    float *wt;                        /* [N][K] their weights */
+    float *eg, *eu, *eo;              /* per (token, k): expert gate, up [N*K][Im], output [N*K][D] */
+} LayerActs;
+
+typedef struct {
+    int B, T, N;
+    LayerActs *layers;
+    float *x_final, *xf, *rstd_f;     /* last residual, final norm */
+    float *logits;                    /* [N][V], softmax probabilities after the loss */
+    float *aux;                       /* [L] balance loss per layer (0 for dense layers) */
+    double ce;                        /* mean cross-entropy */
+    /* scratch */
+    float *t1, *t2, *t3, *t4;
+    int *list;
+} TrainState;
+
+static void train_state_init(TrainState *ts, const Config *c, int B, int T) {
+    int N = B * T, D = c->hidden_size, H = c->num_attention_heads, E = c->n_routed_experts, K = c->num_experts_per_tok;
+    int dq = c->qk_nope_head_dim + c->qk_rope_head_dim, r = c->kv_lora_rank, Im = c->moe_intermediate_size;
+    int width = max_int(c->intermediate_size, Im * c->n_shared_experts);
+    int widest = max_int(max_int(max_int(D, width), max_int(H * dq, H * (c->qk_nope_head_dim + c->v_head_dim))), max_int(r + c->qk_rope_head_dim, c->vocab_size));
+    memset(ts, 0, sizeof *ts);
+    ts->B = B; ts->T = T; ts->N = N;
+    ts->layers = xcalloc(c->num_hidden_layers, sizeof(LayerActs));
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        LayerActs *a = &ts->layers[l];
+        a->x_in = xcalloc((size_t)N * D, 4); a->xn1 = xcalloc((size_t)N * D, 4); a->rstd1 = xcalloc(N, 4);
+        a->q_a = xcalloc((size_t)N * c->q_lora_rank, 4); a->q_an = xcalloc((size_t)N * c->q_lora_rank, 4); a->rstd_q = xcalloc(N, 4);
+        a->q = xcalloc((size_t)N * H * dq, 4);
+        a->c = xcalloc((size_t)N * r, 4); a->rstd_c = xcalloc(N, 4); a->k_pe = xcalloc((size_t)N * c->qk_rope_head_dim, 4);
+        a->kv = xcalloc((size_t)N * H * (c->qk_nope_head_dim + c->v_head_dim), 4);
+        a->probs = xcalloc((size_t)B * H * T * T, 4);
+        a->attn = xcalloc((size_t)N * H * c->v_head_dim, 4);
+        a->x_mid = xcalloc((size_t)N * D, 4); a->xn2 = xcalloc((size_t)N * D, 4); a->rstd2 = xcalloc(N, 4);
+        a->g = xcalloc((size_t)N * width, 4); a->u = xcalloc((size_t)N * width, 4);
+        a->scores = xcalloc((size_t)N * E, 4); a->idx = xcalloc((size_t)N * K, sizeof(int)); a->wt = xcalloc((size_t)N * K, 4);
+        a->eg = xcalloc((size_t)N * K * Im, 4); a->eu = xcalloc((size_t)N * K * Im, 4); a->eo = xcalloc((size_t)N * K * D, 4);
+    }
+    ts->x_final = xcalloc((size_t)N * D, 4); ts->xf = xcalloc((size_t)N * D, 4); ts->rstd_f = xcalloc(N, 4);
+    ts->logits = xcalloc((size_t)N * c->vocab_size, 4);
+    ts->aux = xcalloc(c->num_hidden_layers, 4);
+    size_t scratch = (size_t)N * (widest + 4 * (size_t)max_int(K, 1) * (D + Im));
+    ts->t1 = xcalloc(scratch, 4); ts->t2 = xcalloc(scratch, 4); ts->t3 = xcalloc(scratch, 4); ts->t4 = xcalloc(scratch, 4);
+    ts->list = xcalloc((size_t)N * K, sizeof(int));
+}
+
+static void train_state_free(TrainState *ts, const Config *c) {
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        LayerActs *a = &ts->layers[l];
+        void *bufs[] = {a->x_in, a->xn1, a->rstd1, a->q_a, a->q_an, a->rstd_q, a->q, a->c, a->rstd_c, a->k_pe, a->kv,
+                        a->probs, a->attn, a->x_mid, a->xn2, a->rstd2, a->g, a->u, a->scores, a->idx, a->wt, a->eg, a->eu, a->eo};
+        for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+    }
+    void *bufs[] = {ts->layers, ts->x_final, ts->xf, ts->rstd_f, ts->logits, ts->aux, ts->t1, ts->t2, ts->t3, ts->t4, ts->list};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+}
+
+/* RMSNorm over n rows that also keeps 1/rms for the backward pass. */
+static void rmsnorm_rows(float *out, float *rstd, const float *x, const float *w, int n, int dim, double eps) {
+    for (int t = 0; t < n; t++) {
+        double ss = 0;
+        for (int i = 0; i < dim; i++) ss += (double)x[(size_t)t * dim + i] * x[(size_t)t * dim + i];
+        rstd[t] = (float)(1.0 / sqrt(ss / dim + eps));
+        rmsnorm(out + (size_t)t * dim, x + (size_t)t * dim, w, dim, eps);
+    }
+}
+
+/* d/dx and d/dw of y = w * x * rstd: dx += rstd * (w dy) - x rstd^3 mean(w dy * x). */
+static void rmsnorm_backward(float *dx, float *dw, const float *x, const float *w, const float *rstd, const float *dy, int n, int dim) {
+    for (int t = 0; t < n; t++) {
+        const float *xt = x + (size_t)t * dim, *dyt = dy + (size_t)t * dim;
+        double dot = 0;
+        for (int i = 0; i < dim; i++) { dot += (double)w[i] * dyt[i] * xt[i]; dw[i] += dyt[i] * xt[i] * rstd[t]; }
+        float r = rstd[t], k = (float)(dot / dim) * r * r * r;
+        for (int i = 0; i < dim; i++) dx[(size_t)t * dim + i] += r * w[i] * dyt[i] - k * xt[i];
+    }
+}
+
+/* y = W x over n rows: dW += dy^T x, and dx += dy W (dx may be NULL). */
+static void linear_backward(const Mat *W, const Mat *dW, const float *x, const float *dy, float *dx, int n) {
+    int rows = W->rows, cols = W->cols;
+    float *gw = mut(dW->data);
+    const float *w = W->data;
+#pragma omp parallel for schedule(static)
+    for (int o = 0; o < rows; o++)
+        for (int t = 0; t < n; t++) {
+            float d = dy[(size_t)t * rows + o];
+            if (d == 0.0f) continue;
+            for (int i = 0; i < cols; i++) gw[(size_t)o * cols + i] += d * x[(size_t)t * cols + i];
+        }
+    if (!dx) return;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < n; t++)
+        for (int o = 0; o < rows; o++) {
+            float d = dy[(size_t)t * rows + o];
+            if (d == 0.0f) continue;
+            for (int i = 0; i < cols; i++) dx[(size_t)t * cols + i] += d * w[(size_t)o * cols + i];
+        }
+}
+
+/* The transpose of the rotation: rotate back by the same angle. */
+static void rope_rotate_backward(float *d, const float *cos_row, const float *sin_row, int dim) {
+    for (int i = 0; i < dim / 2; i++) {
+        float a = d[2 * i], b = d[2 * i + 1];
+        d[2 * i] = a * cos_row[i] + b * sin_row[i];
+        d[2 * i + 1] = -a * sin_row[i] + b * cos_row[i];
+    }
+}
+
+static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/* SwiGLU forward over n rows keeping gate and up (g, u), into out. */
+static void swiglu_train(float *out, float *g, float *u, float *h, const float *x, int n, const Mat *gate, const Mat *up, const Mat *down) {
+    matmul(g, gate, x, n, NULL);
+    matmul(u, up, x, n, NULL);
+    for (size_t i = 0; i < (size_t)n * gate->rows; i++) h[i] = silu(g[i]) * u[i];
+    matmul(out, down, h, n, NULL);
+}
+
+/* Backward of swiglu_train: dx += ..., weight grads accumulate. h, dh: scratch [n][width]. */
+static void swiglu_backward(const float *dy, const float *x, const float *g, const float *u, int n, const Mat *gate, const Mat *up,
+                            const Mat *down, const Mat *dgate, const Mat *dup, const Mat *ddown, float *dx, float *h, float *dh) {
+    size_t m = (size_t)n * gate->rows;
+    for (size_t i = 0; i < m; i++) h[i] = silu(g[i]) * u[i];
+    memset(dh, 0, m * sizeof(float));
+    linear_backward(down, ddown, h, dy, dh, n);
+    for (size_t i = 0; i < m; i++) {  /* dh -> dg (in h), du (in dh) */
+        float sg = sigmoidf(g[i]), dsilu = sg * (1.0f + g[i] * (1.0f - sg));
+        float dhi = dh[i];
+        h[i] = dhi * u[i] * dsilu;
+        dh[i] = dhi * silu(g[i]);
+    }
+    linear_backward(gate, dgate, x, h, dx, n);
+    linear_backward(up, dup, x, dh, dx, n);
+}
+
+/* One training forward over B sequences of T tokens: saves activations; returns mean CE +
+ * sum of the balance losses. The logits become softmax probabilities. */
+static double train_forward(const Params *p, TrainState *ts, RunState *rs, const int *inputs, const int *targets) {
+    const Config *c = &p->cfg;
+    const Weights *w = &p->w;
+    int B = ts->B, T = ts->T, N = ts->N, D = c->hidden_size, H = c->num_attention_heads, V = c->vocab_size;
+    int dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim, dq = dn + dr, r = c->kv_lora_rank;
+    int E = c->n_routed_experts, K = c->num_experts_per_tok, half = dr / 2, kvw = dn + dv;
+    float *x = ts->x_final;
+    for (int t = 0; t < N; t++) mat_row_to_f32(x + (size_t)t * D, &w->embed, inputs[t]);
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        const Layer *L = &w->layers[l];
+        LayerActs *a = &ts->layers[l];
+        memcpy(a->x_in, x, (size_t)N * D * 4);
+        rmsnorm_rows(a->xn1, a->rstd1, x, L->input_norm, N, D, c->rms_norm_eps);
+        if (c->q_lora_rank > 0) {
+            matmul(a->q_a, &L->q_a_proj, a->xn1, N, NULL);
+            rmsnorm_rows(a->q_an, a->rstd_q, a->q_a, L->q_a_norm, N, c->q_lora_rank, 1e-6);
+            matmul(a->q, &L->q_b_proj, a->q_an, N, NULL);
+        } else matmul(a->q, &L->q_proj, a->xn1, N, NULL);
+        float *kv_a = ts->t1;
+        matmul(kv_a, &L->kv_a_proj, a->xn1, N, NULL);
+        for (int t = 0; t < N; t++) {
+            int pos = t % T;
+            for (int i = 0; i < r; i++) ts->t2[(size_t)t * r + i] = kv_a[(size_t)t * (r + dr) + i];
+            memcpy(a->k_pe + (size_t)t * dr, kv_a + (size_t)t * (r + dr) + r, dr * 4);
+            rope_rotate(a->k_pe + (size_t)t * dr, rs->rope_cos + (size_t)pos * half, rs->rope_sin + (size_t)pos * half, dr);
+            for (int h = 0; h < H; h++)
+                rope_rotate(a->q + ((size_t)t * H + h) * dq + dn, rs->rope_cos + (size_t)pos * half, rs->rope_sin + (size_t)pos * half, dr);
+        }
+        rmsnorm_rows(a->c, a->rstd_c, ts->t2, L->kv_a_norm, N, r, 1e-6);
+        matmul(a->kv, &L->kv_b_proj, a->c, N, NULL);
+        /* causal attention per sequence and head (eq. 16-18), decompressed K and V */
+#pragma omp parallel for collapse(2) schedule(static)
+        for (int b = 0; b < B; b++)
+            for (int h = 0; h < H; h++) {
+                float *P = a->probs + (((size_t)b * H + h) * T) * T;
+                for (int i = 0; i < T; i++) {
+                    const float *qi = a->q + ((size_t)(b * T + i) * H + h) * dq;
+                    for (int j = 0; j <= i; j++) {
+                        const float *kj = a->kv + ((size_t)(b * T + j) * H + h) * kvw;
+                        P[i * T + j] = (float)rs->softmax_scale * (dot_f32(qi, kj, dn) + dot_f32(qi + dn, a->k_pe + (size_t)(b * T + j) * dr, dr));
+                    }
+                    softmax(P + (size_t)i * T, i + 1);
+                    for (int j = i + 1; j < T; j++) P[i * T + j] = 0.0f;
+                    float *o = a->attn + ((size_t)(b * T + i) * H + h) * dv;
+                    memset(o, 0, dv * 4);
+                    for (int j = 0; j <= i; j++) {
+                        const float *vj = a->kv + ((size_t)(b * T + j) * H + h) * kvw + dn;
+                        for (int d = 0; d < dv; d++) o[d] += P[i * T + j] * vj[d];
+                    }
+                }
+            }
+        matmul(ts->t1, &L->o_proj, a->attn, N, NULL);
+        for (size_t i = 0; i < (size_t)N * D; i++) x[i] += ts->t1[i];
+        memcpy(a->x_mid, x, (size_t)N * D * 4);
+        rmsnorm_rows(a->xn2, a->rstd2, x, L->post_attention_norm, N, D, c->rms_norm_eps);
+        ts->aux[l] = 0.0f;
+        if (L->has_mlp) swiglu_train(ts->t1, a->g, a->u, ts->t2, a->xn2, N, &L->mlp_gate, &L->mlp_up, &L->mlp_down);
+        else memset(ts->t1, 0, (size_t)N * D * 4);
+        if (L->is_moe) {
+            int Im = c->moe_intermediate_size;
+            matmul(a->scores, &L->router, a->xn2, N, NULL);
+            for (int t = 0; t < N; t++) {
+                softmax(a->scores + (size_t)t * E, E);
+                route_tokens(c, a->scores + (size_t)t * E, a->idx + (size_t)t * K, a->wt + (size_t)t * K, &rs->router);
+            }
+            for (int e = 0; e < E; e++) {  /* each expert on its tokens: slot t*K+k holds its values */
+                int m = 0;
+                for (int s = 0; s < N * K; s++) if (a->idx[s] == e) ts->list[m++] = s;
+                if (!m) continue;
+                for (int j = 0; j < m; j++) memcpy(ts->t3 + (size_t)j * D, a->xn2 + (size_t)(ts->list[j] / K) * D, D * 4);
+                swiglu_train(ts->t4, ts->t2, ts->t2 + (size_t)m * Im, ts->t2 + (size_t)2 * m * Im, ts->t3, m,
+                             &L->expert_gate[e], &L->expert_up[e], &L->expert_down[e]);
+                for (int j = 0; j < m; j++) {
+                    int slot = ts->list[j];
+                    memcpy(a->eg + (size_t)slot * Im, ts->t2 + (size_t)j * Im, Im * 4);
+                    memcpy(a->eu + (size_t)slot * Im, ts->t2 + (size_t)(m + j) * Im, Im * 4);
+                    memcpy(a->eo + (size_t)slot * D, ts->t4 + (size_t)j * D, D * 4);
+                }
+            }
+            for (int s = 0; s < N * K; s++)
+                for (int i = 0; i < D; i++) ts->t1[(size_t)(s / K) * D + i] += a->wt[s] * a->eo[(size_t)s * D + i];
+            /* expert-level balance loss: alpha * sum_e f_e P_e; counts are constants */
+            double aux = 0;
+            int groups = c->seq_aux ? B : 1, per = N / groups;
+            for (int b = 0; b < groups; b++)
+                for (int e = 0; e < E; e++) {
+                    int count = 0;
+                    double mean = 0;
+                    for (int t = b * per; t < (b + 1) * per; t++) {
+                        mean += a->scores[(size_t)t * E + e];
+                        for (int k = 0; k < K; k++) count += a->idx[t * K + k] == e;
+                    }
+                    aux += (count / ((double)per * K / E)) * (mean / per);
+                }
+            ts->aux[l] = (float)(c->aux_loss_alpha * aux / groups);
+        }
+        for (size_t i = 0; i < (size_t)N * D; i++) x[i] += ts->t1[i];
+    }
+    rmsnorm_rows(ts->xf, ts->rstd_f, x, w->final_norm, N, D, c->rms_norm_eps);
+    matmul(ts->logits, &w->lm_head, ts->xf, N, NULL);
+    double ce = 0;
+    for (int t = 0; t < N; t++) {
+        float *lg = ts->logits + (size_t)t * V;
+        softmax(lg, V);
+        ce -= log(fmax(lg[targets[t]], 1e-30));
+    }
+    ts->ce = ce / N;
+    double total = ts->ce;
+    for (int l = 0; l < c->num_hidden_layers; l++) total += ts->aux[l];
+    return total;
+}
+
+/* Gradients of the total loss (mean CE + sum of balance losses) into grads (accumulated). */
+static void train_backward(const Params *p, const Params *grads, TrainState *ts, RunState *rs, const int *inputs, const int *targets) {
+    const Config *c = &p->cfg;
+    const Weights *w = &p->w, *gw = &grads->w;
+    int B = ts->B, T = ts->T, N = ts->N, D = c->hidden_size, H = c->num_attention_heads, V = c->vocab_size;
+    int dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim, dq = dn + dr, r = c->kv_lora_rank;
+    int E = c->n_routed_experts, K = c->num_experts_per_tok, half = dr / 2, kvw = dn + dv;
+    size_t ND = (size_t)N * D;
+    float *dlogits = ts->logits;  /* softmax probabilities -> (p - onehot) / N, in place */
+    for (int t = 0; t < N; t++) {
+        for (int v = 0; v < V; v++) dlogits[(size_t)t * V + v] /= N;
+        dlogits[(size_t)t * V + targets[t]] -= 1.0f / N;
+    }
+    float *dx = xcalloc(ND, 4), *dxf = xcalloc(ND, 4);
+    linear_backward(&w->lm_head, &gw->lm_head, ts->xf, dlogits, dxf, N);
+    rmsnorm_backward(dx, mut(gw->final_norm), ts->x_final, w->final_norm, ts->rstd_f, dxf, N, D);
+    float *dbranch = xcalloc(ND, 4), *dxn = xcalloc(ND, 4);
+    int width = max_int(c->intermediate_size, c->moe_intermediate_size * c->n_shared_experts), Im = c->moe_intermediate_size;
+    for (int l = c->num_hidden_layers - 1; l >= 0; l--) {
+        const Layer *L = &w->layers[l], *G = &gw->layers[l];
+        LayerActs *a = &ts->layers[l];
+        /* MLP / MoE branch: h_out = x_mid + f(norm(x_mid)) */
+        memset(dxn, 0, ND * 4);
+        if (L->has_mlp)
+            swiglu_backward(dx, a->xn2, a->g, a->u, N, &L->mlp_gate, &L->mlp_up, &L->mlp_down, &G->mlp_gate, &G->mlp_up, &G->mlp_down,
+                            dxn, ts->t1, ts->t2);
+        if (L->is_moe) {
+            float *dwt = ts->t3, *dscore = ts->t4;  /* [N*K], [N*E] */
+            for (int s = 0; s < N * K; s++) dwt[s] = dot_f32(dx + (size_t)(s / K) * D, a->eo + (size_t)s * D, D);
+            for (int e = 0; e < E; e++) {
+                int m = 0;
+                for (int s = 0; s < N * K; s++) if (a->idx[s] == e) ts->list[m++] = s;
+                if (!m) continue;
+                float *xin = ts->t1, *dy = ts->t1 + (size_t)m * D, *g = dy + (size_t)m * D, *u = g + (size_t)m * Im;
+                float *h = u + (size_t)m * Im, *dh = h + (size_t)m * Im, *dxe = dh + (size_t)m * Im;
+                for (int j = 0; j < m; j++) {
+                    int s = ts->list[j];
+                    memcpy(xin + (size_t)j * D, a->xn2 + (size_t)(s / K) * D, D * 4);
+                    for (int i = 0; i < D; i++) dy[(size_t)j * D + i] = a->wt[s] * dx[(size_t)(s / K) * D + i];
+                    memcpy(g + (size_t)j * Im, a->eg + (size_t)s * Im, Im * 4);
+                    memcpy(u + (size_t)j * Im, a->eu + (size_t)s * Im, Im * 4);
+                }
+                memset(dxe, 0, (size_t)m * D * 4);
+                swiglu_backward(dy, xin, g, u, m, &L->expert_gate[e], &L->expert_up[e], &L->expert_down[e], &G->expert_gate[e],
+                                &G->expert_up[e], &G->expert_down[e], dxe, h, dh);
+                for (int j = 0; j < m; j++)
+                    for (int i = 0; i < D; i++) dxn[(size_t)(ts->list[j] / K) * D + i] += dxe[(size_t)j * D + i];
+            }
+            memset(dscore, 0, (size_t)N * E * 4);
+            for (int t = 0; t < N; t++) {  /* routing weights -> scores */
+                const float *sc = a->scores + (size_t)t * E;
+                if (K > 1 && c->norm_topk_prob) {
+                    double z = 1e-20, wdw = 0;
+                    for (int k = 0; k < K; k++) { z += sc[a->idx[t * K + k]]; wdw += dwt[t * K + k] * a->wt[t * K + k]; }
+                    for (int k = 0; k < K; k++) dscore[(size_t)t * E + a->idx[t * K + k]] += (float)((dwt[t * K + k] - wdw) / z);
+                } else
+                    for (int k = 0; k < K; k++) dscore[(size_t)t * E + a->idx[t * K + k]] += (float)(dwt[t * K + k] * c->routed_scaling_factor);
+            }
+            int groups = c->seq_aux ? B : 1, per = N / groups;  /* d aux / d score: alpha f_e / (groups * per) */
+            for (int b = 0; b < groups; b++)
+                for (int e = 0; e < E; e++) {
+                    int count = 0;
+                    for (int t = b * per; t < (b + 1) * per; t++)
+                        for (int k = 0; k < K; k++) count += a->idx[t * K + k] == e;
+                    float dd = (float)(c->aux_loss_alpha * (count / ((double)per * K / E)) / ((double)per * groups));
+                    for (int t = b * per; t < (b + 1) * per; t++) dscore[(size_t)t * E + e] += dd;
+                }
+            for (int t = 0; t < N; t++) {  /* softmax backward: s * (ds - sum ds s) */
+                float *ds = dscore + (size_t)t * E;
+                const float *sc = a->scores + (size_t)t * E;
+                double sum = 0;
+                for (int e = 0; e < E; e++) sum += ds[e] * sc[e];
+                for (int e = 0; e < E; e++) ds[e] = sc[e] * (ds[e] - (float)sum);
+            }
+            linear_backward(&L->router, &G->router, a->xn2, dscore, dxn, N);
+        }
+        rmsnorm_backward(dx, mut(G->post_attention_norm), a->x_mid, L->post_attention_norm, a->rstd2, dxn, N, D);
+        /* attention branch: x_mid = x_in + o_proj(attn(norm(x_in))) */
+        float *dattn = ts->t1, *dquery = ts->t2, *dkv = ts->t3, *dkpe = ts->t4;
+        memset(dattn, 0, (size_t)N * H * dv * 4);
+        linear_backward(&L->o_proj, &G->o_proj, a->attn, dx, dattn, N);
+        memset(dquery, 0, (size_t)N * H * dq * 4);
+        memset(dkv, 0, (size_t)N * H * kvw * 4);
+        memset(dkpe, 0, (size_t)N * dr * 4);
+#pragma omp parallel for collapse(2) schedule(static)
+        for (int b = 0; b < B; b++)
+            for (int h = 0; h < H; h++) {
+                const float *P = a->probs + (((size_t)b * H + h) * T) * T;
+                float *dp = xcalloc(T, 4);
+                for (int i = 0; i < T; i++) {
+                    const float *doi = dattn + ((size_t)(b * T + i) * H + h) * dv;
+                    double sum = 0;
+                    for (int j = 0; j <= i; j++) {
+                        const float *vj = a->kv + ((size_t)(b * T + j) * H + h) * kvw + dn;
+                        float *dvj = dkv + ((size_t)(b * T + j) * H + h) * kvw + dn;
+                        dp[j] = dot_f32(doi, vj, dv);
+                        for (int d = 0; d < dv; d++) dvj[d] += P[i * T + j] * doi[d];
+                        sum += dp[j] * P[i * T + j];
+                    }
+                    const float *qi = a->q + ((size_t)(b * T + i) * H + h) * dq;
+                    float *dqi = dquery + ((size_t)(b * T + i) * H + h) * dq;
+                    for (int j = 0; j <= i; j++) {
+                        float ds = P[i * T + j] * (dp[j] - (float)sum) * (float)rs->softmax_scale;
+                        const float *kj = a->kv + ((size_t)(b * T + j) * H + h) * kvw, *kpe = a->k_pe + (size_t)(b * T + j) * dr;
+                        float *dkj = dkv + ((size_t)(b * T + j) * H + h) * kvw, *dkpej = dkpe + (size_t)(b * T + j) * dr;
+                        for (int d = 0; d < dn; d++) { dqi[d] += ds * kj[d]; dkj[d] += ds * qi[d]; }
+                        for (int d = 0; d < dr; d++) {
+                            dqi[dn + d] += ds * kpe[d];
+#pragma omp atomic
+                            dkpej[d] += ds * qi[dn + d];
+                        }
+                    }
+                }
+                free(dp);
+            }
+        memset(dxn, 0, ND * 4);
+        float *dc = xcalloc((size_t)N * r, 4), *dkv_a = xcalloc((size_t)N * (r + dr), 4), *craw = xcalloc((size_t)N * r, 4);
+        linear_backward(&L->kv_b_proj, &G->kv_b_proj, a->c, dkv, dc, N);
+        for (int t = 0; t < N; t++) {
+            int pos = t % T;
+            for (int h = 0; h < H; h++)
+                rope_rotate_backward(dquery + ((size_t)t * H + h) * dq + dn, rs->rope_cos + (size_t)pos * half, rs->rope_sin + (size_t)pos * half, dr);
+            rope_rotate_backward(dkpe + (size_t)t * dr, rs->rope_cos + (size_t)pos * half, rs->rope_sin + (size_t)pos * half, dr);
+            memcpy(dkv_a + (size_t)t * (r + dr) + r, dkpe + (size_t)t * dr, dr * 4);
+        }
+        /* the raw latent before kv_a_layernorm: recompute it (x_norm * kv_a_proj rows 0..r-1) */
+        float *kv_a = xcalloc((size_t)N * (r + dr), 4), *dcraw = xcalloc((size_t)N * r, 4);
+        matmul(kv_a, &L->kv_a_proj, a->xn1, N, NULL);
+        for (int t = 0; t < N; t++) memcpy(craw + (size_t)t * r, kv_a + (size_t)t * (r + dr), r * 4);
+        rmsnorm_backward(dcraw, mut(G->kv_a_norm), craw, L->kv_a_norm, a->rstd_c, dc, N, r);
+        for (int t = 0; t < N; t++) memcpy(dkv_a + (size_t)t * (r + dr), dcraw + (size_t)t * r, r * 4);
+        linear_backward(&L->kv_a_proj, &G->kv_a_proj, a->xn1, dkv_a, dxn, N);
+        if (c->q_lora_rank > 0) {
+            float *dqan = xcalloc((size_t)N * c->q_lora_rank, 4), *dqa = xcalloc((size_t)N * c->q_lora_rank, 4);
+            linear_backward(&L->q_b_proj, &G->q_b_proj, a->q_an, dquery, dqan, N);
+            rmsnorm_backward(dqa, mut(G->q_a_norm), a->q_a, L->q_a_norm, a->rstd_q, dqan, N, c->q_lora_rank);
+            linear_backward(&L->q_a_proj, &G->q_a_proj, a->xn1, dqa, dxn, N);
+            free(dqan); free(dqa);
+        } else linear_backward(&L->q_proj, &G->q_proj, a->xn1, dquery, dxn, N);
+        rmsnorm_backward(dx, mut(G->input_norm), a->x_in, L->input_norm, a->rstd1, dxn, N, D);
+        free(dc); free(dkv_a); free(craw); free(kv_a); free(dcraw);
+    }
+    for (int t = 0; t < N; t++) {  /* embedding rows */
+        float *row = mut(gw->embed.data) + (size_t)inputs[t] * D;
+        for (int i = 0; i < D; i++) row[i] += dx[(size_t)t * D + i];
+    }
+    free(dx); free(dxf); free(dbranch); free(dxn);
+    (void)width;
+}
+
+/* AdamW as torch.optim.AdamW, on every parameter (zero gradients still decay). step counts from 1. */
+typedef struct { float lr, beta1, beta2, eps, weight_decay; } AdamW;
+
+static void adamw_step(Params *p, const Params *g, float *m, float *v, const AdamW *opt, int step) {
+    float *x = params_data(p);
+    const float *gr = params_data(g);
+    size_t n = params_count(p);
+    double bc1 = 1.0 - pow(opt->beta1, step), bc2 = sqrt(1.0 - pow(opt->beta2, step));
+    float lr_t = (float)(opt->lr / bc1);
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        x[i] *= 1.0f - opt->lr * opt->weight_decay;
+        m[i] = opt->beta1 * m[i] + (1.0f - opt->beta1) * gr[i];
+        v[i] = opt->beta2 * v[i] + (1.0f - opt->beta2) * gr[i] * gr[i];
+        x[i] -= lr_t * m[i] / (sqrtf(v[i]) / (float)bc2 + opt->eps);
+    }
 }
 
 /* Bytes in a human unit, into buf. */

@@ -258,11 +258,11 @@ static void *random_model(Weights *w, const Config *c) {
     memset(w, 0, sizeof *w);
     w->cfg = *c;
     alloc_layers(w);
-    Cursor measure = {NULL, 0, DTYPE_F32, 0};
+    Cursor measure = {NULL, 0, DTYPE_F32, 0, NULL, NULL, 0};
     size_t size = layout_weights(w, &measure);
     float *buf = xcalloc(size / 4 + 1, 4);
     for (size_t i = 0; i < size / 4; i++) buf[i] = 0.3f * rand_normal();
-    Cursor fill = {(const char *)buf, 0, DTYPE_F32, 0};
+    Cursor fill = {(const char *)buf, 0, DTYPE_F32, 0, NULL, NULL, 0};
     layout_weights(w, &fill);
     for (int l = 0; l < c->num_hidden_layers; l++) {  /* norms near 1, as trained models have */
         Layer *L = &w->layers[l];
@@ -552,6 +552,182 @@ static void check_q8(const char *dir, const char *model_path) {
     free(got); free(prompt); free(logits);
 }
 
+/* ------------------------------------------------------------------------- */
+/* Training checks: losses, gradients and AdamW steps against train.bin.      */
+/* ------------------------------------------------------------------------- */
+
+static double meta_value(const char *dir, const char *key) {
+    char path[512], line[512];
+    snprintf(path, sizeof path, "%s/meta.txt", dir);
+    FILE *f = fopen(path, "r");
+    double v = NAN;
+    size_t n = strlen(key);
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, key, n) && line[n] == ' ') v = atof(line + n + 1);
+    if (f) fclose(f);
+    return v;
+}
+
+/* The fixture's tensors named PREFIX<hf name> as a Hugging Face folder, converted by export.py:
+ * they land in exactly the layout of our parameters. Returns the file's bytes (NULL on failure). */
+static char *reference_as_checkpoint(const char *dir, const char *prefix, size_t *size) {
+    char folder[512], path[600], line[1024], cmd[2048];
+    snprintf(folder, sizeof folder, "%s/ref_%s", tmp_dir, prefix);
+    snprintf(cmd, sizeof cmd, "rm -rf %s && mkdir -p %s && cp %s/config.json %s/", folder, folder, dir, folder);
+    if (run(cmd, NULL, 0) != 0) return NULL;
+    snprintf(path, sizeof path, "%s/manifest.txt", dir);
+    FILE *m = fopen(path, "r");
+    if (!m) return NULL;
+    char *json = xcalloc(1 << 20, 1);
+    size_t json_n = 0, data_n = 0, plen = strlen(prefix);
+    char **names = NULL;
+    long *counts = NULL;
+    int n = 0;
+    strcat(json, "{");
+    json_n = 1;
+    while (fgets(line, sizeof line, m)) {
+        char name[256];
+        if (line[0] == '#' || sscanf(line, "%255s", name) != 1 || strncmp(name, prefix, plen)) continue;
+        RefTensor t;
+        if (!find_ref(dir, name, &t)) continue;
+        long count = ref_count(&t);
+        json_n += snprintf(json + json_n, (1 << 20) - json_n, "%s\"%s\":{\"dtype\":\"F32\",\"shape\":[", n ? "," : "", name + plen);
+        for (int d = 0; d < t.ndim; d++) json_n += snprintf(json + json_n, (1 << 20) - json_n, "%s%ld", d ? "," : "", t.dims[d]);
+        json_n += snprintf(json + json_n, (1 << 20) - json_n, "],\"data_offsets\":[%zu,%zu]}", data_n, data_n + count * 4);
+        data_n += count * 4;
+        names = realloc(names, (n + 1) * sizeof(char *));
+        counts = realloc(counts, (n + 1) * sizeof(long));
+        names[n] = strdup(name);
+        counts[n++] = count;
+    }
+    fclose(m);
+    json_n += snprintf(json + json_n, (1 << 20) - json_n, "}");
+    while (json_n % 8) json[json_n++] = ' ';
+    snprintf(path, sizeof path, "%s/model.safetensors", folder);
+    FILE *f = fopen(path, "wb");
+    uint64_t header = json_n;
+    fwrite(&header, 8, 1, f);
+    fwrite(json, 1, json_n, f);
+    for (int i = 0; i < n; i++) {
+        RefTensor t;
+        float *data = find_ref(dir, names[i], &t) ? load_ref(dir, names[i], &t) : NULL;
+        if (data) fwrite(data, 4, counts[i], f);
+        free(data);
+        free(names[i]);
+    }
+    fclose(f);
+    free(names); free(counts); free(json);
+    snprintf(path, sizeof path, "%s/ref.bin", folder);
+    snprintf(cmd, sizeof cmd, "%s export.py %s %s --dtype f32", python, folder, path);
+    if (run(cmd, NULL, 0) != 0) return NULL;
+    return read_file(path, size);
+}
+
+/* Per tensor: max |ours - ref| / max |ref| (relative), or max |ours - ref| (absolute). With
+ * grad_ref (absolute mode), elements whose reference gradient is below 100 * eps are left out of
+ * the result and their largest difference goes to *tiny_worst instead (AdamW amplifies float32
+ * noise there, up to lr: see the fixtures' README). */
+static double worst_tensor_error(const Params *p, const float *ours, const char *ref_file, int relative, int *worst_index,
+                                 const char *grad_ref, double eps, double *tiny_worst, int *n_tiny) {
+    double worst = 0;
+    for (int i = 0; i < p->n_tensors; i++) {
+        const float *a = (const float *)((const char *)ours - HEADER_SIZE + p->tensor_start[i]);
+        const float *b = (const float *)(ref_file + p->tensor_start[i]);
+        const float *g = grad_ref ? (const float *)(grad_ref + p->tensor_start[i]) : NULL;
+        size_t n = p->tensor_bytes[i] / 4;
+        double max_diff = 0, max_ref = 0;
+        for (size_t k = 0; k < n; k++) {
+            double d = fabs(a[k] - b[k]);
+            if (g && fabs(g[k]) < 100 * eps) { *tiny_worst = fmax(*tiny_worst, d); (*n_tiny)++; continue; }
+            max_diff = fmax(max_diff, d);
+            max_ref = fmax(max_ref, fabs(b[k]));
+        }
+        double e = relative ? (max_ref > 0 ? max_diff / max_ref : max_diff) : max_diff;
+        if (!(e <= worst)) { worst = e; *worst_index = i; }
+    }
+    return worst;
+}
+
+static void check_training(const char *dir, const char *model_path) {
+    RefTensor ti, tt, tl;
+    int *inputs = load_ref(dir, "train.inputs", &ti), *targets = load_ref(dir, "train.targets", &tt);
+    if (!inputs || !targets) { free(inputs); free(targets); return; }
+    int B = (int)ti.dims[0], T = (int)ti.dims[1];
+    Params p, g;
+    params_load(&p, model_path);
+    params_init(&g, &p.cfg);
+    TrainState ts;
+    train_state_init(&ts, &p.cfg, B, T);
+    RunState rs;
+    init_run_state(&rs, &p.cfg, ATTN_ABSORB, T);
+    AdamW opt = {(float)meta_value(dir, "train.lr"), (float)meta_value(dir, "train.beta1"), (float)meta_value(dir, "train.beta2"),
+                 (float)meta_value(dir, "train.eps"), (float)meta_value(dir, "train.weight_decay")};
+    size_t n = params_count(&p);
+    float *m = xcalloc(n, 4), *v = xcalloc(n, 4);
+    char *grad_ref = NULL;  /* the reference gradient at step 0, in our layout (with its header) */
+    for (int step = 0; step <= 2; step++) {
+        double total = train_forward(&p, &ts, &rs, inputs, targets);
+        char name[64];
+        snprintf(name, sizeof name, "train.step%d.loss.ce", step);
+        float *ce = load_ref(dir, name, &tl);
+        snprintf(name, sizeof name, "train.step%d.loss.aux", step);
+        float *aux = load_ref(dir, name, &tl);
+        int n_aux = aux ? (int)tl.dims[0] : 0, k = 0;
+        double aux_err = 0;
+        for (int l = 0; l < p.cfg.num_hidden_layers; l++)
+            if (p.w.layers[l].is_moe && k < n_aux) aux_err = fmax(aux_err, fabs(ts.aux[l] - aux[k++]));
+        snprintf(name, sizeof name, "train.step%d.loss.total", step);
+        float *tot = load_ref(dir, name, &tl);
+        if (ce && tot)
+            check(fabs(ts.ce - ce[0]) < 1e-5 && aux_err < 1e-5 && k == n_aux && fabs(total - tot[0]) < 1e-5,
+                  "%s: training loss at step %d: CE %.6f (ref %.6f), balance loss max diff %.1e, total %.6f (ref %.6f)", dir, step,
+                  ts.ce, ce[0], aux_err, total, tot[0]);
+        free(ce); free(aux); free(tot);
+        if (step == 2) break;
+        memset(params_data(&g), 0, n * 4);
+        train_backward(&p, &g, &ts, &rs, inputs, targets);
+        if (step == 0) {
+            size_t size = 0;
+            grad_ref = reference_as_checkpoint(dir, "grad.", &size);
+            if (!grad_ref || size < p.size) { check(0, "%s: reference gradients", dir); break; }
+            int worst_i = -1, n_tiny = 0;
+            double tiny = 0, e = worst_tensor_error(&p, params_data(&g), grad_ref, 1, &worst_i, NULL, 0, &tiny, &n_tiny);
+            check(e <= 1e-4, "%s: grad of every parameter at step 0 (CE + balance loss), worst max|d|/max|g| %.1e (tensor #%d)", dir, e, worst_i);
+            /* the optimizer alone: our AdamW on the reference gradient */
+            Params exact;
+            params_init(&exact, &p.cfg);
+            memcpy(params_data(&exact), params_data(&p), n * 4);
+            float *m0 = xcalloc(n, 4), *v0 = xcalloc(n, 4);
+            Params ref_g = g;
+            ref_g.buf = grad_ref;
+            adamw_step(&exact, &ref_g, m0, v0, &opt, 1);
+            char *step1 = reference_as_checkpoint(dir, "step1.", &size);
+            e = step1 ? worst_tensor_error(&p, params_data(&exact), step1, 0, &worst_i, NULL, 0, &tiny, &n_tiny) : 1e9;
+            check(e <= 1e-6, "%s: AdamW step on the reference gradient equals torch's (max |d| %.1e)", dir, e);
+            free(step1); free(m0); free(v0);
+            params_free(&exact);
+        }
+        adamw_step(&p, &g, m, v, &opt, step + 1);
+        size_t size = 0;
+        snprintf(name, sizeof name, "step%d.", step + 1);
+        char *ref = reference_as_checkpoint(dir, name, &size);
+        int worst_i = -1, n_tiny = 0;
+        double tiny = 0;
+        double e = ref && size >= p.size ? worst_tensor_error(&p, params_data(&p), ref, 0, &worst_i, grad_ref, opt.eps, &tiny, &n_tiny) : 1e9;
+        /* step 2 also carries step 1's differences and float32 noise in the gradient at theta1 */
+        double tolerance = step == 0 ? 1e-5 : 5e-5;
+        check(e <= tolerance && tiny <= opt.lr, "%s: parameters after AdamW step %d: max |d| %.1e (<= %.0e) where |g| >= 100 eps; %.1e (<= lr) on the %d elements with |g| < 100 eps",
+              dir, step + 1, e, tolerance, tiny, n_tiny);
+        free(ref);
+    }
+    free(grad_ref);
+    free(m); free(v); free(inputs); free(targets);
+    free_run_state(&rs);
+    train_state_free(&ts, &p.cfg);
+    params_free(&p);
+    params_free(&g);
+}
+
 static int weights_are_bf16(const char *dir) {
     char path[512], line[256];
     snprintf(path, sizeof path, "%s/meta.txt", dir);
@@ -583,7 +759,7 @@ static void test_fixture_dir(const char *dir) {
         load_weights(&w, model, WEIGHTS_MMAP);
         const char *label = w.cfg.dtype == DTYPE_BF16 ? "bf16" : "f32";
         free_weights(&w);
-        if (i == 0) check_internals(dir, model);
+        if (i == 0) { check_internals(dir, model); check_training(dir, model); }
         check_cli(dir, model, label);
     }
     if (export_model(dir, model, "--dtype q8")) check_q8(dir, model);
