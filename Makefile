@@ -32,12 +32,10 @@ test-asan: dsv2_asan test_all_asan
 clean:
 	rm -f dsv2 test_all dsv2_asan test_all_asan
 
-# The built-in model (for now the lite test fixture, random weights: prints token ids).
-build/lite.bin: export.py tests/fixtures/lite/model.safetensors
-	@mkdir -p build
-	$(PYTHON) export.py tests/fixtures/lite $@
-run: dsv2 build/lite.bin
-	./dsv2 build/lite.bin -n 32 -s 42
+# The built-in model: DeepSeek-V2 architecture, 3.4M parameters, trained by dsv2.c on the KJV
+# Bible (models/tiny/README.md has the exact commands that reproduce it).
+run: dsv2
+	./dsv2 models/tiny/model.bin -i "And God said" -n 120 -t 0.8 -p 0.9 -s 42
 
 # Speed on random weights of the real V2-Lite shape: 8 layers (quick), or all 27 (bench-full).
 bench: dsv2

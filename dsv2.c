@@ -391,7 +391,7 @@ static void quantize_activations(int8_t *q, float *scale, const float *x, int n,
 
 /* q8 x q8 for groups of 32 (the real models), four rows. Each group's 32 products are summed in
  * 16 int32 lanes of pairs, scaled, and kept in 16 float lanes: one horizontal sum per row, not per
- * group. Written so the compiler vectorizes it; dot4_q8_group32_vnni below is the same with
+ * group. Written so the compiler vectorizes it; dot4x4_q8_group32_vnni below does the same with
  * AVX-512 VNNI intrinsics. */
 static void dot4_q8_group32_portable(const Mat *W, const size_t row[4], const int8_t *xq, const float *xs, float out[4]) {
     int groups = W->cols / 32;
@@ -417,51 +417,60 @@ static void dot4_q8_group32_portable(const Mat *W, const size_t row[4], const in
 }
 
 /* Intrinsics, in one place: the int8 dot product with AVX-512 VNNI (vpdpbusd: 64 int8 products
- * summed into 16 int32 in one instruction). vpdpbusd multiplies unsigned by signed bytes, so the
- * weights' signs move onto the activations: |w| * (x * sign w) = w * x. The tests run both this
- * and the portable version above; dsv2_simd = 0 forces the portable one. */
+ * summed into 16 int32 in one instruction), four weight rows by four tokens per call so each
+ * weight load serves every token of a prefill batch. vpdpbusd multiplies unsigned by signed
+ * bytes, so the weights' signs move onto the activations: |w| * (x * sign w) = w * x. The tests
+ * run both this and the portable version above; dsv2_simd = 0 forces the portable one. */
 static int dsv2_simd = 1;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
-static void dot4_q8_group32_vnni(const Mat *W, const size_t row[4], const int8_t *xq, const float *xs, float out[4]) {
+static void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4], const int8_t *const xq[4], const float *const xs[4], float out[4][4]) {
     int groups = W->cols / 32, g = 0;
     const int8_t *w[4];
     const float *ws[4];
-    __m512 acc[4];
-    const __m512i pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    __m512 acc[4][4];
+    __m512i pair[4];
     for (int k = 0; k < 4; k++) {
         w[k] = (const int8_t *)W->data + row[k];
         ws[k] = W->scale + row[k] / 32;
-        acc[k] = _mm512_setzero_ps();
+        pair[k] = _mm512_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k,
+                                    2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1);
+        for (int t = 0; t < 4; t++) acc[k][t] = _mm512_setzero_ps();
     }
     for (; g + 2 <= groups; g += 2) {  /* 64 bytes = two groups per step; int32 lanes 0-7 and 8-15 */
-        __m512i xv = _mm512_loadu_si512((const void *)(xq + g * 32));
+        __m512i w_abs[4];
+        __mmask64 w_neg[4];
         for (int k = 0; k < 4; k++) {
             __m512i wv = _mm512_loadu_si512((const void *)(w[k] + g * 32));
-            __m512i x_signed = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), xv);
-            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), x_signed);
-            __m128 sc = _mm_mul_ps(_mm_setr_ps(ws[k][g], ws[k][g + 1], 0, 0), _mm_setr_ps(xs[g], xs[g + 1], 0, 0));
-            acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(sc)), acc[k]);
+            w_abs[k] = _mm512_abs_epi8(wv);
+            w_neg[k] = _mm512_movepi8_mask(wv);
+        }
+        __m256 w_scale = _mm256_setr_ps(ws[0][g], ws[0][g + 1], ws[1][g], ws[1][g + 1], ws[2][g], ws[2][g + 1], ws[3][g], ws[3][g + 1]);
+        for (int t = 0; t < 4; t++) {
+            __m512i xv = _mm512_loadu_si512((const void *)(xq[t] + g * 32));
+            double xs_pair;
+            memcpy(&xs_pair, xs[t] + g, sizeof xs_pair);
+            __m512 sc = _mm512_castps256_ps512(_mm256_mul_ps(w_scale, _mm256_castpd_ps(_mm256_set1_pd(xs_pair))));
+            for (int k = 0; k < 4; k++) {
+                __m512i x_signed = _mm512_mask_sub_epi8(xv, w_neg[k], _mm512_setzero_si512(), xv);
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w_abs[k], x_signed);
+                acc[k][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pair[k], sc), acc[k][t]);
+            }
         }
     }
-    for (int k = 0; k < 4; k++) {
-        float sum = _mm512_reduce_add_ps(acc[k]);
-        for (int h = g; h < groups; h++) {  /* an odd last group */
-            int32_t dot = 0;
-            for (int i = 0; i < 32; i++) dot += w[k][h * 32 + i] * xq[h * 32 + i];
-            sum += dot * ws[k][h] * xs[h];
+    for (int k = 0; k < 4; k++)
+        for (int t = 0; t < 4; t++) {
+            float sum = _mm512_reduce_add_ps(acc[k][t]);
+            for (int h = g; h < groups; h++) {  /* an odd last group */
+                int32_t dot = 0;
+                for (int i = 0; i < 32; i++) dot += w[k][h * 32 + i] * xq[t][h * 32 + i];
+                sum += dot * ws[k][h] * xs[t][h];
+            }
+            out[t][k] = sum;
         }
-        out[k] = sum;
-    }
 }
 #endif
 
-static void dot4_q8_group32(const Mat *W, const size_t row[4], const int8_t *xq, const float *xs, float out[4]) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    if (dsv2_simd) { dot4_q8_group32_vnni(W, row, xq, xs, out); return; }
-#endif
-    dot4_q8_group32_portable(W, row, xq, xs, out);
-}
 
 /* Four consecutive rows of W (from r0; rows past the end repeat the last) dotted with one token:
  * four independent weight streams per thread keep more memory reads in flight than one.
@@ -485,7 +494,7 @@ static void dot4_rows(const Mat *W, int r0, const float *x, const int8_t *xq, co
             c += bf16_to_f32(w2[i]) * x[i]; d += bf16_to_f32(w3[i]) * x[i];
         }
     } else if (W->group == 32) {
-        dot4_q8_group32(W, row, xq, xs, out);
+        dot4_q8_group32_portable(W, row, xq, xs, out);
         return;
     } else {  /* other group sizes (tiny models): plain per-group sums */
         int G = W->group, groups = cols / G;
@@ -508,6 +517,32 @@ static void dot4_rows(const Mat *W, int r0, const float *x, const int8_t *xq, co
 /* Scratch for quantized activations, sized once by init_run_state (q8 models only). */
 typedef struct { int8_t *q; float *scale; size_t capacity; } ActivationScratch;
 
+/* Rows r0..r0+3 against tokens t0..t0+3 (those past n repeat the last): out[token][row]. With
+ * AVX-512 VNNI and groups of 32, one kernel call shares each weight load among the tokens. */
+static void dot_block(const Mat *W, int r0, const float *x, const ActivationScratch *act, int t0, int n, float out[4][4]) {
+    int cols = W->cols, groups = cols / W->group, tok[4];
+    for (int tt = 0; tt < 4; tt++) tok[tt] = t0 + tt < n ? t0 + tt : n - 1;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (dsv2_simd && W->dtype == DTYPE_Q8 && W->group == 32) {
+        size_t row[4];
+        const int8_t *xq[4];
+        const float *xs[4];
+        for (int k = 0; k < 4; k++) {
+            row[k] = (size_t)(r0 + k < W->rows ? r0 + k : W->rows - 1) * cols;
+            xq[k] = act->q + (size_t)tok[k] * cols;
+            xs[k] = act->scale + (size_t)tok[k] * groups;
+        }
+        dot4x4_q8_group32_vnni(W, row, xq, xs, out);
+        return;
+    }
+#endif
+    for (int tt = 0; tt < 4 && t0 + tt < n; tt++) {
+        int t = tok[tt];
+        dot4_rows(W, r0, x + (size_t)t * cols, W->dtype == DTYPE_Q8 ? act->q + (size_t)t * cols : NULL,
+                  W->dtype == DTYPE_Q8 ? act->scale + (size_t)t * groups : NULL, out[tt]);
+    }
+}
+
 /* y[t] = W x[t] for n tokens (x: [n][cols], y: [n][rows]): the one matrix product, for every
  * weight type. Threads take blocks of four rows; each block is read from memory once per batch
  * and reused from cache for every token. */
@@ -522,11 +557,11 @@ static void matmul(float *y, const Mat *W, const float *x, int n, ActivationScra
 #pragma omp parallel for schedule(static) if ((long)rows * cols * n > 65536)
     for (int blk = 0; blk < blocks; blk++) {
         int r0 = 4 * blk;
-        for (int t = 0; t < n; t++) {
-            float out[4];
-            dot4_rows(W, r0, x + (size_t)t * cols, W->dtype == DTYPE_Q8 ? scratch->q + (size_t)t * cols : NULL,
-                      W->dtype == DTYPE_Q8 ? scratch->scale + (size_t)t * groups : NULL, out);
-            for (int k = 0; k < 4 && r0 + k < rows; k++) y[(size_t)t * rows + r0 + k] = out[k];
+        for (int t = 0; t < n; t += 4) {  /* four rows by up to four tokens */
+            float out[4][4];
+            dot_block(W, r0, x, scratch, t, n, out);
+            for (int tt = 0; tt < 4 && t + tt < n; tt++)
+                for (int k = 0; k < 4 && r0 + k < rows; k++) y[(size_t)(t + tt) * rows + r0 + k] = out[tt][k];
         }
     }
 }
@@ -2567,6 +2602,176 @@ static void adamw_step(Params *p, const Params *g, float *m, float *v, const Ada
     }
 }
 
+/* --- The training loop: `./dsv2 INIT.bin -m train -f corpus.txt -o model.bin` --- */
+
+typedef struct {
+    int steps, batch, seq_len, eval_every, seed;
+    float lr;
+    const char *corpus, *out;
+} TrainOptions;
+
+/* Random windows of seq_len + 1 tokens: inputs and the targets shifted by one. */
+static void sample_batch(const int *tokens, int n_tokens, int B, int T, int *inputs, int *targets, uint64_t *rng) {
+    for (int b = 0; b < B; b++) {
+        int start = (int)(random_u32(rng) % (uint32_t)(n_tokens - T - 1));
+        for (int t = 0; t < T; t++) { inputs[b * T + t] = tokens[start + t]; targets[b * T + t] = tokens[start + t + 1]; }
+    }
+}
+
+/* Mean CE over fixed windows of the held-out text (the same windows every time). */
+static double validation_loss(const Params *p, TrainState *ts, RunState *rs, const int *tokens, int n_tokens, int *inputs, int *targets) {
+    int B = ts->B, T = ts->T, windows = 0;
+    double sum = 0;
+    for (int start = 0; start + B * (T + 1) <= n_tokens && windows < 8; start += B * (T + 1), windows++) {
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < T; t++) {
+                inputs[b * T + t] = tokens[start + b * (T + 1) + t];
+                targets[b * T + t] = tokens[start + b * (T + 1) + t + 1];
+            }
+        train_forward(p, ts, rs, inputs, targets);
+        sum += ts->ce;
+    }
+    return windows ? sum / windows : NAN;
+}
+
+/* The loss curve as a small SVG: train loss (line) and validation loss (dots). */
+static void write_loss_svg(const char *path, const float *train, const float *val, int n) {
+    FILE *f = fopen(path, "w");
+    if (!f) { fprintf(stderr, "dsv2: warning: cannot write %s\n", path); return; }
+    float lo = 1e9f, hi = -1e9f;
+    for (int i = 0; i < n; i++) {
+        lo = fminf(lo, train[i]); hi = fmaxf(hi, train[i]);
+        if (!isnan(val[i])) { lo = fminf(lo, val[i]); hi = fmaxf(hi, val[i]); }
+    }
+    if (hi <= lo) hi = lo + 1;
+    const int W = 640, Hh = 400, m = 50;
+    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" font-size=\"12\">\n", W, Hh);
+    fprintf(f, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n<text x=\"%d\" y=\"20\">loss (nats/token): train (line), validation (dots); step 1..%d</text>\n", m, n);
+    fprintf(f, "<text x=\"5\" y=\"%d\">%.2f</text><text x=\"5\" y=\"%d\">%.2f</text>\n", m, hi, Hh - m, lo);
+    fprintf(f, "<polyline fill=\"none\" stroke=\"steelblue\" stroke-width=\"1.5\" points=\"");
+    for (int i = 0; i < n; i++)
+        fprintf(f, "%.1f,%.1f ", m + (W - 2.0 * m) * i / (n > 1 ? n - 1 : 1), m + (Hh - 2.0 * m) * (hi - train[i]) / (hi - lo));
+    fprintf(f, "\"/>\n");
+    for (int i = 0; i < n; i++)
+        if (!isnan(val[i]))
+            fprintf(f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3\" fill=\"darkorange\"/>\n", m + (W - 2.0 * m) * i / (n > 1 ? n - 1 : 1),
+                    m + (Hh - 2.0 * m) * (hi - val[i]) / (hi - lo));
+    fprintf(f, "</svg>\n");
+    fclose(f);
+}
+
+/* Adam's moments and step beside a checkpoint (OUT.adam), so training can resume from it. */
+static int adam_state_io(const char *model_path, float *m, float *v, size_t n, int *step, int save) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s.adam", model_path);
+    FILE *f = fopen(path, save ? "wb" : "rb");
+    if (!f) return 0;
+    uint64_t count = n;
+    int32_t s = *step;
+    int ok;
+    if (save) ok = fwrite(&count, 8, 1, f) == 1 && fwrite(&s, 4, 1, f) == 1 && fwrite(m, 4, n, f) == n && fwrite(v, 4, n, f) == n;
+    else ok = fread(&count, 8, 1, f) == 1 && count == n && fread(&s, 4, 1, f) == 1 && fread(m, 4, n, f) == n && fread(v, 4, n, f) == n;
+    if (fclose(f) != 0) ok = 0;
+    if (!save && ok) *step = s;
+    return ok;
+}
+
+static void train(const char *init_path, const TrainOptions *o) {
+    Params p, g;
+    params_load(&p, init_path);
+    const Config *c = &p.cfg;
+    Weights view;  /* the initial file, for its tokenizer */
+    memset(&view, 0, sizeof view);
+    load_weights(&view, init_path, WEIGHTS_MMAP);
+    Tokenizer tok;
+    if (!load_tokenizer_file(&tok, init_path, &view)) die("%s has no tokenizer: training encodes text with the model's own", init_path);
+    if (o->seq_len > c->max_position_embeddings) die("-c %d exceeds max_position_embeddings %d", o->seq_len, c->max_position_embeddings);
+    size_t text_len = 0;
+    char *text = read_file(o->corpus, &text_len);
+    size_t split = text_len;  /* the last 5% of lines are held out */
+    {
+        size_t total = 0, seen = 0;
+        for (size_t i = 0; i < text_len; i++) total += text[i] == '\n';
+        for (size_t i = 0; i < text_len && total > 20; i++)
+            if (text[i] == '\n' && ++seen == total - total / 20) { split = i + 1; break; }
+    }
+    IdList train_ids = {0}, val_ids = {0};
+    tokenizer_encode(&tok, text, split, 0, &train_ids);
+    tokenizer_encode(&tok, text + split, text_len - split, 0, &val_ids);
+    int B = o->batch, T = o->seq_len;
+    if (train_ids.n < T + 2) die("%s is too short for sequences of %d tokens", o->corpus, T);
+    fprintf(stderr, "train: %d tokens, validation: %d tokens (last 5%% of lines); batch %d x %d, %d steps\n",
+            train_ids.n, val_ids.n, B, T, o->steps);
+    params_init(&g, c);
+    TrainState ts;
+    train_state_init(&ts, c, B, T);
+    RunState rs;
+    init_run_state(&rs, c, ATTN_ABSORB, T);
+    size_t n = params_count(&p);
+    float *m = xcalloc(n, 4), *v = xcalloc(n, 4);
+    int done = 0;
+    if (adam_state_io(init_path, m, v, n, &done, 0)) fprintf(stderr, "resuming after step %d (%s.adam)\n", done, init_path);
+    AdamW opt = {o->lr, 0.9f, 0.95f, 1e-8f, 0.1f};
+    int *inputs = xcalloc((size_t)B * T, sizeof(int)), *targets = xcalloc((size_t)B * T, sizeof(int));
+    float *train_curve = xcalloc(o->steps, 4), *val_curve = xcalloc(o->steps, 4);
+    char csv_path[4096], svg_path[4096];
+    snprintf(csv_path, sizeof csv_path, "%s.csv", o->out);
+    snprintf(svg_path, sizeof svg_path, "%s.svg", o->out);
+    FILE *csv = fopen(csv_path, "w");
+    if (!csv) die("cannot write %s", csv_path);
+    fprintf(csv, "step,loss,cross_entropy,validation,lr,tokens_per_s\n");
+    uint64_t rng = (uint64_t)o->seed * 0x9E3779B97F4A7C15ull + 7;
+    for (int s = 0; s < o->steps; s++) {
+        int step = done + s + 1, total_steps = done + o->steps, warmup = total_steps / 20 + 1;
+        opt.lr = step <= warmup ? o->lr * step / warmup  /* warmup, then cosine down to 10% */
+                                : o->lr * (0.1f + 0.45f * (1 + cosf(3.14159265f * (step - warmup) / fmaxf(1, total_steps - warmup))));
+        double t0 = now_seconds();
+        sample_batch(train_ids.ids, train_ids.n, B, T, inputs, targets, &rng);
+        double loss = train_forward(&p, &ts, &rs, inputs, targets);
+        memset(params_data(&g), 0, n * 4);
+        train_backward(&p, &g, &ts, &rs, inputs, targets);
+        adamw_step(&p, &g, m, v, &opt, step);
+        double tps = B * T / (now_seconds() - t0), ce = ts.ce;
+        train_curve[s] = (float)loss;
+        val_curve[s] = NAN;
+        int last = s == o->steps - 1;
+        if ((s + 1) % o->eval_every == 0 || last) val_curve[s] = (float)validation_loss(&p, &ts, &rs, val_ids.ids, val_ids.n, inputs, targets);
+        if (isnan(val_curve[s])) fprintf(csv, "%d,%.5f,%.5f,,%.3g,%.0f\n", step, loss, ce, opt.lr, tps);
+        else fprintf(csv, "%d,%.5f,%.5f,%.5f,%.3g,%.0f\n", step, loss, ce, val_curve[s], opt.lr, tps);
+        if (s % 10 == 0 || last || !isnan(val_curve[s])) {
+            fprintf(stderr, "step %5d  loss %.4f  ce %.4f  lr %.2e  %.0f tok/s", step, loss, ce, opt.lr, tps);
+            if (!isnan(val_curve[s])) fprintf(stderr, "  val %.4f", val_curve[s]);
+            fprintf(stderr, "  expert load (min-max share per layer):");
+            for (int l = 0; l < c->num_hidden_layers; l++) {
+                if (!p.w.layers[l].is_moe) continue;
+                int count[c->n_routed_experts];
+                memset(count, 0, sizeof count);
+                for (int k = 0; k < B * T * c->num_experts_per_tok; k++) count[ts.layers[l].idx[k]]++;
+                int lo = count[0], hi = count[0];
+                for (int e = 1; e < c->n_routed_experts; e++) { lo = count[e] < lo ? count[e] : lo; hi = count[e] > hi ? count[e] : hi; }
+                fprintf(stderr, " %.0f-%.0f%%", 100.0 * lo / (B * T * c->num_experts_per_tok), 100.0 * hi / (B * T * c->num_experts_per_tok));
+            }
+            fprintf(stderr, "\n");
+        }
+        if (!isnan(val_curve[s]) || last) {  /* checkpoint: the normal model format, plus Adam's state */
+            params_save(&p, o->out, (const char *)view.map + c->tokenizer_offset, c->tokenizer_size);
+            int at = step;
+            if (!adam_state_io(o->out, m, v, n, &at, 1)) fprintf(stderr, "dsv2: warning: cannot write %s.adam\n", o->out);
+        }
+    }
+    fclose(csv);
+    write_loss_svg(svg_path, train_curve, val_curve, o->steps);
+    fprintf(stderr, "wrote %s, %s, %s\n", o->out, csv_path, svg_path);
+    free(m); free(v); free(inputs); free(targets); free(train_curve); free(val_curve); free(text);
+    free(train_ids.ids); free(val_ids.ids);
+    free_run_state(&rs);
+    train_state_free(&ts, c);
+    free_tokenizer(&tok);
+    free_weights(&view);
+    params_free(&p);
+    params_free(&g);
+}
+
 /* Bytes in a human unit, into buf. */
 static const char *human_bytes(double bytes, char *buf, size_t size) {
     const char *unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
@@ -2630,7 +2835,10 @@ static void usage(void) {
             "  -s SEED    random seed (default: time)\n"
             "  -a MODE    attention: absorb (default, latent cache) | naive (per-head K/V cache)\n"
             "  -c N       context length (default min(max_position_embeddings, 4096))\n"
-            "  -w MODE    weights: auto (default) | mmap (read in place) | load (into huge-page memory)\n");
+            "  -w MODE    weights: auto (default) | mmap (read in place) | load (into huge-page memory)\n"
+            "training (-m train, an f32 model with a tokenizer): -f corpus.txt -o out.bin -n steps (default 256)\n"
+            "  -b N       sequences per batch (default 8); -c N: tokens per sequence (default 128)\n"
+            "  -r LR      peak learning rate (default 3e-3); -e N: validate and checkpoint every N steps (default 100)\n");
     exit(1);
 }
 
@@ -2663,7 +2871,8 @@ int main(int argc, char **argv) {
     long steps = 256, context = 0;
     float temperature = 1.0f, topp = 0.9f;
     uint64_t seed = (uint64_t)time(NULL);
-    int attn_mode = ATTN_ABSORB, weights_mode = WEIGHTS_AUTO;
+    int attn_mode = ATTN_ABSORB, weights_mode = WEIGHTS_AUTO, batch = 8, eval_every = 100, steps_given = 0;
+    float lr = 3e-3f;
     for (int i = 2; i < argc; i += 2) {
         if (argv[i][0] != '-' || strlen(argv[i]) != 2) die("unknown argument \"%s\" (run ./dsv2 for usage)", argv[i]);
         if (i + 1 >= argc) die("option %s needs a value", argv[i]);
@@ -2674,7 +2883,10 @@ int main(int argc, char **argv) {
         case 'f': prompt_file = v; break;
         case 'o': out_path = v; break;
         case 'y': system = v; break;
-        case 'n': steps = parse_int_arg("-n", v, 0, 1 << 24); break;
+        case 'n': steps = parse_int_arg("-n", v, 0, 1 << 24); steps_given = 1; break;
+        case 'b': batch = (int)parse_int_arg("-b", v, 1, 4096); break;
+        case 'e': eval_every = (int)parse_int_arg("-e", v, 1, 1 << 24); break;
+        case 'r': lr = parse_float_arg("-r", v, 0, 1); break;
         case 't': temperature = parse_float_arg("-t", v, 0, 100); break;
         case 'p': topp = parse_float_arg("-p", v, 0, 1); break;
         case 's': seed = (uint64_t)parse_int_arg("-s", v, 0, 0x7fffffffL); break;
@@ -2693,10 +2905,17 @@ int main(int argc, char **argv) {
         default: die("unknown option %s (run ./dsv2 for usage)", argv[i]);
         }
     }
-    const char *modes[] = {"generate", "chat", "logits", "encode", "decode"};
+    const char *modes[] = {"generate", "chat", "logits", "encode", "decode", "train"};
     int m = 0;
-    while (m < 5 && strcmp(mode, modes[m])) m++;
-    if (m == 5) die("unknown mode \"%s\" (generate | chat | logits | encode | decode)", mode);
+    while (m < 6 && strcmp(mode, modes[m])) m++;
+    if (m == 6) die("unknown mode \"%s\" (generate | chat | logits | encode | decode | train)", mode);
+    if (m == 5) {
+        if (!prompt_file || !out_path) die("-m train needs -f CORPUS and -o OUT");
+        if (is_tokenizer_file(path)) die("%s is a tokenizer, not a model", path);
+        TrainOptions o = {steps_given ? (int)steps : 256, batch, context ? (int)context : 128, eval_every, (int)seed, lr, prompt_file, out_path};
+        train(path, &o);
+        return 0;
+    }
     int is_chat = m == 1, is_logits = m == 2, is_encode = m == 3, is_decode = m == 4;
     if (prompt && prompt_file) die("give the prompt with -i or -f, not both");
     if (is_logits && !out_path) die("-m logits needs -o FILE");

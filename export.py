@@ -44,14 +44,18 @@ def fail(msg):
 
 # --------------------------------------------------------------------------- config
 
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"cannot read {path}: {e}")
+
+
 def read_config(path, hf=None):
     """config.json (or the same dict) -> the header fields, validated. Fails on anything dsv2.c cannot run."""
     if hf is None:
-        try:
-            with open(path) as f:
-                hf = json.load(f)
-        except (OSError, ValueError) as e:
-            fail(f"cannot read {path}: {e}")
+        hf = read_json(path)
     if hf.get("model_type") not in ("deepseek_v2", None):
         fail(f"{path}: model_type {hf.get('model_type')!r} is not deepseek_v2")
 
@@ -591,9 +595,21 @@ def preset_config(name, layers=None):
 def export_random(preset, out, dtype_name, layers, seed):
     """Random weights of a real shape, straight into our format, a chunk at a time: uniform with
     std 0.02 for matrices (router included: its logits spread tokens over the experts), norms 1."""
-    if preset not in PRESETS:
-        fail(f"--random expects one of {', '.join(PRESETS)}")
-    config = read_config(f"--random {preset}", preset_config(preset, layers))
+    tokenizer = b""
+    if os.path.isfile(preset):  # a config.json of our own (e.g. models/tiny), with the tokenizer beside it
+        hf = read_json(preset)
+        if layers:
+            hf["num_hidden_layers"] = layers
+        config = read_config(preset, hf)
+        tok_path = os.path.join(os.path.dirname(preset), "tokenizer.json")
+        if os.path.exists(tok_path):
+            tokenizer, n_ids, _ = read_tokenizer(tok_path)
+            if n_ids > config["vocab_size"]:
+                fail(f"{tok_path} has {n_ids} ids but vocab_size is {config['vocab_size']}")
+    elif preset in PRESETS:
+        config = read_config(f"--random {preset}", preset_config(preset, layers))
+    else:
+        fail(f"--random expects one of {', '.join(PRESETS)} or a config.json")
     dtype_name = dtype_name or "bf16"
     config["dtype"] = DTYPES[dtype_name]
     config["q8_group"] = q8_group_size(config) if dtype_name == "q8" else 0
@@ -612,8 +628,85 @@ def export_random(preset, out, dtype_name, layers, seed):
     w = Writer(out, config)
     for name, shape, is_matrix in tensor_plan(config):
         write_tensor(w, chunks(shape, is_matrix), is_matrix, dtype_name, config["q8_group"])
-    size = w.finish()
-    print(f"wrote {out}: random {preset}, {config['num_hidden_layers']} layers, {dtype_name}, {size / 2**30:.2f} GiB")
+    size = w.finish(tokenizer)
+    print(f"wrote {out}: random {preset}, {config['num_hidden_layers']} layers, {dtype_name}, {size / 2**30:.3f} GiB"
+          + (", with tokenizer" if tokenizer else ""))
+
+
+def train_tokenizer(corpus, vocab_size, out_dir):
+    """Byte-level BPE trained on a text file, saved as a Hugging Face tokenizer.json (the format the
+    real DeepSeek tokenizers use, read back by the same code): 256 byte tokens, then one token per
+    merge, then BOS and EOS. Pre-tokenizer: GPT-2's ByteLevel regex (ASCII form used for counting)."""
+    import collections
+    import re
+    try:
+        with open(corpus, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read {corpus} as UTF-8 text: {e}")
+    if not text.isascii():
+        fail(f"{corpus}: the trainer counts words with the ASCII form of the pre-tokenizer; the text must be ASCII")
+    n_merges = vocab_size - 256 - 2
+    if n_merges < 0:
+        fail("the vocabulary must hold at least 258 tokens (256 bytes, BOS, EOS)")
+    ascii_gpt2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"
+    byte_char = {b: ch for ch, b in byte_level_decoder().items()}
+    words = collections.Counter(re.findall(ascii_gpt2, text))
+    seqs = [[byte_char[b] for b in w.encode()] for w in words]
+    freqs = list(words.values())
+    pairs, where = collections.Counter(), collections.defaultdict(set)
+    for i, sq in enumerate(seqs):
+        for a, b in zip(sq, sq[1:]):
+            pairs[a, b] += freqs[i]
+            where[a, b].add(i)
+    vocab = [byte_char[b] for b in range(256)]
+    merges = []
+    for _ in range(n_merges):
+        if not pairs:
+            break
+        (a, b), count = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
+        if count < 2:
+            break
+        merges.append((a, b))
+        vocab.append(a + b)
+        for i in list(where[a, b]):
+            sq, f = seqs[i], freqs[i]
+            for x, y in zip(sq, sq[1:]):  # remove this word's old pairs
+                pairs[x, y] -= f
+                if pairs[x, y] <= 0:
+                    del pairs[x, y]
+                where[x, y].discard(i)
+            j, new = 0, []
+            while j < len(sq):
+                if j + 1 < len(sq) and sq[j] == a and sq[j + 1] == b:
+                    new.append(a + b)
+                    j += 2
+                else:
+                    new.append(sq[j])
+                    j += 1
+            seqs[i] = new
+            for x, y in zip(new, new[1:]):
+                pairs[x, y] += f
+                where[x, y].add(i)
+    bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
+    n = len(vocab)
+    tj = {"version": "1.0", "truncation": None, "padding": None,
+          "added_tokens": [dict(id=n, content=bos, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True),
+                           dict(id=n + 1, content=eos, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)],
+          "normalizer": None,
+          "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+          "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                                                                     {"Sequence": {"id": "A", "type_id": 0}}]},
+          "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+          "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                    "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                    "vocab": {t: i for i, t in enumerate(vocab)}, "merges": [f"{x} {y}" for x, y in merges]}}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(tj, f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": bos, "eos_token": eos, "add_bos_token": True}, f)
+    print(f"wrote {out_dir}/tokenizer.json: {n + 2} tokens ({len(merges)} merges) from {len(text)} bytes of {corpus}")
 
 
 def export_tokenizer(path, out):
@@ -628,6 +721,15 @@ def main(argv):
     args, dtype, tokenizer, random_preset, layers, seed = [], None, None, None, None, 0
     i = 0
     while i < len(argv):
+        if argv[i] == "--train-tokenizer":
+            if len(argv) != i + 4:
+                fail("usage: python3 export.py --train-tokenizer CORPUS.txt VOCAB_SIZE OUT_DIR")
+            try:
+                vocab_size = int(argv[i + 2])
+            except ValueError:
+                fail("VOCAB_SIZE must be an integer")
+            train_tokenizer(argv[i + 1], vocab_size, argv[i + 3])
+            return
         if argv[i] in ("--random", "--layers", "--seed"):
             if i + 1 >= len(argv):
                 fail(f"{argv[i]} needs a value")

@@ -1104,6 +1104,51 @@ static void test_bad_inputs(const char *fixture) {
     expect_clean_error("export.py with a missing folder", cmd, NULL);
 }
 
+/* The training CLI end to end on the built-in model's config: a few steps from random weights,
+ * the checkpoint runs as a normal model, the CSV and SVG appear, and training resumes. */
+static void test_train_cli(void) {
+    printf("training CLI\n");
+    char init[512], out[512], corpus[512], cmd[4096], err[8192];
+    snprintf(init, sizeof init, "%s/init.bin", tmp_dir);
+    snprintf(out, sizeof out, "%s/trained.bin", tmp_dir);
+    snprintf(corpus, sizeof corpus, "%s/corpus.txt", tmp_dir);
+    FILE *f = fopen(corpus, "w");
+    for (int i = 0; i < 200; i++) fprintf(f, "In the beginning God created the heaven and the earth. And the earth was without form, and void %d.\n", i);
+    fclose(f);
+    snprintf(cmd, sizeof cmd, "%s export.py --random models/tiny/config.json %s --dtype f32 --layers 2", python, init);
+    int code = run(cmd, err, sizeof err);
+    check(code == 0, "export.py --random models/tiny/config.json (2 layers, with its tokenizer)");
+    if (code) return;
+    snprintf(cmd, sizeof cmd, "%s %s -m train -f %s -o %s -n 6 -b 2 -c 32 -e 3 -r 0.01 -s 1", dsv2_bin, init, corpus, out);
+    code = run(cmd, err, sizeof err);
+    char *csv_text = NULL;
+    snprintf(cmd, sizeof cmd, "%s.csv", out);
+    if (code == 0 && access(cmd, R_OK) == 0) csv_text = read_file(cmd, NULL);
+    float first = 0, last = 0;
+    if (csv_text) {
+        char *line = strchr(csv_text, '\n');
+        if (line) first = (float)atof(strchr(line + 1, ',') + 1);
+        char *end = csv_text + strlen(csv_text) - 2;
+        while (end > csv_text && *end != '\n') end--;
+        last = (float)atof(strchr(end + 1, ',') + 1);
+    }
+    check(code == 0 && csv_text && count_lines(csv_text) == 7 && strstr(err, "expert load") && last < first,
+          "6 training steps: exit %d, loss %.3f -> %.3f, expert load printed, CSV of 6 steps", code, first, last);
+    free(csv_text);
+    snprintf(cmd, sizeof cmd, "%s.svg", out);
+    check(access(cmd, R_OK) == 0, "loss curve written as SVG");
+    snprintf(cmd, sizeof cmd, "%s %s -i \"In the beginning\" -n 8 -t 0", dsv2_bin, out);
+    code = run(cmd, NULL, 0);
+    char *text = stdout_text();
+    check(code == 0 && !strncmp(text, "In the beginning", 16), "the checkpoint runs as a normal model: \"%.60s\"", text);
+    free(text);
+    snprintf(cmd, sizeof cmd, "%s %s -m train -f %s -o %s.2 -n 2 -b 2 -c 32 -e 10", dsv2_bin, out, corpus, out);
+    code = run(cmd, err, sizeof err);
+    check(code == 0 && strstr(err, "resuming after step 6"), "training resumes from a checkpoint and its Adam state");
+    snprintf(cmd, sizeof cmd, "%s tests/fixtures/lite/model.safetensors -m train -f %s -o %s.3", dsv2_bin, corpus, out);
+    expect_clean_error("training from a file that is not a checkpoint", cmd, "magic");
+}
+
 /* f32 -> bf16 in export.py must round to nearest even exactly like the fixture's bf16 set. */
 static void test_bf16_rounding(const char *f32_dir, const char *bf16_dir) {
     char a[512], b[512];
@@ -1143,6 +1188,7 @@ int main(int argc, char **argv) {
         printf("export\n");
         test_bf16_rounding("tests/fixtures/v2", "tests/fixtures/v2-bf16-sharded");
         test_bad_inputs("tests/fixtures/lite");
+        test_train_cli();
     }
     char cmd[512];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmp_dir);
