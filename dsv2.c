@@ -424,7 +424,7 @@ static void dot4_q8_group32_portable(const Mat *W, const size_t row[4], const in
 static int dsv2_simd = 1;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
-static void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4], const int8_t *const xq[4], const float *const xs[4], float out[4][4]) {
+static inline void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4], const int8_t *const xq[4], const float *const xs[4], int nt, float out[4][4]) {
     int groups = W->cols / 32, g = 0;
     const int8_t *w[4];
     const float *ws[4];
@@ -446,7 +446,7 @@ static void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4], const int8
             w_neg[k] = _mm512_movepi8_mask(wv);
         }
         __m256 w_scale = _mm256_setr_ps(ws[0][g], ws[0][g + 1], ws[1][g], ws[1][g + 1], ws[2][g], ws[2][g + 1], ws[3][g], ws[3][g + 1]);
-        for (int t = 0; t < 4; t++) {
+        for (int t = 0; t < nt; t++) {
             __m512i xv = _mm512_loadu_si512((const void *)(xq[t] + g * 32));
             double xs_pair;
             memcpy(&xs_pair, xs[t] + g, sizeof xs_pair);
@@ -459,7 +459,7 @@ static void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4], const int8
         }
     }
     for (int k = 0; k < 4; k++)
-        for (int t = 0; t < 4; t++) {
+        for (int t = 0; t < nt; t++) {
             float sum = _mm512_reduce_add_ps(acc[k][t]);
             for (int h = g; h < groups; h++) {  /* an odd last group */
                 int32_t dot = 0;
@@ -470,7 +470,6 @@ static void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4], const int8
         }
 }
 #endif
-
 
 /* Four consecutive rows of W (from r0; rows past the end repeat the last) dotted with one token:
  * four independent weight streams per thread keep more memory reads in flight than one.
@@ -532,7 +531,12 @@ static void dot_block(const Mat *W, int r0, const float *x, const ActivationScra
             xq[k] = act->q + (size_t)tok[k] * cols;
             xs[k] = act->scale + (size_t)tok[k] * groups;
         }
-        dot4x4_q8_group32_vnni(W, row, xq, xs, out);
+        switch (n - t0 < 4 ? n - t0 : 4) {  /* a constant count each, so every loop unrolls */
+        case 1: dot4x4_q8_group32_vnni(W, row, xq, xs, 1, out); break;
+        case 2: dot4x4_q8_group32_vnni(W, row, xq, xs, 2, out); break;
+        case 3: dot4x4_q8_group32_vnni(W, row, xq, xs, 3, out); break;
+        default: dot4x4_q8_group32_vnni(W, row, xq, xs, 4, out);
+        }
         return;
     }
 #endif
