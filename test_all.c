@@ -678,10 +678,12 @@ static void check_training(const char *dir, const char *model_path) {
             if (p.w.layers[l].is_moe && k < n_aux) aux_err = fmax(aux_err, fabs(ts.aux[l] - aux[k++]));
         snprintf(name, sizeof name, "train.step%d.loss.total", step);
         float *tot = load_ref(dir, name, &tl);
+        /* at theta1 and theta2 our parameters carry AdamW's amplified float32 noise (see below) */
+        double tol = step == 0 ? 1e-5 : 5e-5;
         if (ce && tot)
-            check(fabs(ts.ce - ce[0]) < 1e-5 && aux_err < 1e-5 && k == n_aux && fabs(total - tot[0]) < 1e-5,
-                  "%s: training loss at step %d: CE %.6f (ref %.6f), balance loss max diff %.1e, total %.6f (ref %.6f)", dir, step,
-                  ts.ce, ce[0], aux_err, total, tot[0]);
+            check(fabs(ts.ce - ce[0]) < tol && aux_err < tol && k == n_aux && fabs(total - tot[0]) < tol,
+                  "%s: training loss at step %d: CE %.6f (ref %.6f), balance loss max diff %.1e, total %.6f (ref %.6f), tolerance %.0e", dir, step,
+                  ts.ce, ce[0], aux_err, total, tot[0], tol);
         free(ce); free(aux); free(tot);
         if (step == 2) break;
         memset(params_data(&g), 0, n * 4);
