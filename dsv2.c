@@ -2454,8 +2454,8 @@ static void train_backward(const Params *p, const Params *grads, TrainState *ts,
     float *dx = xcalloc(ND, 4), *dxf = xcalloc(ND, 4);
     linear_backward(&w->lm_head, &gw->lm_head, ts->xf, dlogits, dxf, N);
     rmsnorm_backward(dx, mut(gw->final_norm), ts->x_final, w->final_norm, ts->rstd_f, dxf, N, D);
-    float *dbranch = xcalloc(ND, 4), *dxn = xcalloc(ND, 4);
-    int width = max_int(c->intermediate_size, c->moe_intermediate_size * c->n_shared_experts), Im = c->moe_intermediate_size;
+    float *dxn = xcalloc(ND, 4);
+    int Im = c->moe_intermediate_size;
     for (int l = c->num_hidden_layers - 1; l >= 0; l--) {
         const Layer *L = &w->layers[l], *G = &gw->layers[l];
         LayerActs *a = &ts->layers[l];
@@ -2584,8 +2584,7 @@ static void train_backward(const Params *p, const Params *grads, TrainState *ts,
         float *row = mut(gw->embed.data) + (size_t)inputs[t] * D;
         for (int i = 0; i < D; i++) row[i] += dx[(size_t)t * D + i];
     }
-    free(dx); free(dxf); free(dbranch); free(dxn);
-    (void)width;
+    free(dx); free(dxf); free(dxn);
 }
 
 /* AdamW as torch.optim.AdamW, on every parameter (zero gradients still decay). step counts from 1. */
