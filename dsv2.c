@@ -421,7 +421,7 @@ static void dot4_q8_group32_portable(const Mat *W, const size_t row[4], const in
  * weight load serves every token of a prefill batch. vpdpbusd multiplies unsigned by signed
  * bytes, so the weights' signs move onto the activations: |w| * (x * sign w) = w * x. The tests
  * run both this and the portable version above; dsv2_simd = 0 forces the portable one. */
-static int dsv2_simd = 1;
+int dsv2_simd = 1;  /* not static: a build without VNNI has no other use of it, and the tests set it */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 static inline void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4], const int8_t *const xq[4], const float *const xs[4], int nt, float out[4][4]) {
@@ -1043,8 +1043,70 @@ static float *forward_batch(const Weights *w, RunState *s, const int *tokens, in
     return s->logits;
 }
 
+#ifdef DSV2_CUDA
+/* The GPU build (make cuda): dsv2.cu runs the same forward pass on NVIDIA GPUs. This file stays
+ * the host program; it hands dsv2.cu the config and every tensor in file order, and forward()
+ * below sends tokens there. */
+typedef struct {
+    const void *data;
+    const float *scale;
+    int dtype, rows, cols, group;  /* rows = 1 for a vector */
+} GpuTensor;
+void *cuda_create(const Config *c, const GpuTensor *tensors, int n_tensors, int context, const char *gpus,
+                  void (*route)(const Config *, const float *, int *, float *));
+float *cuda_forward(void *gpu, const int *tokens, int n, int pos);
+void cuda_destroy(void *gpu);
+static void *gpu_model;  /* set by main with -g */
+
+/* Routing on the host, the same code as the CPU path: the GPU sends E probabilities per token. */
+static void route_for_gpu(const Config *c, const float *probs, int *idx, float *weight) {
+    static RouterScratch r;
+    static int E, G;
+    if (E != c->n_routed_experts || G != c->n_group) {
+        free(r.masked); free(r.group_score); free(r.taken); free(r.group_taken);
+        E = c->n_routed_experts; G = c->n_group;
+        r.masked = xcalloc(E, sizeof(float)); r.group_score = xcalloc(G, sizeof(float));
+        r.taken = xcalloc(E, 1); r.group_taken = xcalloc(G, 1);
+    }
+    route_tokens(c, probs, idx, weight, &r);
+}
+
+/* Every tensor in file order, as dsv2.cu walks them. */
+static void *gpu_model_create(const Weights *w, int context, const char *gpus) {
+    const Config *c = &w->cfg;
+    GpuTensor *t = xcalloc(3 + (size_t)c->num_hidden_layers * (16 + 3 * (size_t)c->n_routed_experts), sizeof(GpuTensor));
+    int n = 0;
+#define GPU_VEC(p, len) t[n++] = (GpuTensor){(p), NULL, DTYPE_F32, 1, (len), (len)}
+#define GPU_MAT(m) t[n++] = (GpuTensor){(m).data, (m).scale, (m).dtype, (m).rows, (m).cols, (m).group}
+    GPU_MAT(w->embed);
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        const Layer *L = &w->layers[l];
+        GPU_VEC(L->input_norm, c->hidden_size);
+        if (c->q_lora_rank > 0) { GPU_MAT(L->q_a_proj); GPU_VEC(L->q_a_norm, c->q_lora_rank); GPU_MAT(L->q_b_proj); }
+        else GPU_MAT(L->q_proj);
+        GPU_MAT(L->kv_a_proj); GPU_VEC(L->kv_a_norm, c->kv_lora_rank); GPU_MAT(L->kv_b_proj); GPU_MAT(L->o_proj);
+        GPU_VEC(L->post_attention_norm, c->hidden_size);
+        if (L->is_moe) {
+            GPU_MAT(L->router);
+            for (int e = 0; e < c->n_routed_experts; e++) { GPU_MAT(L->expert_gate[e]); GPU_MAT(L->expert_up[e]); GPU_MAT(L->expert_down[e]); }
+        }
+        if (L->has_mlp) { GPU_MAT(L->mlp_gate); GPU_MAT(L->mlp_up); GPU_MAT(L->mlp_down); }
+    }
+    GPU_VEC(w->final_norm, c->hidden_size);
+    GPU_MAT(w->lm_head);
+#undef GPU_VEC
+#undef GPU_MAT
+    void *gpu = cuda_create(c, t, n, context, gpus, route_for_gpu);
+    free(t);
+    return gpu;
+}
+#endif
+
 /* Any number of tokens: in chunks of MAX_BATCH. */
 static float *forward(const Weights *w, RunState *s, const int *tokens, int n, int pos) {
+#ifdef DSV2_CUDA
+    if (gpu_model) return cuda_forward(gpu_model, tokens, n, pos);
+#endif
     float *logits = NULL;
     for (int done = 0; done < n; done += MAX_BATCH) {
         int chunk = n - done < MAX_BATCH ? n - done : MAX_BATCH;
@@ -2839,6 +2901,7 @@ static void usage(void) {
             "  -a MODE    attention: absorb (default, latent cache) | naive (per-head K/V cache)\n"
             "  -c N       context length (default min(max_position_embeddings, 4096))\n"
             "  -w MODE    weights: auto (default) | mmap (read in place) | load (into huge-page memory)\n"
+            "  -g LIST    (the CUDA build, ./dsv2cu) GPUs to split the layers over, e.g. 0 or 0,1 or 0,0\n"
             "training (-m train, an f32 model with a tokenizer): -f corpus.txt -o out.bin -n steps (default 256)\n"
             "  -b N       sequences per batch (default 8); -c N: tokens per sequence (default 128)\n"
             "  -r LR      peak learning rate (default 3e-3); -e N: validate and checkpoint every N steps (default 100)\n");
@@ -2870,7 +2933,7 @@ static int is_tokenizer_file(const char *path) {
 
 int main(int argc, char **argv) {
     if (argc < 2 || argv[1][0] == '-') usage();
-    const char *path = argv[1], *mode = "generate", *prompt = NULL, *prompt_file = NULL, *out_path = NULL, *system = NULL;
+    const char *path = argv[1], *mode = "generate", *prompt = NULL, *prompt_file = NULL, *out_path = NULL, *system = NULL, *gpus = NULL;
     long steps = 256, context = 0;
     float temperature = 1.0f, topp = 0.9f;
     uint64_t seed = (uint64_t)time(NULL);
@@ -2886,6 +2949,7 @@ int main(int argc, char **argv) {
         case 'f': prompt_file = v; break;
         case 'o': out_path = v; break;
         case 'y': system = v; break;
+        case 'g': gpus = v; break;
         case 'n': steps = parse_int_arg("-n", v, 0, 1 << 24); steps_given = 1; break;
         case 'b': batch = (int)parse_int_arg("-b", v, 1, 4096); break;
         case 'e': eval_every = (int)parse_int_arg("-e", v, 1, 1 << 24); break;
@@ -2979,6 +3043,11 @@ int main(int argc, char **argv) {
         }
         RunState s;
         init_run_state(&s, c, attn_mode, (int)context);
+#ifdef DSV2_CUDA
+        gpu_model = gpu_model_create(&w, (int)context, gpus ? gpus : "0");
+#else
+        if (gpus) die("-g needs the CUDA build (make cuda, then ./dsv2cu)");
+#endif
         print_kv_cache_sizes(c, (int)context, attn_mode);
         fprintf(stderr, "weights: %s, %.3f GB read per decoded token, %d threads\n",
                 c->dtype == DTYPE_Q8 ? "q8" : c->dtype == DTYPE_BF16 ? "bf16" : "f32", decode_bytes_per_token(&w) / 1e9,
@@ -3004,6 +3073,10 @@ int main(int argc, char **argv) {
         free(sp.order);
         free_run_state(&s);
         free(ids.ids);
+#ifdef DSV2_CUDA
+        cuda_destroy(gpu_model);
+        gpu_model = NULL;
+#endif
     }
     free(file_text);
     if (has_tokenizer) free_tokenizer(&tok);
