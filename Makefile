@@ -7,7 +7,7 @@ OMP = -fopenmp
 PYTHON ?= $(shell for p in python3 /usr/bin/python3; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
 SAN = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-.PHONY: all test test-asan clean run bench bench-full
+.PHONY: all test test-asan clean run bench bench-full cuda test-cuda
 
 all: dsv2
 
@@ -29,8 +29,21 @@ test_all_asan: test_all.c dsv2.c
 test-asan: dsv2_asan test_all_asan
 	PYTHON=$(PYTHON) DSV2_BIN=./dsv2_asan ./test_all_asan
 
+# The GPU build: dsv2.c as the host program (-DDSV2_CUDA) linked with dsv2.cu. Warnings are errors.
+NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
+CUDA_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+cuda: dsv2cu
+dsv2cu: dsv2.c dsv2.cu
+	@mkdir -p build
+	$(CC) $(WARN) -Werror -O3 $(OMP) -DDSV2_CUDA -c dsv2.c -o build/dsv2_host.o
+	$(NVCC) -O3 -std=c++17 $(CUDA_ARCH) -Werror all-warnings -Xcompiler -Wall,-Wextra -c dsv2.cu -o build/dsv2_gpu.o
+	$(NVCC) $(CUDA_ARCH) -o $@ build/dsv2_host.o build/dsv2_gpu.o -Xcompiler -fopenmp -lm
+# On a machine with a GPU: the fixtures through ./dsv2cu, and GPU vs CPU logits on a random V2-Lite shape.
+test-cuda: dsv2cu dsv2 test_all
+	PYTHON=$(PYTHON) tests/test_cuda.sh
+
 clean:
-	rm -f dsv2 test_all dsv2_asan test_all_asan
+	rm -f dsv2 test_all dsv2_asan test_all_asan dsv2cu
 
 # The built-in model: DeepSeek-V2 architecture, 3.4M parameters, trained by dsv2.c on the KJV
 # Bible (models/tiny/README.md has the exact commands that reproduce it).

@@ -1,0 +1,510 @@
+/*
+ * dsv2.cu: the DeepSeek-V2 forward pass on NVIDIA GPUs, mirroring dsv2.c step by step.
+ *
+ * dsv2.c stays the host program (checkpoint, tokenizer, sampler, CLI); built with -DDSV2_CUDA
+ * and linked with this file (make cuda -> ./dsv2cu), its forward() sends tokens here. Weights
+ * (f32, bf16 or q8, read as stored) are copied to the GPUs once; activations and accumulation are
+ * float32 (fp16 overflows in this model's MoE). Attention is the absorbed MLA decode over a latent
+ * cache on the GPU: kv_lora_rank + qk_rope_head_dim floats per token per layer. The router's E
+ * probabilities come back to the host, which picks experts with dsv2.c's own route_tokens; only
+ * the chosen experts run. Several GPUs: -g 0,1 splits the layers by free memory and moves the
+ * hidden state between devices; -g 0,0 runs the same split on one device (tests the split).
+ *
+ * Status: built for sm_80 and sm_90 with nvcc 13 (warnings are errors); not yet run on a GPU.
+ */
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <algorithm>
+#include <vector>
+
+extern "C" {
+/* The checkpoint header, exactly as dsv2.c's Config (the file format; 512 bytes). */
+typedef struct {
+    char magic[4];
+    uint32_t version;
+    int32_t dtype, vocab_size, hidden_size, num_hidden_layers, num_attention_heads, q_lora_rank, kv_lora_rank;
+    int32_t qk_nope_head_dim, qk_rope_head_dim, v_head_dim, intermediate_size, moe_intermediate_size;
+    int32_t n_routed_experts, n_shared_experts, num_experts_per_tok, topk_method, n_group, topk_group;
+    int32_t norm_topk_prob, first_k_dense_replace, moe_layer_freq, max_position_embeddings, bos_token_id;
+    int32_t eos_token_id, rope_scaling, original_max_position_embeddings, seq_aux, q8_group, reserved_int[4];
+    double rms_norm_eps, rope_theta, routed_scaling_factor, rope_factor, beta_fast, beta_slow, mscale, mscale_all_dim;
+    double aux_loss_alpha, reserved_float[7];
+    uint64_t tokenizer_offset, tokenizer_size, file_size, reserved_u64;
+    char pad[512 - 8 - 32 * 4 - 16 * 8 - 4 * 8];
+} Config;
+static_assert(sizeof(Config) == 512, "header layout must match dsv2.c");
+
+typedef struct {
+    const void *data;
+    const float *scale;
+    int dtype, rows, cols, group;
+} GpuTensor;
+
+void *cuda_create(const Config *c, const GpuTensor *tensors, int n_tensors, int context, const char *gpus,
+                  void (*route)(const Config *, const float *, int *, float *));
+float *cuda_forward(void *gpu, const int *tokens, int n, int pos);
+void cuda_destroy(void *gpu);
+}
+
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_Q8 = 2 };
+
+#define CUDA_CHECK(call)                                                                             \
+    do {                                                                                             \
+        cudaError_t err_ = (call);                                                                   \
+        if (err_ != cudaSuccess) {                                                                   \
+            fprintf(stderr, "dsv2: error: CUDA: %s (%s:%d)\n", cudaGetErrorString(err_), __FILE__, __LINE__); \
+            exit(1);                                                                                 \
+        }                                                                                            \
+    } while (0)
+
+/* ------------------------------------------------------------------------- */
+/* Kernels (each mirrors the dsv2.c function named in its comment)            */
+/* ------------------------------------------------------------------------- */
+
+/* A weight matrix on the device: as stored in the checkpoint. */
+struct DevMat {
+    const void *data = nullptr;
+    const float *scale = nullptr;
+    int dtype = DTYPE_F32, rows = 0, cols = 0, group = 1;
+};
+
+__device__ __forceinline__ float weight_at(const DevMat &W, size_t i) {
+    if (W.dtype == DTYPE_BF16) return __uint_as_float((uint32_t)((const uint16_t *)W.data)[i] << 16);
+    if (W.dtype == DTYPE_Q8) return ((const int8_t *)W.data)[i] * W.scale[i / W.group];
+    return ((const float *)W.data)[i];
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/* matmul with n = 1 (dsv2.c: matmul): one warp per output row, float32 sums.
+ * Rows map to weights in groups so that per-head slices of kv_b_proj need no copy: output row o
+ * reads weight row (o / rows_per_group) * group_stride + group_offset + o % rows_per_group, and
+ * x + (o / rows_per_group) * x_stride. A plain matrix: rows_per_group = rows, the rest 0. */
+__global__ void matvec_kernel(float *y, DevMat W, const float *x, int rows, int rows_per_group, int group_stride,
+                              int group_offset, int x_stride, int accumulate, float alpha) {
+    int o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (o >= rows) return;
+    int g = o / rows_per_group;
+    size_t row = (size_t)g * group_stride + group_offset + o % rows_per_group;
+    const float *xg = x + (size_t)g * x_stride;
+    float sum = 0.0f;
+    for (int i = lane; i < W.cols; i += 32) sum += weight_at(W, row * W.cols + i) * xg[i];
+    sum = warp_sum(sum);
+    if (lane == 0) y[o] = accumulate ? y[o] + alpha * sum : alpha * sum;
+}
+
+/* y^T = x^T W over one head's rows (dsv2.c: matvec_transposed): q_abs[h] = W_UK[h]^T q_nope[h]. */
+__global__ void absorb_query_kernel(float *q_abs, DevMat kv_b, const float *q, int rank, int nope, int q_head_dim, int kv_head_rows) {
+    int h = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= rank) return;
+    const float *q_nope = q + (size_t)h * q_head_dim;
+    float sum = 0.0f;
+    for (int r = 0; r < nope; r++) sum += q_nope[r] * weight_at(kv_b, ((size_t)h * kv_head_rows + r) * rank + c);
+    q_abs[(size_t)h * rank + c] = sum;
+}
+
+/* RMSNorm of one vector (dsv2.c: rmsnorm), one block. */
+__global__ void rmsnorm_kernel(float *out, const float *x, const float *w, int n, float eps) {
+    __shared__ float partial[32];
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += x[i] * x[i];
+    ss = warp_sum(ss);
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : 0.0f;
+        v = warp_sum(v);
+        if (threadIdx.x == 0) partial[0] = rsqrtf(v / n + eps);
+    }
+    __syncthreads();
+    float inv = partial[0];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = w[i] * (x[i] * inv);
+}
+
+/* RoPE on interleaved pairs (dsv2.c: rope_rotate), for `count` vectors `stride` apart. */
+__global__ void rope_kernel(float *x, int count, int stride, const float *cos_row, const float *sin_row, int half) {
+    int v = blockIdx.x, i = threadIdx.x;
+    if (v >= count || i >= half) return;
+    float *p = x + (size_t)v * stride;
+    float a = p[2 * i], b = p[2 * i + 1];
+    p[2 * i] = a * cos_row[i] - b * sin_row[i];
+    p[2 * i + 1] = a * sin_row[i] + b * cos_row[i];
+}
+
+/* Scores against the latent cache (dsv2.c: mla_attend_absorbed): one warp per (head, position). */
+__global__ void latent_scores_kernel(float *scores, const float *q_abs, const float *q, const float *cache, int positions, int rank,
+                                     int rope, int nope, int q_head_dim, int context, float scale) {
+    int h = blockIdx.y, j = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (j >= positions) return;
+    const float *cj = cache + (size_t)j * (rank + rope), *qa = q_abs + (size_t)h * rank, *q_pe = q + (size_t)h * q_head_dim + nope;
+    float sum = 0.0f;
+    for (int i = lane; i < rank; i += 32) sum += qa[i] * cj[i];
+    for (int i = lane; i < rope; i += 32) sum += q_pe[i] * cj[rank + i];
+    sum = warp_sum(sum);
+    if (lane == 0) scores[(size_t)h * context + j] = scale * sum;
+}
+
+/* In-place softmax of each head's scores (dsv2.c: softmax), one block per head. */
+__global__ void softmax_kernel(float *scores, int n, int stride) {
+    __shared__ float red[32];
+    float *s = scores + (size_t)blockIdx.x * stride;
+    float mx = -INFINITY;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) mx = fmaxf(mx, s[i]);
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = mx;
+    __syncthreads();
+    mx = red[0];
+    for (int k = 1; k < (int)blockDim.x / 32; k++) mx = fmaxf(mx, red[k]);
+    __syncthreads();
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) { s[i] = expf(s[i] - mx); sum += s[i]; }
+    sum = warp_sum(sum);
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = sum;
+    __syncthreads();
+    sum = 0.0f;
+    for (int k = 0; k < (int)blockDim.x / 32; k++) sum += red[k];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s[i] /= sum;
+}
+
+/* u[h] = sum_j P[h][j] c_j (dsv2.c: mla_attend_absorbed). */
+__global__ void latent_sum_kernel(float *u, const float *scores, const float *cache, int positions, int rank, int rope, int context) {
+    int h = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rank) return;
+    const float *p = scores + (size_t)h * context;
+    float sum = 0.0f;
+    for (int j = 0; j < positions; j++) sum += p[j] * cache[(size_t)j * (rank + rope) + i];
+    u[(size_t)h * rank + i] = sum;
+}
+
+__global__ void silu_mul_kernel(float *g, const float *u, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+__global__ void add_kernel(float *x, const float *y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+__global__ void embed_kernel(float *x, DevMat E, int token) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < E.cols) x[i] = weight_at(E, (size_t)token * E.cols + i);
+}
+
+/* ------------------------------------------------------------------------- */
+/* The model on the GPUs                                                      */
+/* ------------------------------------------------------------------------- */
+
+struct DevLayer {
+    int device = 0, is_moe = 0, has_mlp = 0;
+    const float *input_norm = nullptr, *post_attention_norm = nullptr, *q_a_norm = nullptr, *kv_a_norm = nullptr;
+    DevMat q_proj, q_a_proj, q_b_proj, kv_a_proj, kv_b_proj, o_proj, mlp_gate, mlp_up, mlp_down, router;
+    std::vector<DevMat> expert_gate, expert_up, expert_down;
+    float *cache = nullptr;  /* [context][kv_lora_rank + rope] */
+};
+
+struct DevScratch {  /* per device */
+    float *x, *xn, *branch, *q_latent, *q, *kv_a, *q_abs, *u, *head_out, *scores, *hidden, *hidden2, *expert, *probs, *logits;
+    float *rope_cos, *rope_sin;
+};
+
+struct Gpu {
+    Config cfg;
+    int context, n_devices;
+    std::vector<int> device_ids;
+    std::vector<DevLayer> layers;
+    std::vector<DevScratch> scratch;
+    DevMat embed, lm_head;
+    const float *final_norm = nullptr;
+    int embed_device = 0, head_device = 0;
+    void (*route)(const Config *, const float *, int *, float *);
+    std::vector<float> host_logits, host_probs, host_x;
+    std::vector<int> topk_idx;
+    std::vector<float> topk_weight;
+};
+
+static size_t tensor_bytes(const GpuTensor &t) {
+    size_t elem = t.dtype == DTYPE_Q8 ? 1 : t.dtype == DTYPE_BF16 ? 2 : 4;
+    return (size_t)t.rows * t.cols * elem;
+}
+
+static DevMat upload(const GpuTensor &t) {
+    DevMat m;
+    m.dtype = t.dtype; m.rows = t.rows; m.cols = t.cols; m.group = t.group;
+    void *data;
+    CUDA_CHECK(cudaMalloc(&data, tensor_bytes(t)));
+    CUDA_CHECK(cudaMemcpy(data, t.data, tensor_bytes(t), cudaMemcpyHostToDevice));
+    m.data = data;
+    if (t.dtype == DTYPE_Q8) {
+        size_t bytes = (size_t)t.rows * (t.cols / t.group) * sizeof(float);
+        float *scale;
+        CUDA_CHECK(cudaMalloc(&scale, bytes));
+        CUDA_CHECK(cudaMemcpy(scale, t.scale, bytes, cudaMemcpyHostToDevice));
+        m.scale = scale;
+    }
+    return m;
+}
+
+static const float *upload_vec(const GpuTensor &t) { return (const float *)upload(t).data; }
+
+static float *dev_alloc(size_t floats) {
+    float *p;
+    CUDA_CHECK(cudaMalloc(&p, (floats ? floats : 1) * sizeof(float)));
+    CUDA_CHECK(cudaMemset(p, 0, (floats ? floats : 1) * sizeof(float)));
+    return p;
+}
+
+static int is_moe_layer(const Config *c, int l) {
+    return c->n_routed_experts > 0 && l >= c->first_k_dense_replace && l % c->moe_layer_freq == 0;
+}
+
+/* Layer l's share of memory, to split the layers by free memory on each device. */
+static double layer_weight_bytes(const GpuTensor *t, int begin, int end) {
+    double b = 0;
+    for (int i = begin; i < end; i++) b += tensor_bytes(t[i]);
+    return b;
+}
+
+static void matvec(float *y, const DevMat &W, const float *x, int accumulate = 0, float alpha = 1.0f) {
+    int warps = 8;
+    matvec_kernel<<<(W.rows + warps - 1) / warps, 32 * warps>>>(y, W, x, W.rows, W.rows, 0, 0, 0, accumulate, alpha);
+}
+
+/* The RoPE/YaRN tables come from the host: same numbers as the CPU (dsv2.c computes them). */
+static void upload_rope(Gpu *g, DevScratch &s, const float *cos_table, const float *sin_table) {
+    size_t n = (size_t)g->context * g->cfg.qk_rope_head_dim / 2;
+    s.rope_cos = dev_alloc(n);
+    s.rope_sin = dev_alloc(n);
+    CUDA_CHECK(cudaMemcpy(s.rope_cos, cos_table, n * sizeof(float), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(s.rope_sin, sin_table, n * sizeof(float), cudaMemcpyHostToDevice));
+}
+
+/* YaRN tables exactly as dsv2.c's rope_inv_freq / rope_tables (double precision, then float). */
+static void rope_tables_host(const Config *c, int positions, std::vector<float> &cos_t, std::vector<float> &sin_t) {
+    int dim = c->qk_rope_head_dim, half = dim / 2;
+    double low = 0, high = 0;
+    auto corr = [&](double rot) { return dim * log(c->original_max_position_embeddings / (rot * 2 * 3.14159265358979323846)) / (2 * log(c->rope_theta)); };
+    auto mscale = [](double s, double m) { return s <= 1 ? 1.0 : 0.1 * m * log(s) + 1.0; };
+    if (c->rope_scaling == 1) {
+        low = fmax(floor(corr(c->beta_fast)), 0);
+        high = fmin(ceil(corr(c->beta_slow)), dim - 1);
+        if (low == high) high += 0.001;
+    }
+    double m = c->rope_scaling == 1 ? mscale(c->rope_factor, c->mscale) / mscale(c->rope_factor, c->mscale_all_dim) : 1.0;
+    cos_t.resize((size_t)positions * half);
+    sin_t.resize((size_t)positions * half);
+    for (int i = 0; i < half; i++) {
+        double extra = 1.0 / pow(c->rope_theta, 2.0 * i / dim), inv = extra;
+        if (c->rope_scaling == 1) {
+            double ramp = fmin(fmax((i - low) / (high - low), 0.0), 1.0);
+            inv = extra / c->rope_factor * ramp + extra * (1 - ramp);
+        }
+        for (int p = 0; p < positions; p++) {
+            cos_t[(size_t)p * half + i] = (float)(cos(p * inv) * m);
+            sin_t[(size_t)p * half + i] = (float)(sin(p * inv) * m);
+        }
+    }
+}
+
+extern "C" void *cuda_create(const Config *c, const GpuTensor *t, int n_tensors, int context, const char *gpus,
+                             void (*route)(const Config *, const float *, int *, float *)) {
+    Gpu *g = new Gpu();
+    g->cfg = *c;
+    g->context = context;
+    g->route = route;
+    int available = 0;
+    CUDA_CHECK(cudaGetDeviceCount(&available));
+    for (const char *p = gpus; *p;) {  /* "0", "0,1", "0,0" */
+        char *end;
+        long id = strtol(p, &end, 10);
+        if (end == p || id < 0 || id >= available) {
+            fprintf(stderr, "dsv2: error: -g %s: device ids must be in [0, %d)\n", gpus, available);
+            exit(1);
+        }
+        g->device_ids.push_back((int)id);
+        p = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') { fprintf(stderr, "dsv2: error: -g expects a list like 0,1\n"); exit(1); }
+    }
+    g->n_devices = (int)g->device_ids.size();
+    /* Tensor ranges per layer, in the file order dsv2.c walks them. */
+    int L = c->num_hidden_layers, at = 1;
+    std::vector<int> first(L + 1);
+    for (int l = 0; l < L; l++) {
+        first[l] = at;
+        at += 1 + (c->q_lora_rank > 0 ? 3 : 1) + 4 + 1;
+        int moe = is_moe_layer(c, l), width = moe ? c->moe_intermediate_size * c->n_shared_experts : c->intermediate_size;
+        if (moe) at += 1 + 3 * c->n_routed_experts;
+        if (width > 0) at += 3;
+    }
+    first[L] = at;
+    if (at + 2 != n_tensors) { fprintf(stderr, "dsv2: error: GPU layout mismatch (%d tensors, expected %d)\n", n_tensors, at + 2); exit(1); }
+    /* Split the layers so each device gets a share proportional to its free memory. */
+    std::vector<double> free_bytes(g->n_devices);
+    double total_free = 0, total_layers = layer_weight_bytes(t, first[0], first[L]);
+    for (int d = 0; d < g->n_devices; d++) {
+        size_t fr, tot;
+        CUDA_CHECK(cudaSetDevice(g->device_ids[d]));
+        CUDA_CHECK(cudaMemGetInfo(&fr, &tot));
+        free_bytes[d] = (double)fr / std::count(g->device_ids.begin(), g->device_ids.end(), g->device_ids[d]);
+        total_free += free_bytes[d];
+    }
+    g->layers.resize(L);
+    double done = 0;
+    int device = 0;
+    double share = total_layers * free_bytes[0] / total_free;
+    for (int l = 0; l < L; l++) {
+        double b = layer_weight_bytes(t, first[l], first[l + 1]);
+        if (done + b / 2 > share && device + 1 < g->n_devices) { device++; share += total_layers * free_bytes[device] / total_free; }
+        done += b;
+        g->layers[l].device = device;
+    }
+    std::vector<float> cos_t, sin_t;
+    rope_tables_host(c, context, cos_t, sin_t);
+    int H = c->num_attention_heads, D = c->hidden_size, E = c->n_routed_experts, r = c->kv_lora_rank, dr = c->qk_rope_head_dim;
+    int widest = std::max(std::max(c->intermediate_size, c->moe_intermediate_size * std::max(c->n_shared_experts, 1)), D);
+    g->scratch.resize(g->n_devices);
+    for (int d = 0; d < g->n_devices; d++) {
+        CUDA_CHECK(cudaSetDevice(g->device_ids[d]));
+        DevScratch &s = g->scratch[d];
+        s.x = dev_alloc(D); s.xn = dev_alloc(D); s.branch = dev_alloc(D); s.q_latent = dev_alloc(c->q_lora_rank);
+        s.q = dev_alloc((size_t)H * (c->qk_nope_head_dim + dr)); s.kv_a = dev_alloc(r + dr); s.q_abs = dev_alloc((size_t)H * r);
+        s.u = dev_alloc((size_t)H * r); s.head_out = dev_alloc((size_t)H * c->v_head_dim); s.scores = dev_alloc((size_t)H * context);
+        s.hidden = dev_alloc(widest); s.hidden2 = dev_alloc(widest); s.expert = dev_alloc(D); s.probs = dev_alloc(E);
+        s.logits = dev_alloc(c->vocab_size);
+        upload_rope(g, s, cos_t.data(), sin_t.data());
+    }
+    for (int l = 0; l < L; l++) {
+        DevLayer &dl = g->layers[l];
+        CUDA_CHECK(cudaSetDevice(g->device_ids[dl.device]));
+        int i = first[l];
+        dl.input_norm = upload_vec(t[i++]);
+        if (c->q_lora_rank > 0) { dl.q_a_proj = upload(t[i++]); dl.q_a_norm = upload_vec(t[i++]); dl.q_b_proj = upload(t[i++]); }
+        else dl.q_proj = upload(t[i++]);
+        dl.kv_a_proj = upload(t[i++]); dl.kv_a_norm = upload_vec(t[i++]); dl.kv_b_proj = upload(t[i++]); dl.o_proj = upload(t[i++]);
+        dl.post_attention_norm = upload_vec(t[i++]);
+        dl.is_moe = is_moe_layer(c, l);
+        if (dl.is_moe) {
+            dl.router = upload(t[i++]);
+            for (int e = 0; e < E; e++) {
+                dl.expert_gate.push_back(upload(t[i++]));
+                dl.expert_up.push_back(upload(t[i++]));
+                dl.expert_down.push_back(upload(t[i++]));
+            }
+        }
+        dl.has_mlp = i < first[l + 1];
+        if (dl.has_mlp) { dl.mlp_gate = upload(t[i++]); dl.mlp_up = upload(t[i++]); dl.mlp_down = upload(t[i++]); }
+        dl.cache = dev_alloc((size_t)context * (r + dr));
+    }
+    g->embed_device = 0;
+    g->head_device = g->layers[L - 1].device;
+    CUDA_CHECK(cudaSetDevice(g->device_ids[g->embed_device]));
+    g->embed = upload(t[0]);
+    CUDA_CHECK(cudaSetDevice(g->device_ids[g->head_device]));
+    g->final_norm = upload_vec(t[first[L]]);
+    g->lm_head = upload(t[first[L] + 1]);
+    g->host_logits.resize(c->vocab_size);
+    g->host_probs.resize(E);
+    g->host_x.resize(D);
+    g->topk_idx.resize(c->num_experts_per_tok);
+    g->topk_weight.resize(c->num_experts_per_tok);
+    fprintf(stderr, "GPU split (-g %s): the device of each layer:", gpus);
+    for (int l = 0; l < L; l++) fprintf(stderr, " %d", g->device_ids[g->layers[l].device]);
+    fprintf(stderr, "\n");
+    return g;
+}
+
+/* SwiGLU on the device (dsv2.c: swiglu_mlp): out (+)= alpha * down(silu(gate x) * up x). */
+static void swiglu(DevScratch &s, float *out, const float *x, const DevMat &gate, const DevMat &up, const DevMat &down, int accumulate, float alpha) {
+    matvec(s.hidden, gate, x);
+    matvec(s.hidden2, up, x);
+    silu_mul_kernel<<<(gate.rows + 255) / 256, 256>>>(s.hidden, s.hidden2, gate.rows);
+    matvec(out, down, s.hidden, accumulate, alpha);
+}
+
+/* Moves the hidden state to another device (a peer copy, or a plain copy on the same device). */
+static void move_hidden(Gpu *g, int from, int to) {
+    if (from == to) return;
+    int D = g->cfg.hidden_size;
+    CUDA_CHECK(cudaMemcpyPeer(g->scratch[to].x, g->device_ids[to], g->scratch[from].x, g->device_ids[from], D * sizeof(float)));
+}
+
+/* One token at position pos (dsv2.c: forward_batch with n = 1). */
+static float *forward_token(Gpu *g, int token, int pos) {
+    const Config *c = &g->cfg;
+    int H = c->num_attention_heads, D = c->hidden_size, nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim;
+    int r = c->kv_lora_rank, dv = c->v_head_dim, q_head_dim = nope + rope, kv_head_rows = nope + dv, half = rope / 2;
+    int K = c->num_experts_per_tok, E = c->n_routed_experts;
+    float softmax_scale = (float)(1.0 / sqrt((double)q_head_dim));
+    if (c->rope_scaling == 1 && c->mscale_all_dim != 0) {
+        double m = c->rope_factor <= 1 ? 1.0 : 0.1 * c->mscale_all_dim * log(c->rope_factor) + 1.0;
+        softmax_scale *= (float)(m * m);
+    }
+    int dev = g->embed_device;
+    CUDA_CHECK(cudaSetDevice(g->device_ids[dev]));
+    embed_kernel<<<(D + 255) / 256, 256>>>(g->scratch[dev].x, g->embed, token);
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        DevLayer &L = g->layers[l];
+        if (L.device != dev) { move_hidden(g, dev, L.device); dev = L.device; CUDA_CHECK(cudaSetDevice(g->device_ids[dev])); }
+        DevScratch &s = g->scratch[dev];
+        const float *cos_row = s.rope_cos + (size_t)pos * half, *sin_row = s.rope_sin + (size_t)pos * half;
+        rmsnorm_kernel<<<1, 256>>>(s.xn, s.x, L.input_norm, D, (float)c->rms_norm_eps);
+        if (c->q_lora_rank > 0) {
+            matvec(s.q_latent, L.q_a_proj, s.xn);
+            rmsnorm_kernel<<<1, 256>>>(s.q_latent, s.q_latent, L.q_a_norm, c->q_lora_rank, 1e-6f);
+            matvec(s.q, L.q_b_proj, s.q_latent);
+        } else matvec(s.q, L.q_proj, s.xn);
+        rope_kernel<<<H, half>>>(s.q + nope, H, q_head_dim, cos_row, sin_row, half);
+        matvec(s.kv_a, L.kv_a_proj, s.xn);
+        rmsnorm_kernel<<<1, 256>>>(s.kv_a, s.kv_a, L.kv_a_norm, r, 1e-6f);
+        rope_kernel<<<1, half>>>(s.kv_a + r, 1, rope, cos_row, sin_row, half);
+        CUDA_CHECK(cudaMemcpyAsync(L.cache + (size_t)pos * (r + rope), s.kv_a, (r + rope) * sizeof(float), cudaMemcpyDeviceToDevice));
+        absorb_query_kernel<<<dim3((r + 127) / 128, H), 128>>>(s.q_abs, L.kv_b_proj, s.q, r, nope, q_head_dim, kv_head_rows);
+        latent_scores_kernel<<<dim3((pos + 1 + 7) / 8, H), 256>>>(s.scores, s.q_abs, s.q, L.cache, pos + 1, r, rope, nope, q_head_dim,
+                                                                   g->context, softmax_scale);
+        softmax_kernel<<<H, 256>>>(s.scores, pos + 1, g->context);
+        latent_sum_kernel<<<dim3((r + 127) / 128, H), 128>>>(s.u, s.scores, L.cache, pos + 1, r, rope, g->context);
+        /* o[h] = W_UV[h] u[h]: kv_b_proj rows h*(nope+v)+nope.. of each head, x = u[h] */
+        matvec_kernel<<<(H * dv + 7) / 8, 256>>>(s.head_out, L.kv_b_proj, s.u, H * dv, dv, kv_head_rows, nope, r, 0, 1.0f);
+        matvec(s.branch, L.o_proj, s.head_out);
+        add_kernel<<<(D + 255) / 256, 256>>>(s.x, s.branch, D);
+        rmsnorm_kernel<<<1, 256>>>(s.xn, s.x, L.post_attention_norm, D, (float)c->rms_norm_eps);
+        if (L.has_mlp) swiglu(s, s.branch, s.xn, L.mlp_gate, L.mlp_up, L.mlp_down, 0, 1.0f);
+        else CUDA_CHECK(cudaMemset(s.branch, 0, D * sizeof(float)));
+        if (L.is_moe) {  /* router on the GPU, the choice on the host (dsv2.c's route_tokens) */
+            matvec(s.probs, L.router, s.xn);
+            softmax_kernel<<<1, 256>>>(s.probs, E, E);
+            CUDA_CHECK(cudaMemcpy(g->host_probs.data(), s.probs, E * sizeof(float), cudaMemcpyDeviceToHost));
+            g->route(c, g->host_probs.data(), g->topk_idx.data(), g->topk_weight.data());
+            for (int k = 0; k < K; k++) {
+                int e = g->topk_idx[k];
+                swiglu(s, s.branch, s.xn, L.expert_gate[e], L.expert_up[e], L.expert_down[e], 1, g->topk_weight[k]);
+            }
+        }
+        add_kernel<<<(D + 255) / 256, 256>>>(s.x, s.branch, D);
+    }
+    if (dev != g->head_device) { move_hidden(g, dev, g->head_device); dev = g->head_device; CUDA_CHECK(cudaSetDevice(g->device_ids[dev])); }
+    DevScratch &s = g->scratch[dev];
+    rmsnorm_kernel<<<1, 256>>>(s.xn, s.x, g->final_norm, D, (float)c->rms_norm_eps);
+    matvec(s.logits, g->lm_head, s.xn);
+    CUDA_CHECK(cudaGetLastError());
+    CUDA_CHECK(cudaMemcpy(g->host_logits.data(), s.logits, c->vocab_size * sizeof(float), cudaMemcpyDeviceToHost));
+    return g->host_logits.data();
+}
+
+extern "C" float *cuda_forward(void *gpu, const int *tokens, int n, int pos) {
+    float *logits = nullptr;
+    for (int i = 0; i < n; i++) logits = forward_token((Gpu *)gpu, tokens[i], pos + i);
+    return logits;
+}
+
+extern "C" void cuda_destroy(void *gpu) {
+    /* Device memory goes with the process; the host side is freed here. */
+    delete (Gpu *)gpu;
+}
