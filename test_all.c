@@ -380,6 +380,60 @@ static void test_batch_equals_single(int attn_mode) {
     free(buf);
 }
 
+/* Backward against finite differences on a config no fixture has: norm_topk_prob, seq_aux off,
+ * MoE every other layer, no shared experts, no YaRN, q LoRA, group-limited routing. */
+static void test_gradient_finite_differences(void) {
+    Config c = small_config(8);
+    c.num_hidden_layers = 3; c.first_k_dense_replace = 0; c.moe_layer_freq = 2; c.n_shared_experts = 0;
+    c.norm_topk_prob = 1; c.seq_aux = 0; c.aux_loss_alpha = 0.1; c.rope_scaling = ROPE_PLAIN;
+    c.topk_method = TOPK_GROUP_LIMITED_GREEDY; c.n_group = 2; c.topk_group = 1;
+    Params p, g;
+    params_init(&p, &c);
+    params_init(&g, &c);
+    float *x = params_data(&p);
+    size_t n = params_count(&p);
+    for (size_t i = 0; i < n; i++) x[i] = 0.3f * rand_normal();
+    for (int l = 0; l < c.num_hidden_layers; l++) {  /* norms near 1 */
+        Layer *L = &p.w.layers[l];
+        float *norms[] = {mut(L->input_norm), mut(L->post_attention_norm), mut(L->q_a_norm), mut(L->kv_a_norm)};
+        int lens[] = {c.hidden_size, c.hidden_size, c.q_lora_rank, c.kv_lora_rank};
+        for (int k = 0; k < 4; k++) for (int i = 0; i < lens[k]; i++) norms[k][i] = 1.0f + 0.1f * rand_normal();
+    }
+    enum { B = 2, T = 6 };
+    int inputs[B * T], targets[B * T];
+    for (int i = 0; i < B * T; i++) { inputs[i] = (int)(random_u32(&test_rng) % c.vocab_size); targets[i] = (int)(random_u32(&test_rng) % c.vocab_size); }
+    TrainState ts;
+    train_state_init(&ts, &c, B, T);
+    RunState rs;
+    init_run_state(&rs, &c, ATTN_ABSORB, T);
+    train_forward(&p, &ts, &rs, inputs, targets);
+    train_backward(&p, &g, &ts, &rs, inputs, targets);
+    const float *grad = params_data(&g);
+    int checked = 0, good = 0;
+    double worst = 0;
+    for (int k = 0; k < 400 && checked < 40; k++) {  /* elements with a gradient large enough to measure */
+        size_t i = random_u32(&test_rng) % n;
+        if (fabsf(grad[i]) < 2e-3f) continue;
+        float keep = x[i], h = 1e-2f;
+        x[i] = keep + h;
+        double up = train_forward(&p, &ts, &rs, inputs, targets);
+        x[i] = keep - h;
+        double down = train_forward(&p, &ts, &rs, inputs, targets);
+        x[i] = keep;
+        double numeric = (up - down) / (2 * h), rel = fabs(numeric - grad[i]) / fmax(fabs(numeric), fabs(grad[i]));
+        checked++;
+        good += rel < 0.05;
+        if (rel < 0.05) worst = fmax(worst, rel);
+    }
+    /* a perturbation can flip a top-k choice (the loss is not differentiable there): allow 2 of 40 */
+    check(checked >= 30 && good >= checked - 2, "grad vs finite differences on an unseen config (norm_topk_prob, no seq_aux, moe every 2nd layer, "
+          "no shared experts, no YaRN): %d/%d within 5%%, worst of those %.1e", good, checked, worst);
+    free_run_state(&rs);
+    train_state_free(&ts, &c);
+    params_free(&p);
+    params_free(&g);
+}
+
 /* ------------------------------------------------------------------------- */
 /* Fixture checks                                                             */
 /* ------------------------------------------------------------------------- */
@@ -1182,6 +1236,7 @@ int main(int argc, char **argv) {
         test_matmul_dtypes();
         test_batch_equals_single(ATTN_ABSORB);
         test_batch_equals_single(ATTN_NAIVE);
+        test_gradient_finite_differences();
         test_naive_equals_absorb(0);
         test_naive_equals_absorb(8);
         const char *fixtures[] = {"tests/fixtures/lite", "tests/fixtures/v2", "tests/fixtures/v2-bf16-sharded",
