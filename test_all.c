@@ -358,9 +358,18 @@ static void test_matmul_dtypes(void) {
     check(err < 0.02 * max_ref, "q8 matmul with groups of 16: %.1e of %.1f", err, max_ref);
 }
 
-/* The prompt as one batch gives the same result as feeding it token by token. */
-static void test_batch_equals_single(int attn_mode) {
+/* A config no fixture has: norm_topk_prob, seq_aux off, MoE every other layer, no shared
+ * experts, no YaRN, q LoRA, group-limited routing. */
+static Config unusual_config(void) {
     Config c = small_config(8);
+    c.num_hidden_layers = 3; c.first_k_dense_replace = 0; c.moe_layer_freq = 2; c.n_shared_experts = 0;
+    c.norm_topk_prob = 1; c.seq_aux = 0; c.aux_loss_alpha = 0.1; c.rope_scaling = ROPE_PLAIN;
+    c.topk_method = TOPK_GROUP_LIMITED_GREEDY; c.n_group = 2; c.topk_group = 1;
+    return c;
+}
+
+/* The prompt as one batch gives the same result as feeding it token by token. */
+static void test_batch_equals_single(int attn_mode, Config c, const char *label) {
     Weights w;
     void *buf = random_model(&w, &c);
     RunState one, batch;
@@ -372,8 +381,8 @@ static void test_batch_equals_single(int attn_mode) {
     b = forward(&w, &batch, tokens, 12, 0);
     float d = max_abs_diff(a, b, c.vocab_size);
     float cache = max_abs_diff(one.cache, batch.cache, (size_t)c.num_hidden_layers * 12 * one.cache_width);
-    check(d < 1e-5f && cache < 1e-5f, "batched prefill == token by token (%s): logits %.1e, cache %.1e",
-          attn_mode == ATTN_ABSORB ? "absorb" : "naive", d, cache);
+    check(d < 1e-5f && cache < 1e-5f, "batched prefill == token by token (%s, %s config): logits %.1e, cache %.1e",
+          attn_mode == ATTN_ABSORB ? "absorb" : "naive", label, d, cache);
     free_run_state(&one);
     free_run_state(&batch);
     free_weights(&w);
@@ -383,10 +392,7 @@ static void test_batch_equals_single(int attn_mode) {
 /* Backward against finite differences on a config no fixture has: norm_topk_prob, seq_aux off,
  * MoE every other layer, no shared experts, no YaRN, q LoRA, group-limited routing. */
 static void test_gradient_finite_differences(void) {
-    Config c = small_config(8);
-    c.num_hidden_layers = 3; c.first_k_dense_replace = 0; c.moe_layer_freq = 2; c.n_shared_experts = 0;
-    c.norm_topk_prob = 1; c.seq_aux = 0; c.aux_loss_alpha = 0.1; c.rope_scaling = ROPE_PLAIN;
-    c.topk_method = TOPK_GROUP_LIMITED_GREEDY; c.n_group = 2; c.topk_group = 1;
+    Config c = unusual_config();
     Params p, g;
     params_init(&p, &c);
     params_init(&g, &c);
@@ -1234,8 +1240,10 @@ int main(int argc, char **argv) {
         test_routing();
         test_bf16();
         test_matmul_dtypes();
-        test_batch_equals_single(ATTN_ABSORB);
-        test_batch_equals_single(ATTN_NAIVE);
+        test_batch_equals_single(ATTN_ABSORB, small_config(8), "small");
+        test_batch_equals_single(ATTN_NAIVE, small_config(8), "small");
+        test_batch_equals_single(ATTN_ABSORB, unusual_config(), "unusual");
+        test_batch_equals_single(ATTN_NAIVE, unusual_config(), "unusual");
         test_gradient_finite_differences();
         test_naive_equals_absorb(0);
         test_naive_equals_absorb(8);
