@@ -5,7 +5,7 @@
  * Coder-V2 and V2.5; only the numbers in the checkpoint header differ.
  * The file reads top to bottom like the paper (arXiv:2405.04434):
  *   config and checkpoint (mmap) -> building blocks (matmul for f32/bf16/q8, RMSNorm, RoPE/YaRN)
- *   -> Multi-head Latent Attention (eq. 9-19) -> DeepSeekMoE (eq. 20-23) -> forward
+ *   -> Multi-head Latent Attention (eq. 9-19) -> DeepSeekMoE (eq. 20-22) -> forward
  *   -> tokenizer (byte-level BPE) -> sampler -> generation and chat -> CLI.
  *
  * The math follows the official Hugging Face remote code (modeling_deepseek.py),
@@ -624,7 +624,7 @@ static void softmax(float *x, int n) {
 static inline float silu(float x) { return x / (1.0f + expf(-x)); }
 
 /* ------------------------------------------------------------------------- */
-/* Decoupled RoPE with YaRN (paper eq. 14-16; YaRN: arXiv:2309.00071)          */
+/* Decoupled RoPE with YaRN (paper eq. 14-15; YaRN: arXiv:2309.00071)          */
 /* ------------------------------------------------------------------------- */
 
 /* YaRN's attention magnitude correction: 0.1 m ln(s) + 1 for a context stretch s > 1. */
@@ -828,7 +828,7 @@ static void swiglu_mlp(RunState *s, float *out, const float *x, int n, const Mat
 /* per-head K and V and caches them, as a standard multi-head cache would.    */
 /* ------------------------------------------------------------------------- */
 
-/* Queries for n tokens from pos (eq. 12-13, 15): with q LoRA, q = W_UQ norm(W_DQ h); else q = W_Q h. */
+/* Queries for n tokens from pos (eq. 12-14): with q LoRA, q = W_UQ norm(W_DQ h); else q = W_Q h. */
 static void mla_query(RunState *s, const Config *c, const Layer *L, int n, int pos) {
     if (c->q_lora_rank > 0) {
         matmul(s->q_latent, &L->q_a_proj, s->xn, n, &s->act);
@@ -845,7 +845,7 @@ static void mla_query(RunState *s, const Config *c, const Layer *L, int n, int p
                         s->rope_sin + (size_t)(pos + t) * half, c->qk_rope_head_dim);
 }
 
-/* Compressed KV for n tokens (eq. 9, 14): kv_a = [c_kv | k_pe]; c = norm(c_kv); k_pe rotated. */
+/* Compressed KV for n tokens (eq. 9, 15): kv_a = [c_kv | k_pe]; c = norm(c_kv); k_pe rotated. */
 static void mla_latent(RunState *s, const Config *c, const Layer *L, int n, int pos) {
     int half = c->qk_rope_head_dim / 2, width = c->kv_lora_rank + c->qk_rope_head_dim;
     matmul(s->kv_a, &L->kv_a_proj, s->xn, n, &s->act);
@@ -942,7 +942,7 @@ static void mla(RunState *s, const Config *c, const Layer *L, int layer, int n, 
 }
 
 /* ------------------------------------------------------------------------- */
-/* DeepSeekMoE (paper section 2.2, eq. 20-23)                                 */
+/* DeepSeekMoE (paper section 2.2, eq. 20-22)                                 */
 /* ------------------------------------------------------------------------- */
 
 /* Index of the largest value among those not yet taken; ties go to the lower index. */
@@ -2163,7 +2163,7 @@ static void write_logits(const Weights *w, RunState *s, const int *ids, int n, c
 
 /* ------------------------------------------------------------------------- */
 /* Training (tiny f32 models): forward with saved activations, backward for   */
-/* every operation, the expert-level balance loss (paper eq. 24-26, as the    */
+/* every operation, the expert-level balance loss (paper eq. 23-25, as the    */
 /* official MoEGate computes it in training mode) and AdamW. Parameters,      */
 /* gradients and Adam moments all use the checkpoint's own f32 layout, so a    */
 /* training state is a checkpoint: saving is one write.                       */
