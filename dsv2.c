@@ -1053,7 +1053,8 @@ typedef struct {
     int dtype, rows, cols, group;  /* rows = 1 for a vector */
 } GpuTensor;
 void *cuda_create(const Config *c, const GpuTensor *tensors, int n_tensors, int context, const char *gpus,
-                  void (*route)(const Config *, const float *, int *, float *));
+                  void (*route)(const Config *, const float *, int *, float *), const float *rope_cos,
+                  const float *rope_sin, float softmax_scale);
 float *cuda_forward(void *gpu, const int *tokens, int n, int pos);
 void cuda_destroy(void *gpu);
 static void *gpu_model;  /* set by main with -g */
@@ -1072,7 +1073,7 @@ static void route_for_gpu(const Config *c, const float *probs, int *idx, float *
 }
 
 /* Every tensor in file order, as dsv2.cu walks them. */
-static void *gpu_model_create(const Weights *w, int context, const char *gpus) {
+static void *gpu_model_create(const Weights *w, const RunState *s, const char *gpus) {
     const Config *c = &w->cfg;
     GpuTensor *t = xcalloc(3 + (size_t)c->num_hidden_layers * (16 + 3 * (size_t)c->n_routed_experts), sizeof(GpuTensor));
     int n = 0;
@@ -1096,7 +1097,8 @@ static void *gpu_model_create(const Weights *w, int context, const char *gpus) {
     GPU_MAT(w->lm_head);
 #undef GPU_VEC
 #undef GPU_MAT
-    void *gpu = cuda_create(c, t, n, context, gpus, route_for_gpu);
+    /* the RoPE/YaRN tables and the softmax scale are the host's: one place computes them */
+    void *gpu = cuda_create(c, t, n, s->context, gpus, route_for_gpu, s->rope_cos, s->rope_sin, (float)s->softmax_scale);
     free(t);
     return gpu;
 }
@@ -3044,7 +3046,7 @@ int main(int argc, char **argv) {
         RunState s;
         init_run_state(&s, c, attn_mode, (int)context);
 #ifdef DSV2_CUDA
-        gpu_model = gpu_model_create(&w, (int)context, gpus ? gpus : "0");
+        gpu_model = gpu_model_create(&w, &s, gpus ? gpus : "0");
 #else
         if (gpus) die("-g needs the CUDA build (make cuda, then ./dsv2cu)");
 #endif

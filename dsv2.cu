@@ -45,7 +45,8 @@ typedef struct {
 } GpuTensor;
 
 void *cuda_create(const Config *c, const GpuTensor *tensors, int n_tensors, int context, const char *gpus,
-                  void (*route)(const Config *, const float *, int *, float *));
+                  void (*route)(const Config *, const float *, int *, float *), const float *rope_cos,
+                  const float *rope_sin, float softmax_scale);
 float *cuda_forward(void *gpu, const int *tokens, int n, int pos);
 void cuda_destroy(void *gpu);
 }
@@ -225,6 +226,7 @@ struct Gpu {
     const float *final_norm = nullptr;
     int embed_device = 0, head_device = 0;
     void (*route)(const Config *, const float *, int *, float *);
+    float softmax_scale = 0;  /* (nope+rope)^-1/2 * mscale^2, from the host */
     std::vector<float> host_logits, host_probs, host_x;
     std::vector<int> topk_idx;
     std::vector<float> topk_weight;
@@ -277,7 +279,7 @@ static void matvec(float *y, const DevMat &W, const float *x, int accumulate = 0
     matvec_kernel<<<(W.rows + warps - 1) / warps, 32 * warps>>>(y, W, x, W.rows, W.rows, 0, 0, 0, accumulate, alpha);
 }
 
-/* The RoPE/YaRN tables come from the host: same numbers as the CPU (dsv2.c computes them). */
+/* The RoPE/YaRN tables come from the host: the CPU's own numbers (dsv2.c: rope_tables). */
 static void upload_rope(Gpu *g, DevScratch &s, const float *cos_table, const float *sin_table) {
     size_t n = (size_t)g->context * g->cfg.qk_rope_head_dim / 2;
     s.rope_cos = dev_alloc(n);
@@ -286,39 +288,14 @@ static void upload_rope(Gpu *g, DevScratch &s, const float *cos_table, const flo
     CUDA_CHECK(cudaMemcpy(s.rope_sin, sin_table, n * sizeof(float), cudaMemcpyHostToDevice));
 }
 
-/* YaRN tables exactly as dsv2.c's rope_inv_freq / rope_tables (double precision, then float). */
-static void rope_tables_host(const Config *c, int positions, std::vector<float> &cos_t, std::vector<float> &sin_t) {
-    int dim = c->qk_rope_head_dim, half = dim / 2;
-    double low = 0, high = 0;
-    auto corr = [&](double rot) { return dim * log(c->original_max_position_embeddings / (rot * 2 * 3.14159265358979323846)) / (2 * log(c->rope_theta)); };
-    auto mscale = [](double s, double m) { return s <= 1 ? 1.0 : 0.1 * m * log(s) + 1.0; };
-    if (c->rope_scaling == 1) {
-        low = fmax(floor(corr(c->beta_fast)), 0);
-        high = fmin(ceil(corr(c->beta_slow)), dim - 1);
-        if (low == high) high += 0.001;
-    }
-    double m = c->rope_scaling == 1 ? mscale(c->rope_factor, c->mscale) / mscale(c->rope_factor, c->mscale_all_dim) : 1.0;
-    cos_t.resize((size_t)positions * half);
-    sin_t.resize((size_t)positions * half);
-    for (int i = 0; i < half; i++) {
-        double extra = 1.0 / pow(c->rope_theta, 2.0 * i / dim), inv = extra;
-        if (c->rope_scaling == 1) {
-            double ramp = fmin(fmax((i - low) / (high - low), 0.0), 1.0);
-            inv = extra / c->rope_factor * ramp + extra * (1 - ramp);
-        }
-        for (int p = 0; p < positions; p++) {
-            cos_t[(size_t)p * half + i] = (float)(cos(p * inv) * m);
-            sin_t[(size_t)p * half + i] = (float)(sin(p * inv) * m);
-        }
-    }
-}
-
 extern "C" void *cuda_create(const Config *c, const GpuTensor *t, int n_tensors, int context, const char *gpus,
-                             void (*route)(const Config *, const float *, int *, float *)) {
+                             void (*route)(const Config *, const float *, int *, float *), const float *rope_cos,
+                             const float *rope_sin, float softmax_scale) {
     Gpu *g = new Gpu();
     g->cfg = *c;
     g->context = context;
     g->route = route;
+    g->softmax_scale = softmax_scale;
     int available = 0;
     CUDA_CHECK(cudaGetDeviceCount(&available));
     for (const char *p = gpus; *p;) {  /* "0", "0,1", "0,0" */
@@ -365,8 +342,6 @@ extern "C" void *cuda_create(const Config *c, const GpuTensor *t, int n_tensors,
         done += b;
         g->layers[l].device = device;
     }
-    std::vector<float> cos_t, sin_t;
-    rope_tables_host(c, context, cos_t, sin_t);
     int H = c->num_attention_heads, D = c->hidden_size, E = c->n_routed_experts, r = c->kv_lora_rank, dr = c->qk_rope_head_dim;
     int widest = std::max(std::max(c->intermediate_size, c->moe_intermediate_size * std::max(c->n_shared_experts, 1)), D);
     g->scratch.resize(g->n_devices);
@@ -378,7 +353,7 @@ extern "C" void *cuda_create(const Config *c, const GpuTensor *t, int n_tensors,
         s.u = dev_alloc((size_t)H * r); s.head_out = dev_alloc((size_t)H * c->v_head_dim); s.scores = dev_alloc((size_t)H * context);
         s.hidden = dev_alloc(widest); s.hidden2 = dev_alloc(widest); s.expert = dev_alloc(D); s.probs = dev_alloc(E);
         s.logits = dev_alloc(c->vocab_size);
-        upload_rope(g, s, cos_t.data(), sin_t.data());
+        upload_rope(g, s, rope_cos, rope_sin);
     }
     for (int l = 0; l < L; l++) {
         DevLayer &dl = g->layers[l];
@@ -441,11 +416,7 @@ static float *forward_token(Gpu *g, int token, int pos) {
     int H = c->num_attention_heads, D = c->hidden_size, nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim;
     int r = c->kv_lora_rank, dv = c->v_head_dim, q_head_dim = nope + rope, kv_head_rows = nope + dv, half = rope / 2;
     int K = c->num_experts_per_tok, E = c->n_routed_experts;
-    float softmax_scale = (float)(1.0 / sqrt((double)q_head_dim));
-    if (c->rope_scaling == 1 && c->mscale_all_dim != 0) {
-        double m = c->rope_factor <= 1 ? 1.0 : 0.1 * c->mscale_all_dim * log(c->rope_factor) + 1.0;
-        softmax_scale *= (float)(m * m);
-    }
+    float softmax_scale = g->softmax_scale;
     int dev = g->embed_device;
     CUDA_CHECK(cudaSetDevice(g->device_ids[dev]));
     embed_kernel<<<(D + 255) / 256, 256>>>(g->scratch[dev].x, g->embed, token);
