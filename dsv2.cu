@@ -38,6 +38,7 @@ typedef struct {
 } Config;
 static_assert(sizeof(Config) == 512, "header layout must match dsv2.c");
 
+/* The interface with dsv2.c (declared there too, under DSV2_CUDA): keep both copies identical. */
 typedef struct {
     const void *data;
     const float *scale;
