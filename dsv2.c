@@ -419,8 +419,9 @@ static void dot4_q8_group32_portable(const Mat *W, const size_t row[4], const in
 /* Intrinsics, in one place: the int8 dot product with AVX-512 VNNI (vpdpbusd: 64 int8 products
  * summed into 16 int32 in one instruction), four weight rows by four tokens per call so each
  * weight load serves every token of a prefill batch. vpdpbusd multiplies unsigned by signed
- * bytes, so the weights' signs move onto the activations: |w| * (x * sign w) = w * x. The tests
- * run both this and the portable version above; dsv2_simd = 0 forces the portable one. */
+ * bytes, so the weights are read as w + 128 (one xor) and each token's 128 * sum(x) comes off
+ * again: it starts the int32 sum, so every (row, token) pair costs one vpdpbusd. The tests run
+ * both this and the portable version above; dsv2_simd = 0 forces the portable one. */
 int dsv2_simd = 1;  /* not static: a build without VNNI has no other use of it, and the tests set it */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -430,6 +431,7 @@ static inline void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4], con
     const float *ws[4];
     __m512 acc[4][4];
     __m512i pair[4];
+    const __m512i bias = _mm512_set1_epi8((char)0x80);
     for (int k = 0; k < 4; k++) {
         w[k] = (const int8_t *)W->data + row[k];
         ws[k] = W->scale + row[k] / 32;
@@ -438,22 +440,17 @@ static inline void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4], con
         for (int t = 0; t < 4; t++) acc[k][t] = _mm512_setzero_ps();
     }
     for (; g + 2 <= groups; g += 2) {  /* 64 bytes = two groups per step; int32 lanes 0-7 and 8-15 */
-        __m512i w_abs[4];
-        __mmask64 w_neg[4];
-        for (int k = 0; k < 4; k++) {
-            __m512i wv = _mm512_loadu_si512((const void *)(w[k] + g * 32));
-            w_abs[k] = _mm512_abs_epi8(wv);
-            w_neg[k] = _mm512_movepi8_mask(wv);
-        }
+        __m512i w_unsigned[4];
+        for (int k = 0; k < 4; k++) w_unsigned[k] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w[k] + g * 32)), bias);
         __m256 w_scale = _mm256_setr_ps(ws[0][g], ws[0][g + 1], ws[1][g], ws[1][g + 1], ws[2][g], ws[2][g + 1], ws[3][g], ws[3][g + 1]);
         for (int t = 0; t < nt; t++) {
             __m512i xv = _mm512_loadu_si512((const void *)(xq[t] + g * 32));
+            __m512i minus_bias_x = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, xv));
             double xs_pair;
             memcpy(&xs_pair, xs[t] + g, sizeof xs_pair);
             __m512 sc = _mm512_castps256_ps512(_mm256_mul_ps(w_scale, _mm256_castpd_ps(_mm256_set1_pd(xs_pair))));
             for (int k = 0; k < 4; k++) {
-                __m512i x_signed = _mm512_mask_sub_epi8(xv, w_neg[k], _mm512_setzero_si512(), xv);
-                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w_abs[k], x_signed);
+                __m512i dot = _mm512_dpbusd_epi32(minus_bias_x, w_unsigned[k], xv);
                 acc[k][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pair[k], sc), acc[k][t]);
             }
         }
@@ -471,13 +468,10 @@ static inline void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4], con
 }
 #endif
 
-/* Four consecutive rows of W (from r0; rows past the end repeat the last) dotted with one token:
- * four independent weight streams per thread keep more memory reads in flight than one.
- * x is the token's activations; xq/xs their int8 form for q8 weights. */
-static void dot4_rows(const Mat *W, int r0, const float *x, const int8_t *xq, const float *xs, float out[4]) {
+/* Four rows of W (row[k]: element offsets) dotted with one token. x is the token's activations;
+ * xq/xs their int8 form for q8 weights. */
+static void dot4_rows(const Mat *W, const size_t row[4], const float *x, const int8_t *xq, const float *xs, float out[4]) {
     int cols = W->cols;
-    size_t row[4];
-    for (int k = 0; k < 4; k++) row[k] = (size_t)(r0 + k < W->rows ? r0 + k : W->rows - 1) * cols;
     float a = 0, b = 0, c = 0, d = 0;
     if (W->dtype == DTYPE_F32) {
         const float *w0 = (const float *)W->data + row[0], *w1 = (const float *)W->data + row[1];
@@ -516,18 +510,17 @@ static void dot4_rows(const Mat *W, int r0, const float *x, const int8_t *xq, co
 /* Scratch for quantized activations, sized once by init_run_state (q8 models only). */
 typedef struct { int8_t *q; float *scale; size_t capacity; } ActivationScratch;
 
-/* Rows r0..r0+3 against tokens t0..t0+3 (those past n repeat the last): out[token][row]. With
- * AVX-512 VNNI and groups of 32, one kernel call shares each weight load among the tokens. */
-static void dot_block(const Mat *W, int r0, const float *x, const ActivationScratch *act, int t0, int n, float out[4][4]) {
+/* Four rows of W (row[k]: element offsets) against tokens t0..t0+3 (those past n repeat the
+ * last): out[token][row]. With AVX-512 VNNI and groups of 32, one kernel call shares each weight
+ * load among the tokens. */
+static void dot_block(const Mat *W, const size_t row[4], const float *x, const ActivationScratch *act, int t0, int n, float out[4][4]) {
     int cols = W->cols, groups = cols / W->group, tok[4];
     for (int tt = 0; tt < 4; tt++) tok[tt] = t0 + tt < n ? t0 + tt : n - 1;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     if (dsv2_simd && W->dtype == DTYPE_Q8 && W->group == 32) {
-        size_t row[4];
         const int8_t *xq[4];
         const float *xs[4];
         for (int k = 0; k < 4; k++) {
-            row[k] = (size_t)(r0 + k < W->rows ? r0 + k : W->rows - 1) * cols;
             xq[k] = act->q + (size_t)tok[k] * cols;
             xs[k] = act->scale + (size_t)tok[k] * groups;
         }
@@ -542,14 +535,16 @@ static void dot_block(const Mat *W, int r0, const float *x, const ActivationScra
 #endif
     for (int tt = 0; tt < 4 && t0 + tt < n; tt++) {
         int t = tok[tt];
-        dot4_rows(W, r0, x + (size_t)t * cols, W->dtype == DTYPE_Q8 ? act->q + (size_t)t * cols : NULL,
+        dot4_rows(W, row, x + (size_t)t * cols, W->dtype == DTYPE_Q8 ? act->q + (size_t)t * cols : NULL,
                   W->dtype == DTYPE_Q8 ? act->scale + (size_t)t * groups : NULL, out[tt]);
     }
 }
 
 /* y[t] = W x[t] for n tokens (x: [n][cols], y: [n][rows]): the one matrix product, for every
  * weight type. Threads take blocks of four rows; each block is read from memory once per batch
- * and reused from cache for every token. */
+ * and reused from cache for every token. Block b holds rows b, b + Q, b + 2Q, b + 3Q (Q: the
+ * number of blocks), so each thread reads four far-apart streams of W at once: more reads in
+ * flight than one stream, which decoding (bound by memory) needs (tests/bandwidth.c measures it). */
 static void matmul(float *y, const Mat *W, const float *x, int n, ActivationScratch *scratch) {
     int rows = W->rows, cols = W->cols, groups = cols / W->group;
     if (W->dtype == DTYPE_Q8) {
@@ -560,12 +555,13 @@ static void matmul(float *y, const Mat *W, const float *x, int n, ActivationScra
     int blocks = (rows + 3) / 4;
 #pragma omp parallel for schedule(static) if ((long)rows * cols * n > 65536)
     for (int blk = 0; blk < blocks; blk++) {
-        int r0 = 4 * blk;
+        size_t row[4];  /* rows past the end repeat the last and are not stored */
+        for (int k = 0; k < 4; k++) row[k] = (size_t)(blk + k * blocks < rows ? blk + k * blocks : rows - 1) * cols;
         for (int t = 0; t < n; t += 4) {  /* four rows by up to four tokens */
             float out[4][4];
-            dot_block(W, r0, x, scratch, t, n, out);
+            dot_block(W, row, x, scratch, t, n, out);
             for (int tt = 0; tt < 4 && t + tt < n; tt++)
-                for (int k = 0; k < 4 && r0 + k < rows; k++) y[(size_t)(t + tt) * rows + r0 + k] = out[tt][k];
+                for (int k = 0; k < 4 && blk + k * blocks < rows; k++) y[(size_t)(t + tt) * rows + blk + k * blocks] = out[tt][k];
         }
     }
 }
