@@ -507,63 +507,103 @@ static void dot4_rows(const Mat *W, const size_t row[4], const float *x, const i
     out[0] = a; out[1] = b; out[2] = c; out[3] = d;
 }
 
-/* Scratch for quantized activations, sized once by init_run_state (q8 models only). */
-typedef struct { int8_t *q; float *scale; size_t capacity; } ActivationScratch;
+/* Scratch for quantized activations, sized once by init_run_state (q8 models only): q and
+ * scale hold the int8 inputs of several products; at[i] is where product i's begin. */
+typedef struct { int8_t *q; float *scale; size_t capacity, *at; int max_products; } ActivationScratch;
 
-/* Four rows of W (row[k]: element offsets) against tokens t0..t0+3 (those past n repeat the
- * last): out[token][row]. With AVX-512 VNNI and groups of 32, one kernel call shares each weight
- * load among the tokens. */
-static void dot_block(const Mat *W, const size_t row[4], const float *x, const ActivationScratch *act, int t0, int n, float out[4][4]) {
-    int cols = W->cols, groups = cols / W->group, tok[4];
-    for (int tt = 0; tt < 4; tt++) tok[tt] = t0 + tt < n ? t0 + tt : n - 1;
+/* One matrix product for n tokens: y[t] = W x[t] (x: [n][W->cols], y: [n][W->rows]). */
+typedef struct { float *y; const Mat *W; const float *x; int n; } Product;
+
+/* Block b of product p against every token: rows b, b + Q, b + 2Q, b + 3Q (Q: the number of
+ * blocks), read from memory once and reused from cache for up to four tokens per kernel call.
+ * xq/xs: the int8 tokens for q8 weights. With AVX-512 VNNI and groups of 32 one kernel call
+ * shares each weight load among the tokens. */
+static void matmul_block(const Product *p, int b, const int8_t *xq, const float *xs) {
+    const Mat *W = p->W;
+    int rows = W->rows, cols = W->cols, groups = cols / W->group, blocks = (rows + 3) / 4;
+    size_t row[4];  /* rows past the end repeat the last and are not stored */
+    for (int k = 0; k < 4; k++) row[k] = (size_t)(b + k * blocks < rows ? b + k * blocks : rows - 1) * cols;
+    for (int t0 = 0; t0 < p->n; t0 += 4) {
+        float out[4][4];
+        int tokens = p->n - t0 < 4 ? p->n - t0 : 4;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    if (dsv2_simd && W->dtype == DTYPE_Q8 && W->group == 32) {
-        const int8_t *xq[4];
-        const float *xs[4];
-        for (int k = 0; k < 4; k++) {
-            xq[k] = act->q + (size_t)tok[k] * cols;
-            xs[k] = act->scale + (size_t)tok[k] * groups;
-        }
-        switch (n - t0 < 4 ? n - t0 : 4) {  /* a constant count each, so every loop unrolls */
-        case 1: dot4x4_q8_group32_vnni(W, row, xq, xs, 1, out); break;
-        case 2: dot4x4_q8_group32_vnni(W, row, xq, xs, 2, out); break;
-        case 3: dot4x4_q8_group32_vnni(W, row, xq, xs, 3, out); break;
-        default: dot4x4_q8_group32_vnni(W, row, xq, xs, 4, out);
-        }
-        return;
-    }
+        if (dsv2_simd && W->dtype == DTYPE_Q8 && W->group == 32) {
+            const int8_t *tq[4];
+            const float *ts[4];
+            for (int tt = 0; tt < 4; tt++) {
+                int t = t0 + (tt < tokens ? tt : tokens - 1);
+                tq[tt] = xq + (size_t)t * cols;
+                ts[tt] = xs + (size_t)t * groups;
+            }
+            switch (tokens) {  /* a constant count each, so every loop unrolls */
+            case 1: dot4x4_q8_group32_vnni(W, row, tq, ts, 1, out); break;
+            case 2: dot4x4_q8_group32_vnni(W, row, tq, ts, 2, out); break;
+            case 3: dot4x4_q8_group32_vnni(W, row, tq, ts, 3, out); break;
+            default: dot4x4_q8_group32_vnni(W, row, tq, ts, 4, out);
+            }
+        } else
 #endif
-    for (int tt = 0; tt < 4 && t0 + tt < n; tt++) {
-        int t = tok[tt];
-        dot4_rows(W, row, x + (size_t)t * cols, W->dtype == DTYPE_Q8 ? act->q + (size_t)t * cols : NULL,
-                  W->dtype == DTYPE_Q8 ? act->scale + (size_t)t * groups : NULL, out[tt]);
+            for (int tt = 0; tt < tokens; tt++) {
+                size_t t = (size_t)t0 + tt;
+                dot4_rows(W, row, p->x + t * cols, xq ? xq + t * cols : NULL, xs ? xs + t * groups : NULL, out[tt]);
+            }
+        for (int tt = 0; tt < tokens; tt++)
+            for (int k = 0; k < 4 && b + k * blocks < rows; k++) p->y[(size_t)(t0 + tt) * rows + b + k * blocks] = out[tt][k];
     }
 }
 
-/* y[t] = W x[t] for n tokens (x: [n][cols], y: [n][rows]): the one matrix product, for every
- * weight type. Threads take blocks of four rows; each block is read from memory once per batch
- * and reused from cache for every token. Block b holds rows b, b + Q, b + 2Q, b + 3Q (Q: the
- * number of blocks), so each thread reads four far-apart streams of W at once: more reads in
- * flight than one stream, which decoding (bound by memory) needs (tests/bandwidth.c measures it). */
-static void matmul(float *y, const Mat *W, const float *x, int n, ActivationScratch *scratch) {
-    int rows = W->rows, cols = W->cols, groups = cols / W->group;
-    if (W->dtype == DTYPE_Q8) {
-        if ((size_t)n * cols > scratch->capacity) die("internal: activation scratch too small");
-        for (int t = 0; t < n; t++)
-            quantize_activations(scratch->q + (size_t)t * cols, scratch->scale + (size_t)t * groups, x + (size_t)t * cols, cols, W->group);
+/* Several independent products in one parallel pass (e.g. every expert's gate and up): the
+ * threads split the blocks of all of them by work, so each reads four far-apart streams of
+ * weights (more reads in flight than one stream, which decoding, bound by memory, needs:
+ * tests/bandwidth.c) and waits for the others once, not once per product. Consecutive products
+ * with the same input share its int8 form. act may be NULL when no weight is q8. */
+static void matmul_many(const Product *p, int count, ActivationScratch *act) {
+    long long work = 0;  /* total: sum of blocks * cols * tokens */
+    size_t used = 0;
+    for (int i = 0; i < count; i++) {
+        const Mat *W = p[i].W;
+        work += (long long)(W->rows + 3) / 4 * W->cols * p[i].n;
+        if (W->dtype != DTYPE_Q8) continue;
+        if (!act || count > act->max_products) die("internal: activation scratch missing or too small");
+        if (i > 0 && p[i].x == p[i - 1].x && p[i].n == p[i - 1].n && p[i - 1].W->dtype == DTYPE_Q8 &&
+            W->cols == p[i - 1].W->cols && W->group == p[i - 1].W->group) act->at[i] = act->at[i - 1];
+        else { act->at[i] = used; used += (size_t)p[i].n * W->cols; }
     }
-    int blocks = (rows + 3) / 4;
-#pragma omp parallel for schedule(static) if ((long)rows * cols * n > 65536)
-    for (int blk = 0; blk < blocks; blk++) {
-        size_t row[4];  /* rows past the end repeat the last and are not stored */
-        for (int k = 0; k < 4; k++) row[k] = (size_t)(blk + k * blocks < rows ? blk + k * blocks : rows - 1) * cols;
-        for (int t = 0; t < n; t += 4) {  /* four rows by up to four tokens */
-            float out[4][4];
-            dot_block(W, row, x, scratch, t, n, out);
-            for (int tt = 0; tt < 4 && t + tt < n; tt++)
-                for (int k = 0; k < 4 && blk + k * blocks < rows; k++) y[(size_t)(t + tt) * rows + blk + k * blocks] = out[tt][k];
+    if (used > (act ? act->capacity : 0)) die("internal: activation scratch too small");
+#pragma omp parallel if (work > 16384)
+    {
+        int threads = 1, id = 0;
+#ifdef _OPENMP
+        threads = omp_get_num_threads();
+        id = omp_get_thread_num();
+#endif
+        int job = 0;  /* quantize the inputs, one token per job, round robin */
+        for (int i = 0; i < count; i++) {
+            const Mat *W = p[i].W;
+            if (W->dtype != DTYPE_Q8 || (i > 0 && act->at[i] == act->at[i - 1])) continue;
+            for (int t = 0; t < p[i].n; t++, job++)
+                if (job % threads == id)
+                    quantize_activations(act->q + act->at[i] + (size_t)t * W->cols, act->scale + (act->at[i] + (size_t)t * W->cols) / W->group,
+                                         p[i].x + (size_t)t * W->cols, W->cols, W->group);
+        }
+#pragma omp barrier
+        long long begin = work * id / threads, end = work * (id + 1) / threads, before = 0;
+        for (int i = 0; i < count; i++) {  /* this thread's blocks: those that start in [begin, end) */
+            const Mat *W = p[i].W;
+            long long cost = (long long)W->cols * p[i].n, blocks = (W->rows + 3) / 4;
+            long long lo = begin > before ? (begin - before + cost - 1) / cost : 0, hi = end > before ? (end - before + cost - 1) / cost : 0;
+            const int8_t *xq = W->dtype == DTYPE_Q8 ? act->q + act->at[i] : NULL;
+            const float *xs = W->dtype == DTYPE_Q8 ? act->scale + act->at[i] / W->group : NULL;
+            for (long long b = lo; b < (hi < blocks ? hi : blocks); b++) matmul_block(&p[i], (int)b, xq, xs);
+            before += blocks * cost;
         }
     }
+}
+
+/* y = W x for n tokens: the one matrix product, for every weight type. */
+static void matmul(float *y, const Mat *W, const float *x, int n, ActivationScratch *act) {
+    Product p = {y, W, x, n};
+    matmul_many(&p, 1, act);
 }
 
 /* Row r of W as floats: embedding lookup, and the rows W_UK^T sums in the absorbed query. */
@@ -719,9 +759,11 @@ typedef struct {
     float *head_tmp;                  /* absorb: [H][B][v] */
     float *scores;                    /* [H][context] */
     float *head_out;                  /* [B][H * v] */
-    float *hidden, *hidden2;          /* MLP scratch [B][max width] */
-    float *expert_in, *expert_out;    /* the tokens routed to one expert [B][D] */
-    int *expert_tokens;               /* [B] */
+    float *hidden, *hidden2;          /* MLP scratch: [B][I] dense, [B*K][I_moe] + [B][I_shared] MoE */
+    float *expert_in, *expert_out;    /* the tokens routed to each expert, expert by expert [B*K][D] */
+    int *expert_tokens;               /* [B*K]: which (token, choice) each row of expert_in is */
+    Product *products;                /* the products of one parallel pass */
+    Mat *head_mats;                   /* absorb: [H] each head's W_UV rows */
     float *router_probs;              /* [B][E] */
     int *topk_idx;                    /* [B][K] */
     float *topk_weight;               /* [B][K] */
@@ -747,8 +789,10 @@ static int max_int(int a, int b) { return a > b ? a : b; }
 static void init_run_state(RunState *s, const Config *c, int attn_mode, int context) {
     int D = c->hidden_size, H = c->num_attention_heads, B = MAX_BATCH, E = c->n_routed_experts, K = c->num_experts_per_tok;
     int q_head_dim = c->qk_nope_head_dim + c->qk_rope_head_dim, r = c->kv_lora_rank;
-    int mlp_width = max_int(max_int(c->intermediate_size, c->moe_intermediate_size), c->moe_intermediate_size * c->n_shared_experts);
-    int widest = max_int(max_int(max_int(D, mlp_width), max_int(c->q_lora_rank, r)), H * c->v_head_dim);
+    int moe_width = c->moe_intermediate_size * (K + c->n_shared_experts);  /* per token: routed + shared */
+    int mlp_width = max_int(c->intermediate_size, moe_width);
+    int widest = max_int(max_int(max_int(D * (K + 1), mlp_width), max_int(c->q_lora_rank, H * r)), H * c->v_head_dim);
+    int max_products = max_int(2 * (E < B * K ? E : B * K) + 2, H);  /* an MoE pass: gate and up per expert */
     memset(s, 0, sizeof *s);
     s->attn_mode = attn_mode;
     s->context = context;
@@ -771,9 +815,11 @@ static void init_run_state(RunState *s, const Config *c, int attn_mode, int cont
     s->head_out = xcalloc((size_t)B * H * c->v_head_dim, sizeof(float));
     s->hidden = xcalloc((size_t)B * mlp_width, sizeof(float));
     s->hidden2 = xcalloc((size_t)B * mlp_width, sizeof(float));
-    s->expert_in = xcalloc((size_t)B * D, sizeof(float));
-    s->expert_out = xcalloc((size_t)B * D, sizeof(float));
-    s->expert_tokens = xcalloc(B, sizeof(int));
+    s->expert_in = xcalloc((size_t)B * K * D, sizeof(float));
+    s->expert_out = xcalloc((size_t)B * K * D, sizeof(float));
+    s->expert_tokens = xcalloc((size_t)B * K, sizeof(int));
+    s->products = xcalloc(max_products, sizeof(Product));
+    s->head_mats = xcalloc(H, sizeof(Mat));
     s->router_probs = xcalloc((size_t)B * E, sizeof(float));
     s->topk_idx = xcalloc((size_t)B * K, sizeof(int));
     s->topk_weight = xcalloc((size_t)B * K, sizeof(float));
@@ -785,6 +831,8 @@ static void init_run_state(RunState *s, const Config *c, int attn_mode, int cont
         s->act.capacity = (size_t)B * widest;
         s->act.q = xcalloc(s->act.capacity, 1);
         s->act.scale = xcalloc(s->act.capacity, sizeof(float));
+        s->act.max_products = max_products;
+        s->act.at = xcalloc(max_products, sizeof(size_t));
     }
     s->logits = xcalloc(c->vocab_size, sizeof(float));
     s->cache_width = kv_cache_width(c, attn_mode);
@@ -796,16 +844,20 @@ static void free_run_state(RunState *s) {
                     s->q_absorbed, s->row, s->latent_out, s->head_tmp, s->scores, s->head_out, s->hidden,
                     s->hidden2, s->expert_in, s->expert_out, s->expert_tokens, s->router_probs, s->topk_idx,
                     s->topk_weight, s->router.masked, s->router.group_score, s->router.taken,
-                    s->router.group_taken, s->act.q, s->act.scale, s->logits, s->cache};
+                    s->router.group_taken, s->act.q, s->act.scale, s->act.at, s->products, s->head_mats, s->logits, s->cache};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
 }
 
-/* SwiGLU MLP for n tokens (dense layers, each routed expert, the shared experts):
- * out = down( silu(gate x) * up x ). hidden, hidden2: [n][width] scratch. */
+/* SwiGLU's middle: gate <- silu(gate) * up, elementwise over count values. */
+static void swiglu(float *gate, const float *up, size_t count) {
+    for (size_t i = 0; i < count; i++) gate[i] = silu(gate[i]) * up[i];
+}
+
+/* SwiGLU MLP for n tokens (the dense layers): out = down( silu(gate x) * up x ). */
 static void swiglu_mlp(RunState *s, float *out, const float *x, int n, const Mat *gate, const Mat *up, const Mat *down) {
-    matmul(s->hidden, gate, x, n, &s->act);
-    matmul(s->hidden2, up, x, n, &s->act);
-    for (size_t i = 0; i < (size_t)n * gate->rows; i++) s->hidden[i] = silu(s->hidden[i]) * s->hidden2[i];
+    Product gate_up[2] = {{s->hidden, gate, x, n}, {s->hidden2, up, x, n}};
+    matmul_many(gate_up, 2, &s->act);
+    swiglu(s->hidden, s->hidden2, (size_t)n * gate->rows);
     matmul(out, down, s->hidden, n, &s->act);
 }
 
@@ -826,13 +878,10 @@ static void swiglu_mlp(RunState *s, float *out, const float *x, int n, const Mat
 
 /* Queries for n tokens from pos (eq. 12-14): with q LoRA, q = W_UQ norm(W_DQ h); else q = W_Q h. */
 static void mla_query(RunState *s, const Config *c, const Layer *L, int n, int pos) {
-    if (c->q_lora_rank > 0) {
-        matmul(s->q_latent, &L->q_a_proj, s->xn, n, &s->act);
+    if (c->q_lora_rank > 0) {  /* q_latent = W_DQ h came with the latent (mla) */
         for (int t = 0; t < n; t++)  /* eps 1e-6 is fixed in the official code */
             rmsnorm(s->q_latent + (size_t)t * c->q_lora_rank, s->q_latent + (size_t)t * c->q_lora_rank, L->q_a_norm, c->q_lora_rank, 1e-6);
         matmul(s->q, &L->q_b_proj, s->q_latent, n, &s->act);
-    } else {
-        matmul(s->q, &L->q_proj, s->xn, n, &s->act);
     }
     int q_head_dim = c->qk_nope_head_dim + c->qk_rope_head_dim, H = c->num_attention_heads, half = c->qk_rope_head_dim / 2;
     for (int t = 0; t < n; t++)
@@ -844,7 +893,6 @@ static void mla_query(RunState *s, const Config *c, const Layer *L, int n, int p
 /* Compressed KV for n tokens (eq. 9, 15): kv_a = [c_kv | k_pe]; c = norm(c_kv); k_pe rotated. */
 static void mla_latent(RunState *s, const Config *c, const Layer *L, int n, int pos) {
     int half = c->qk_rope_head_dim / 2, width = c->kv_lora_rank + c->qk_rope_head_dim;
-    matmul(s->kv_a, &L->kv_a_proj, s->xn, n, &s->act);
     for (int t = 0; t < n; t++) {
         float *a = s->kv_a + (size_t)t * width;
         rmsnorm(a, a, L->kv_a_norm, c->kv_lora_rank, 1e-6);
@@ -881,10 +929,11 @@ static void mla_attend_absorbed(RunState *s, const Config *c, const Layer *L, fl
             }
         }
     }
-    for (int h = 0; h < H; h++) {                                  /* o = W_UV u, per head */
-        Mat w_uv = mat_rows(&L->kv_b_proj, h * kv_head_rows + nope, vdim);
-        matmul(s->head_tmp + (size_t)h * n * vdim, &w_uv, s->latent_out + (size_t)h * n * rank, n, &s->act);
+    for (int h = 0; h < H; h++) {                                  /* o = W_UV u, all heads in one pass */
+        s->head_mats[h] = mat_rows(&L->kv_b_proj, h * kv_head_rows + nope, vdim);
+        s->products[h] = (Product){s->head_tmp + (size_t)h * n * vdim, &s->head_mats[h], s->latent_out + (size_t)h * n * rank, n};
     }
+    matmul_many(s->products, H, &s->act);
     for (int t = 0; t < n; t++)
         for (int h = 0; h < H; h++)
             memcpy(s->head_out + ((size_t)t * H + h) * vdim, s->head_tmp + ((size_t)h * n + t) * vdim, vdim * sizeof(float));
@@ -930,6 +979,9 @@ static void mla_attend_naive(RunState *s, const Config *c, const Layer *L, float
 /* MLA for n tokens at positions pos..: s->xn in, s->branch out (eq. 19: u = W_O [o_1; ...; o_H]). */
 static void mla(RunState *s, const Config *c, const Layer *L, int layer, int n, int pos) {
     float *layer_cache = s->cache + (size_t)layer * s->context * s->cache_width;
+    int lora = c->q_lora_rank > 0;  /* eq. 9 and eq. 12 (or 14) read the same input: one pass */
+    Product from_input[2] = {{lora ? s->q_latent : s->q, lora ? &L->q_a_proj : &L->q_proj, s->xn, n}, {s->kv_a, &L->kv_a_proj, s->xn, n}};
+    matmul_many(from_input, 2, &s->act);
     mla_query(s, c, L, n, pos);
     mla_latent(s, c, L, n, pos);
     if (s->attn_mode == ATTN_ABSORB) mla_attend_absorbed(s, c, L, layer_cache, n, pos);
@@ -981,30 +1033,49 @@ static void route_tokens(const Config *c, const float *probs, int *idx, float *w
 /* MoE FFN for n tokens (eq. 20): the shared experts on every token, plus each routed expert on
  * just the tokens that chose it (its weights read once for all of them), weighted. */
 static void moe(RunState *s, const Config *c, const Layer *L, int n) {
-    int D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
+    int D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok, I = c->moe_intermediate_size;
     matmul(s->router_probs, &L->router, s->xn, n, &s->act);
     for (int t = 0; t < n; t++) {
         softmax(s->router_probs + (size_t)t * E, E);
         route_tokens(c, s->router_probs + (size_t)t * E, s->topk_idx + (size_t)t * K, s->topk_weight + (size_t)t * K, &s->router);
     }
-    if (L->has_mlp) swiglu_mlp(s, s->branch, s->xn, n, &L->mlp_gate, &L->mlp_up, &L->mlp_down);
-    else memset(s->branch, 0, (size_t)n * D * sizeof(float));
+    /* Each expert's tokens, gathered expert by expert into rows of expert_in; then every gate and
+     * up product (routed and shared) in one pass, SwiGLU, and every down product in a second. */
+    Product *p = s->products;
+    int rows = 0, count = 0;
     for (int e = 0; e < E; e++) {
-        int m = 0;
+        int first = rows;
         for (int t = 0; t < n; t++)
             for (int k = 0; k < K; k++)
                 if (s->topk_idx[t * K + k] == e) {
-                    s->expert_tokens[m] = t * K + k;
-                    memcpy(s->expert_in + (size_t)m * D, s->xn + (size_t)t * D, D * sizeof(float));
-                    m++;
+                    s->expert_tokens[rows] = t * K + k;
+                    memcpy(s->expert_in + (size_t)rows * D, s->xn + (size_t)t * D, D * sizeof(float));
+                    rows++;
                 }
-        if (m == 0) continue;
-        swiglu_mlp(s, s->expert_out, s->expert_in, m, &L->expert_gate[e], &L->expert_up[e], &L->expert_down[e]);
-        for (int j = 0; j < m; j++) {
-            int t = s->expert_tokens[j] / K;
-            float wgt = s->topk_weight[s->expert_tokens[j]];
-            for (int i = 0; i < D; i++) s->branch[(size_t)t * D + i] += wgt * s->expert_out[(size_t)j * D + i];
-        }
+        if (rows == first) continue;
+        p[count++] = (Product){s->hidden + (size_t)first * I, &L->expert_gate[e], s->expert_in + (size_t)first * D, rows - first};
+        p[count++] = (Product){s->hidden2 + (size_t)first * I, &L->expert_up[e], s->expert_in + (size_t)first * D, rows - first};
+    }
+    float *shared_gate = s->hidden + (size_t)rows * I, *shared_up = s->hidden2 + (size_t)rows * I;
+    if (L->has_mlp) {
+        p[count++] = (Product){shared_gate, &L->mlp_gate, s->xn, n};
+        p[count++] = (Product){shared_up, &L->mlp_up, s->xn, n};
+    }
+    matmul_many(p, count, &s->act);
+    swiglu(s->hidden, s->hidden2, (size_t)rows * I + (L->has_mlp ? (size_t)n * L->mlp_gate.rows : 0));
+    int routed = L->has_mlp ? count - 2 : count;
+    for (int j = 0; j < routed; j += 2) {  /* down: gate j's rows of hidden -> the same rows of expert_out */
+        size_t first = (size_t)(p[j].x - s->expert_in) / D;
+        p[j / 2] = (Product){s->expert_out + first * D, &L->expert_down[s->topk_idx[s->expert_tokens[first]]], s->hidden + first * I, p[j].n};
+    }
+    count = routed / 2;
+    if (L->has_mlp) p[count++] = (Product){s->branch, &L->mlp_down, shared_gate, n};
+    else memset(s->branch, 0, (size_t)n * D * sizeof(float));
+    matmul_many(p, count, &s->act);
+    for (int j = 0; j < rows; j++) {  /* eq. 20: h + shared + sum of g_i * expert_i */
+        int t = s->expert_tokens[j] / K;
+        float wgt = s->topk_weight[s->expert_tokens[j]];
+        for (int i = 0; i < D; i++) s->branch[(size_t)t * D + i] += wgt * s->expert_out[(size_t)j * D + i];
     }
 }
 

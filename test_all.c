@@ -338,7 +338,8 @@ static void test_matmul_dtypes(void) {
     for (int i = 0; i < N * ROWS; i++) err = fmax(err, fabs(y[i] - ref[i]));
     check(err < 1e-4, "f32 matmul of 3 tokens, 37 rows (blocks of 4 with a ragged end): max err %.1e", err);
     quantize_activations(wq, wq_scale, w, ROWS * COLS, G);  /* the same symmetric scheme as export.py */
-    ActivationScratch act = {xq, xs, N * COLS};
+    size_t at[1];
+    ActivationScratch act = {xq, xs, N * COLS, at, 1};
     Mat Q = {wq, wq_scale, DTYPE_Q8, ROWS, COLS, G};
     float y_simd[N * ROWS];
     for (int simd = 1; simd >= 0; simd--) {  /* the intrinsics kernel (where built) and the portable one */
@@ -356,6 +357,42 @@ static void test_matmul_dtypes(void) {
     err = 0;
     for (int i = 0; i < N * ROWS; i++) err = fmax(err, fabs(y[i] - ref[i]));
     check(err < 0.02 * max_ref, "q8 matmul with groups of 16: %.1e of %.1f", err, max_ref);
+}
+
+/* Several products in one pass (threads split their blocks by work; consecutive products with
+ * the same input share its int8 form) give exactly what one product at a time gives. */
+static void test_matmul_many(void) {
+    enum { G = 32, A_ROWS = 13, B_ROWS = 401, C_ROWS = 7, COLS = 64, C_COLS = 96, N = 5 };  /* enough work for every thread */
+    static float wa[A_ROWS * COLS], wb[B_ROWS * COLS], wc[C_ROWS * C_COLS], x[N * COLS], xc[2 * C_COLS];
+    static int8_t qa[A_ROWS * COLS], qb[B_ROWS * COLS], qc[C_ROWS * C_COLS];
+    static float sa[A_ROWS * COLS / G], sb[B_ROWS * COLS / G], sc[C_ROWS * C_COLS / G];
+    static float y[3][N * B_ROWS], y_many[3][N * B_ROWS];
+    for (int i = 0; i < A_ROWS * COLS; i++) wa[i] = rand_normal();
+    for (int i = 0; i < B_ROWS * COLS; i++) wb[i] = rand_normal();
+    for (int i = 0; i < C_ROWS * C_COLS; i++) wc[i] = rand_normal();
+    for (int i = 0; i < N * COLS; i++) x[i] = rand_normal();
+    for (int i = 0; i < 2 * C_COLS; i++) xc[i] = rand_normal();
+    quantize_activations(qa, sa, wa, A_ROWS * COLS, G);
+    quantize_activations(qb, sb, wb, B_ROWS * COLS, G);
+    quantize_activations(qc, sc, wc, C_ROWS * C_COLS, G);
+    static int8_t aq[N * COLS * 2 + 2 * C_COLS];
+    static float as[sizeof aq / G];
+    size_t at[3];
+    ActivationScratch act = {aq, as, sizeof aq, at, 3};
+    for (int dtype = DTYPE_F32; dtype <= DTYPE_Q8; dtype += DTYPE_Q8 - DTYPE_F32) {
+        int q8 = dtype == DTYPE_Q8;
+        Mat A = {q8 ? (void *)qa : wa, q8 ? sa : NULL, dtype, A_ROWS, COLS, q8 ? G : COLS};
+        Mat B = {q8 ? (void *)qb : wb, q8 ? sb : NULL, dtype, B_ROWS, COLS, q8 ? G : COLS};
+        Mat C = {q8 ? (void *)qc : wc, q8 ? sc : NULL, dtype, C_ROWS, C_COLS, q8 ? G : C_COLS};
+        Product p[3] = {{y_many[0], &A, x, N}, {y_many[1], &B, x, N}, {y_many[2], &C, xc, 2}};
+        matmul_many(p, 3, &act);
+        matmul(y[0], &A, x, N, &act);
+        matmul(y[1], &B, x, N, &act);
+        matmul(y[2], &C, xc, 2, &act);
+        int same = !memcmp(y[0], y_many[0], sizeof(float) * N * A_ROWS) && !memcmp(y[1], y_many[1], sizeof(float) * N * B_ROWS) &&
+                   !memcmp(y[2], y_many[2], sizeof(float) * 2 * C_ROWS);
+        check(same, "three products in one pass == one at a time, bit for bit (%s; two share an input)", q8 ? "q8" : "f32");
+    }
 }
 
 /* A config no fixture has: norm_topk_prob, seq_aux off, MoE every other layer, no shared
@@ -1288,6 +1325,7 @@ int main(int argc, char **argv) {
         test_routing();
         test_bf16();
         test_matmul_dtypes();
+        test_matmul_many();
         test_batch_equals_single(ATTN_ABSORB, small_config(8), "small");
         test_batch_equals_single(ATTN_NAIVE, small_config(8), "small");
         test_batch_equals_single(ATTN_ABSORB, unusual_config(), "unusual");
