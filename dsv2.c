@@ -381,11 +381,17 @@ static float dot_f32(const float *a, const float *b, int n) {
  * products are int8 x int8 with int32 sums. */
 static void quantize_activations(int8_t *q, float *scale, const float *x, int n, int group) {
     for (int g = 0; g < n / group; g++) {
+        const float *xg = x + (size_t)g * group;
         float amax = 0.0f;
-        for (int i = 0; i < group; i++) amax = fmaxf(amax, fabsf(x[g * group + i]));
-        float sc = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
-        scale[g] = sc;
-        for (int i = 0; i < group; i++) q[g * group + i] = (int8_t)lrintf(x[g * group + i] * inv);
+#pragma omp simd reduction(max : amax)
+        for (int i = 0; i < group; i++) {
+            float a = fabsf(xg[i]);
+            amax = a > amax ? a : amax;
+        }
+        float inv = amax > 0 ? 127.0f / amax : 0.0f;
+        scale[g] = amax / 127.0f;
+#pragma omp simd
+        for (int i = 0; i < group; i++) q[(size_t)g * group + i] = (int8_t)(int)rintf(xg[i] * inv);  /* ties to even */
     }
 }
 
