@@ -2976,7 +2976,7 @@ static void usage(void) {
             "  -a MODE    attention: absorb (default, latent cache) | naive (per-head K/V cache)\n"
             "  -c N       context length (default min(max_position_embeddings, 4096))\n"
             "  -w MODE    weights: auto (default) | mmap (read in place) | load (into huge-page memory)\n"
-            "  -g LIST    (the CUDA build, ./dsv2cu) GPUs to split the layers over, e.g. 0 or 0,1 or 0,0\n"
+            "  -g LIST    (the CUDA build, ./dsv2cu; also --gpus LIST) GPUs to split the layers over: 0, 0,1 or 0,0\n"
             "training (-m train, an f32 model with a tokenizer): -f corpus.txt -o out.bin -n steps (default 256)\n"
             "  -b N       sequences per batch (default 8); -c N: tokens per sequence (default 128)\n"
             "  -r LR      peak learning rate (default 3e-3); -e N: validate and checkpoint every N steps (default 100)\n");
@@ -3015,10 +3015,11 @@ int main(int argc, char **argv) {
     int attn_mode = ATTN_ABSORB, weights_mode = WEIGHTS_AUTO, batch = 8, eval_every = 100, steps_given = 0;
     float lr = 3e-3f;
     for (int i = 2; i < argc; i += 2) {
-        if (argv[i][0] != '-' || strlen(argv[i]) != 2) die("unknown argument \"%s\" (run ./dsv2 for usage)", argv[i]);
+        const char *flag = strcmp(argv[i], "--gpus") ? argv[i] : "-g";  /* the one long name, as multi-GPU tools spell it */
+        if (flag[0] != '-' || strlen(flag) != 2) die("unknown argument \"%s\" (run ./dsv2 for usage)", argv[i]);
         if (i + 1 >= argc) die("option %s needs a value", argv[i]);
         const char *v = argv[i + 1];
-        switch (argv[i][1]) {
+        switch (flag[1]) {
         case 'm': mode = v; break;
         case 'i': prompt = v; break;
         case 'f': prompt_file = v; break;

@@ -17,7 +17,7 @@ for dtype in bf16 q8; do
   [ -f "$model" ] || $PYTHON export.py --random lite "$model" --layers 2 --dtype "$dtype" > /dev/null
   ./dsv2 "$model" -m logits -i "$ids" -o build/cpu.logits 2>/dev/null
   ./dsv2cu "$model" -m logits -i "$ids" -o build/gpu.logits 2>/dev/null
-  ./dsv2cu "$model" -m logits -i "$ids" -o build/gpu2.logits -g 0,0 2>/dev/null
+  ./dsv2cu "$model" -m logits -i "$ids" -o build/gpu2.logits --gpus 0,0 2>/dev/null
   # tolerance: float32 sums in another order over 2048-10944 terms; q8 on the CPU also quantizes activations
   tol=$([ "$dtype" = bf16 ] && echo 1e-3 || echo 5e-2)
   $PYTHON - "$tol" <<'PY'
