@@ -432,38 +432,32 @@ int dsv2_simd = 1;  /* not static: a build without VNNI has no other use of it, 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 static inline void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4], const int8_t *const xq[4], const float *const xs[4], int nt, float out[4][4]) {
-    int groups = W->cols / 32, g = groups & ~1;  /* g: the odd last group, if any, done after */
+    int groups = W->cols / 32, g = 0;
     const int8_t *w[4];
     const float *ws[4];
     __m512 acc[4][4];
-    const __m512i bias = _mm512_set1_epi8((char)0x80), first_pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    __m512i pair[4];
+    const __m512i bias = _mm512_set1_epi8((char)0x80);
     for (int k = 0; k < 4; k++) {
         w[k] = (const int8_t *)W->data + row[k];
         ws[k] = W->scale + row[k] / 32;
+        pair[k] = _mm512_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k,
+                                    2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1);
         for (int t = 0; t < 4; t++) acc[k][t] = _mm512_setzero_ps();
     }
-    for (int g0 = 0; g0 < g; g0 += 16) {  /* up to 16 groups whose scales load as one vector per row and token */
-        int span = g - g0 < 16 ? g - g0 : 16;
-        __mmask16 in_span = (__mmask16)((1u << span) - 1);
-        __m512 w_scales[4], x_scales[4];
-        for (int k = 0; k < 4; k++) w_scales[k] = _mm512_maskz_loadu_ps(in_span, ws[k] + g0);
-        for (int t = 0; t < nt; t++) x_scales[t] = _mm512_maskz_loadu_ps(in_span, xs[t] + g0);
-        for (int j = 0; j < span; j += 2) {  /* 64 bytes = two groups per step; int32 lanes 0-7 and 8-15 */
-            __m512i lanes = _mm512_add_epi32(first_pair, _mm512_set1_epi32(j));  /* each group's scale to its 8 lanes */
-            __m512i w_unsigned[4];
-            __m512 w_scale[4];
+    for (; g + 2 <= groups; g += 2) {  /* 64 bytes = two groups per step; int32 lanes 0-7 and 8-15 */
+        __m512i w_unsigned[4];
+        for (int k = 0; k < 4; k++) w_unsigned[k] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w[k] + g * 32)), bias);
+        __m256 w_scale = _mm256_setr_ps(ws[0][g], ws[0][g + 1], ws[1][g], ws[1][g + 1], ws[2][g], ws[2][g + 1], ws[3][g], ws[3][g + 1]);
+        for (int t = 0; t < nt; t++) {
+            __m512i xv = _mm512_loadu_si512((const void *)(xq[t] + g * 32));
+            __m512i minus_bias_x = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, xv));
+            double xs_pair;
+            memcpy(&xs_pair, xs[t] + g, sizeof xs_pair);
+            __m512 sc = _mm512_castps256_ps512(_mm256_mul_ps(w_scale, _mm256_castpd_ps(_mm256_set1_pd(xs_pair))));
             for (int k = 0; k < 4; k++) {
-                w_unsigned[k] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w[k] + (g0 + j) * 32)), bias);
-                w_scale[k] = _mm512_permutexvar_ps(lanes, w_scales[k]);
-            }
-            for (int t = 0; t < nt; t++) {
-                __m512i xv = _mm512_loadu_si512((const void *)(xq[t] + (g0 + j) * 32));
-                __m512i minus_bias_x = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, xv));
-                __m512 x_scale = _mm512_permutexvar_ps(lanes, x_scales[t]);
-                for (int k = 0; k < 4; k++) {
-                    __m512i dot = _mm512_dpbusd_epi32(minus_bias_x, w_unsigned[k], xv);
-                    acc[k][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(w_scale[k], x_scale), acc[k][t]);
-                }
+                __m512i dot = _mm512_dpbusd_epi32(minus_bias_x, w_unsigned[k], xv);
+                acc[k][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pair[k], sc), acc[k][t]);
             }
         }
     }
