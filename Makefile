@@ -50,8 +50,10 @@ clean:
 run: dsv2
 	./dsv2 models/tiny/model.bin -i "And God said" -n 120 -t 0.8 -p 0.9 -s 42
 
-# Speed on random weights of the real V2-Lite shape: 8 layers (quick), or all 27 (bench-full).
+# Speed on random weights of real shapes: V2-Lite at 8 layers (quick); bench-full: all 27, and
+# 2 of the 60 layers of the 236B DeepSeek-V2.
 bench: dsv2
 	PYTHON=$(PYTHON) tests/bench.sh 8 "q8 bf16" 5
 bench-full: dsv2
 	PYTHON=$(PYTHON) tests/bench.sh 27 "q8" 3
+	PYTHON=$(PYTHON) tests/bench.sh 2 "q8" 3 v2
