@@ -395,31 +395,27 @@ static void quantize_activations(int8_t *q, float *scale, const float *x, int n,
     }
 }
 
-/* q8 x q8 for groups of 32 (the real models), four rows. Each group's 32 products are summed in
- * 16 int32 lanes of pairs, scaled, and kept in 16 float lanes: one horizontal sum per row, not per
- * group. Written so the compiler vectorizes it; dot4x4_q8_group32_vnni below does the same with
- * AVX-512 VNNI intrinsics. */
-static void dot4_q8_group32_portable(const Mat *W, const size_t row[4], const int8_t *xq, const float *xs, float out[4]) {
-    int groups = W->cols / 32;
+/* q8 x q8, four rows: an int32 sum per group (int8 products; the compiler vectorizes it), then
+ * the group's two scales. dot4x4_q8_group32_vnni below does the same with AVX-512 VNNI. */
+static inline void dot4_q8_portable(const Mat *W, const size_t row[4], const int8_t *xq, const float *xs, int group, float out[4]) {
+    int groups = W->cols / group;
     const int8_t *w0 = (const int8_t *)W->data + row[0], *w1 = (const int8_t *)W->data + row[1];
     const int8_t *w2 = (const int8_t *)W->data + row[2], *w3 = (const int8_t *)W->data + row[3];
-    const float *s0 = W->scale + row[0] / 32, *s1 = W->scale + row[1] / 32, *s2 = W->scale + row[2] / 32, *s3 = W->scale + row[3] / 32;
-    float a[16] = {0}, b[16] = {0}, c[16] = {0}, d[16] = {0};
+    const float *s0 = W->scale + row[0] / group, *s1 = W->scale + row[1] / group;
+    const float *s2 = W->scale + row[2] / group, *s3 = W->scale + row[3] / group;
+    float a = 0, b = 0, c = 0, d = 0;
     for (int g = 0; g < groups; g++) {
-        const int8_t *xg = xq + g * 32;
-        int o = g * 32;
-        float sa = s0[g] * xs[g], sb = s1[g] * xs[g], sc = s2[g] * xs[g], sd = s3[g] * xs[g];
-#pragma omp simd
-        for (int l = 0; l < 16; l++) {
-            int x0 = xg[2 * l], x1 = xg[2 * l + 1];
-            a[l] += (float)(w0[o + 2 * l] * x0 + w0[o + 2 * l + 1] * x1) * sa;
-            b[l] += (float)(w1[o + 2 * l] * x0 + w1[o + 2 * l + 1] * x1) * sb;
-            c[l] += (float)(w2[o + 2 * l] * x0 + w2[o + 2 * l + 1] * x1) * sc;
-            d[l] += (float)(w3[o + 2 * l] * x0 + w3[o + 2 * l + 1] * x1) * sd;
+        const int8_t *xg = xq + (size_t)g * group;
+        size_t o = (size_t)g * group;
+        int32_t ia = 0, ib = 0, ic = 0, id = 0;
+#pragma omp simd reduction(+ : ia, ib, ic, id)
+        for (int i = 0; i < group; i++) {
+            ia += w0[o + i] * xg[i]; ib += w1[o + i] * xg[i];
+            ic += w2[o + i] * xg[i]; id += w3[o + i] * xg[i];
         }
+        a += ia * (s0[g] * xs[g]); b += ib * (s1[g] * xs[g]); c += ic * (s2[g] * xs[g]); d += id * (s3[g] * xs[g]);
     }
-    out[0] = out[1] = out[2] = out[3] = 0.0f;
-    for (int l = 0; l < 16; l++) { out[0] += a[l]; out[1] += b[l]; out[2] += c[l]; out[3] += d[l]; }
+    out[0] = a; out[1] = b; out[2] = c; out[3] = d;
 }
 
 /* Intrinsics, in one place: the int8 dot product with AVX-512 VNNI (vpdpbusd: 64 int8 products
@@ -427,7 +423,7 @@ static void dot4_q8_group32_portable(const Mat *W, const size_t row[4], const in
  * weight load serves every token of a prefill batch. vpdpbusd multiplies unsigned by signed
  * bytes, so the weights are read as w + 128 (one xor) and each token's 128 * sum(x) comes off
  * again: it starts the int32 sum, so every (row, token) pair costs one vpdpbusd. The tests run
- * both this and the portable version above; dsv2_simd = 0 forces the portable one. */
+ * both this and dot4_q8_portable above; dsv2_simd = 0 forces the portable one. */
 int dsv2_simd = 1;  /* not static: a build without VNNI has no other use of it, and the tests set it */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -492,23 +488,10 @@ static void dot4_rows(const Mat *W, const size_t row[4], const float *x, const i
             a += bf16_to_f32(w0[i]) * x[i]; b += bf16_to_f32(w1[i]) * x[i];
             c += bf16_to_f32(w2[i]) * x[i]; d += bf16_to_f32(w3[i]) * x[i];
         }
-    } else if (W->group == 32) {
-        dot4_q8_group32_portable(W, row, xq, xs, out);
+    } else {  /* q8; a constant group of 32 (the real models) lets the compiler unroll it */
+        if (W->group == 32) dot4_q8_portable(W, row, xq, xs, 32, out);
+        else dot4_q8_portable(W, row, xq, xs, W->group, out);
         return;
-    } else {  /* other group sizes (tiny models): plain per-group sums */
-        int G = W->group, groups = cols / G;
-        const int8_t *w0 = (const int8_t *)W->data + row[0], *w1 = (const int8_t *)W->data + row[1];
-        const int8_t *w2 = (const int8_t *)W->data + row[2], *w3 = (const int8_t *)W->data + row[3];
-        const float *s0 = W->scale + row[0] / G, *s1 = W->scale + row[1] / G, *s2 = W->scale + row[2] / G, *s3 = W->scale + row[3] / G;
-        for (int g = 0; g < groups; g++) {
-            int32_t ia = 0, ib = 0, ic = 0, id = 0;
-            const int8_t *xg = xq + g * G;
-            for (int i = 0; i < G; i++) {
-                ia += w0[g * G + i] * xg[i]; ib += w1[g * G + i] * xg[i];
-                ic += w2[g * G + i] * xg[i]; id += w3[g * G + i] * xg[i];
-            }
-            a += ia * s0[g] * xs[g]; b += ib * s1[g] * xs[g]; c += ic * s2[g] * xs[g]; d += id * s3[g] * xs[g];
-        }
     }
     out[0] = a; out[1] = b; out[2] = c; out[3] = d;
 }
