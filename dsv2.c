@@ -550,6 +550,12 @@ static void matmul_block(const Product *p, int b, const int8_t *xq, const float 
  * weights (more reads in flight than one stream, which decoding, bound by memory, needs:
  * tests/bandwidth.c) and waits for the others once, not once per product. Consecutive products
  * with the same input share its int8 form. act may be NULL when no weight is q8. */
+/* Product i reads the same int8 input as product i - 1 (e.g. an expert's up after its gate). */
+static int shares_previous_input(const Product *p, int i) {
+    return i > 0 && p[i].W->dtype == DTYPE_Q8 && p[i - 1].W->dtype == DTYPE_Q8 && p[i].x == p[i - 1].x &&
+           p[i].n == p[i - 1].n && p[i].W->cols == p[i - 1].W->cols && p[i].W->group == p[i - 1].W->group;
+}
+
 static void matmul_many(const Product *p, int count, ActivationScratch *act) {
     long long work = 0;  /* total: sum of blocks * cols * tokens */
     size_t used = 0;
@@ -558,8 +564,7 @@ static void matmul_many(const Product *p, int count, ActivationScratch *act) {
         work += (long long)(W->rows + 3) / 4 * W->cols * p[i].n;
         if (W->dtype != DTYPE_Q8) continue;
         if (!act || count > act->max_products) die("internal: activation scratch missing or too small");
-        if (i > 0 && p[i].x == p[i - 1].x && p[i].n == p[i - 1].n && p[i - 1].W->dtype == DTYPE_Q8 &&
-            W->cols == p[i - 1].W->cols && W->group == p[i - 1].W->group) act->at[i] = act->at[i - 1];
+        if (shares_previous_input(p, i)) act->at[i] = act->at[i - 1];
         else { act->at[i] = used; used += (size_t)p[i].n * W->cols; }
     }
     if (used > (act ? act->capacity : 0)) die("internal: activation scratch too small");
@@ -573,7 +578,7 @@ static void matmul_many(const Product *p, int count, ActivationScratch *act) {
         int job = 0;  /* quantize the inputs, one token per job, round robin */
         for (int i = 0; i < count; i++) {
             const Mat *W = p[i].W;
-            if (W->dtype != DTYPE_Q8 || (i > 0 && act->at[i] == act->at[i - 1])) continue;
+            if (W->dtype != DTYPE_Q8 || shares_previous_input(p, i)) continue;
             for (int t = 0; t < p[i].n; t++, job++)
                 if (job % threads == id)
                     quantize_activations(act->q + act->at[i] + (size_t)t * W->cols, act->scale + (act->at[i] + (size_t)t * W->cols) / W->group,
