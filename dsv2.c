@@ -1,24 +1,160 @@
 /*
- * dsv2.c: DeepSeek-V2 inference in one readable C file.
+ * dsv2.c: DeepSeek-V2 in one readable C file.
  *
- * One architecture covers DeepSeek-V2 (236B), V2-Chat, V2-Lite (16B), V2-Lite-Chat,
- * Coder-V2 and V2.5; only the numbers in the checkpoint header differ.
- * The file reads top to bottom like the paper (arXiv:2405.04434):
- *   config and checkpoint (mmap) -> building blocks (matmul for f32/bf16/q8, RMSNorm, RoPE/YaRN)
- *   -> Multi-head Latent Attention (eq. 9-19) -> DeepSeekMoE (eq. 20-22) -> forward
- *   -> tokenizer (byte-level BPE) -> sampler -> generation and chat -> CLI.
+ * One architecture covers DeepSeek-V2 (236B), V2-Chat, V2-Lite (16B), V2-Lite-Chat, Coder-V2 and
+ * V2.5; only the numbers in the checkpoint header differ. The math follows the official Hugging
+ * Face remote code (modeling_deepseek.py), which computed the test fixtures; the equation tags
+ * (eq. N) are those of the paper, arXiv:2405.04434.
  *
- * The math follows the official Hugging Face remote code (modeling_deepseek.py),
- * which is what the test fixtures were computed with.
+ * How to read it. Part 1 is the model, in the paper's order; stop at the end of forward_batch and
+ * you have read all of DeepSeek-V2 and nothing else:
+ *   config -> weights -> matmul (the interface) -> RMSNorm -> RoPE/YaRN -> run state
+ *   -> Multi-head Latent Attention (eq. 9-19) -> DeepSeekMoE (eq. 20-25) -> forward
+ *   -> sampler -> generation and chat -> CLI.
+ * Part 2 is the machinery, one banner each: fast kernels (q8, SIMD, threads), loading (the file
+ * layout, mmap, huge pages, the GPU upload), the tokenizer, training.
  *
- * Build: make dsv2      Run: ./dsv2 model.bin -i "Hello"
+ * Shapes, one legend for the whole file:
+ *   n tokens in a batch (N = B*T sequences x tokens in training), D hidden_size, H heads,
+ *   dn qk_nope_head_dim, dr qk_rope_head_dim, dq = dn + dr, dv v_head_dim, r kv_lora_rank,
+ *   rq q_lora_rank, E routed experts, K experts per token, Im moe_intermediate_size,
+ *   I intermediate_size, V vocab_size, L layers.
+ *
+ * Build: make dsv2 (or cc -O3 -fopenmp dsv2.c -lm)      Run: ./dsv2 model.bin -i "Hello"
  */
-#define _DEFAULT_SOURCE  /* MAP_POPULATE, madvise */
+#ifndef _DEFAULT_SOURCE
+#define _DEFAULT_SOURCE /* MAP_POPULATE, madvise; before any system header */
+#endif
+#include <assert.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* ========================================================================================== */
+/* PART 1: THE MODEL                                                                          */
+/* ========================================================================================== */
+
+/* ------------------------------------------------------------------------------------------ */
+/* Config: the checkpoint header. Every hyper-parameter the forward pass uses is stored here;  */
+/* nothing is inferred from a model name. export.py writes it from config.json.                */
+/* ------------------------------------------------------------------------------------------ */
+
+#define DSV2_MAGIC "DSV2"
+#define DSV2_VERSION 1
+#define HEADER_SIZE 512
+#define TENSOR_ALIGN 64
+
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_Q8 = 2 };
+enum { TOPK_GREEDY = 0, TOPK_GROUP_LIMITED_GREEDY = 1 };
+enum { ROPE_PLAIN = 0, ROPE_YARN = 1 };
+
+typedef struct {
+    char magic[4];                  /* "DSV2" */
+    uint32_t version;
+    int32_t dtype;                  /* storage of the weight matrices; norms and router: f32 */
+    int32_t vocab_size;             /* V */
+    int32_t hidden_size;            /* D = d in the paper: the width of h_t */
+    int32_t num_hidden_layers;      /* L */
+    int32_t num_attention_heads;    /* H = n_h */
+    int32_t q_lora_rank;            /* rq = d'_c, the query latent; 0: q = W^Q h (V2-Lite) */
+    int32_t kv_lora_rank;           /* r = d_c, the KV latent c^KV: what the cache stores */
+    int32_t qk_nope_head_dim;       /* dn = d_h, per head: the part of q, k without position */
+    int32_t qk_rope_head_dim;       /* dr = d^R_h, per head: the decoupled rotary part */
+    int32_t v_head_dim;             /* dv, per head (d_h in the paper, which takes dv = dn) */
+    int32_t intermediate_size;      /* I: width of a dense layer's SwiGLU MLP */
+    int32_t moe_intermediate_size;  /* Im: width of each expert */
+    int32_t n_routed_experts;       /* E = N_r; 0: no MoE layers at all */
+    int32_t n_shared_experts;       /* N_s: always-on experts, run as one MLP of width N_s*Im */
+    int32_t num_experts_per_tok;    /* K = K_r: routed experts per token */
+    int32_t topk_method;            /* TOPK_GREEDY or TOPK_GROUP_LIMITED_GREEDY (device-limited) */
+    int32_t n_group;                /* expert groups: the paper's D devices, E/G experts each */
+    int32_t topk_group;             /* M: the groups (devices) one token's experts may span */
+    int32_t norm_topk_prob;         /* 1: gate weights renormalised to sum 1 (then no scaling) */
+    int32_t first_k_dense_replace;  /* layers 0..k-1 are dense */
+    int32_t moe_layer_freq;         /* past those, every this-many-th layer is MoE */
+    int32_t max_position_embeddings;/* the longest context */
+    int32_t bos_token_id;           /* -1: none */
+    int32_t eos_token_id;           /* -1: none */
+    int32_t rope_scaling;           /* ROPE_PLAIN or ROPE_YARN */
+    int32_t original_max_position_embeddings;  /* YaRN: the context RoPE was trained for */
+    int32_t seq_aux;                /* balance loss per sequence (1) or per batch (0) */
+    int32_t q8_group;               /* q8 files: weights per scale, along the input dimension */
+    int32_t reserved_int[4];
+    double rms_norm_eps;            /* epsilon of the layer norms (the latent norms: 1e-6) */
+    double rope_theta;              /* RoPE base */
+    double routed_scaling_factor;   /* gate weights are multiplied by it (no renormalisation) */
+    double rope_factor;             /* YaRN s: how far the context is stretched */
+    double beta_fast, beta_slow;    /* YaRN: the frequency band that is blended */
+    double mscale, mscale_all_dim;  /* YaRN: attention magnitude correction */
+    double aux_loss_alpha;          /* alpha_1, weight of the expert-level balance loss */
+    double reserved_float[7];
+    uint64_t tokenizer_offset;      /* 0: no tokenizer in this file */
+    uint64_t tokenizer_size;
+    uint64_t file_size;             /* total bytes: catches truncated copies */
+    uint64_t reserved_u64;
+    char pad[HEADER_SIZE - 8 - 32 * 4 - 16 * 8 - 4 * 8];
+} Config;
+static_assert(sizeof(Config) == HEADER_SIZE, "header layout must match export.py");
+
+/* ------------------------------------------------------------------------------------------ */
+/* Weights. Each tensor by its checkpoint name, the paper's symbol and its shape [rows, cols]. */
+/* The file order is the loader's walk, layout_weights in Part 2, and export.py's tensor_plan. */
+/* ------------------------------------------------------------------------------------------ */
+
+/* A weight matrix [rows, cols] in row-major order, as nn.Linear stores it: y = W x.
+ * q8: int8 weights and one float scale per `group` consecutive weights of a row. */
+typedef struct {
+    const void *data;
+    const float *scale;  /* q8 only: [rows][cols / group] */
+    int dtype, rows, cols, group;
+} Mat;
+
+typedef struct {
+    const float *input_norm;            /* input_layernorm                  [D] */
+    Mat q_proj;                         /* self_attn.q_proj        W^Q      [H*dq, D] (rq == 0) */
+    Mat q_a_proj;                       /* self_attn.q_a_proj      W^DQ     [rq, D]   (rq > 0) */
+    const float *q_a_norm;              /* self_attn.q_a_layernorm          [rq] */
+    Mat q_b_proj;                       /* self_attn.q_b_proj  [W^UQ; W^QR] [H*dq, rq], per head:
+                                         * dn rows of W^UQ, then dr rows of W^QR */
+    Mat kv_a_proj;                      /* self_attn.kv_a_proj_with_mqa [W^DKV; W^KR] [r+dr, D]:
+                                         * r latent rows, then the dr rows of the shared rope key */
+    const float *kv_a_norm;             /* self_attn.kv_a_layernorm         [r] */
+    Mat kv_b_proj;                      /* self_attn.kv_b_proj [W^UK; W^UV] [H*(dn+dv), r], per
+                                         * head: dn rows of W^UK, then dv rows of W^UV */
+    Mat o_proj;                         /* self_attn.o_proj        W^O      [D, H*dv] */
+    const float *post_attention_norm;   /* post_attention_layernorm         [D] */
+    int is_moe;
+    Mat router;                         /* mlp.gate                e_i      [E, D], always f32 */
+    Mat *expert_gate, *expert_up;       /* mlp.experts.{e}.gate_proj, up_proj   FFN^(r)_e [Im, D] */
+    Mat *expert_down;                   /* mlp.experts.{e}.down_proj            FFN^(r)_e [D, Im] */
+    int has_mlp;
+    Mat mlp_gate, mlp_up, mlp_down;     /* dense: mlp.gate_proj, up_proj [I, D], down_proj [D, I];
+                                         * MoE: mlp.shared_experts.* FFN^(s), width N_s*Im */
+} Layer;
+
+typedef struct {
+    Config cfg;
+    Mat embed;                          /* model.embed_tokens      [V, D] */
+    Layer *layers;                      /* [L] */
+    const float *final_norm;            /* model.norm              [D] */
+    Mat lm_head;                        /* lm_head                 [V, D] (not tied to embed) */
+    void *map;                          /* the checkpoint's bytes in memory */
+    size_t map_size;
+} Weights;
+
+/* The GPU build (make cuda -> ./dsv2cu): dsv2.cu includes this file up to here (DSV2_TYPES_ONLY)
+ * for the types above and implements these. route picks the experts on the host (route_tokens).
+ * Weights are read in place from the loaded Weights: there is no second copy of the layout. */
+typedef void (*RouteFn)(void *ctx, const float *probs, int *idx, float *weight);
+void *cuda_create(const Weights *w, int context, const char *gpus, RouteFn route, void *route_ctx,
+                  const float *rope_cos, const float *rope_sin, float softmax_scale);
+float *cuda_forward(void *gpu, const int *tokens, int n, int pos);
+void cuda_destroy(void *gpu);
+
+#ifndef DSV2_TYPES_ONLY
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,10 +168,11 @@
 
 #define PI 3.14159265358979323846
 
-/* Every bad input ends here: one line on stderr, non-zero exit. */
+/* Every bad input ends here: one line on stderr, exit 1. */
 _Noreturn static void die(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
+    fflush(stdout);
     fprintf(stderr, "dsv2: error: ");
     vfprintf(stderr, fmt, ap);
     fprintf(stderr, "\n");
@@ -49,329 +186,58 @@ static void *xcalloc(size_t n, size_t size) {
     return p;
 }
 
-/* ------------------------------------------------------------------------- */
-/* Config: the checkpoint header. Every hyper-parameter the forward pass uses  */
-/* is stored here; nothing is inferred from a model name. export.py writes it. */
-/* ------------------------------------------------------------------------- */
-
-#define DSV2_MAGIC "DSV2"
-#define DSV2_VERSION 1
-#define HEADER_SIZE 512
-#define TENSOR_ALIGN 64
-
-enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_Q8 = 2 };
-enum { TOPK_GREEDY = 0, TOPK_GROUP_LIMITED_GREEDY = 1 };
-enum { ROPE_PLAIN = 0, ROPE_YARN = 1 };
-
-typedef struct {
-    char magic[4];
-    uint32_t version;
-    int32_t dtype;                  /* storage of the weight matrices; norms and router are always f32 */
-    int32_t vocab_size;
-    int32_t hidden_size;            /* D */
-    int32_t num_hidden_layers;      /* L */
-    int32_t num_attention_heads;    /* H */
-    int32_t q_lora_rank;            /* 0: q = q_proj x (V2-Lite); else q = q_b_proj norm(q_a_proj x) */
-    int32_t kv_lora_rank;           /* the latent size that the KV cache stores */
-    int32_t qk_nope_head_dim;
-    int32_t qk_rope_head_dim;
-    int32_t v_head_dim;
-    int32_t intermediate_size;      /* dense layers */
-    int32_t moe_intermediate_size;  /* each routed expert */
-    int32_t n_routed_experts;       /* 0: no MoE layers at all */
-    int32_t n_shared_experts;
-    int32_t num_experts_per_tok;
-    int32_t topk_method;
-    int32_t n_group;
-    int32_t topk_group;
-    int32_t norm_topk_prob;
-    int32_t first_k_dense_replace;
-    int32_t moe_layer_freq;
-    int32_t max_position_embeddings;
-    int32_t bos_token_id;
-    int32_t eos_token_id;
-    int32_t rope_scaling;           /* ROPE_PLAIN or ROPE_YARN */
-    int32_t original_max_position_embeddings;
-    int32_t seq_aux;
-    int32_t q8_group;               /* q8 files: weights per scale, along the input dimension */
-    int32_t reserved_int[4];
-    double rms_norm_eps;
-    double rope_theta;
-    double routed_scaling_factor;
-    double rope_factor;             /* rope_scaling.factor */
-    double beta_fast, beta_slow;
-    double mscale, mscale_all_dim;
-    double aux_loss_alpha;
-    double reserved_float[7];
-    uint64_t tokenizer_offset;      /* 0: no tokenizer in this file */
-    uint64_t tokenizer_size;
-    uint64_t file_size;             /* total bytes: catches truncated copies */
-    uint64_t reserved_u64;
-    char pad[HEADER_SIZE - 8 - 32 * 4 - 16 * 8 - 4 * 8];
-} Config;
-_Static_assert(sizeof(Config) == HEADER_SIZE, "header layout must match export.py");
+static int max_int(int a, int b) { return a > b ? a : b; }
 
 /* A layer is MoE iff experts exist, it is past the dense prefix, and on the frequency grid. */
 static int is_moe_layer(const Config *c, int l) {
     return c->n_routed_experts > 0 && l >= c->first_k_dense_replace && l % c->moe_layer_freq == 0;
 }
 
-static void check_range(const char *name, long long v, long long lo, long long hi) {
-    if (v < lo || v > hi) die("config %s = %lld is out of range [%lld, %lld]", name, v, lo, hi);
+/* ------------------------------------------------------------------------------------------ */
+/* Matrix products: the one interface the model uses. y = W x for every weight type (f32,     */
+/* bf16, q8). How it runs fast (int8 activations, SIMD, threads) is Part 2's business.         */
+/* ------------------------------------------------------------------------------------------ */
+
+/* One product for n tokens: y[t] = W x[t], x: [n][W->cols], y: [n][W->rows]. */
+typedef struct { float *y; const Mat *W; const float *x; int n; } Product;
+
+/* Scratch the products need (the int8 form of q8 inputs); NULL is fine for f32/bf16 weights. */
+typedef struct MatmulScratch MatmulScratch;
+static MatmulScratch *matmul_scratch_new(const Config *c, int max_products, size_t max_inputs);
+static void matmul_scratch_free(MatmulScratch *scratch);
+
+/* Several independent products at once (the experts of a layer, the heads' W^UV); the same
+ * numbers as one matmul each, in less time. */
+static void matmul_many(const Product *p, int count, MatmulScratch *scratch);
+
+/* y = W x for n tokens. */
+static void matmul(float *y, const Mat *W, const float *x, int n, MatmulScratch *scratch) {
+    Product p = {y, W, x, n};
+    matmul_many(&p, 1, scratch);
 }
 
-static void validate_config(const Config *c) {
-    if (c->dtype != DTYPE_F32 && c->dtype != DTYPE_BF16 && c->dtype != DTYPE_Q8) die("unknown weight dtype %d", c->dtype);
-    if (c->dtype == DTYPE_Q8) check_range("q8_group", c->q8_group, 1, 4096);
-    check_range("vocab_size", c->vocab_size, 1, 1 << 24);
-    check_range("hidden_size", c->hidden_size, 1, 1 << 16);
-    check_range("num_hidden_layers", c->num_hidden_layers, 1, 1024);
-    check_range("num_attention_heads", c->num_attention_heads, 1, 1024);
-    check_range("q_lora_rank", c->q_lora_rank, 0, 1 << 16);
-    check_range("kv_lora_rank", c->kv_lora_rank, 1, 1 << 16);
-    check_range("qk_nope_head_dim", c->qk_nope_head_dim, 0, 4096);
-    check_range("qk_rope_head_dim", c->qk_rope_head_dim, 2, 4096);
-    if (c->qk_rope_head_dim % 2) die("config qk_rope_head_dim = %d must be even", c->qk_rope_head_dim);
-    check_range("v_head_dim", c->v_head_dim, 1, 4096);
-    check_range("max_position_embeddings", c->max_position_embeddings, 1, 1 << 24);
-    check_range("num_experts_per_tok", c->num_experts_per_tok, 0, 4096);
-    check_range("n_routed_experts", c->n_routed_experts, 0, 1 << 16);
-    check_range("n_shared_experts", c->n_shared_experts, 0, 4096);
-    check_range("first_k_dense_replace", c->first_k_dense_replace, 0, 1024);
-    check_range("moe_layer_freq", c->moe_layer_freq, 1, 1024);
-    check_range("bos_token_id", c->bos_token_id, -1, c->vocab_size - 1);
-    check_range("eos_token_id", c->eos_token_id, -1, c->vocab_size - 1);
-    int any_dense = 0, any_moe = 0;
-    for (int l = 0; l < c->num_hidden_layers; l++) {
-        if (is_moe_layer(c, l)) any_moe = 1;
-        else any_dense = 1;
-    }
-    if (any_dense) check_range("intermediate_size", c->intermediate_size, 1, 1 << 20);
-    if (any_moe) {
-        check_range("moe_intermediate_size", c->moe_intermediate_size, 1, 1 << 20);
-        check_range("num_experts_per_tok", c->num_experts_per_tok, 1, c->n_routed_experts);
-        if (c->topk_method == TOPK_GROUP_LIMITED_GREEDY) {
-            check_range("n_group", c->n_group, 1, c->n_routed_experts);
-            if (c->n_routed_experts % c->n_group) die("config n_group = %d does not divide n_routed_experts = %d", c->n_group, c->n_routed_experts);
-            check_range("topk_group", c->topk_group, 1, c->n_group);
-            check_range("num_experts_per_tok", c->num_experts_per_tok, 1, c->topk_group * (c->n_routed_experts / c->n_group));
-        } else if (c->topk_method != TOPK_GREEDY) die("unknown topk_method %d", c->topk_method);
-    }
-    if (c->rope_scaling != ROPE_PLAIN && c->rope_scaling != ROPE_YARN) die("unknown rope_scaling type %d", c->rope_scaling);
-    if (!(c->rms_norm_eps > 0 && c->rms_norm_eps < 1)) die("config rms_norm_eps = %g is out of range", c->rms_norm_eps);
-    if (!(c->rope_theta > 1)) die("config rope_theta = %g is out of range", c->rope_theta);
-    if (!isfinite(c->routed_scaling_factor)) die("config routed_scaling_factor is not finite");
-    if (c->rope_scaling == ROPE_YARN) {
-        if (!(c->rope_factor > 0 && c->rope_factor < 1e6)) die("config rope_scaling.factor = %g is out of range", c->rope_factor);
-        check_range("original_max_position_embeddings", c->original_max_position_embeddings, 1, 1 << 24);
-        if (!(c->beta_fast > 0 && c->beta_slow > 0)) die("config rope_scaling beta_fast/beta_slow must be positive");
-    }
-}
+/* Row r of W as floats: the embedding lookup, and the rows that W^UK^T sums. */
+static void mat_row_to_f32(float *out, const Mat *W, int r);
 
-/* ------------------------------------------------------------------------- */
-/* Weights: mmapped from the checkpoint and read in place (f32 or bf16).      */
-/* ------------------------------------------------------------------------- */
-
-/* A weight matrix [rows, cols] in row-major order, as nn.Linear stores it: y = W x.
- * q8: int8 weights, and one float scale per `group` consecutive weights of a row. */
-typedef struct {
-    const void *data;
-    const float *scale;  /* q8 only: [rows][cols / group] */
-    int dtype, rows, cols, group;
-} Mat;
-
-typedef struct {
-    const float *input_norm, *post_attention_norm;
-    Mat q_proj;                            /* when q_lora_rank == 0 */
-    Mat q_a_proj, q_b_proj;                /* when q_lora_rank > 0 */
-    const float *q_a_norm;
-    Mat kv_a_proj;                         /* [kv_lora_rank + rope_dim, D]: latent rows, then the shared rope key */
-    const float *kv_a_norm;
-    Mat kv_b_proj;                         /* [H*(nope+v), kv_lora_rank], per head: nope rows then v rows */
-    Mat o_proj;                            /* [D, H*v] */
-    int is_moe;
-    Mat mlp_gate, mlp_up, mlp_down;        /* dense MLP, or the shared experts of an MoE layer */
-    int has_mlp;
-    Mat router;                            /* [E, D] f32 */
-    Mat *expert_gate, *expert_up, *expert_down;
-} Layer;
-
-typedef struct {
-    Config cfg;
-    Mat embed, lm_head;
-    const float *final_norm;
-    Layer *layers;
-    void *map;                              /* the mmapped checkpoint */
-    size_t map_size;
-} Weights;
-
+/* Rows [row0, row0 + rows) of W as a matrix of its own (one head's slice of kv_b_proj). */
 static size_t dtype_size(int dtype) { return dtype == DTYPE_Q8 ? 1 : dtype == DTYPE_BF16 ? 2 : 4; }
-
-/* Lays tensors out in the one order export.py writes them; each starts TENSOR_ALIGN-aligned. */
-typedef struct {
-    const char *base;  /* NULL while only measuring the size */
-    size_t offset;
-    int weight_dtype, q8_group;
-    size_t *tensor_start, *tensor_bytes;  /* optional: where each tensor lies (training, tests) */
-    int n_tensors;
-} Cursor;
-
-static const void *take(Cursor *cur, size_t bytes) {
-    cur->offset = (cur->offset + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN;
-    const void *p = cur->base ? cur->base + cur->offset : NULL;
-    if (cur->tensor_start) { cur->tensor_start[cur->n_tensors] = cur->offset; cur->tensor_bytes[cur->n_tensors] = bytes; }
-    cur->n_tensors++;
-    cur->offset += bytes;
-    return p;
-}
-static Mat take_mat(Cursor *cur, int rows, int cols, int dtype) {
-    Mat m = {NULL, NULL, dtype, rows, cols, dtype == DTYPE_Q8 ? cur->q8_group : cols};
-    if (cols % m.group) die("q8 group %d does not divide a matrix width %d", m.group, cols);
-    m.data = take(cur, (size_t)rows * cols * dtype_size(dtype));
-    if (dtype == DTYPE_Q8) m.scale = take(cur, (size_t)rows * (cols / m.group) * sizeof(float));
+static Mat mat_rows(const Mat *W, int row0, int rows) {
+    Mat m = *W;
+    m.data = (const char *)W->data + (size_t)row0 * W->cols * dtype_size(W->dtype);
+    if (W->scale) m.scale = W->scale + (size_t)row0 * (W->cols / W->group);
+    m.rows = rows;
     return m;
 }
-static const float *take_vec(Cursor *cur, int n) { return take(cur, (size_t)n * sizeof(float)); }
 
-/* Walks the checkpoint layout; fills w when cur->base is set. Returns the end offset. */
-static size_t layout_weights(Weights *w, Cursor *cur) {
-    const Config *c = &w->cfg;
-    int D = c->hidden_size, H = c->num_attention_heads, W = cur->weight_dtype;
-    int q_head_dim = c->qk_nope_head_dim + c->qk_rope_head_dim;
-    w->embed = take_mat(cur, c->vocab_size, D, W);
-    for (int l = 0; l < c->num_hidden_layers; l++) {
-        Layer *L = &w->layers[l];
-        L->input_norm = take_vec(cur, D);
-        if (c->q_lora_rank > 0) {
-            L->q_a_proj = take_mat(cur, c->q_lora_rank, D, W);
-            L->q_a_norm = take_vec(cur, c->q_lora_rank);
-            L->q_b_proj = take_mat(cur, H * q_head_dim, c->q_lora_rank, W);
-        } else {
-            L->q_proj = take_mat(cur, H * q_head_dim, D, W);
-        }
-        L->kv_a_proj = take_mat(cur, c->kv_lora_rank + c->qk_rope_head_dim, D, W);
-        L->kv_a_norm = take_vec(cur, c->kv_lora_rank);
-        L->kv_b_proj = take_mat(cur, H * (c->qk_nope_head_dim + c->v_head_dim), c->kv_lora_rank, W);
-        L->o_proj = take_mat(cur, D, H * c->v_head_dim, W);
-        L->post_attention_norm = take_vec(cur, D);
-        L->is_moe = is_moe_layer(c, l);
-        int mlp_width = L->is_moe ? c->moe_intermediate_size * c->n_shared_experts : c->intermediate_size;
-        if (L->is_moe) {
-            L->router = take_mat(cur, c->n_routed_experts, D, DTYPE_F32);
-            for (int e = 0; e < c->n_routed_experts; e++) {
-                L->expert_gate[e] = take_mat(cur, c->moe_intermediate_size, D, W);
-                L->expert_up[e] = take_mat(cur, c->moe_intermediate_size, D, W);
-                L->expert_down[e] = take_mat(cur, D, c->moe_intermediate_size, W);
-            }
-        }
-        L->has_mlp = mlp_width > 0;
-        if (L->has_mlp) {
-            L->mlp_gate = take_mat(cur, mlp_width, D, W);
-            L->mlp_up = take_mat(cur, mlp_width, D, W);
-            L->mlp_down = take_mat(cur, D, mlp_width, W);
-        }
+/* y = W^T x: the rows of W weighted by x (row: scratch of W->cols). Absorbs W^UK into q. */
+static void matvec_transposed(float *y, const Mat *W, const float *x, float *row) {
+    memset(y, 0, (size_t)W->cols * sizeof(float));
+    for (int r = 0; r < W->rows; r++) {
+        mat_row_to_f32(row, W, r);
+        float xr = x[r];
+#pragma omp simd
+        for (int c = 0; c < W->cols; c++) y[c] += xr * row[c];
     }
-    w->final_norm = take_vec(cur, D);
-    w->lm_head = take_mat(cur, c->vocab_size, D, W);
-    return cur->offset;
-}
-
-static void alloc_layers(Weights *w) {
-    const Config *c = &w->cfg;
-    w->layers = xcalloc(c->num_hidden_layers, sizeof(Layer));
-    for (int l = 0; l < c->num_hidden_layers; l++) {
-        Layer *L = &w->layers[l];
-        L->expert_gate = xcalloc(c->n_routed_experts, sizeof(Mat));
-        L->expert_up = xcalloc(c->n_routed_experts, sizeof(Mat));
-        L->expert_down = xcalloc(c->n_routed_experts, sizeof(Mat));
-    }
-}
-
-enum { WEIGHTS_AUTO = 0, WEIGHTS_MMAP = 1, WEIGHTS_LOAD = 2 };
-
-/* The checkpoint's bytes in memory. WEIGHTS_MMAP maps the file and reads it in place (nothing is
- * copied; the OS pages it in). WEIGHTS_LOAD reads it into anonymous memory backed by huge pages:
- * decoding touches gigabytes per token, and with 4 KiB file pages the page walks cost more than
- * the reads (2.5x slower decode measured on a VM). AUTO loads when the model takes < 3/4 of RAM. */
-static void *map_checkpoint(int fd, size_t size, int mode, const char *path) {
-    double ram = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGESIZE);
-    if (mode == WEIGHTS_AUTO) mode = ram > 0 && size < 0.75 * ram ? WEIGHTS_LOAD : WEIGHTS_MMAP;
-    /* A model that does not fit twice: drop each chunk's file cache once copied, leaving memory
-     * that huge pages can use (else ~20% of a 17 GB model fell back to 4 KiB pages here). */
-    int drop_cache = ram > 0 && 2.0 * size > ram;
-    if (mode == WEIGHTS_MMAP) {
-#ifdef MAP_POPULATE
-        int populate = MAP_POPULATE;  /* fault every page in now, not one expert at a time while decoding */
-#else
-        int populate = 0;
-#endif
-        void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE | populate, fd, 0);
-        if (map == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
-        return map;
-    }
-    void *map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (map == MAP_FAILED) die("cannot allocate %zu bytes for %s (try -w mmap)", size, path);
-#ifdef MADV_HUGEPAGE
-    madvise(map, size, MADV_HUGEPAGE);
-#endif
-    for (size_t done = 0; done < size;) {
-        ssize_t got = pread(fd, (char *)map + done, size - done < (64 << 20) ? size - done : (64 << 20), (off_t)done);
-        if (got <= 0) die("cannot read %s: %s", path, got < 0 ? strerror(errno) : "unexpected end of file");
-#ifdef POSIX_FADV_DONTNEED
-        if (drop_cache) posix_fadvise(fd, (off_t)done, got, POSIX_FADV_DONTNEED);
-#endif
-        done += (size_t)got;
-    }
-    mprotect(map, size, PROT_READ);
-    return map;
-}
-
-static void load_weights(Weights *w, const char *path, int weights_mode) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) die("cannot open model %s: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0) die("cannot stat %s: %s", path, strerror(errno));
-    size_t size = (size_t)st.st_size;
-    if (size < HEADER_SIZE) die("%s is not a dsv2 checkpoint (only %zu bytes)", path, size);
-    if (pread(fd, &w->cfg, HEADER_SIZE, 0) != HEADER_SIZE) die("cannot read header of %s", path);
-    const Config *c = &w->cfg;
-    if (memcmp(c->magic, DSV2_MAGIC, 4) != 0) die("%s is not a dsv2 checkpoint (bad magic); convert it with export.py", path);
-    if (c->version != DSV2_VERSION) die("%s has checkpoint version %u; this build reads version %d", path, c->version, DSV2_VERSION);
-    validate_config(c);
-    alloc_layers(w);
-    Cursor measure = {NULL, HEADER_SIZE, c->dtype, c->q8_group, NULL, NULL, 0};
-    size_t end = layout_weights(w, &measure);
-    if (c->tokenizer_offset && (c->tokenizer_offset < end || c->tokenizer_offset + c->tokenizer_size > c->file_size))
-        die("%s: tokenizer section out of bounds", path);
-    if (c->file_size < end) die("%s: header says %llu bytes but the config needs %zu", path, (unsigned long long)c->file_size, end);
-    if (size != c->file_size) die("%s is truncated or padded: %zu bytes on disk, header says %llu", path, size, (unsigned long long)c->file_size);
-    w->map = map_checkpoint(fd, size, weights_mode, path);
-    close(fd);
-    w->map_size = size;
-    Cursor fill = {(const char *)w->map, HEADER_SIZE, c->dtype, c->q8_group, NULL, NULL, 0};
-    layout_weights(w, &fill);
-}
-
-static void free_weights(Weights *w) {
-    for (int l = 0; l < w->cfg.num_hidden_layers; l++) {
-        free(w->layers[l].expert_gate);
-        free(w->layers[l].expert_up);
-        free(w->layers[l].expert_down);
-    }
-    free(w->layers);
-    if (w->map) munmap(w->map, w->map_size);
-}
-
-/* ------------------------------------------------------------------------- */
-/* Building blocks                                                            */
-/* ------------------------------------------------------------------------- */
-
-/* bf16 is the top half of an IEEE float32: widening is a shift. */
-static inline float bf16_to_f32(uint16_t b) {
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
 }
 
 static float dot_f32(const float *a, const float *b, int n) {
@@ -379,6 +245,1118 @@ static float dot_f32(const float *a, const float *b, int n) {
 #pragma omp simd reduction(+ : sum)
     for (int i = 0; i < n; i++) sum += a[i] * b[i];
     return sum;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* RMSNorm, softmax, SiLU                                                                      */
+/* ------------------------------------------------------------------------------------------ */
+
+/* RMSNorm: out = w * x / sqrt(mean(x^2) + eps). Accumulated in double: as exact as cheap. */
+static void rmsnorm(float *out, const float *x, const float *weight, int n, double eps) {
+    double ss = 0.0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float inv = (float)(1.0 / sqrt(ss / n + eps));
+    for (int i = 0; i < n; i++) out[i] = weight[i] * (x[i] * inv);
+}
+
+/* In-place softmax. Subtracting the max keeps exp() finite. */
+static void softmax(float *x, int n) {
+    float max = x[0];
+    for (int i = 1; i < n; i++)
+        if (x[i] > max) max = x[i];
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) { x[i] = expf(x[i] - max); sum += x[i]; }
+    float inv = (float)(1.0 / sum);
+    for (int i = 0; i < n; i++) x[i] *= inv;
+}
+
+static inline float silu(float x) { return x / (1.0f + expf(-x)); }
+
+/* ------------------------------------------------------------------------------------------ */
+/* Decoupled RoPE with YaRN (paper eq. 14-15; YaRN: arXiv:2309.00071)                          */
+/* ------------------------------------------------------------------------------------------ */
+
+/* YaRN's attention magnitude correction: 0.1 m ln(s) + 1 for a context stretch s > 1. */
+static double yarn_get_mscale(double scale, double m) {
+    return scale <= 1 ? 1.0 : 0.1 * m * log(scale) + 1.0;
+}
+
+/* The rotary dimension pair whose wavelength fits num_rotations times in the original context. */
+static double yarn_correction_dim(double num_rotations, int dim, double base, int original_max_pos) {
+    return dim * log(original_max_pos / (num_rotations * 2 * PI)) / (2 * log(base));
+}
+
+/* inv_freq[i] for i < dim/2. YaRN keeps high frequencies (they fit the original context),
+ * divides low ones by the factor, and blends linearly in between. Static: used at every length. */
+static void rope_inv_freq(const Config *c, double *inv_freq) {
+    int dim = c->qk_rope_head_dim;
+    double low = 0, high = 0;
+    if (c->rope_scaling == ROPE_YARN) {
+        low = fmax(floor(yarn_correction_dim(c->beta_fast, dim, c->rope_theta, c->original_max_position_embeddings)), 0);
+        high = fmin(ceil(yarn_correction_dim(c->beta_slow, dim, c->rope_theta, c->original_max_position_embeddings)), dim - 1);
+        if (low == high) high += 0.001;  /* as the official code: avoids a division by zero */
+    }
+    for (int i = 0; i < dim / 2; i++) {
+        double freq_extra = 1.0 / pow(c->rope_theta, 2.0 * i / dim);
+        if (c->rope_scaling != ROPE_YARN) { inv_freq[i] = freq_extra; continue; }
+        double freq_inter = freq_extra / c->rope_factor;
+        double ramp = fmin(fmax((i - low) / (high - low), 0.0), 1.0);
+        double keep = 1.0 - ramp;
+        inv_freq[i] = freq_inter * (1.0 - keep) + freq_extra * keep;
+    }
+}
+
+/* cos/sin tables [positions][dim/2], already multiplied by mscale/mscale_all_dim. */
+static void rope_tables(const Config *c, int positions, float *cos_table, float *sin_table) {
+    int half = c->qk_rope_head_dim / 2;
+    double *inv_freq = xcalloc(half, sizeof(double));
+    rope_inv_freq(c, inv_freq);
+    double m = c->rope_scaling == ROPE_YARN
+                   ? yarn_get_mscale(c->rope_factor, c->mscale) / yarn_get_mscale(c->rope_factor, c->mscale_all_dim)
+                   : 1.0;
+    for (int p = 0; p < positions; p++)
+        for (int i = 0; i < half; i++) {
+            cos_table[(size_t)p * half + i] = (float)(cos(p * inv_freq[i]) * m);
+            sin_table[(size_t)p * half + i] = (float)(sin(p * inv_freq[i]) * m);
+        }
+    free(inv_freq);
+}
+
+/* softmax scale = (nope+rope)^-1/2 * mscale(factor, mscale_all_dim)^2: YaRN's temperature, squared
+ * because it applies to both q and k. Easy to miss; the transformers port did. */
+static double attention_softmax_scale(const Config *c) {
+    double scale = 1.0 / sqrt((double)(c->qk_nope_head_dim + c->qk_rope_head_dim));
+    if (c->rope_scaling == ROPE_YARN && c->mscale_all_dim != 0) {
+        double m = yarn_get_mscale(c->rope_factor, c->mscale_all_dim);
+        scale *= m * m;
+    }
+    return scale;
+}
+
+/* Rotates the pairs (x[2i], x[2i+1]) by the angle of position p, in place. This equals the
+ * official code's permute + rotate_half, since q and k are permuted alike. */
+static void rope_rotate(float *x, const float *cos_row, const float *sin_row, int dim) {
+    for (int i = 0; i < dim / 2; i++) {
+        float a = x[2 * i], b = x[2 * i + 1];
+        x[2 * i] = a * cos_row[i] - b * sin_row[i];
+        x[2 * i + 1] = a * sin_row[i] + b * cos_row[i];
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Run state: activations for a batch of tokens and the KV cache, allocated once before        */
+/* decoding (nothing is allocated per token).                                                  */
+/* ------------------------------------------------------------------------------------------ */
+
+enum { ATTN_ABSORB = 0, ATTN_NAIVE = 1 };
+
+typedef struct {
+    float *masked;                    /* [E] router scores with the unselected groups zeroed */
+    float *group_score;               /* [n_group] */
+    unsigned char *taken, *group_taken;
+} RouterScratch;
+
+/* Tokens per forward call: a longer prompt goes through in chunks of this many. */
+#define MAX_BATCH 64
+
+typedef struct {
+    const Config *cfg;
+    int attn_mode, context;           /* context: positions the cache holds */
+    double softmax_scale;
+    float *rope_cos, *rope_sin;       /* [context][dr/2] */
+    float *x, *xn, *branch;           /* residual stream h, its norm, a block's output [n][D] */
+    float *q_latent;                  /* c^Q [n][rq] */
+    float *q;                         /* [n][H*dq]: per head q^C then q^R */
+    float *kv_a;                      /* [n][r+dr]: c^KV then k^R */
+    float *kv_latent;                 /* naive: the normed c^KV alone [n][r] */
+    float *kv;                        /* naive: k^C and v^C of every head [n][H*(dn+dv)] */
+    float *q_absorbed;                /* absorb: W^UK^T q^C per head [H][r] */
+    float *row;                       /* absorb: one weight row as floats [H][r] */
+    float *latent_out;                /* absorb: sum_j P_j c_j per head [H][n][r] */
+    float *head_tmp;                  /* absorb: W^UV of that [H][n][dv] */
+    float *scores;                    /* attention probabilities [H][context] */
+    float *head_out;                  /* o_{t,i} [n][H*dv] */
+    float *hidden, *hidden2;          /* MLP: [n][I] dense; [n*K][Im] + [n][N_s*Im] MoE */
+    float *expert_in, *expert_out;    /* the tokens of each expert, expert by expert [n*K][D] */
+    int *expert_tokens;               /* [n*K]: which (token, choice) each row of expert_in is */
+    Product *products;                /* the products of one matmul_many */
+    Mat *head_mats;                   /* absorb: each head's W^UV rows [H] */
+    float *router_probs;              /* s_{i,t} [n][E] */
+    int *topk_idx;                    /* the chosen experts, ascending [n][K] */
+    float *topk_weight;               /* their gate values g_{i,t} [n][K] */
+    RouterScratch router;
+    MatmulScratch *matmul;
+    float *logits;                    /* [V] of the batch's last token */
+    float *cache;                     /* [L][context][cache_width] */
+    size_t cache_width;               /* floats per token per layer */
+    void *gpu;                        /* the GPU build: the model on the GPU, or NULL */
+    /* Optional taps (NULL = off), filled by forward() for the batch's last token, for inspection
+     * and tests: the residual stream after each layer [L][D], each MoE layer's routing [L][K]. */
+    float *tap_hidden, *tap_route_weight;
+    int *tap_route_idx;
+} RunState;
+
+/* Floats per token per layer: the latent (absorb) or full per-head keys and values (naive). */
+static size_t kv_cache_width(const Config *c, int attn_mode) {
+    if (attn_mode == ATTN_ABSORB) return (size_t)c->kv_lora_rank + c->qk_rope_head_dim;
+    int H = c->num_attention_heads;
+    return (size_t)H * (c->qk_nope_head_dim + c->qk_rope_head_dim + c->v_head_dim);
+}
+
+static float *floats(size_t n) { return xcalloc(n, sizeof(float)); }
+
+static void init_run_state(RunState *s, const Config *c, int attn_mode, int context) {
+    int D = c->hidden_size, H = c->num_attention_heads, B = MAX_BATCH, E = c->n_routed_experts;
+    int K = c->num_experts_per_tok, r = c->kv_lora_rank, dr = c->qk_rope_head_dim;
+    int dq = c->qk_nope_head_dim + dr, dv = c->v_head_dim;
+    int moe_width = c->moe_intermediate_size * (K + c->n_shared_experts);  /* routed + shared */
+    int mlp_width = max_int(c->intermediate_size, moe_width);
+    int widest = max_int(max_int(max_int(D * (K + 1), mlp_width), max_int(c->q_lora_rank, H * r)),
+                         H * dv);  /* the most input floats of one matmul_many */
+    int max_products = max_int(2 * (E < B * K ? E : B * K) + 2, H);  /* gate, up per expert */
+    memset(s, 0, sizeof *s);
+    s->cfg = c;
+    s->attn_mode = attn_mode;
+    s->context = context;
+    s->softmax_scale = attention_softmax_scale(c);
+    s->rope_cos = floats((size_t)context * dr / 2);
+    s->rope_sin = floats((size_t)context * dr / 2);
+    rope_tables(c, context, s->rope_cos, s->rope_sin);
+    s->x = floats((size_t)B * D);
+    s->xn = floats((size_t)B * D);
+    s->branch = floats((size_t)B * D);
+    s->q_latent = floats((size_t)B * c->q_lora_rank);
+    s->q = floats((size_t)B * H * dq);
+    s->kv_a = floats((size_t)B * (r + dr));
+    s->kv_latent = floats((size_t)B * r);
+    s->kv = floats((size_t)B * H * (c->qk_nope_head_dim + dv));
+    s->q_absorbed = floats((size_t)H * r);
+    s->row = floats((size_t)H * r);
+    s->latent_out = floats((size_t)H * B * r);
+    s->head_tmp = floats((size_t)H * B * dv);
+    s->scores = floats((size_t)H * context);
+    s->head_out = floats((size_t)B * H * dv);
+    s->hidden = floats((size_t)B * mlp_width);
+    s->hidden2 = floats((size_t)B * mlp_width);
+    s->expert_in = floats((size_t)B * K * D);
+    s->expert_out = floats((size_t)B * K * D);
+    s->expert_tokens = xcalloc((size_t)B * K, sizeof(int));
+    s->products = xcalloc(max_products, sizeof(Product));
+    s->head_mats = xcalloc(H, sizeof(Mat));
+    s->router_probs = floats((size_t)B * E);
+    s->topk_idx = xcalloc((size_t)B * K, sizeof(int));
+    s->topk_weight = floats((size_t)B * K);
+    s->router.masked = floats(E);
+    s->router.group_score = floats(c->n_group);
+    s->router.taken = xcalloc(E, 1);
+    s->router.group_taken = xcalloc(c->n_group, 1);
+    s->matmul = matmul_scratch_new(c, max_products, (size_t)B * widest);
+    s->logits = floats(c->vocab_size);
+    s->cache_width = kv_cache_width(c, attn_mode);
+    s->cache = floats((size_t)c->num_hidden_layers * context * s->cache_width);
+}
+
+static void free_run_state(RunState *s) {
+    void *bufs[] = {s->rope_cos, s->rope_sin, s->x, s->xn, s->branch, s->q_latent, s->q, s->kv_a,
+                    s->kv_latent, s->kv, s->q_absorbed, s->row, s->latent_out, s->head_tmp,
+                    s->scores, s->head_out, s->hidden, s->hidden2, s->expert_in, s->expert_out,
+                    s->expert_tokens, s->router_probs, s->topk_idx, s->topk_weight,
+                    s->router.masked, s->router.group_score, s->router.taken,
+                    s->router.group_taken, s->products, s->head_mats, s->logits, s->cache};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+    matmul_scratch_free(s->matmul);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Multi-head Latent Attention (paper section 2.1, eq. 9-19)                                   */
+/*                                                                                            */
+/* Keys and values of all heads come from one small latent per token (low-rank joint           */
+/* compression):                                                                              */
+/*   c^KV_t = W^DKV h_t                 (eq. 9)   kv_a_proj rows 0..r-1, then kv_a_layernorm   */
+/*   k^C_t  = W^UK c^KV_t               (eq. 10)  kv_b_proj, the dn rows of each head          */
+/*   v^C_t  = W^UV c^KV_t               (eq. 11)  kv_b_proj, the dv rows of each head          */
+/* and the query likewise, when q_lora_rank > 0 (else q^C = W^Q h, V2-Lite):                   */
+/*   c^Q_t  = W^DQ h_t                  (eq. 12)  q_a_proj, then q_a_layernorm                 */
+/*   q^C_t  = W^UQ c^Q_t                (eq. 13)  q_b_proj, the dn rows of each head           */
+/* Position enters through a decoupled rotary part, its own query per head and one key shared  */
+/* by all heads:                                                                              */
+/*   q^R_t  = RoPE(W^QR c^Q_t)          (eq. 14)  q_b_proj, the dr rows of each head           */
+/*   k^R_t  = RoPE(W^KR h_t)            (eq. 15)  kv_a_proj rows r..r+dr-1                     */
+/*   q_t,i  = [q^C_t,i; q^R_t,i]        (eq. 16)                                               */
+/*   k_t,i  = [k^C_t,i; k^R_t]          (eq. 17)                                               */
+/*   o_t,i  = sum_j softmax_j(q_t,i . k_j,i / sqrt(dn + dr)) v^C_j,i      (eq. 18)              */
+/*   u_t    = W^O [o_t,1; ...; o_t,H]   (eq. 19)  o_proj                                        */
+/*                                                                                            */
+/* Absorption (the decode form). For head i, by associativity:                                 */
+/*   q^C . (W^UK c_j) = (W^UK^T q^C) . c_j        -> scores straight against the latent         */
+/*   sum_j P_j (W^UV c_j) = W^UV (sum_j P_j c_j)  -> values straight from the latent            */
+/* so the cache keeps only c^KV_j and k^R_j: r + dr floats per token per layer, whatever H.    */
+/* Why the rope key is decoupled: RoPE is a position-dependent rotation R_j. Were it applied   */
+/* to k^C, the score would be q^T R_t^T R_j W^UK c_j, and the matrix between q and c_j would   */
+/* change with every position pair: W^UK could no longer be folded into the query once for    */
+/* all j. So k^C carries no position, and a small separate k^R (cached, shared by the heads)   */
+/* carries it. The naive form decompresses per-head K and V and caches them, as MHA would.     */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Queries for n tokens at positions pos.. (eq. 12-14, 16): q_latent = W^DQ h came with kv_a. */
+static void mla_query(RunState *s, const Config *c, const Layer *L, int n, int pos) {
+    int dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dq = dn + dr;
+    int H = c->num_attention_heads, rq = c->q_lora_rank, half = dr / 2;
+    if (rq > 0) {
+        for (int t = 0; t < n; t++)  /* eq. 12: c^Q = norm(W^DQ h), eps 1e-6 fixed officially */
+            rmsnorm(s->q_latent + (size_t)t * rq, s->q_latent + (size_t)t * rq, L->q_a_norm, rq, 1e-6);
+        matmul(s->q, &L->q_b_proj, s->q_latent, n, s->matmul);  /* eq. 13-14: [q^C; W^QR c^Q] */
+    }
+    for (int t = 0; t < n; t++)                                 /* eq. 14: q^R = RoPE(.) */
+        for (int h = 0; h < H; h++)                             /* eq. 16: q = [q^C; q^R] */
+            rope_rotate(s->q + ((size_t)t * H + h) * dq + dn, s->rope_cos + (size_t)(pos + t) * half,
+                        s->rope_sin + (size_t)(pos + t) * half, dr);
+}
+
+/* The compressed KV for n tokens (eq. 9, 15): kv_a = [c^KV | k^R], normed and rotated. */
+static void mla_latent(RunState *s, const Config *c, const Layer *L, int n, int pos) {
+    int r = c->kv_lora_rank, dr = c->qk_rope_head_dim, half = dr / 2;
+    for (int t = 0; t < n; t++) {
+        float *a = s->kv_a + (size_t)t * (r + dr);
+        rmsnorm(a, a, L->kv_a_norm, r, 1e-6);                   /* eq. 9: c^KV */
+        rope_rotate(a + r, s->rope_cos + (size_t)(pos + t) * half,
+                    s->rope_sin + (size_t)(pos + t) * half, dr);  /* eq. 15: k^R = RoPE(W^KR h) */
+    }
+}
+
+/* Absorbed attention over the latent cache, for every head and token of the batch. */
+static void mla_attend_absorbed(RunState *s, const Config *c, const Layer *L, float *layer_cache,
+                                int n, int pos) {
+    int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
+    int dv = c->v_head_dim, r = c->kv_lora_rank, dq = dn + dr, kv_head_rows = dn + dv;
+    size_t width = s->cache_width;
+    memcpy(layer_cache + (size_t)pos * width, s->kv_a, (size_t)n * width * sizeof(float));
+#pragma omp parallel for schedule(static)
+    for (int h = 0; h < H; h++) {
+        float *q_abs = s->q_absorbed + (size_t)h * r, *att = s->scores + (size_t)h * s->context;
+        Mat w_uk = mat_rows(&L->kv_b_proj, h * kv_head_rows, dn);
+        for (int t = 0; t < n; t++) {
+            const float *q_nope = s->q + ((size_t)t * H + h) * dq, *q_pe = q_nope + dn;
+            float *u = s->latent_out + ((size_t)h * n + t) * r;
+            int last = pos + t;                                  /* causal: up to this token */
+            matvec_transposed(q_abs, &w_uk, q_nope, s->row + (size_t)h * r);  /* W^UK^T q^C */
+            for (int j = 0; j <= last; j++) {  /* eq. 16-17: q.k = q^C.k^C + q^R.k^R, via eq. 10 */
+                const float *cj = layer_cache + (size_t)j * width;
+                att[j] = (float)s->softmax_scale * (dot_f32(q_abs, cj, r) + dot_f32(q_pe, cj + r, dr));
+            }
+            softmax(att, last + 1);                              /* eq. 18: softmax_j */
+            memset(u, 0, (size_t)r * sizeof(float));             /* u = sum_j P_j c_j */
+            for (int j = 0; j <= last; j++) {
+                const float *cj = layer_cache + (size_t)j * width;
+                float p = att[j];
+#pragma omp simd
+                for (int i = 0; i < r; i++) u[i] += p * cj[i];
+            }
+        }
+    }
+    for (int h = 0; h < H; h++) {              /* eq. 11, 18: o = W^UV u, all heads in one pass */
+        s->head_mats[h] = mat_rows(&L->kv_b_proj, h * kv_head_rows + dn, dv);
+        s->products[h] = (Product){s->head_tmp + (size_t)h * n * dv, &s->head_mats[h],
+                                   s->latent_out + (size_t)h * n * r, n};
+    }
+    matmul_many(s->products, H, s->matmul);
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < H; h++)
+            memcpy(s->head_out + ((size_t)t * H + h) * dv, s->head_tmp + ((size_t)h * n + t) * dv,
+                   dv * sizeof(float));
+}
+
+/* Naive attention: decompress each token's per-head K and V, cache them, attend as in MHA. */
+static void mla_attend_naive(RunState *s, const Config *c, const Layer *L, float *layer_cache,
+                             int n, int pos) {
+    int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
+    int dv = c->v_head_dim, r = c->kv_lora_rank, dq = dn + dr, kv_head_rows = dn + dv;
+    size_t width = s->cache_width, head_width = (size_t)dq + dv;
+    for (int t = 0; t < n; t++)                                 /* kv_b_proj takes c^KV only */
+        memcpy(s->kv_latent + (size_t)t * r, s->kv_a + (size_t)t * (r + dr), r * sizeof(float));
+    matmul(s->kv, &L->kv_b_proj, s->kv_latent, n, s->matmul);  /* eq. 10-11: [k^C | v^C] */
+    for (int t = 0; t < n; t++) {                               /* cached per head: [k | v] */
+        float *slot = layer_cache + (size_t)(pos + t) * width;
+        const float *kv = s->kv + (size_t)t * H * kv_head_rows;
+        for (int h = 0; h < H; h++) {
+            float *k = slot + h * head_width;                   /* eq. 17: k = [k^C; k^R] */
+            memcpy(k, kv + (size_t)h * kv_head_rows, dn * sizeof(float));
+            memcpy(k + dn, s->kv_a + (size_t)t * (r + dr) + r, dr * sizeof(float));
+            memcpy(k + dq, kv + (size_t)h * kv_head_rows + dn, dv * sizeof(float));
+        }
+    }
+#pragma omp parallel for schedule(static)
+    for (int h = 0; h < H; h++) {
+        float *att = s->scores + (size_t)h * s->context;
+        for (int t = 0; t < n; t++) {
+            const float *q = s->q + ((size_t)t * H + h) * dq;
+            float *out = s->head_out + ((size_t)t * H + h) * dv;
+            int last = pos + t;
+            for (int j = 0; j <= last; j++)                     /* eq. 18: q . k / sqrt(dq) */
+                att[j] = (float)s->softmax_scale * dot_f32(q, layer_cache + j * width + h * head_width, dq);
+            softmax(att, last + 1);
+            memset(out, 0, dv * sizeof(float));                 /* eq. 18: sum_j P_j v_j */
+            for (int j = 0; j <= last; j++) {
+                const float *v = layer_cache + j * width + h * head_width + dq;
+                for (int i = 0; i < dv; i++) out[i] += att[j] * v[i];
+            }
+        }
+    }
+}
+
+/* MLA for n tokens at positions pos..: s->xn in, s->branch out. */
+static void mla(RunState *s, const Config *c, const Layer *L, int layer, int n, int pos) {
+    float *layer_cache = s->cache + (size_t)layer * s->context * s->cache_width;
+    int lora = c->q_lora_rank > 0;  /* eq. 12 (or W^Q h) and eq. 9 + 15 read h: one pass */
+    Product from_input[2] = {{lora ? s->q_latent : s->q, lora ? &L->q_a_proj : &L->q_proj, s->xn, n},
+                             {s->kv_a, &L->kv_a_proj, s->xn, n}};
+    matmul_many(from_input, 2, s->matmul);
+    mla_query(s, c, L, n, pos);
+    mla_latent(s, c, L, n, pos);
+    if (s->attn_mode == ATTN_ABSORB) mla_attend_absorbed(s, c, L, layer_cache, n, pos);
+    else mla_attend_naive(s, c, L, layer_cache, n, pos);
+    matmul(s->branch, &L->o_proj, s->head_out, n, s->matmul);  /* eq. 19: u = W^O [o_1; ...] */
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* DeepSeekMoE (paper section 2.2, eq. 20-25)                                                  */
+/*                                                                                            */
+/* The FFN of an MoE layer is many small experts: N_s shared ones that every token uses and    */
+/* E = N_r routed ones, of which each token uses K:                                           */
+/*   h'_t  = u_t + sum_{i<=N_s} FFN^(s)_i(u_t) + sum_{i<=N_r} g_i,t FFN^(r)_i(u_t)   (eq. 20)   */
+/*   g_i,t = s_i,t if s_i,t is among the K largest of {s_j,t}, else 0                (eq. 21)   */
+/*   s_i,t = softmax_i(u_t . e_i)       e_i: row i of the router mlp.gate            (eq. 22)   */
+/* (the residual u_t + ... is added by forward_batch; the N_s shared experts are one SwiGLU of */
+/* width N_s * Im). Every expert is a SwiGLU MLP: down(silu(gate x) * up x).                   */
+/* Device-limited routing (topk_method group_limited_greedy, V2 236B): the experts sit in      */
+/* n_group groups of E/n_group (one per device); a token first keeps the topk_group = M groups */
+/* with the highest max s_i,t, then takes its top K among their experts, so its experts span   */
+/* at most M devices. After selection, the official V2 code either renormalises the K gate     */
+/* values to sum 1 (norm_topk_prob) or multiplies them by routed_scaling_factor, never both.   */
+/* Training adds the expert-level balance loss, which pushes the router towards even load      */
+/* (T tokens of a sequence, or of the batch when seq_aux is 0):                                */
+/*   L_ExpBal = alpha_1 sum_i f_i P_i                                                (eq. 23)   */
+/*   f_i = N_r / (K T) sum_t 1(token t chose expert i)                               (eq. 24)   */
+/*   P_i = 1/T sum_t s_i,t                                                           (eq. 25)   */
+/* The paper's device- and communication-level balance losses (eq. 26-31) matter only when     */
+/* experts are spread over devices; the released code has none, nor does dsv2.                 */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Index of the largest value among those not yet taken; ties go to the lower index. */
+static int argmax_untaken(const float *v, const unsigned char *taken, int n) {
+    int best = -1;
+    for (int i = 0; i < n; i++)
+        if (!taken[i] && (best < 0 || v[i] > v[best])) best = i;
+    return best;
+}
+
+/* The router's choice for one token (eq. 21, device-limited when configured): from the scores
+ * s_i,t (probs [E]) fills idx and weight, K entries in ascending expert id. */
+static void route_tokens(const Config *c, const float *probs, int *idx, float *weight,
+                         RouterScratch *r) {
+    int E = c->n_routed_experts, K = c->num_experts_per_tok;
+    float *masked = r->masked, *group_score = r->group_score;
+    unsigned char *taken = r->taken, *group_taken = r->group_taken;
+    memcpy(masked, probs, E * sizeof(float));
+    if (c->topk_method == TOPK_GROUP_LIMITED_GREEDY) {
+        int G = c->n_group, per_group = E / G;
+        for (int g = 0; g < G; g++) {  /* a group's score: its best expert's */
+            group_score[g] = probs[g * per_group];
+            for (int e = 1; e < per_group; e++)
+                group_score[g] = fmaxf(group_score[g], probs[g * per_group + e]);
+            group_taken[g] = 0;
+        }
+        for (int k = 0; k < c->topk_group; k++)  /* keep the best M groups */
+            group_taken[argmax_untaken(group_score, group_taken, G)] = 1;
+        for (int e = 0; e < E; e++)
+            if (!group_taken[e / per_group]) masked[e] = 0.0f;
+    }
+    for (int e = 0; e < E; e++) taken[e] = 0;
+    for (int k = 0; k < K; k++) taken[argmax_untaken(masked, taken, E)] = 1;  /* eq. 21: top K */
+    double sum = 0.0;
+    for (int e = 0, k = 0; e < E; e++)
+        if (taken[e]) { idx[k] = e; weight[k] = probs[e]; sum += probs[e]; k++; }
+    for (int k = 0; k < K; k++)  /* renormalised or scaled, never both (the official V2 code) */
+        weight[k] = (K > 1 && c->norm_topk_prob) ? (float)(weight[k] / (sum + 1e-20))
+                                                 : (float)(weight[k] * c->routed_scaling_factor);
+}
+
+/* The router for n tokens: scores (eq. 22), then each token's experts and gate values. */
+static void router_forward(float *probs, int *idx, float *weight, const float *x, const Mat *router,
+                           int n, const Config *c, RouterScratch *r, MatmulScratch *scratch) {
+    int E = c->n_routed_experts, K = c->num_experts_per_tok;
+    matmul(probs, router, x, n, scratch);                       /* eq. 22: u_t . e_i */
+    for (int t = 0; t < n; t++) {
+        softmax(probs + (size_t)t * E, E);                      /* eq. 22: s_i,t */
+        route_tokens(c, probs + (size_t)t * E, idx + (size_t)t * K, weight + (size_t)t * K, r);
+    }
+}
+
+/* SwiGLU's middle: gate <- silu(gate) * up, elementwise over count values. */
+static void swiglu(float *gate, const float *up, size_t count) {
+    for (size_t i = 0; i < count; i++) gate[i] = silu(gate[i]) * up[i];
+}
+
+/* SwiGLU MLP for n tokens (the dense layers): out = down(silu(gate x) * up x). */
+static void swiglu_mlp(RunState *s, float *out, const float *x, int n, const Mat *gate,
+                       const Mat *up, const Mat *down) {
+    Product gate_up[2] = {{s->hidden, gate, x, n}, {s->hidden2, up, x, n}};
+    matmul_many(gate_up, 2, s->matmul);
+    swiglu(s->hidden, s->hidden2, (size_t)n * gate->rows);
+    matmul(out, down, s->hidden, n, s->matmul);
+}
+
+/* The rows of each expert: its tokens gathered, expert by expert, into rows of expert_in, and a
+ * gate and an up product per expert that has any. Returns the number of rows. */
+static int moe_gather(RunState *s, const Layer *L, int n, int *count) {
+    const Config *c = s->cfg;
+    int D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
+    int Im = c->moe_intermediate_size, rows = 0;
+    for (int e = 0; e < E; e++) {
+        int first = rows;
+        for (int t = 0; t < n; t++)
+            for (int k = 0; k < K; k++)
+                if (s->topk_idx[t * K + k] == e) {
+                    s->expert_tokens[rows] = t * K + k;
+                    memcpy(s->expert_in + (size_t)rows * D, s->xn + (size_t)t * D, D * sizeof(float));
+                    rows++;
+                }
+        if (rows == first) continue;
+        const float *in = s->expert_in + (size_t)first * D;
+        s->products[(*count)++] = (Product){s->hidden + (size_t)first * Im, &L->expert_gate[e], in,
+                                            rows - first};
+        s->products[(*count)++] = (Product){s->hidden2 + (size_t)first * Im, &L->expert_up[e], in,
+                                            rows - first};
+    }
+    return rows;
+}
+
+/* The MoE FFN for n tokens (eq. 20): s->xn in, s->branch out. The shared experts run on every
+ * token, each routed expert on just its tokens (its weights read once for all of them): every
+ * gate and up product in one pass, SwiGLU, then every down product in a second. */
+static void moe(RunState *s, const Config *c, const Layer *L, int n) {
+    int D = c->hidden_size, K = c->num_experts_per_tok, Im = c->moe_intermediate_size;
+    router_forward(s->router_probs, s->topk_idx, s->topk_weight, s->xn, &L->router, n, c, &s->router,
+                   s->matmul);
+    Product *p = s->products;
+    int count = 0, rows = moe_gather(s, L, n, &count);
+    float *shared_gate = s->hidden + (size_t)rows * Im, *shared_up = s->hidden2 + (size_t)rows * Im;
+    if (L->has_mlp) {  /* FFN^(s): the shared experts, one MLP */
+        p[count++] = (Product){shared_gate, &L->mlp_gate, s->xn, n};
+        p[count++] = (Product){shared_up, &L->mlp_up, s->xn, n};
+    }
+    matmul_many(p, count, s->matmul);
+    swiglu(s->hidden, s->hidden2, (size_t)rows * Im + (L->has_mlp ? (size_t)n * L->mlp_gate.rows : 0));
+    int routed = L->has_mlp ? count - 2 : count;
+    for (int j = 0; j < routed; j += 2) {  /* down: gate j's rows of hidden -> those of expert_out */
+        size_t first = (size_t)(p[j].x - s->expert_in) / D;
+        const Mat *down = &L->expert_down[s->topk_idx[s->expert_tokens[first]]];
+        p[j / 2] = (Product){s->expert_out + first * D, down, s->hidden + first * Im, p[j].n};
+    }
+    count = routed / 2;
+    if (L->has_mlp) p[count++] = (Product){s->branch, &L->mlp_down, shared_gate, n};
+    else memset(s->branch, 0, (size_t)n * D * sizeof(float));
+    matmul_many(p, count, s->matmul);
+    for (int j = 0; j < rows; j++) {  /* eq. 20: shared + sum_i g_i,t FFN^(r)_i(u_t) */
+        int t = s->expert_tokens[j] / K;
+        float g = s->topk_weight[s->expert_tokens[j]];
+        for (int i = 0; i < D; i++) s->branch[(size_t)t * D + i] += g * s->expert_out[(size_t)j * D + i];
+    }
+}
+
+/* The expert-level balance loss of one MoE layer (eq. 23-25) over B sequences of T tokens, from
+ * the router's scores [B*T][E] and choices [B*T][K]. f_i counts are constants for the gradient. */
+static double balance_loss(const float *scores, const int *idx, int B, int T, const Config *c) {
+    int E = c->n_routed_experts, K = c->num_experts_per_tok, N = B * T;
+    int groups = c->seq_aux ? B : 1, per = N / groups;  /* the paper's T: tokens per sequence */
+    double loss = 0;
+    for (int b = 0; b < groups; b++)
+        for (int e = 0; e < E; e++) {
+            int count = 0;
+            double score_sum = 0;
+            for (int t = b * per; t < (b + 1) * per; t++) {
+                score_sum += scores[(size_t)t * E + e];
+                for (int k = 0; k < K; k++) count += idx[t * K + k] == e;
+            }
+            double f = count / ((double)per * K / E);            /* eq. 24: f_i */
+            double P = score_sum / per;                          /* eq. 25: P_i */
+            loss += f * P;                                       /* eq. 23: sum_i f_i P_i */
+        }
+    return c->aux_loss_alpha * loss / groups;                    /* eq. 23: alpha_1, per sequence */
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Forward: n tokens at positions pos.. through every layer, extending the KV cache. Decoding  */
+/* is n = 1; a prompt goes through as a matrix, in chunks. Returns the last token's logits.    */
+/* ------------------------------------------------------------------------------------------ */
+
+static float *forward_batch(const Weights *w, RunState *s, const int *tokens, int n, int pos) {
+    const Config *c = &w->cfg;
+    int D = c->hidden_size, K = c->num_experts_per_tok;
+    for (int t = 0; t < n; t++) mat_row_to_f32(s->x + (size_t)t * D, &w->embed, tokens[t]);
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        const Layer *L = &w->layers[l];
+        for (int t = 0; t < n; t++)  /* attention block: h += MLA(norm(h)) */
+            rmsnorm(s->xn + (size_t)t * D, s->x + (size_t)t * D, L->input_norm, D, c->rms_norm_eps);
+        mla(s, c, L, l, n, pos);
+        for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->branch[i];
+        for (int t = 0; t < n; t++)  /* FFN block: h += FFN(norm(h)), MoE or dense */
+            rmsnorm(s->xn + (size_t)t * D, s->x + (size_t)t * D, L->post_attention_norm, D, c->rms_norm_eps);
+        if (L->is_moe) moe(s, c, L, n);
+        else swiglu_mlp(s, s->branch, s->xn, n, &L->mlp_gate, &L->mlp_up, &L->mlp_down);
+        for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->branch[i];  /* eq. 20: u + ... */
+        if (s->tap_hidden) memcpy(s->tap_hidden + (size_t)l * D, s->x + (size_t)(n - 1) * D, D * sizeof(float));
+        if (s->tap_route_idx && L->is_moe) {
+            memcpy(s->tap_route_idx + (size_t)l * K, s->topk_idx + (size_t)(n - 1) * K, K * sizeof(int));
+            memcpy(s->tap_route_weight + (size_t)l * K, s->topk_weight + (size_t)(n - 1) * K, K * sizeof(float));
+        }
+    }
+    float *last = s->x + (size_t)(n - 1) * D;
+    rmsnorm(last, last, w->final_norm, D, c->rms_norm_eps);
+    matmul(s->logits, &w->lm_head, last, 1, s->matmul);
+    return s->logits;
+}
+
+/* Any number of tokens: in chunks of MAX_BATCH (or on the GPU, in the CUDA build). */
+static float *forward(const Weights *w, RunState *s, const int *tokens, int n, int pos) {
+#ifdef DSV2_CUDA
+    if (s->gpu) return cuda_forward(s->gpu, tokens, n, pos);
+#endif
+    float *logits = NULL;
+    for (int done = 0; done < n; done += MAX_BATCH) {
+        int chunk = n - done < MAX_BATCH ? n - done : MAX_BATCH;
+        logits = forward_batch(w, s, tokens + done, chunk, pos + done);
+    }
+    return logits;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Sampler: greedy, temperature, top-p (nucleus).                                              */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct { float prob; int index; } ProbIndex;
+
+typedef struct {
+    int vocab_size;
+    float temperature, topp;
+    uint64_t rng_state;
+    ProbIndex *candidates;  /* [V] scratch for top-p */
+} Sampler;
+
+static uint32_t random_u32(uint64_t *state) {  /* xorshift* */
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (uint32_t)((*state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+static float random_f32(uint64_t *state) { return (random_u32(state) >> 8) / 16777216.0f; }
+
+static int argmax(const float *v, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (v[i] > v[best]) best = i;
+    return best;
+}
+
+static int compare_prob_desc(const void *a, const void *b) {
+    float pa = ((const ProbIndex *)a)->prob, pb = ((const ProbIndex *)b)->prob;
+    return (pa < pb) - (pa > pb);
+}
+
+static int sample(Sampler *sp, float *logits) {
+    if (sp->temperature == 0.0f) return argmax(logits, sp->vocab_size);
+    for (int i = 0; i < sp->vocab_size; i++) logits[i] /= sp->temperature;
+    softmax(logits, sp->vocab_size);
+    float r = random_f32(&sp->rng_state);
+    if (sp->topp <= 0.0f || sp->topp >= 1.0f) {
+        float cdf = 0.0f;
+        for (int i = 0; i < sp->vocab_size; i++) {
+            cdf += logits[i];
+            if (r < cdf) return i;
+        }
+        return sp->vocab_size - 1;
+    }
+    /* Keep the smallest set of most likely tokens whose mass reaches topp; sample within it. */
+    ProbIndex *cand = sp->candidates;
+    int n = 0;
+    float cutoff = (1.0f - sp->topp) / (sp->vocab_size - 1);  /* below it: never in the set */
+    for (int i = 0; i < sp->vocab_size; i++)
+        if (logits[i] >= cutoff) cand[n++] = (ProbIndex){logits[i], i};
+    qsort(cand, n, sizeof(ProbIndex), compare_prob_desc);
+    float mass = 0.0f;
+    int last = n - 1;
+    for (int i = 0; i < n; i++) {
+        mass += cand[i].prob;
+        if (mass > sp->topp) { last = i; break; }
+    }
+    float target = r * mass, cdf = 0.0f;
+    for (int i = 0; i <= last; i++) {
+        cdf += cand[i].prob;
+        if (target < cdf) return cand[i].index;
+    }
+    return cand[last].index;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Generation and chat                                                                         */
+/* ------------------------------------------------------------------------------------------ */
+
+/* From Part 2, the tokenizer: text <-> ids, and a sink that streams decoded text. */
+typedef struct Tokenizer Tokenizer;
+typedef struct TextSink TextSink;
+typedef struct { int *ids; int n, cap; } IdList;  /* a growable list of token ids */
+static Tokenizer *open_tokenizer(const char *path, const Weights *w);  /* NULL: none in w */
+static void close_tokenizer(Tokenizer *t);
+static void tokenizer_encode(Tokenizer *t, const char *text, size_t len, int add_bos, IdList *out);
+static int tokenizer_adds_bos(const Tokenizer *t);
+static char *render_chat_turn(const Tokenizer *t, const char *system, const char *user, int first_turn);
+static TextSink *open_sink(FILE *file);
+static void decode_token(const Tokenizer *t, TextSink *o, int id, int skip_special);
+static void sink_flush(TextSink *o);
+
+static void ids_push(IdList *l, int id) {
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 64;
+        l->ids = realloc(l->ids, (size_t)l->cap * sizeof(int));
+        if (!l->ids) die("out of memory");
+    }
+    l->ids[l->n++] = id;
+}
+
+/* Reads whitespace-separated token ids from text; every id must be < vocab_size. */
+static int *parse_ids(const char *text, int vocab_size, int *n_out) {
+    size_t cap = 16;
+    int n = 0, *ids = xcalloc(cap, sizeof(int));
+    const char *p = text;
+    for (;;) {
+        while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r') p++;
+        if (!*p) break;
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || (*end && *end != ' ' && *end != '\t' && *end != '\n' && *end != '\r'))
+            die("token ids must be whitespace-separated integers (bad input near \"%.20s\")", p);
+        if (v < 0 || v >= vocab_size) die("token id %ld is out of range [0, %d)", v, vocab_size);
+        if ((size_t)n == cap) { cap *= 2; ids = realloc(ids, cap * sizeof(int)); if (!ids) die("out of memory"); }
+        ids[n++] = (int)v;
+        p = end;
+    }
+    *n_out = n;
+    return ids;
+}
+
+static char *read_file(const char *path, size_t *size_out) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die("cannot open %s: %s", path, strerror(errno));
+    size_t cap = 4096, n = 0;
+    char *buf = xcalloc(cap, 1);
+    size_t got;
+    while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
+        n += got;
+        if (n + 1 == cap) { cap *= 2; buf = realloc(buf, cap); if (!buf) die("out of memory reading %s", path); }
+    }
+    if (ferror(f)) die("cannot read %s", path);
+    fclose(f);
+    buf[n] = '\0';
+    if (size_out) *size_out = n;
+    return buf;
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void check_context(int n_tokens, int context) {
+    if (n_tokens > context)
+        die("%d tokens do not fit the context of %d (raise it with -c, up to max_position_embeddings)",
+            n_tokens, context);
+}
+
+/* Feeds prompt[0..n) at positions *pos onwards, then samples up to max_new tokens, streaming each
+ * (as text through the tokenizer, or as ids without one) and feeding it back. The last sampled
+ * token is returned, not fed: chat feeds it with the next turn. stop_at_eos ends at EOS. */
+static int generate(const Weights *w, RunState *s, Sampler *sp, const Tokenizer *tok, TextSink *sink,
+                    const int *prompt, int n_prompt, int *pos, int max_new, int stop_at_eos) {
+    if (n_prompt < 1) die("the prompt is empty: give at least one token");
+    check_context(*pos + n_prompt, s->context);
+    double t0 = now_seconds();
+    float *logits = forward(w, s, prompt, n_prompt, *pos);  /* the prompt, batched */
+    *pos += n_prompt;
+    double t1 = now_seconds();
+    int generated = 0, next = -1;
+    while (generated < max_new) {
+        if (generated > 0) {
+            if (*pos >= s->context) {
+                fprintf(stderr, "\n[context of %d positions is full]\n", s->context);
+                break;
+            }
+            logits = forward(w, s, &next, 1, (*pos)++);  /* one token at a time */
+        }
+        next = sample(sp, logits);
+        generated++;
+        if (stop_at_eos && next == w->cfg.eos_token_id) break;
+        if (tok) decode_token(tok, sink, next, 1);
+        else printf("%s%d", generated > 1 ? " " : "", next);
+        fflush(stdout);
+    }
+    if (tok) sink_flush(sink);
+    else printf("\n");
+    double t2 = now_seconds();
+    fprintf(stderr, "\nprompt: %d tokens, %.1f tok/s | generation: %d tokens, %.1f tok/s\n", n_prompt,
+            n_prompt / fmax(t1 - t0, 1e-9), generated,
+            generated > 1 ? (generated - 1) / fmax(t2 - t1, 1e-9) : 0.0);
+    return next;
+}
+
+/* Multi-turn chat on stdin/stdout. The first user message may come from -i. Each turn is rendered
+ * with the model's template, encoded, and appended to the same KV cache. */
+static void chat(const Weights *w, RunState *s, Sampler *sp, Tokenizer *tok, const char *system,
+                 const char *first, int max_new) {
+    TextSink *out = open_sink(stdout);
+    char line[65536];
+    int pos = 0, pending[2], n_pending = 0;
+    for (int turn = 0;; turn++) {
+        const char *user = turn == 0 && first ? first : NULL;
+        if (!user) {
+            fprintf(stderr, "User: ");
+            if (!fgets(line, sizeof line, stdin)) break;
+            line[strcspn(line, "\n")] = '\0';
+            user = line;
+        }
+        char *text = render_chat_turn(tok, system, user, turn == 0);
+        IdList ids = {0};
+        for (int i = 0; i < n_pending; i++) ids_push(&ids, pending[i]);
+        tokenizer_encode(tok, text, strlen(text), 0, &ids);
+        printf("Assistant:");
+        int last = generate(w, s, sp, tok, out, ids.ids, ids.n, &pos, max_new, 1);
+        printf("\n");
+        n_pending = 0;  /* the reply ends with EOS in the cache, as the template has it */
+        if (last != w->cfg.eos_token_id && last >= 0) pending[n_pending++] = last;
+        pending[n_pending++] = w->cfg.eos_token_id;
+        free(ids.ids);
+        free(text);
+    }
+    free(out);
+}
+
+/* -m logits: every position's logits, float32 little-endian, [T][V], from the decode path. */
+static void write_logits(const Weights *w, RunState *s, const int *ids, int n, const char *out_path) {
+    FILE *out = fopen(out_path, "wb");
+    if (!out) die("cannot open %s for writing: %s", out_path, strerror(errno));
+    size_t V = (size_t)w->cfg.vocab_size;
+    for (int pos = 0; pos < n; pos++)
+        if (fwrite(forward(w, s, &ids[pos], 1, pos), sizeof(float), V, out) != V)
+            die("cannot write %s", out_path);
+    if (fclose(out) != 0) die("cannot write %s", out_path);
+}
+
+/* Bytes in a human unit, into buf. */
+static const char *human_bytes(double bytes, char *buf, size_t size) {
+    const char *unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    int u = 0;
+    while (bytes >= 1024 && u < 4) { bytes /= 1024; u++; }
+    snprintf(buf, size, "%.1f %s", bytes, unit[u]);
+    return buf;
+}
+
+static double mat_bytes(const Mat *m) {
+    if (!m->data) return 0;
+    double scales = m->scale ? (double)m->rows * (m->cols / m->group) * sizeof(float) : 0;
+    return (double)m->rows * m->cols * dtype_size(m->dtype) + scales;
+}
+
+/* Weight bytes one decoded token reads: attention, dense MLPs, the router, the shared experts,
+ * K routed experts per MoE layer, and lm_head (one embedding row is noise). This over memory
+ * bandwidth is the decode roofline. */
+static double decode_bytes_per_token(const Weights *w) {
+    const Config *c = &w->cfg;
+    double bytes = mat_bytes(&w->lm_head);
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        const Layer *L = &w->layers[l];
+        const Mat *m[] = {&L->q_proj, &L->q_a_proj, &L->q_b_proj, &L->kv_a_proj, &L->kv_b_proj,
+                          &L->o_proj, &L->mlp_gate, &L->mlp_up, &L->mlp_down, &L->router};
+        for (size_t i = 0; i < sizeof m / sizeof m[0]; i++) bytes += mat_bytes(m[i]);
+        if (L->is_moe)
+            bytes += c->num_experts_per_tok * (mat_bytes(&L->expert_gate[0]) + mat_bytes(&L->expert_up[0]) +
+                                               mat_bytes(&L->expert_down[0]));
+    }
+    return bytes;
+}
+
+/* What the latent cache saves: printed at start. */
+static void print_kv_cache_sizes(const Config *c, int context, int attn_mode) {
+    double latent = (double)kv_cache_width(c, ATTN_ABSORB) * c->num_hidden_layers * sizeof(float);
+    double mha = (double)kv_cache_width(c, ATTN_NAIVE) * c->num_hidden_layers * sizeof(float);
+    char a[32], b[32], d[32], e[32], f[32];
+    int max_pos = c->max_position_embeddings;
+    fprintf(stderr, "KV cache (f32, all layers): MLA latent %s/token, %s for all %d positions; "
+                    "a standard MHA cache would take %s/token, %s (%.1fx)\n",
+            human_bytes(latent, a, 32), human_bytes(latent * max_pos, b, 32), max_pos,
+            human_bytes(mha, d, 32), human_bytes(mha * max_pos, e, 32), mha / latent);
+    fprintf(stderr, "attention: %s, context %d, cache %s\n",
+            attn_mode == ATTN_ABSORB ? "absorb (latent cache)" : "naive (per-head K/V cache)", context,
+            human_bytes((attn_mode == ATTN_ABSORB ? latent : mha) * context, f, 32));
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* CLI: one function per mode                                                                  */
+/* ------------------------------------------------------------------------------------------ */
+
+/* From Part 2: loading, the GPU upload, training. */
+enum { WEIGHTS_AUTO = 0, WEIGHTS_MMAP = 1, WEIGHTS_LOAD = 2 };
+static void load_weights(Weights *w, const char *path, int weights_mode);
+static void free_weights(Weights *w);
+static void print_layout(const Weights *w);
+static int is_tokenizer_file(const char *path);
+#ifdef DSV2_CUDA
+static void *gpu_model_create(const Weights *w, RunState *s, const char *gpus);
+#endif
+typedef struct {
+    int steps, batch, seq_len, eval_every, seed;
+    float lr;
+    const char *corpus, *out;
+} TrainOptions;
+static void train(const char *init_path, const TrainOptions *o);
+
+enum { MODE_GENERATE, MODE_CHAT, MODE_LOGITS, MODE_ENCODE, MODE_DECODE, MODE_TRAIN, MODE_LAYOUT, N_MODES };
+static const char *const mode_names[N_MODES] = {"generate", "chat", "logits", "encode", "decode",
+                                                "train", "layout"};
+
+typedef struct {
+    const char *path;                 /* the model, or a tokenizer for encode/decode */
+    int mode, attn_mode, weights_mode;
+    const char *prompt, *prompt_file, *out_path, *system, *gpus;
+    int steps, context, batch, eval_every;
+    float temperature, topp, lr;
+    uint64_t seed;
+} Options;
+
+#ifndef DSV2_NO_MAIN
+static void usage(void) {
+    fprintf(stderr,
+        "usage: ./dsv2 FILE [options]     FILE: a model (.bin) or, for encode/decode, a tokenizer (.tok)\n"
+        "  -m MODE    generate (default) | chat | logits | encode | decode | train | layout\n"
+        "  -i TEXT    the prompt (text, or whitespace-separated ids for a model without a tokenizer)\n"
+        "  -f FILE    read the prompt (or the text to encode, the ids to decode) from a file\n"
+        "  -o FILE    logits: output file (float32 [T][vocab]); decode: output file (default stdout)\n"
+        "  -y TEXT    chat: system prompt\n"
+        "  -n N       tokens to generate (default 256)\n"
+        "  -t T       temperature, 0 = greedy (default 1.0)\n"
+        "  -p P       top-p (default 0.9)\n"
+        "  -s SEED    random seed (default: time)\n"
+        "  -a MODE    attention: absorb (default, latent cache) | naive (per-head K/V cache)\n"
+        "  -c N       context length (default min(max_position_embeddings, 4096))\n"
+        "  -w MODE    weights: auto (default) | mmap (read in place) | load (into huge-page memory)\n"
+        "  -g LIST    (the CUDA build, ./dsv2cu; also --gpus LIST) GPUs for the layers: 0, 0,1 or 0,0\n"
+        "layout: every tensor of the file with its offset, bytes, shape and storage\n"
+        "training (-m train, an f32 model with a tokenizer): -f corpus.txt -o out.bin -n steps (256)\n"
+        "  -b N       sequences per batch (default 8); -c N: tokens per sequence (default 128)\n"
+        "  -r LR      peak learning rate (default 3e-3); -e N: validate, checkpoint every N (100)\n");
+    exit(1);
+}
+
+static long parse_int_arg(const char *flag, const char *v, long lo, long hi) {
+    char *end;
+    errno = 0;
+    long x = strtol(v, &end, 10);
+    if (errno || *end || end == v || x < lo || x > hi)
+        die("%s expects an integer in [%ld, %ld], got \"%s\"", flag, lo, hi, v);
+    return x;
+}
+
+static float parse_float_arg(const char *flag, const char *v, float lo, float hi) {
+    char *end;
+    float x = strtof(v, &end);
+    if (*end || end == v || !(x >= lo && x <= hi)) die("%s expects a number in [%g, %g], got \"%s\"", flag, lo, hi, v);
+    return x;
+}
+
+/* v must be one of names[0..n): returns its index. */
+static int parse_choice(const char *flag, const char *v, const char *const *names, int n) {
+    for (int i = 0; i < n; i++)
+        if (!strcmp(v, names[i])) return i;
+    char list[256] = "";  /* "a, b or c" */
+    for (int i = 0; i < n; i++)
+        snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", i == 0 ? "" : i == n - 1 ? " or " : ", ",
+                 names[i]);
+    die("%s expects %s, got \"%s\"", flag, list, v);
+}
+
+static Options parse_options(int argc, char **argv) {
+    static const char *const attn_names[] = {"absorb", "naive"}, *const weights_names[] = {"auto", "mmap", "load"};
+    Options o = {.path = argv[1], .mode = MODE_GENERATE, .attn_mode = ATTN_ABSORB, .weights_mode = WEIGHTS_AUTO,
+                 .steps = 256, .batch = 8, .eval_every = 100, .temperature = 1.0f, .topp = 0.9f, .lr = 3e-3f,
+                 .seed = (uint64_t)time(NULL)};
+    for (int i = 2; i < argc; i += 2) {
+        const char *flag = strcmp(argv[i], "--gpus") ? argv[i] : "-g";  /* as multi-GPU tools spell it */
+        if (flag[0] != '-' || strlen(flag) != 2) die("unknown argument \"%s\" (run ./dsv2 for usage)", argv[i]);
+        if (i + 1 >= argc) die("option %s needs a value", argv[i]);
+        const char *v = argv[i + 1];
+        switch (flag[1]) {
+        case 'm': o.mode = parse_choice("-m", v, mode_names, N_MODES); break;
+        case 'i': o.prompt = v; break;
+        case 'f': o.prompt_file = v; break;
+        case 'o': o.out_path = v; break;
+        case 'y': o.system = v; break;
+        case 'g': o.gpus = v; break;
+        case 'n': o.steps = (int)parse_int_arg("-n", v, 0, 1 << 24); break;
+        case 'b': o.batch = (int)parse_int_arg("-b", v, 1, 4096); break;
+        case 'e': o.eval_every = (int)parse_int_arg("-e", v, 1, 1 << 24); break;
+        case 'r': o.lr = parse_float_arg("-r", v, 0, 1); break;
+        case 't': o.temperature = parse_float_arg("-t", v, 0, 100); break;
+        case 'p': o.topp = parse_float_arg("-p", v, 0, 1); break;
+        case 's': o.seed = (uint64_t)parse_int_arg("-s", v, 0, 0x7fffffffL); break;
+        case 'c': o.context = (int)parse_int_arg("-c", v, 1, 1 << 24); break;
+        case 'w': o.weights_mode = parse_choice("-w", v, weights_names, 3); break;
+        case 'a': o.attn_mode = parse_choice("-a", v, attn_names, 2); break;
+        default: die("unknown option %s (run ./dsv2 for usage)", argv[i]);
+        }
+    }
+    if (o.prompt && o.prompt_file) die("give the prompt with -i or -f, not both");
+    return o;
+}
+
+/* The text of -i or -f (NULL when neither was given). */
+static char *read_input(const Options *o, size_t *len) {
+    if (o->prompt_file) return read_file(o->prompt_file, len);
+    if (!o->prompt) return NULL;
+    *len = strlen(o->prompt);
+    return strdup(o->prompt);
+}
+
+/* -m encode: the input's bytes exactly, no BOS, ids on one line. */
+static void run_encode(Tokenizer *tok, const char *input, size_t len) {
+    if (!input) die("-m encode needs the text with -f FILE or -i TEXT");
+    IdList ids = {0};
+    tokenizer_encode(tok, input, len, 0, &ids);
+    for (int i = 0; i < ids.n; i++) printf("%s%d", i ? " " : "", ids.ids[i]);
+    printf("\n");
+    free(ids.ids);
+}
+
+/* -m decode: ids to text, to stdout or -o. */
+static void run_decode(Tokenizer *tok, const char *input, const char *out_path) {
+    if (!input) die("-m decode needs the ids with -f FILE or -i IDS");
+    int n = 0, *ids = parse_ids(input, 1 << 30, &n);
+    FILE *f = out_path ? fopen(out_path, "wb") : stdout;
+    if (!f) die("cannot open %s for writing: %s", out_path, strerror(errno));
+    TextSink *sink = open_sink(f);
+    for (int i = 0; i < n; i++) decode_token(tok, sink, ids[i], 0);
+    sink_flush(sink);
+    if (out_path && fclose(f) != 0) die("cannot write %s", out_path);
+    free(sink);
+    free(ids);
+}
+
+/* The prompt's ids: text through the tokenizer (not for logits), else ids, else just BOS. */
+static IdList prompt_ids(const Config *c, Tokenizer *tok, int text_prompt, const char *input, size_t len) {
+    IdList ids = {0};
+    if (text_prompt) tokenizer_encode(tok, input ? input : "", input ? len : 0, tokenizer_adds_bos(tok), &ids);
+    else if (input) ids.ids = parse_ids(input, c->vocab_size, &ids.n);
+    else if (c->bos_token_id >= 0) ids_push(&ids, c->bos_token_id);
+    return ids;
+}
+
+/* generate, chat, logits: the model on a prompt. */
+static void run_model(const Options *o, const Weights *w, Tokenizer *tok, const char *input, size_t len) {
+    const Config *c = &w->cfg;
+    int context = o->context ? o->context : c->max_position_embeddings < 4096 ? c->max_position_embeddings : 4096;
+    if (context > c->max_position_embeddings) die("-c %d exceeds max_position_embeddings %d", context, c->max_position_embeddings);
+    if (o->mode == MODE_LOGITS && !o->out_path) die("-m logits needs -o FILE");
+    if (o->mode == MODE_CHAT && c->eos_token_id < 0) die("chat needs an eos_token_id in the model config");
+    int text_prompt = tok && o->mode == MODE_GENERATE;
+    IdList ids = {0};
+    if (o->mode != MODE_CHAT) {
+        ids = prompt_ids(c, tok, text_prompt, input, len);
+        if (ids.n < 1) die("no tokens to run: the prompt is empty");
+        check_context(ids.n, context);
+    }
+    RunState s;
+    init_run_state(&s, c, o->attn_mode, context);
+#ifdef DSV2_CUDA
+    s.gpu = gpu_model_create(w, &s, o->gpus ? o->gpus : "0");
+#else
+    if (o->gpus) die("-g needs the CUDA build (make cuda, then ./dsv2cu)");
+#endif
+    print_kv_cache_sizes(c, context, o->attn_mode);
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    fprintf(stderr, "weights: %s, %.3f GB read per decoded token, %d threads\n",
+            c->dtype == DTYPE_Q8 ? "q8" : c->dtype == DTYPE_BF16 ? "bf16" : "f32", decode_bytes_per_token(w) / 1e9, threads);
+    Sampler sp = {c->vocab_size, o->temperature, o->topp, o->seed * 0x9E3779B97F4A7C15ull + 1,
+                  xcalloc(c->vocab_size, sizeof(ProbIndex))};
+    if (o->mode == MODE_LOGITS) write_logits(w, &s, ids.ids, ids.n, o->out_path);
+    else if (o->mode == MODE_CHAT) chat(w, &s, &sp, tok, o->system, input, o->steps);
+    else {  /* with a tokenizer, generation is text and stops at EOS; without, ids in and out */
+        int pos = 0;
+        TextSink *sink = open_sink(stdout);
+        if (text_prompt && input) { fwrite(input, 1, len, stdout); fflush(stdout); }
+        generate(w, &s, &sp, text_prompt ? tok : NULL, sink, ids.ids, ids.n, &pos, o->steps, text_prompt);
+        if (text_prompt) printf("\n");
+        free(sink);
+    }
+#ifdef DSV2_CUDA
+    cuda_destroy(s.gpu);
+#endif
+    free(sp.candidates);
+    free_run_state(&s);
+    free(ids.ids);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || argv[1][0] == '-') usage();
+    Options o = parse_options(argc, argv);
+    if (o.mode == MODE_TRAIN) {
+        if (!o.prompt_file || !o.out_path) die("-m train needs -f CORPUS and -o OUT");
+        if (is_tokenizer_file(o.path)) die("%s is a tokenizer, not a model", o.path);
+        TrainOptions t = {o.steps, o.batch, o.context ? o.context : 128, o.eval_every, (int)o.seed, o.lr,
+                          o.prompt_file, o.out_path};
+        train(o.path, &t);
+        return 0;
+    }
+    size_t len = 0;
+    char *input = read_input(&o, &len);
+    Weights w;
+    memset(&w, 0, sizeof w);
+    int tokenizer_only = is_tokenizer_file(o.path);
+    if (tokenizer_only && o.mode != MODE_ENCODE && o.mode != MODE_DECODE)
+        die("%s is a tokenizer, not a model: only -m encode and -m decode work on it", o.path);
+    if (!tokenizer_only) load_weights(&w, o.path, o.weights_mode);
+    Tokenizer *tok = open_tokenizer(o.path, tokenizer_only ? NULL : &w);
+    int needs_tokenizer = o.mode == MODE_ENCODE || o.mode == MODE_DECODE || o.mode == MODE_CHAT;
+    if (needs_tokenizer && !tok) die("%s has no tokenizer (export the model from a folder with tokenizer.json)", o.path);
+    if (o.mode == MODE_ENCODE) run_encode(tok, input, len);
+    else if (o.mode == MODE_DECODE) run_decode(tok, input, o.out_path);
+    else if (o.mode == MODE_LAYOUT) print_layout(&w);
+    else run_model(&o, &w, tok, input, len);
+    free(input);
+    if (tok) close_tokenizer(tok);
+    if (!tokenizer_only) free_weights(&w);
+    return 0;
+}
+#endif
+
+/* ========================================================================================== */
+/* PART 2: THE MACHINERY                                                                      */
+/* ========================================================================================== */
+
+/* ------------------------------------------------------------------------------------------ */
+/* Fast kernels: the matmul interface of Part 1 made fast. q8 weights meet int8 activations   */
+/* (one scale per group); each thread reads four far-apart weight rows at a time; SIMD         */
+/* intrinsics live in marked per-ISA functions with the portable C kernel beside them, and     */
+/* the tests run both.                                                                         */
+/* ------------------------------------------------------------------------------------------ */
+
+/* bf16 is the top half of an IEEE float32: widening is a shift. */
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
 }
 
 /* Activations for q8 weights: int8 per token, one scale per group (absmax / 127), so the
@@ -427,8 +1405,7 @@ static inline void dot4_q8_portable(const Mat *W, const size_t row[4], const int
  * weight load serves every token of a prefill batch. vpdpbusd multiplies unsigned by signed
  * bytes, so the weights are read as w + 128 (one xor) and each token's 128 * sum(x) comes off
  * again: it starts the int32 sum, so every (row, token) pair costs one vpdpbusd. The tests run
- * both this and dot4_q8_portable above; dsv2_simd = 0 forces the portable one. */
-int dsv2_simd = 1;  /* not static: a build without VNNI has no other use of it, and the tests set it */
+ * both this and dot4_q8_portable above (MatmulScratch.portable forces the portable one). */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 static inline void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4], const int8_t *const xq[4], const float *const xs[4], int nt, float out[4][4]) {
@@ -502,16 +1479,35 @@ static void dot4_rows(const Mat *W, const size_t row[4], const float *x, const i
 
 /* Scratch for quantized activations, sized once by init_run_state (q8 models only): q and
  * scale hold the int8 inputs of several products; at[i] is where product i's begin. */
-typedef struct { int8_t *q; float *scale; size_t capacity, *at; int max_products; } ActivationScratch;
+struct MatmulScratch {
+    int8_t *q;
+    float *scale;
+    size_t capacity, *at;
+    int max_products;
+    int portable;  /* tests: 1 runs the portable C kernel where an intrinsics one exists */
+};
 
-/* One matrix product for n tokens: y[t] = W x[t] (x: [n][W->cols], y: [n][W->rows]). */
-typedef struct { float *y; const Mat *W; const float *x; int n; } Product;
+static MatmulScratch *matmul_scratch_new(const Config *c, int max_products, size_t max_inputs) {
+    if (c->dtype != DTYPE_Q8) return NULL;  /* f32 and bf16 products need no scratch */
+    MatmulScratch *s = xcalloc(1, sizeof *s);
+    s->capacity = max_inputs;
+    s->q = xcalloc(max_inputs, 1);
+    s->scale = xcalloc(max_inputs, sizeof(float));
+    s->max_products = max_products;
+    s->at = xcalloc(max_products, sizeof(size_t));
+    return s;
+}
+
+static void matmul_scratch_free(MatmulScratch *s) {
+    if (!s) return;
+    free(s->q); free(s->scale); free(s->at); free(s);
+}
 
 /* Block b of product p against every token: rows b, b + Q, b + 2Q, b + 3Q (Q: the number of
  * blocks), read from memory once and reused from cache for up to four tokens per kernel call.
  * xq/xs: the int8 tokens for q8 weights. With AVX-512 VNNI and groups of 32 one kernel call
  * shares each weight load among the tokens. */
-static void matmul_block(const Product *p, int b, const int8_t *xq, const float *xs) {
+static void matmul_block(const Product *p, int b, const int8_t *xq, const float *xs, int portable) {
     const Mat *W = p->W;
     int rows = W->rows, cols = W->cols, groups = cols / W->group, blocks = (rows + 3) / 4;
     size_t row[4];  /* rows past the end repeat the last and are not stored */
@@ -520,7 +1516,7 @@ static void matmul_block(const Product *p, int b, const int8_t *xq, const float 
         float out[4][4];
         int tokens = p->n - t0 < 4 ? p->n - t0 : 4;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-        if (dsv2_simd && W->dtype == DTYPE_Q8 && W->group == 32) {
+        if (!portable && W->dtype == DTYPE_Q8 && W->group == 32) {
             const int8_t *tq[4];
             const float *ts[4];
             for (int tt = 0; tt < 4; tt++) {
@@ -556,7 +1552,7 @@ static int shares_previous_input(const Product *p, int i) {
            p[i].n == p[i - 1].n && p[i].W->cols == p[i - 1].W->cols && p[i].W->group == p[i - 1].W->group;
 }
 
-static void matmul_many(const Product *p, int count, ActivationScratch *act) {
+static void matmul_many(const Product *p, int count, MatmulScratch *act) {
     long long work = 0;  /* total: sum of blocks * cols * tokens */
     size_t used = 0;
     for (int i = 0; i < count; i++) {
@@ -592,17 +1588,13 @@ static void matmul_many(const Product *p, int count, ActivationScratch *act) {
             long long lo = begin > before ? (begin - before + cost - 1) / cost : 0, hi = end > before ? (end - before + cost - 1) / cost : 0;
             const int8_t *xq = W->dtype == DTYPE_Q8 ? act->q + act->at[i] : NULL;
             const float *xs = W->dtype == DTYPE_Q8 ? act->scale + act->at[i] / W->group : NULL;
-            for (long long b = lo; b < (hi < blocks ? hi : blocks); b++) matmul_block(&p[i], (int)b, xq, xs);
+            for (long long b = lo; b < (hi < blocks ? hi : blocks); b++) matmul_block(&p[i], (int)b, xq, xs, act ? act->portable : 0);
             before += blocks * cost;
         }
     }
 }
 
-/* y = W x for n tokens: the one matrix product, for every weight type. */
-static void matmul(float *y, const Mat *W, const float *x, int n, ActivationScratch *act) {
-    Product p = {y, W, x, n};
-    matmul_many(&p, 1, act);
-}
+
 
 /* Row r of W as floats: embedding lookup, and the rows W_UK^T sums in the absorbed query. */
 static void mat_row_to_f32(float *out, const Mat *W, int r) {
@@ -617,571 +1609,322 @@ static void mat_row_to_f32(float *out, const Mat *W, int r) {
     else memcpy(out, (const float *)W->data + at, (size_t)W->cols * sizeof(float));
 }
 
-/* y = W^T x: sums the rows of W weighted by x (row: scratch of W->cols). Absorbs W_UK into q. */
-static void matvec_transposed(float *y, const Mat *W, const float *x, float *row) {
-    memset(y, 0, (size_t)W->cols * sizeof(float));
-    for (int r = 0; r < W->rows; r++) {
-        mat_row_to_f32(row, W, r);
-        float xr = x[r];
-#pragma omp simd
-        for (int c = 0; c < W->cols; c++) y[c] += xr * row[c];
-    }
+
+/* ------------------------------------------------------------------------------------------ */
+/* Loading: the file layout, checks, mmap and huge pages                                       */
+/*                                                                                            */
+/*   offset 0     header (struct Config, 512 bytes: magic "DSV2", version, hyper-parameters)   */
+/*   offset 512   tensors, each starting at a multiple of 64, in the order of layout_weights:  */
+/*                  model.embed_tokens.weight                                                 */
+/*                  per layer: input_layernorm, the attention tensors (q_proj, or q_a_proj,    */
+/*                  q_a_layernorm, q_b_proj; kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj,     */
+/*                  o_proj), post_attention_layernorm, then for an MoE layer the router        */
+/*                  (mlp.gate) and experts 0..E-1 (gate, up, down), then the dense MLP or the   */
+/*                  shared experts (gate, up, down)                                            */
+/*                  model.norm.weight, lm_head.weight                                          */
+/*                a matrix: [rows][cols] in the file's dtype; a q8 matrix is int8 [rows][cols] */
+/*                followed by its own aligned block of float32 scales [rows][cols / q8_group]; */
+/*                vectors (norms) and the router are always float32                            */
+/*   optional     the tokenizer blob (header.tokenizer_offset, tokenizer_size)                  */
+/*   file_size    the header's total: nothing follows                                          */
+/*                                                                                            */
+/* export.py writes the same walk (tensor_plan); `./dsv2 FILE -m layout` prints this one and   */
+/* `export.py --print-layout` the one it wrote, and make test compares them.                   */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Where one stored block lies, for -m layout, training and the tests. */
+typedef struct {
+    char name[96];
+    const char *storage;  /* "f32", "bf16", "q8", or "q8-scales" */
+    size_t offset, bytes;
+    int rows, cols;       /* rows = 0 for a vector */
+} TensorInfo;
+
+/* Walks the layout: with base NULL it only measures; with base set, every Mat points into it. */
+typedef struct {
+    const char *base;
+    size_t offset;
+    int weight_dtype, q8_group;
+    TensorInfo *info;     /* optional: filled per block */
+    int n_tensors;
+    const char *prefix;   /* the name of the block being taken: prefix + name */
+} Cursor;
+
+static const char *storage_name(int dtype) {
+    return dtype == DTYPE_Q8 ? "q8" : dtype == DTYPE_BF16 ? "bf16" : "f32";
 }
 
-/* Rows [row0, row0+rows) of W, as a matrix of its own (e.g. one head's slice of kv_b_proj). */
-static Mat mat_rows(const Mat *W, int row0, int rows) {
-    Mat m = *W;
-    m.data = (const char *)W->data + (size_t)row0 * W->cols * dtype_size(W->dtype);
-    if (W->scale) m.scale = W->scale + (size_t)row0 * (W->cols / W->group);
-    m.rows = rows;
+static const void *take(Cursor *cur, const char *name, int rows, int cols, const char *storage, size_t bytes) {
+    cur->offset = (cur->offset + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN;
+    const void *p = cur->base ? cur->base + cur->offset : NULL;
+    if (cur->info) {
+        TensorInfo *t = &cur->info[cur->n_tensors];
+        *t = (TensorInfo){.storage = storage, .offset = cur->offset, .bytes = bytes, .rows = rows, .cols = cols};
+        snprintf(t->name, sizeof t->name, "%s%s", cur->prefix ? cur->prefix : "", name);
+    }
+    cur->n_tensors++;
+    cur->offset += bytes;
+    return p;
+}
+
+static Mat take_mat(Cursor *cur, const char *name, int rows, int cols, int dtype) {
+    Mat m = {NULL, NULL, dtype, rows, cols, dtype == DTYPE_Q8 ? cur->q8_group : cols};
+    if (cols % m.group) die("q8 group %d does not divide a matrix width %d", m.group, cols);
+    m.data = take(cur, name, rows, cols, storage_name(dtype), (size_t)rows * cols * dtype_size(dtype));
+    if (dtype == DTYPE_Q8)
+        m.scale = take(cur, name, rows, cols / m.group, "q8-scales", (size_t)rows * (cols / m.group) * sizeof(float));
     return m;
 }
 
-/* RMSNorm: out = w * x / sqrt(mean(x^2) + eps). Accumulated in double, as exact as cheap. */
-static void rmsnorm(float *out, const float *x, const float *weight, int n, double eps) {
-    double ss = 0.0;
-    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
-    float inv = (float)(1.0 / sqrt(ss / n + eps));
-    for (int i = 0; i < n; i++) out[i] = weight[i] * (x[i] * inv);
+static const float *take_vec(Cursor *cur, const char *name, int n) {
+    return take(cur, name, 0, n, "f32", (size_t)n * sizeof(float));
 }
 
-/* In-place softmax. Subtracting the max keeps exp() finite. */
-static void softmax(float *x, int n) {
-    float max = x[0];
-    for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
-    double sum = 0.0;
-    for (int i = 0; i < n; i++) { x[i] = expf(x[i] - max); sum += x[i]; }
-    float inv = (float)(1.0 / sum);
-    for (int i = 0; i < n; i++) x[i] *= inv;
-}
-
-static inline float silu(float x) { return x / (1.0f + expf(-x)); }
-
-/* ------------------------------------------------------------------------- */
-/* Decoupled RoPE with YaRN (paper eq. 14-15; YaRN: arXiv:2309.00071)          */
-/* ------------------------------------------------------------------------- */
-
-/* YaRN's attention magnitude correction: 0.1 m ln(s) + 1 for a context stretch s > 1. */
-static double yarn_get_mscale(double scale, double m) { return scale <= 1 ? 1.0 : 0.1 * m * log(scale) + 1.0; }
-
-/* The rotary dimension pair whose wavelength fits num_rotations times in the original context. */
-static double yarn_correction_dim(double num_rotations, int dim, double base, int original_max_pos) {
-    return dim * log(original_max_pos / (num_rotations * 2 * PI)) / (2 * log(base));
-}
-
-/* inv_freq[i] for i < dim/2. YaRN keeps high frequencies (they fit the original context),
- * divides low ones by the factor, and blends linearly in between. Static: used at every length. */
-static void rope_inv_freq(const Config *c, double *inv_freq) {
-    int dim = c->qk_rope_head_dim;
-    double low = 0, high = 0;
-    if (c->rope_scaling == ROPE_YARN) {
-        low = fmax(floor(yarn_correction_dim(c->beta_fast, dim, c->rope_theta, c->original_max_position_embeddings)), 0);
-        high = fmin(ceil(yarn_correction_dim(c->beta_slow, dim, c->rope_theta, c->original_max_position_embeddings)), dim - 1);
-        if (low == high) high += 0.001;  /* as the official code: avoids a division by zero */
+/* One layer's attention tensors, in file order. */
+static void layout_attention(Layer *L, const Config *c, Cursor *cur) {
+    int D = c->hidden_size, H = c->num_attention_heads, W = cur->weight_dtype, r = c->kv_lora_rank;
+    int dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dq = dn + dr, rq = c->q_lora_rank;
+    if (rq > 0) {
+        L->q_a_proj = take_mat(cur, "self_attn.q_a_proj.weight", rq, D, W);
+        L->q_a_norm = take_vec(cur, "self_attn.q_a_layernorm.weight", rq);
+        L->q_b_proj = take_mat(cur, "self_attn.q_b_proj.weight", H * dq, rq, W);
+    } else {
+        L->q_proj = take_mat(cur, "self_attn.q_proj.weight", H * dq, D, W);
     }
-    for (int i = 0; i < dim / 2; i++) {
-        double freq_extra = 1.0 / pow(c->rope_theta, 2.0 * i / dim);
-        if (c->rope_scaling != ROPE_YARN) { inv_freq[i] = freq_extra; continue; }
-        double freq_inter = freq_extra / c->rope_factor;
-        double ramp = fmin(fmax((i - low) / (high - low), 0.0), 1.0);
-        double keep = 1.0 - ramp;
-        inv_freq[i] = freq_inter * (1.0 - keep) + freq_extra * keep;
-    }
+    L->kv_a_proj = take_mat(cur, "self_attn.kv_a_proj_with_mqa.weight", r + dr, D, W);
+    L->kv_a_norm = take_vec(cur, "self_attn.kv_a_layernorm.weight", r);
+    L->kv_b_proj = take_mat(cur, "self_attn.kv_b_proj.weight", H * (dn + c->v_head_dim), r, W);
+    L->o_proj = take_mat(cur, "self_attn.o_proj.weight", D, H * c->v_head_dim, W);
 }
 
-/* cos/sin tables [positions][dim/2], already multiplied by mscale/mscale_all_dim. */
-static void rope_tables(const Config *c, int positions, float *cos_table, float *sin_table) {
-    int half = c->qk_rope_head_dim / 2;
-    double *inv_freq = xcalloc(half, sizeof(double));
-    rope_inv_freq(c, inv_freq);
-    double m = c->rope_scaling == ROPE_YARN
-                   ? yarn_get_mscale(c->rope_factor, c->mscale) / yarn_get_mscale(c->rope_factor, c->mscale_all_dim)
-                   : 1.0;
-    for (int p = 0; p < positions; p++)
-        for (int i = 0; i < half; i++) {
-            cos_table[(size_t)p * half + i] = (float)(cos(p * inv_freq[i]) * m);
-            sin_table[(size_t)p * half + i] = (float)(sin(p * inv_freq[i]) * m);
-        }
-    free(inv_freq);
-}
-
-/* softmax scale = (nope+rope)^-1/2 * mscale(factor, mscale_all_dim)^2: YaRN's temperature, squared
- * because it applies to both q and k. Easy to miss; the transformers port did. */
-static double attention_softmax_scale(const Config *c) {
-    double scale = 1.0 / sqrt((double)(c->qk_nope_head_dim + c->qk_rope_head_dim));
-    if (c->rope_scaling == ROPE_YARN && c->mscale_all_dim != 0) {
-        double m = yarn_get_mscale(c->rope_factor, c->mscale_all_dim);
-        scale *= m * m;
-    }
-    return scale;
-}
-
-/* Rotates the pairs (x[2i], x[2i+1]) by the angle of position p, in place. This equals the
- * official code's permute + rotate_half, since q and k are permuted alike. */
-static void rope_rotate(float *x, const float *cos_row, const float *sin_row, int dim) {
-    for (int i = 0; i < dim / 2; i++) {
-        float a = x[2 * i], b = x[2 * i + 1];
-        x[2 * i] = a * cos_row[i] - b * sin_row[i];
-        x[2 * i + 1] = a * sin_row[i] + b * cos_row[i];
-    }
-}
-
-/* ------------------------------------------------------------------------- */
-/* Run state: activations for a batch of tokens and the KV cache, allocated   */
-/* once before decoding (nothing is allocated per token).                     */
-/* ------------------------------------------------------------------------- */
-
-enum { ATTN_ABSORB = 0, ATTN_NAIVE = 1 };
-
-typedef struct {
-    float *masked;                    /* [E] router probabilities with unselected groups zeroed */
-    float *group_score;               /* [n_group] */
-    unsigned char *taken, *group_taken;
-} RouterScratch;
-
-/* Tokens per forward call: a longer prompt goes through in chunks of this many. */
-#define MAX_BATCH 64
-
-typedef struct {
-    int attn_mode, context;           /* context: positions the cache holds */
-    double softmax_scale;
-    float *rope_cos, *rope_sin;       /* [context][rope_dim/2] */
-    float *x, *xn, *branch;           /* residual stream, its norm, a block's output [B][D] */
-    float *q_latent;                  /* [B][q_lora_rank] */
-    float *q;                         /* [B][H * (nope+rope)] */
-    float *kv_a;                      /* [B][kv_lora_rank + rope] */
-    float *kv;                        /* naive: each token's K_nope|V for all heads [B][H*(nope+v)] */
-    float *q_absorbed;                /* absorb: [H][kv_lora_rank] */
-    float *row;                       /* absorb: [H][kv_lora_rank] one weight row as floats */
-    float *latent_out;                /* absorb: [H][B][kv_lora_rank] */
-    float *head_tmp;                  /* absorb: [H][B][v] */
-    float *scores;                    /* [H][context] */
-    float *head_out;                  /* [B][H * v] */
-    float *hidden, *hidden2;          /* MLP scratch: [B][I] dense, [B*K][I_moe] + [B][I_shared] MoE */
-    float *expert_in, *expert_out;    /* the tokens routed to each expert, expert by expert [B*K][D] */
-    int *expert_tokens;               /* [B*K]: which (token, choice) each row of expert_in is */
-    Product *products;                /* the products of one parallel pass */
-    Mat *head_mats;                   /* absorb: [H] each head's W_UV rows */
-    float *router_probs;              /* [B][E] */
-    int *topk_idx;                    /* [B][K] */
-    float *topk_weight;               /* [B][K] */
-    RouterScratch router;
-    ActivationScratch act;            /* int8 activations for q8 weights */
-    float *logits;                    /* [vocab] of the batch's last token */
-    float *cache;                     /* [L][context][cache_width] */
-    size_t cache_width;               /* floats per token per layer */
-    /* Optional taps (NULL = off), filled by forward() for the batch's last token, for inspection
-     * and tests: the residual stream after each layer [L][D], and each MoE layer's routing [L][K]. */
-    float *tap_hidden, *tap_route_weight;
-    int *tap_route_idx;
-} RunState;
-
-/* Floats per token per layer: the latent (absorb) or full per-head keys and values (naive). */
-static size_t kv_cache_width(const Config *c, int attn_mode) {
-    if (attn_mode == ATTN_ABSORB) return (size_t)c->kv_lora_rank + c->qk_rope_head_dim;
-    return (size_t)c->num_attention_heads * (c->qk_nope_head_dim + c->qk_rope_head_dim + c->v_head_dim);
-}
-
-static int max_int(int a, int b) { return a > b ? a : b; }
-
-static void init_run_state(RunState *s, const Config *c, int attn_mode, int context) {
-    int D = c->hidden_size, H = c->num_attention_heads, B = MAX_BATCH, E = c->n_routed_experts, K = c->num_experts_per_tok;
-    int q_head_dim = c->qk_nope_head_dim + c->qk_rope_head_dim, r = c->kv_lora_rank;
-    int moe_width = c->moe_intermediate_size * (K + c->n_shared_experts);  /* per token: routed + shared */
-    int mlp_width = max_int(c->intermediate_size, moe_width);
-    int widest = max_int(max_int(max_int(D * (K + 1), mlp_width), max_int(c->q_lora_rank, H * r)), H * c->v_head_dim);
-    int max_products = max_int(2 * (E < B * K ? E : B * K) + 2, H);  /* an MoE pass: gate and up per expert */
-    memset(s, 0, sizeof *s);
-    s->attn_mode = attn_mode;
-    s->context = context;
-    s->softmax_scale = attention_softmax_scale(c);
-    s->rope_cos = xcalloc((size_t)context * c->qk_rope_head_dim / 2, sizeof(float));
-    s->rope_sin = xcalloc((size_t)context * c->qk_rope_head_dim / 2, sizeof(float));
-    rope_tables(c, context, s->rope_cos, s->rope_sin);
-    s->x = xcalloc((size_t)B * D, sizeof(float));
-    s->xn = xcalloc((size_t)B * D, sizeof(float));
-    s->branch = xcalloc((size_t)B * D, sizeof(float));
-    s->q_latent = xcalloc((size_t)B * c->q_lora_rank, sizeof(float));
-    s->q = xcalloc((size_t)B * H * q_head_dim, sizeof(float));
-    s->kv_a = xcalloc((size_t)B * (r + c->qk_rope_head_dim), sizeof(float));
-    s->kv = xcalloc((size_t)B * H * (c->qk_nope_head_dim + c->v_head_dim), sizeof(float));
-    s->q_absorbed = xcalloc((size_t)H * r, sizeof(float));
-    s->row = xcalloc((size_t)H * r, sizeof(float));
-    s->latent_out = xcalloc((size_t)H * B * r, sizeof(float));
-    s->head_tmp = xcalloc((size_t)H * B * c->v_head_dim, sizeof(float));
-    s->scores = xcalloc((size_t)H * context, sizeof(float));
-    s->head_out = xcalloc((size_t)B * H * c->v_head_dim, sizeof(float));
-    s->hidden = xcalloc((size_t)B * mlp_width, sizeof(float));
-    s->hidden2 = xcalloc((size_t)B * mlp_width, sizeof(float));
-    s->expert_in = xcalloc((size_t)B * K * D, sizeof(float));
-    s->expert_out = xcalloc((size_t)B * K * D, sizeof(float));
-    s->expert_tokens = xcalloc((size_t)B * K, sizeof(int));
-    s->products = xcalloc(max_products, sizeof(Product));
-    s->head_mats = xcalloc(H, sizeof(Mat));
-    s->router_probs = xcalloc((size_t)B * E, sizeof(float));
-    s->topk_idx = xcalloc((size_t)B * K, sizeof(int));
-    s->topk_weight = xcalloc((size_t)B * K, sizeof(float));
-    s->router.masked = xcalloc(E, sizeof(float));
-    s->router.group_score = xcalloc(c->n_group, sizeof(float));
-    s->router.taken = xcalloc(E, 1);
-    s->router.group_taken = xcalloc(c->n_group, 1);
-    if (c->dtype == DTYPE_Q8) {
-        s->act.capacity = (size_t)B * widest;
-        s->act.q = xcalloc(s->act.capacity, 1);
-        s->act.scale = xcalloc(s->act.capacity, sizeof(float));
-        s->act.max_products = max_products;
-        s->act.at = xcalloc(max_products, sizeof(size_t));
-    }
-    s->logits = xcalloc(c->vocab_size, sizeof(float));
-    s->cache_width = kv_cache_width(c, attn_mode);
-    s->cache = xcalloc((size_t)c->num_hidden_layers * context * s->cache_width, sizeof(float));
-}
-
-static void free_run_state(RunState *s) {
-    void *bufs[] = {s->rope_cos, s->rope_sin, s->x, s->xn, s->branch, s->q_latent, s->q, s->kv_a, s->kv,
-                    s->q_absorbed, s->row, s->latent_out, s->head_tmp, s->scores, s->head_out, s->hidden,
-                    s->hidden2, s->expert_in, s->expert_out, s->expert_tokens, s->router_probs, s->topk_idx,
-                    s->topk_weight, s->router.masked, s->router.group_score, s->router.taken,
-                    s->router.group_taken, s->act.q, s->act.scale, s->act.at, s->products, s->head_mats, s->logits, s->cache};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
-}
-
-/* SwiGLU's middle: gate <- silu(gate) * up, elementwise over count values. */
-static void swiglu(float *gate, const float *up, size_t count) {
-    for (size_t i = 0; i < count; i++) gate[i] = silu(gate[i]) * up[i];
-}
-
-/* SwiGLU MLP for n tokens (the dense layers): out = down( silu(gate x) * up x ). */
-static void swiglu_mlp(RunState *s, float *out, const float *x, int n, const Mat *gate, const Mat *up, const Mat *down) {
-    Product gate_up[2] = {{s->hidden, gate, x, n}, {s->hidden2, up, x, n}};
-    matmul_many(gate_up, 2, &s->act);
-    swiglu(s->hidden, s->hidden2, (size_t)n * gate->rows);
-    matmul(out, down, s->hidden, n, &s->act);
-}
-
-/* ------------------------------------------------------------------------- */
-/* Multi-head Latent Attention (paper section 2.1, eq. 9-19)                  */
-/*                                                                           */
-/* Keys and values come from one small latent per token, c = norm(W_DKV h)    */
-/* (eq. 9); k_nope = W_UK c and v = W_UV c per head (eq. 10-11). Position     */
-/* enters only through a decoupled rope key k_pe shared by all heads (eq. 15).*/
-/*                                                                           */
-/* Absorption (the decode form). For head h:                                 */
-/*   q_nope . (W_UK c_j) = (W_UK^T q_nope) . c_j     -> score against the latent */
-/*   sum_j P_j (W_UV c_j) = W_UV (sum_j P_j c_j)     -> values from the latent  */
-/* so the cache keeps only c_j and k_pe_j: kv_lora_rank + rope_dim floats per */
-/* token per layer, whatever the number of heads. The naive form decompresses */
-/* per-head K and V and caches them, as a standard multi-head cache would.    */
-/* ------------------------------------------------------------------------- */
-
-/* Queries for n tokens from pos (eq. 12-14): with q LoRA, q = W_UQ norm(W_DQ h); else q = W_Q h. */
-static void mla_query(RunState *s, const Config *c, const Layer *L, int n, int pos) {
-    if (c->q_lora_rank > 0) {  /* q_latent = W_DQ h came with the latent (mla) */
-        for (int t = 0; t < n; t++)  /* eps 1e-6 is fixed in the official code */
-            rmsnorm(s->q_latent + (size_t)t * c->q_lora_rank, s->q_latent + (size_t)t * c->q_lora_rank, L->q_a_norm, c->q_lora_rank, 1e-6);
-        matmul(s->q, &L->q_b_proj, s->q_latent, n, &s->act);
-    }
-    int q_head_dim = c->qk_nope_head_dim + c->qk_rope_head_dim, H = c->num_attention_heads, half = c->qk_rope_head_dim / 2;
-    for (int t = 0; t < n; t++)
-        for (int h = 0; h < H; h++)
-            rope_rotate(s->q + ((size_t)t * H + h) * q_head_dim + c->qk_nope_head_dim, s->rope_cos + (size_t)(pos + t) * half,
-                        s->rope_sin + (size_t)(pos + t) * half, c->qk_rope_head_dim);
-}
-
-/* Compressed KV for n tokens (eq. 9, 15): kv_a = [c_kv | k_pe]; c = norm(c_kv); k_pe rotated. */
-static void mla_latent(RunState *s, const Config *c, const Layer *L, int n, int pos) {
-    int half = c->qk_rope_head_dim / 2, width = c->kv_lora_rank + c->qk_rope_head_dim;
-    for (int t = 0; t < n; t++) {
-        float *a = s->kv_a + (size_t)t * width;
-        rmsnorm(a, a, L->kv_a_norm, c->kv_lora_rank, 1e-6);
-        rope_rotate(a + c->kv_lora_rank, s->rope_cos + (size_t)(pos + t) * half, s->rope_sin + (size_t)(pos + t) * half, c->qk_rope_head_dim);
-    }
-}
-
-/* Absorbed attention over the latent cache, for every head and token of the batch. */
-static void mla_attend_absorbed(RunState *s, const Config *c, const Layer *L, float *layer_cache, int n, int pos) {
-    int H = c->num_attention_heads, nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim, vdim = c->v_head_dim;
-    int rank = c->kv_lora_rank, q_head_dim = nope + rope, kv_head_rows = nope + vdim;
-    size_t width = s->cache_width;
-    memcpy(layer_cache + (size_t)pos * width, s->kv_a, (size_t)n * width * sizeof(float));
-#pragma omp parallel for schedule(static)
-    for (int h = 0; h < H; h++) {
-        float *q_abs = s->q_absorbed + (size_t)h * rank, *att = s->scores + (size_t)h * s->context;
-        Mat w_uk = mat_rows(&L->kv_b_proj, h * kv_head_rows, nope);
-        for (int t = 0; t < n; t++) {
-            const float *q_nope = s->q + ((size_t)t * H + h) * q_head_dim, *q_pe = q_nope + nope;
-            float *u = s->latent_out + ((size_t)h * n + t) * rank;
-            int last = pos + t;                                   /* causal: up to this token */
-            matvec_transposed(q_abs, &w_uk, q_nope, s->row + (size_t)h * rank);  /* q_abs = W_UK^T q_nope */
-            for (int j = 0; j <= last; j++) {
-                const float *cj = layer_cache + (size_t)j * width;
-                att[j] = (float)s->softmax_scale * (dot_f32(q_abs, cj, rank) + dot_f32(q_pe, cj + rank, rope));
-            }
-            softmax(att, last + 1);
-            memset(u, 0, (size_t)rank * sizeof(float));            /* u = sum_j P_j c_j */
-            for (int j = 0; j <= last; j++) {
-                const float *cj = layer_cache + (size_t)j * width;
-                float p = att[j];
-#pragma omp simd
-                for (int i = 0; i < rank; i++) u[i] += p * cj[i];
-            }
+/* One layer's FFN tensors: router and experts (MoE), then the dense MLP or shared experts. */
+static void layout_ffn(Layer *L, const Config *c, Cursor *cur, char *prefix, size_t prefix_size) {
+    int D = c->hidden_size, W = cur->weight_dtype, Im = c->moe_intermediate_size;
+    size_t base = strlen(prefix);
+    int64_t width = L->is_moe ? (int64_t)Im * c->n_shared_experts : c->intermediate_size;
+    if (width > (1 << 24)) die("config: the shared experts' width %lld is out of range", (long long)width);
+    if (L->is_moe) {
+        L->router = take_mat(cur, "mlp.gate.weight", c->n_routed_experts, D, DTYPE_F32);
+        for (int e = 0; e < c->n_routed_experts; e++) {
+            snprintf(prefix + base, prefix_size - base, "mlp.experts.%d.", e);
+            L->expert_gate[e] = take_mat(cur, "gate_proj.weight", Im, D, W);
+            L->expert_up[e] = take_mat(cur, "up_proj.weight", Im, D, W);
+            L->expert_down[e] = take_mat(cur, "down_proj.weight", D, Im, W);
         }
     }
-    for (int h = 0; h < H; h++) {                                  /* o = W_UV u, all heads in one pass */
-        s->head_mats[h] = mat_rows(&L->kv_b_proj, h * kv_head_rows + nope, vdim);
-        s->products[h] = (Product){s->head_tmp + (size_t)h * n * vdim, &s->head_mats[h], s->latent_out + (size_t)h * n * rank, n};
-    }
-    matmul_many(s->products, H, &s->act);
-    for (int t = 0; t < n; t++)
-        for (int h = 0; h < H; h++)
-            memcpy(s->head_out + ((size_t)t * H + h) * vdim, s->head_tmp + ((size_t)h * n + t) * vdim, vdim * sizeof(float));
-}
-
-/* Naive attention: decompress each token's per-head K and V, cache them, attend as in MHA. */
-static void mla_attend_naive(RunState *s, const Config *c, const Layer *L, float *layer_cache, int n, int pos) {
-    int H = c->num_attention_heads, nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim, vdim = c->v_head_dim;
-    int q_head_dim = nope + rope, kv_head_rows = nope + vdim, latent = c->kv_lora_rank + rope;
-    size_t width = s->cache_width, head_width = (size_t)q_head_dim + vdim;
-    for (int t = 0; t < n; t++)                                   /* kv_b_proj takes the normed latent only */
-        memcpy(s->hidden + (size_t)t * c->kv_lora_rank, s->kv_a + (size_t)t * latent, c->kv_lora_rank * sizeof(float));
-    matmul(s->kv, &L->kv_b_proj, s->hidden, n, &s->act);          /* [k_nope | v] per head, eq. 10-11 */
-    for (int t = 0; t < n; t++) {                                  /* cached per head: [k_nope | k_pe | v] */
-        float *slot = layer_cache + (size_t)(pos + t) * width;
-        const float *kv = s->kv + (size_t)t * H * kv_head_rows;
-        for (int h = 0; h < H; h++) {
-            float *k = slot + h * head_width;
-            memcpy(k, kv + (size_t)h * kv_head_rows, nope * sizeof(float));
-            memcpy(k + nope, s->kv_a + (size_t)t * latent + c->kv_lora_rank, rope * sizeof(float));
-            memcpy(k + q_head_dim, kv + (size_t)h * kv_head_rows + nope, vdim * sizeof(float));
-        }
-    }
-#pragma omp parallel for schedule(static)
-    for (int h = 0; h < H; h++) {
-        float *att = s->scores + (size_t)h * s->context;
-        for (int t = 0; t < n; t++) {
-            const float *q = s->q + ((size_t)t * H + h) * q_head_dim;
-            float *out = s->head_out + ((size_t)t * H + h) * vdim;
-            int last = pos + t;
-            for (int j = 0; j <= last; j++)
-                att[j] = (float)s->softmax_scale * dot_f32(q, layer_cache + j * width + h * head_width, q_head_dim);
-            softmax(att, last + 1);
-            memset(out, 0, vdim * sizeof(float));
-            for (int j = 0; j <= last; j++) {
-                const float *v = layer_cache + j * width + h * head_width + q_head_dim;
-                for (int i = 0; i < vdim; i++) out[i] += att[j] * v[i];
-            }
-        }
-    }
-}
-
-/* MLA for n tokens at positions pos..: s->xn in, s->branch out (eq. 19: u = W_O [o_1; ...; o_H]). */
-static void mla(RunState *s, const Config *c, const Layer *L, int layer, int n, int pos) {
-    float *layer_cache = s->cache + (size_t)layer * s->context * s->cache_width;
-    int lora = c->q_lora_rank > 0;  /* eq. 9 and eq. 12 (or 14) read the same input: one pass */
-    Product from_input[2] = {{lora ? s->q_latent : s->q, lora ? &L->q_a_proj : &L->q_proj, s->xn, n}, {s->kv_a, &L->kv_a_proj, s->xn, n}};
-    matmul_many(from_input, 2, &s->act);
-    mla_query(s, c, L, n, pos);
-    mla_latent(s, c, L, n, pos);
-    if (s->attn_mode == ATTN_ABSORB) mla_attend_absorbed(s, c, L, layer_cache, n, pos);
-    else mla_attend_naive(s, c, L, layer_cache, n, pos);
-    matmul(s->branch, &L->o_proj, s->head_out, n, &s->act);
-}
-
-/* ------------------------------------------------------------------------- */
-/* DeepSeekMoE (paper section 2.2, eq. 20-22)                                 */
-/* ------------------------------------------------------------------------- */
-
-/* Index of the largest value among those not yet taken; ties go to the lower index. */
-static int argmax_untaken(const float *v, const unsigned char *taken, int n) {
-    int best = -1;
-    for (int i = 0; i < n; i++)
-        if (!taken[i] && (best < 0 || v[i] > v[best])) best = i;
-    return best;
-}
-
-/* Router (eq. 21-22): softmax over all experts, then top-k; with group_limited_greedy only
- * the topk_group groups with the highest max score stay eligible (device-limited routing).
- * Fills idx/weight (K entries, ascending expert id). probs: [E]. */
-static void route_tokens(const Config *c, const float *probs, int *idx, float *weight, RouterScratch *r) {
-    int E = c->n_routed_experts, K = c->num_experts_per_tok;
-    float *masked = r->masked, *group_score = r->group_score;
-    unsigned char *taken = r->taken, *group_taken = r->group_taken;
-    memcpy(masked, probs, E * sizeof(float));
-    if (c->topk_method == TOPK_GROUP_LIMITED_GREEDY) {
-        int G = c->n_group, per_group = E / G;
-        for (int g = 0; g < G; g++) {
-            group_score[g] = probs[g * per_group];
-            for (int e = 1; e < per_group; e++) group_score[g] = fmaxf(group_score[g], probs[g * per_group + e]);
-            group_taken[g] = 0;
-        }
-        for (int k = 0; k < c->topk_group; k++) group_taken[argmax_untaken(group_score, group_taken, G)] = 1;
-        for (int e = 0; e < E; e++) if (!group_taken[e / per_group]) masked[e] = 0.0f;
-    }
-    for (int e = 0; e < E; e++) taken[e] = 0;
-    for (int k = 0; k < K; k++) taken[argmax_untaken(masked, taken, E)] = 1;
-    double sum = 0.0;
-    for (int e = 0, k = 0; e < E; e++)
-        if (taken[e]) { idx[k] = e; weight[k] = probs[e]; sum += probs[e]; k++; }
-    /* The official V2 code renormalises instead of scaling, never both. */
-    for (int k = 0; k < K; k++)
-        weight[k] = (K > 1 && c->norm_topk_prob) ? (float)(weight[k] / (sum + 1e-20))
-                                                 : (float)(weight[k] * c->routed_scaling_factor);
-}
-
-/* MoE FFN for n tokens (eq. 20): the shared experts on every token, plus each routed expert on
- * just the tokens that chose it (its weights read once for all of them), weighted. */
-static void moe(RunState *s, const Config *c, const Layer *L, int n) {
-    int D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok, I = c->moe_intermediate_size;
-    matmul(s->router_probs, &L->router, s->xn, n, &s->act);
-    for (int t = 0; t < n; t++) {
-        softmax(s->router_probs + (size_t)t * E, E);
-        route_tokens(c, s->router_probs + (size_t)t * E, s->topk_idx + (size_t)t * K, s->topk_weight + (size_t)t * K, &s->router);
-    }
-    /* Each expert's tokens, gathered expert by expert into rows of expert_in; then every gate and
-     * up product (routed and shared) in one pass, SwiGLU, and every down product in a second. */
-    Product *p = s->products;
-    int rows = 0, count = 0;
-    for (int e = 0; e < E; e++) {
-        int first = rows;
-        for (int t = 0; t < n; t++)
-            for (int k = 0; k < K; k++)
-                if (s->topk_idx[t * K + k] == e) {
-                    s->expert_tokens[rows] = t * K + k;
-                    memcpy(s->expert_in + (size_t)rows * D, s->xn + (size_t)t * D, D * sizeof(float));
-                    rows++;
-                }
-        if (rows == first) continue;
-        p[count++] = (Product){s->hidden + (size_t)first * I, &L->expert_gate[e], s->expert_in + (size_t)first * D, rows - first};
-        p[count++] = (Product){s->hidden2 + (size_t)first * I, &L->expert_up[e], s->expert_in + (size_t)first * D, rows - first};
-    }
-    float *shared_gate = s->hidden + (size_t)rows * I, *shared_up = s->hidden2 + (size_t)rows * I;
+    snprintf(prefix + base, prefix_size - base, "%s", L->is_moe ? "mlp.shared_experts." : "mlp.");
+    L->has_mlp = width > 0;
     if (L->has_mlp) {
-        p[count++] = (Product){shared_gate, &L->mlp_gate, s->xn, n};
-        p[count++] = (Product){shared_up, &L->mlp_up, s->xn, n};
+        L->mlp_gate = take_mat(cur, "gate_proj.weight", (int)width, D, W);
+        L->mlp_up = take_mat(cur, "up_proj.weight", (int)width, D, W);
+        L->mlp_down = take_mat(cur, "down_proj.weight", D, (int)width, W);
     }
-    matmul_many(p, count, &s->act);
-    swiglu(s->hidden, s->hidden2, (size_t)rows * I + (L->has_mlp ? (size_t)n * L->mlp_gate.rows : 0));
-    int routed = L->has_mlp ? count - 2 : count;
-    for (int j = 0; j < routed; j += 2) {  /* down: gate j's rows of hidden -> the same rows of expert_out */
-        size_t first = (size_t)(p[j].x - s->expert_in) / D;
-        p[j / 2] = (Product){s->expert_out + first * D, &L->expert_down[s->topk_idx[s->expert_tokens[first]]], s->hidden + first * I, p[j].n};
-    }
-    count = routed / 2;
-    if (L->has_mlp) p[count++] = (Product){s->branch, &L->mlp_down, shared_gate, n};
-    else memset(s->branch, 0, (size_t)n * D * sizeof(float));
-    matmul_many(p, count, &s->act);
-    for (int j = 0; j < rows; j++) {  /* eq. 20: h + shared + sum of g_i * expert_i */
-        int t = s->expert_tokens[j] / K;
-        float wgt = s->topk_weight[s->expert_tokens[j]];
-        for (int i = 0; i < D; i++) s->branch[(size_t)t * D + i] += wgt * s->expert_out[(size_t)j * D + i];
-    }
+    prefix[base] = '\0';
 }
 
-/* ------------------------------------------------------------------------- */
-/* Forward: n tokens at positions pos.. through every layer, extending the KV */
-/* cache. Decoding is n = 1; a prompt goes through as a matrix, in chunks.    */
-/* Returns the logits of the last token.                                      */
-/* ------------------------------------------------------------------------- */
-
-static float *forward_batch(const Weights *w, RunState *s, const int *tokens, int n, int pos) {
+/* The one walk of the checkpoint layout (the loader, the trainer and the tests use it; the GPU
+ * upload reads the Weights it fills). Returns the end offset. */
+static size_t layout_weights(Weights *w, Cursor *cur) {
     const Config *c = &w->cfg;
-    int D = c->hidden_size, L = c->num_hidden_layers, K = c->num_experts_per_tok;
-    for (int t = 0; t < n; t++) mat_row_to_f32(s->x + (size_t)t * D, &w->embed, tokens[t]);
-    for (int l = 0; l < L; l++) {
-        const Layer *layer = &w->layers[l];
-        for (int t = 0; t < n; t++) rmsnorm(s->xn + (size_t)t * D, s->x + (size_t)t * D, layer->input_norm, D, c->rms_norm_eps);
-        mla(s, c, layer, l, n, pos);
-        for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->branch[i];
-        for (int t = 0; t < n; t++) rmsnorm(s->xn + (size_t)t * D, s->x + (size_t)t * D, layer->post_attention_norm, D, c->rms_norm_eps);
-        if (layer->is_moe) moe(s, c, layer, n);
-        else swiglu_mlp(s, s->branch, s->xn, n, &layer->mlp_gate, &layer->mlp_up, &layer->mlp_down);
-        for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->branch[i];
-        if (s->tap_hidden) memcpy(s->tap_hidden + (size_t)l * D, s->x + (size_t)(n - 1) * D, D * sizeof(float));
-        if (s->tap_route_idx && layer->is_moe) {
-            memcpy(s->tap_route_idx + (size_t)l * K, s->topk_idx + (size_t)(n - 1) * K, K * sizeof(int));
-            memcpy(s->tap_route_weight + (size_t)l * K, s->topk_weight + (size_t)(n - 1) * K, K * sizeof(float));
-        }
-    }
-    float *last = s->x + (size_t)(n - 1) * D;
-    rmsnorm(last, last, w->final_norm, D, c->rms_norm_eps);
-    matmul(s->logits, &w->lm_head, last, 1, &s->act);
-    return s->logits;
-}
-
-#ifdef DSV2_CUDA
-/* The GPU build (make cuda): dsv2.cu runs the same forward pass on NVIDIA GPUs. This file stays
- * the host program; it hands dsv2.cu the config and every tensor in file order, and forward()
- * below sends tokens there. */
-typedef struct {
-    const void *data;
-    const float *scale;
-    int dtype, rows, cols, group;  /* rows = 1 for a vector */
-} GpuTensor;
-void *cuda_create(const Config *c, const GpuTensor *tensors, int n_tensors, int context, const char *gpus,
-                  void (*route)(const Config *, const float *, int *, float *), const float *rope_cos,
-                  const float *rope_sin, float softmax_scale);
-float *cuda_forward(void *gpu, const int *tokens, int n, int pos);
-void cuda_destroy(void *gpu);
-static void *gpu_model;  /* set by main with -g */
-
-/* Routing on the host, the same code as the CPU path: the GPU sends E probabilities per token. */
-static void route_for_gpu(const Config *c, const float *probs, int *idx, float *weight) {
-    static RouterScratch r;
-    static int E, G;
-    if (E != c->n_routed_experts || G != c->n_group) {
-        free(r.masked); free(r.group_score); free(r.taken); free(r.group_taken);
-        E = c->n_routed_experts; G = c->n_group;
-        r.masked = xcalloc(E, sizeof(float)); r.group_score = xcalloc(G, sizeof(float));
-        r.taken = xcalloc(E, 1); r.group_taken = xcalloc(G, 1);
-    }
-    route_tokens(c, probs, idx, weight, &r);
-}
-
-/* Every tensor in file order, as dsv2.cu walks them. */
-static void *gpu_model_create(const Weights *w, const RunState *s, const char *gpus) {
-    const Config *c = &w->cfg;
-    GpuTensor *t = xcalloc(3 + (size_t)c->num_hidden_layers * (16 + 3 * (size_t)c->n_routed_experts), sizeof(GpuTensor));
-    int n = 0;
-#define GPU_VEC(p, len) t[n++] = (GpuTensor){(p), NULL, DTYPE_F32, 1, (len), (len)}
-#define GPU_MAT(m) t[n++] = (GpuTensor){(m).data, (m).scale, (m).dtype, (m).rows, (m).cols, (m).group}
-    GPU_MAT(w->embed);
+    int D = c->hidden_size, W = cur->weight_dtype;
+    char prefix[64] = "";
+    cur->prefix = prefix;
+    w->embed = take_mat(cur, "model.embed_tokens.weight", c->vocab_size, D, W);
     for (int l = 0; l < c->num_hidden_layers; l++) {
-        const Layer *L = &w->layers[l];
-        GPU_VEC(L->input_norm, c->hidden_size);
-        if (c->q_lora_rank > 0) { GPU_MAT(L->q_a_proj); GPU_VEC(L->q_a_norm, c->q_lora_rank); GPU_MAT(L->q_b_proj); }
-        else GPU_MAT(L->q_proj);
-        GPU_MAT(L->kv_a_proj); GPU_VEC(L->kv_a_norm, c->kv_lora_rank); GPU_MAT(L->kv_b_proj); GPU_MAT(L->o_proj);
-        GPU_VEC(L->post_attention_norm, c->hidden_size);
-        if (L->is_moe) {
-            GPU_MAT(L->router);
-            for (int e = 0; e < c->n_routed_experts; e++) { GPU_MAT(L->expert_gate[e]); GPU_MAT(L->expert_up[e]); GPU_MAT(L->expert_down[e]); }
-        }
-        if (L->has_mlp) { GPU_MAT(L->mlp_gate); GPU_MAT(L->mlp_up); GPU_MAT(L->mlp_down); }
+        Layer *L = &w->layers[l];
+        snprintf(prefix, sizeof prefix, "model.layers.%d.", l);
+        L->is_moe = is_moe_layer(c, l);
+        L->input_norm = take_vec(cur, "input_layernorm.weight", D);
+        layout_attention(L, c, cur);
+        L->post_attention_norm = take_vec(cur, "post_attention_layernorm.weight", D);
+        layout_ffn(L, c, cur, prefix, sizeof prefix);
     }
-    GPU_VEC(w->final_norm, c->hidden_size);
-    GPU_MAT(w->lm_head);
-#undef GPU_VEC
-#undef GPU_MAT
-    /* the RoPE/YaRN tables and the softmax scale are the host's: one place computes them */
-    void *gpu = cuda_create(c, t, n, s->context, gpus, route_for_gpu, s->rope_cos, s->rope_sin, (float)s->softmax_scale);
+    prefix[0] = '\0';
+    w->final_norm = take_vec(cur, "model.norm.weight", D);
+    w->lm_head = take_mat(cur, "lm_head.weight", c->vocab_size, D, W);
+    cur->prefix = NULL;
+    return cur->offset;
+}
+
+static void alloc_layers(Weights *w) {
+    const Config *c = &w->cfg;
+    w->layers = xcalloc(c->num_hidden_layers, sizeof(Layer));
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        Layer *L = &w->layers[l];
+        L->expert_gate = xcalloc(c->n_routed_experts, sizeof(Mat));
+        L->expert_up = xcalloc(c->n_routed_experts, sizeof(Mat));
+        L->expert_down = xcalloc(c->n_routed_experts, sizeof(Mat));
+    }
+}
+
+/* Every block of a config's layout, in file order (count in *n). */
+static TensorInfo *layout_table(const Config *c, int *n) {
+    Weights w = {.cfg = *c};
+    alloc_layers(&w);
+    Cursor measure = {NULL, HEADER_SIZE, c->dtype, c->q8_group, NULL, 0, NULL};
+    layout_weights(&w, &measure);
+    Cursor record = {NULL, HEADER_SIZE, c->dtype, c->q8_group, xcalloc(measure.n_tensors, sizeof(TensorInfo)), 0, NULL};
+    layout_weights(&w, &record);
+    w.map = NULL;
+    free_weights(&w);
+    *n = record.n_tensors;
+    return record.info;
+}
+
+/* -m layout: offset, bytes, name, shape and storage of every block, one per line. */
+static void print_layout(const Weights *w) {
+    int n;
+    TensorInfo *t = layout_table(&w->cfg, &n);
+    for (int i = 0; i < n; i++) {
+        if (t[i].rows) printf("%zu %zu %s %dx%d %s\n", t[i].offset, t[i].bytes, t[i].name, t[i].rows, t[i].cols, t[i].storage);
+        else printf("%zu %zu %s %d %s\n", t[i].offset, t[i].bytes, t[i].name, t[i].cols, t[i].storage);
+    }
+    if (w->cfg.tokenizer_offset) printf("%llu %llu tokenizer\n", (unsigned long long)w->cfg.tokenizer_offset,
+                                        (unsigned long long)w->cfg.tokenizer_size);
     free(t);
-    return gpu;
 }
-#endif
 
-/* Any number of tokens: in chunks of MAX_BATCH. */
-static float *forward(const Weights *w, RunState *s, const int *tokens, int n, int pos) {
-#ifdef DSV2_CUDA
-    if (gpu_model) return cuda_forward(gpu_model, tokens, n, pos);
-#endif
-    float *logits = NULL;
-    for (int done = 0; done < n; done += MAX_BATCH) {
-        int chunk = n - done < MAX_BATCH ? n - done : MAX_BATCH;
-        logits = forward_batch(w, s, tokens + done, chunk, pos + done);
+/* Every header field within the range the code relies on, before anything is allocated. */
+static void check_range(const char *name, long long v, long long lo, long long hi) {
+    if (v < lo || v > hi) die("config %s = %lld is out of range [%lld, %lld]", name, v, lo, hi);
+}
+
+static void validate_config(const Config *c) {
+    if (c->dtype != DTYPE_F32 && c->dtype != DTYPE_BF16 && c->dtype != DTYPE_Q8) die("unknown weight dtype %d", c->dtype);
+    if (c->dtype == DTYPE_Q8) check_range("q8_group", c->q8_group, 1, 4096);
+    check_range("vocab_size", c->vocab_size, 1, 1 << 24);
+    check_range("hidden_size", c->hidden_size, 1, 1 << 16);
+    check_range("num_hidden_layers", c->num_hidden_layers, 1, 1024);
+    check_range("num_attention_heads", c->num_attention_heads, 1, 1024);
+    check_range("q_lora_rank", c->q_lora_rank, 0, 1 << 16);
+    check_range("kv_lora_rank", c->kv_lora_rank, 1, 1 << 16);
+    check_range("qk_nope_head_dim", c->qk_nope_head_dim, 0, 4096);
+    check_range("qk_rope_head_dim", c->qk_rope_head_dim, 2, 4096);
+    if (c->qk_rope_head_dim % 2) die("config qk_rope_head_dim = %d must be even", c->qk_rope_head_dim);
+    check_range("v_head_dim", c->v_head_dim, 1, 4096);
+    check_range("max_position_embeddings", c->max_position_embeddings, 1, 1 << 24);
+    check_range("num_experts_per_tok", c->num_experts_per_tok, 0, 4096);
+    check_range("n_routed_experts", c->n_routed_experts, 0, 1 << 16);
+    check_range("n_shared_experts", c->n_shared_experts, 0, 4096);
+    check_range("first_k_dense_replace", c->first_k_dense_replace, 0, 1024);
+    check_range("moe_layer_freq", c->moe_layer_freq, 1, 1024);
+    check_range("bos_token_id", c->bos_token_id, -1, c->vocab_size - 1);
+    check_range("eos_token_id", c->eos_token_id, -1, c->vocab_size - 1);
+    int any_dense = 0, any_moe = 0;
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        if (is_moe_layer(c, l)) any_moe = 1;
+        else any_dense = 1;
     }
-    return logits;
+    if (any_dense) check_range("intermediate_size", c->intermediate_size, 1, 1 << 20);
+    if (any_moe) {
+        check_range("moe_intermediate_size", c->moe_intermediate_size, 1, 1 << 20);
+        check_range("num_experts_per_tok", c->num_experts_per_tok, 1, c->n_routed_experts);
+        if (c->topk_method == TOPK_GROUP_LIMITED_GREEDY) {
+            check_range("n_group", c->n_group, 1, c->n_routed_experts);
+            if (c->n_routed_experts % c->n_group) die("config n_group = %d does not divide n_routed_experts = %d", c->n_group, c->n_routed_experts);
+            check_range("topk_group", c->topk_group, 1, c->n_group);
+            check_range("num_experts_per_tok", c->num_experts_per_tok, 1, c->topk_group * (c->n_routed_experts / c->n_group));
+        } else if (c->topk_method != TOPK_GREEDY) die("unknown topk_method %d", c->topk_method);
+    }
+    if (c->rope_scaling != ROPE_PLAIN && c->rope_scaling != ROPE_YARN) die("unknown rope_scaling type %d", c->rope_scaling);
+    if (!(c->rms_norm_eps > 0 && c->rms_norm_eps < 1)) die("config rms_norm_eps = %g is out of range", c->rms_norm_eps);
+    if (!(c->rope_theta > 1)) die("config rope_theta = %g is out of range", c->rope_theta);
+    if (!isfinite(c->routed_scaling_factor)) die("config routed_scaling_factor is not finite");
+    if (c->rope_scaling == ROPE_YARN) {
+        if (!(c->rope_factor > 0 && c->rope_factor < 1e6)) die("config rope_scaling.factor = %g is out of range", c->rope_factor);
+        check_range("original_max_position_embeddings", c->original_max_position_embeddings, 1, 1 << 24);
+        if (!(c->beta_fast > 0 && c->beta_slow > 0)) die("config rope_scaling beta_fast/beta_slow must be positive");
+    }
 }
 
+
+/* The checkpoint's bytes in memory. WEIGHTS_MMAP maps the file and reads it in place (nothing is
+ * copied; the OS pages it in). WEIGHTS_LOAD reads it into anonymous memory backed by huge pages:
+ * decoding touches gigabytes per token, and with 4 KiB file pages the page walks cost more than
+ * the reads (2.5x slower decode measured on a VM). AUTO loads when the model takes < 3/4 of RAM. */
+static void *map_checkpoint(int fd, size_t size, int mode, const char *path) {
+    double ram = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGESIZE);
+    if (mode == WEIGHTS_AUTO) mode = ram > 0 && size < 0.75 * ram ? WEIGHTS_LOAD : WEIGHTS_MMAP;
+    /* A model that does not fit twice: drop each chunk's file cache once copied, leaving memory
+     * that huge pages can use (else ~20% of a 17 GB model fell back to 4 KiB pages here). */
+    int drop_cache = ram > 0 && 2.0 * size > ram;
+    if (mode == WEIGHTS_MMAP) {
+#ifdef MAP_POPULATE
+        int populate = MAP_POPULATE;  /* fault every page in now, not one expert at a time while decoding */
+#else
+        int populate = 0;
+#endif
+        void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE | populate, fd, 0);
+        if (map == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
+        return map;
+    }
+    void *map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (map == MAP_FAILED) die("cannot allocate %zu bytes for %s (try -w mmap)", size, path);
+#ifdef MADV_HUGEPAGE
+    madvise(map, size, MADV_HUGEPAGE);
+#endif
+    for (size_t done = 0; done < size;) {
+        ssize_t got = pread(fd, (char *)map + done, size - done < (64 << 20) ? size - done : (64 << 20), (off_t)done);
+        if (got <= 0) die("cannot read %s: %s", path, got < 0 ? strerror(errno) : "unexpected end of file");
+#ifdef POSIX_FADV_DONTNEED
+        if (drop_cache) posix_fadvise(fd, (off_t)done, got, POSIX_FADV_DONTNEED);
+#endif
+        done += (size_t)got;
+    }
+    mprotect(map, size, PROT_READ);
+    return map;
+}
+
+static void load_weights(Weights *w, const char *path, int weights_mode) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) die("cannot open model %s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) die("cannot stat %s: %s", path, strerror(errno));
+    size_t size = (size_t)st.st_size;
+    if (size < HEADER_SIZE) die("%s is not a dsv2 checkpoint (only %zu bytes)", path, size);
+    if (pread(fd, &w->cfg, HEADER_SIZE, 0) != HEADER_SIZE) die("cannot read header of %s", path);
+    const Config *c = &w->cfg;
+    if (memcmp(c->magic, DSV2_MAGIC, 4) != 0) die("%s is not a dsv2 checkpoint (bad magic); convert it with export.py", path);
+    if (c->version != DSV2_VERSION) die("%s has checkpoint version %u; this build reads version %d", path, c->version, DSV2_VERSION);
+    validate_config(c);
+    alloc_layers(w);
+    Cursor measure = {NULL, HEADER_SIZE, c->dtype, c->q8_group, NULL, 0, NULL};
+    size_t end = layout_weights(w, &measure);
+    if (c->tokenizer_offset && (c->tokenizer_offset < end || c->tokenizer_offset + c->tokenizer_size > c->file_size))
+        die("%s: tokenizer section out of bounds", path);
+    if (c->file_size < end) die("%s: header says %llu bytes but the config needs %zu", path, (unsigned long long)c->file_size, end);
+    if (size != c->file_size) die("%s is truncated or padded: %zu bytes on disk, header says %llu", path, size, (unsigned long long)c->file_size);
+    w->map = map_checkpoint(fd, size, weights_mode, path);
+    close(fd);
+    w->map_size = size;
+    Cursor fill = {(const char *)w->map, HEADER_SIZE, c->dtype, c->q8_group, NULL, 0, NULL};
+    layout_weights(w, &fill);
+}
+
+static void free_weights(Weights *w) {
+    for (int l = 0; l < w->cfg.num_hidden_layers; l++) {
+        free(w->layers[l].expert_gate);
+        free(w->layers[l].expert_up);
+        free(w->layers[l].expert_down);
+    }
+    free(w->layers);
+    if (w->map) munmap(w->map, w->map_size);
+}
+
+
+#ifdef DSV2_CUDA
+/* The GPU build: dsv2.cu runs the forward pass; it reads the loaded Weights in place. Routing
+ * stays on the host, the same code as the CPU path (the GPU sends E probabilities per token);
+ * the RoPE/YaRN tables and the softmax scale are the host's too: one place computes them. */
+static void route_for_gpu(void *ctx, const float *probs, int *idx, float *weight) {
+    RunState *s = ctx;
+    route_tokens(s->cfg, probs, idx, weight, &s->router);
+}
+
+static void *gpu_model_create(const Weights *w, RunState *s, const char *gpus) {
+    return cuda_create(w, s->context, gpus, route_for_gpu, s, s->rope_cos, s->rope_sin, (float)s->softmax_scale);
+}
+#endif
 /* ------------------------------------------------------------------------- */
 /* Tokenizer: byte-level BPE exactly as Hugging Face `tokenizers` runs it.     */
 /*   encode: added tokens (leftmost-longest) -> pre-tokenizer regex splits    */
@@ -1686,7 +2429,7 @@ static int regex_run(const Regex *re, int pc, const uint32_t *s, int pos, int n,
 
 /* --- The tokenizer proper --- */
 
-typedef struct {
+struct Tokenizer {
     int n_ids, bos_id, eos_id, add_bos, chat_template;
     unsigned char *kind;                 /* per id: TOKEN_* */
     const unsigned char **bytes;         /* per id: what it decodes to */
@@ -1709,7 +2452,7 @@ typedef struct {
     BacktrackStack stack;
     void *map;                           /* a standalone tokenizer file's mapping */
     size_t map_size;
-} Tokenizer;
+};
 
 typedef struct { const unsigned char *p, *end; const char *path; } BlobReader;
 
@@ -1736,38 +2479,29 @@ static int merge_lookup(const Tokenizer *t, int left, int right) {
     return t->merge_key[h] ? t->merge_rank[h] : -1;
 }
 
-static void tokenizer_parse(Tokenizer *t, const unsigned char *blob, size_t size, const char *path) {
-    BlobReader r = {blob, blob + size, path};
-    if (size < 8 || memcmp(blob_take(&r, 4), TOKENIZER_MAGIC, 4)) die("%s: no tokenizer found (bad magic)", path);
-    uint32_t version = blob_u32(&r);
-    if (version != TOKENIZER_VERSION) die("%s: tokenizer version %u; this build reads version %d", path, version, TOKENIZER_VERSION);
-    t->n_ids = (int)blob_u32(&r);
-    t->bos_id = (int32_t)blob_u32(&r);
-    t->eos_id = (int32_t)blob_u32(&r);
-    t->add_bos = (int)blob_u32(&r);
-    t->chat_template = (int)blob_u32(&r);
-    if (t->n_ids < 1 || t->n_ids > (1 << 24) || t->bos_id >= t->n_ids || t->eos_id >= t->n_ids)
-        die("tokenizer in %s is corrupt (%d ids, bos %d, eos %d)", path, t->n_ids, t->bos_id, t->eos_id);
+/* The blob's token table: each id's kind and bytes, then the added tokens by first byte. */
+static void parse_tokens(Tokenizer *t, BlobReader *r, const char *path) {
     t->kind = xcalloc(t->n_ids, 1);
     t->bytes = xcalloc(t->n_ids, sizeof(char *));
     t->len = xcalloc(t->n_ids, sizeof(uint32_t));
     for (int b = 0; b < 256; b++) t->byte_id[b] = -1;
     for (int i = 0; i < t->n_ids; i++) {
-        t->kind[i] = *blob_take(&r, 1);
-        t->len[i] = blob_u32(&r);
-        t->bytes[i] = blob_take(&r, t->len[i]);
+        t->kind[i] = *blob_take(r, 1);
+        t->len[i] = blob_u32(r);
+        t->bytes[i] = blob_take(r, t->len[i]);
         if (t->kind[i] == TOKEN_BPE && t->len[i] == 1) t->byte_id[t->bytes[i][0]] = i;
     }
-    t->n_added = (int)blob_u32(&r);
-    if (t->n_added > t->n_ids) die("tokenizer in %s is corrupt (added tokens)", path);
+    t->n_added = (int)blob_u32(r);
+    if (t->n_added < 0 || t->n_added > t->n_ids) die("tokenizer in %s is corrupt (added tokens)", path);
     t->added_id = xcalloc(t->n_added, sizeof(int));
     t->added_text = xcalloc(t->n_added, sizeof(char *));
     t->added_len = xcalloc(t->n_added, sizeof(uint32_t));
     for (int i = 0; i < t->n_added; i++) {
-        t->added_id[i] = (int)blob_u32(&r);
-        t->added_len[i] = blob_u32(&r);
-        t->added_text[i] = blob_take(&r, t->added_len[i]);
-        if (t->added_id[i] < 0 || t->added_id[i] >= t->n_ids || t->added_len[i] == 0) die("tokenizer in %s is corrupt (added token %d)", path, i);
+        t->added_id[i] = (int)blob_u32(r);
+        t->added_len[i] = blob_u32(r);
+        t->added_text[i] = blob_take(r, t->added_len[i]);
+        if (t->added_id[i] < 0 || t->added_id[i] >= t->n_ids || t->added_len[i] == 0)
+            die("tokenizer in %s is corrupt (added token %d)", path, i);
         t->added_start[t->added_text[i][0] + 1]++;
     }
     for (int b = 0; b < 256; b++) t->added_start[b + 1] += t->added_start[b];
@@ -1775,10 +2509,14 @@ static void tokenizer_parse(Tokenizer *t, const unsigned char *blob, size_t size
     int fill[256];
     memcpy(fill, t->added_start, sizeof fill);
     for (int i = 0; i < t->n_added; i++) t->added_by_byte[fill[t->added_text[i][0]]++] = i;
-    t->n_merges = (int)blob_u32(&r);
+}
+
+/* The merges, in rank order, into a hash table of (left, right) -> rank. */
+static void parse_merges(Tokenizer *t, BlobReader *r, const char *path) {
+    t->n_merges = (int)blob_u32(r);
     if (t->n_merges < 0 || t->n_merges > (1 << 24)) die("tokenizer in %s is corrupt (merges)", path);
     t->merges = xcalloc((size_t)t->n_merges * 3, sizeof(uint32_t));
-    memcpy(t->merges, blob_take(&r, (size_t)t->n_merges * 12), (size_t)t->n_merges * 12);
+    memcpy(t->merges, blob_take(r, (size_t)t->n_merges * 12), (size_t)t->n_merges * 12);
     size_t slots = 16;
     while (slots < 2 * (size_t)t->n_merges) slots *= 2;
     t->merge_mask = slots - 1;
@@ -1790,27 +2528,31 @@ static void tokenizer_parse(Tokenizer *t, const unsigned char *blob, size_t size
             die("tokenizer in %s is corrupt (merge %d)", path, m);
         uint64_t key = merge_hash_key(mg[0], mg[1]);
         size_t h = merge_slot(t, key);
-        if (!t->merge_key[h]) { t->merge_key[h] = key; t->merge_rank[h] = m; }  /* the first (lowest) rank wins */
+        if (!t->merge_key[h]) { t->merge_key[h] = key; t->merge_rank[h] = m; }  /* lowest rank wins */
     }
-    t->n_regex = (int)blob_u32(&r);
+}
+
+/* The pre-tokenizer: its regexes verbatim, and the Unicode property tables they use. */
+static void parse_pretokenizer(Tokenizer *t, BlobReader *r, const char *path) {
+    t->n_regex = (int)blob_u32(r);
     if (t->n_regex < 0 || t->n_regex > 64) die("tokenizer in %s is corrupt (pre-tokenizer)", path);
     const unsigned char **pattern = xcalloc(t->n_regex, sizeof(char *));
     uint32_t *pattern_len = xcalloc(t->n_regex, sizeof(uint32_t));
     for (int i = 0; i < t->n_regex; i++) {
-        pattern_len[i] = blob_u32(&r);
-        pattern[i] = blob_take(&r, pattern_len[i]);
+        pattern_len[i] = blob_u32(r);
+        pattern[i] = blob_take(r, pattern_len[i]);
     }
-    t->n_props = (int)blob_u32(&r);
+    t->n_props = (int)blob_u32(r);
     if (t->n_props < 0 || t->n_props > 64) die("tokenizer in %s is corrupt (properties)", path);
     t->props = xcalloc(t->n_props, sizeof(Property));
     for (int i = 0; i < t->n_props; i++) {
-        uint32_t n = blob_u32(&r);
+        uint32_t n = blob_u32(r);
         if (n >= sizeof t->props[i].name) die("tokenizer in %s is corrupt (property name)", path);
-        memcpy(t->props[i].name, blob_take(&r, n), n);
-        t->props[i].n = (int)blob_u32(&r);
+        memcpy(t->props[i].name, blob_take(r, n), n);
+        t->props[i].n = (int)blob_u32(r);
         if (t->props[i].n < 0 || t->props[i].n > (1 << 20)) die("tokenizer in %s is corrupt (property ranges)", path);
         t->props[i].ranges = xcalloc(t->props[i].n, sizeof(Range));
-        memcpy(t->props[i].ranges, blob_take(&r, (size_t)t->props[i].n * 8), (size_t)t->props[i].n * 8);
+        memcpy(t->props[i].ranges, blob_take(r, (size_t)t->props[i].n * 8), (size_t)t->props[i].n * 8);
     }
     t->regex = xcalloc(t->n_regex, sizeof(Regex));
     for (int i = 0; i < t->n_regex; i++) {
@@ -1823,6 +2565,25 @@ static void tokenizer_parse(Tokenizer *t, const unsigned char *blob, size_t size
     free(pattern_len);
 }
 
+/* The blob export.py writes (its format is drawn in export.py, read_tokenizer). */
+static void tokenizer_parse(Tokenizer *t, const unsigned char *blob, size_t size, const char *path) {
+    BlobReader r = {blob, blob + size, path};
+    if (size < 8 || memcmp(blob_take(&r, 4), TOKENIZER_MAGIC, 4)) die("%s: no tokenizer found (bad magic)", path);
+    uint32_t version = blob_u32(&r);
+    if (version != TOKENIZER_VERSION)
+        die("%s: tokenizer version %u; this build reads version %d", path, version, TOKENIZER_VERSION);
+    t->n_ids = (int)blob_u32(&r);
+    t->bos_id = (int32_t)blob_u32(&r);
+    t->eos_id = (int32_t)blob_u32(&r);
+    t->add_bos = (int)blob_u32(&r);
+    t->chat_template = (int)blob_u32(&r);
+    if (t->n_ids < 1 || t->n_ids > (1 << 24) || t->bos_id >= t->n_ids || t->eos_id >= t->n_ids)
+        die("tokenizer in %s is corrupt (%d ids, bos %d, eos %d)", path, t->n_ids, t->bos_id, t->eos_id);
+    parse_tokens(t, &r, path);
+    parse_merges(t, &r, path);
+    parse_pretokenizer(t, &r, path);
+}
+
 static void free_tokenizer(Tokenizer *t) {
     for (int i = 0; i < t->n_regex; i++) regex_free(&t->regex[i]);
     for (int i = 0; i < t->n_props; i++) free(t->props[i].ranges);
@@ -1832,16 +2593,6 @@ static void free_tokenizer(Tokenizer *t) {
     if (t->map) munmap(t->map, t->map_size);
 }
 
-/* Growable list of token ids. */
-typedef struct { int *ids; int n, cap; } IdList;
-static void ids_push(IdList *l, int id) {
-    if (l->n == l->cap) {
-        l->cap = l->cap ? 2 * l->cap : 64;
-        l->ids = realloc(l->ids, (size_t)l->cap * sizeof(int));
-        if (!l->ids) die("out of memory");
-    }
-    l->ids[l->n++] = id;
-}
 
 /* BPE on one pre-token: start from single bytes and repeatedly merge the adjacent pair of lowest
  * rank (leftmost on ties), as HF does with a priority queue. */
@@ -1969,12 +2720,18 @@ static void tokenizer_encode(Tokenizer *t, const char *text, size_t len, int add
 }
 
 /* Decoding streams: bytes go through the lossy UTF-8 decoder, whole characters come out. */
-typedef struct {
+struct TextSink {
     Utf8Decoder utf8;
     FILE *file;           /* write here, or */
     char *buf;            /* append here (tests) */
     size_t n, cap;
-} TextSink;
+};
+
+static TextSink *open_sink(FILE *file) {
+    TextSink *o = xcalloc(1, sizeof *o);
+    o->file = file;
+    return o;
+}
 
 static void sink_put(TextSink *o, uint32_t cp) {
     char bytes[4];
@@ -2048,200 +2805,46 @@ static int load_tokenizer_file(Tokenizer *t, const char *path, const Weights *w)
     return 1;
 }
 
-/* ------------------------------------------------------------------------- */
-/* Sampler: greedy, temperature, top-p (nucleus).                             */
-/* ------------------------------------------------------------------------- */
-
-typedef struct {
-    int vocab_size;
-    float temperature, topp;
-    uint64_t rng_state;
-    int *order;  /* [vocab] scratch for top-p */
-} Sampler;
-
-static uint32_t random_u32(uint64_t *state) {  /* xorshift* */
-    *state ^= *state >> 12;
-    *state ^= *state << 25;
-    *state ^= *state >> 27;
-    return (uint32_t)((*state * 0x2545F4914F6CDD1Dull) >> 32);
-}
-static float random_f32(uint64_t *state) { return (random_u32(state) >> 8) / 16777216.0f; }
-
-static int argmax(const float *v, int n) {
-    int best = 0;
-    for (int i = 1; i < n; i++) if (v[i] > v[best]) best = i;
-    return best;
+/* The tokenizer of a model file (NULL when it has none), or of a standalone .tok (w NULL). */
+static Tokenizer *open_tokenizer(const char *path, const Weights *w) {
+    Tokenizer *t = xcalloc(1, sizeof *t);
+    if (!load_tokenizer_file(t, path, w)) { free(t); return NULL; }
+    return t;
 }
 
-static const float *sort_probs;
-static int compare_prob_desc(const void *a, const void *b) {
-    float pa = sort_probs[*(const int *)a], pb = sort_probs[*(const int *)b];
-    return (pa < pb) - (pa > pb);
+static void close_tokenizer(Tokenizer *t) {
+    free_tokenizer(t);
+    free(t);
 }
 
-static int sample(Sampler *sp, float *logits) {
-    if (sp->temperature == 0.0f) return argmax(logits, sp->vocab_size);
-    for (int i = 0; i < sp->vocab_size; i++) logits[i] /= sp->temperature;
-    softmax(logits, sp->vocab_size);
-    float r = random_f32(&sp->rng_state);
-    if (sp->topp <= 0.0f || sp->topp >= 1.0f) {
-        float cdf = 0.0f;
-        for (int i = 0; i < sp->vocab_size; i++) { cdf += logits[i]; if (r < cdf) return i; }
-        return sp->vocab_size - 1;
-    }
-    /* Keep the smallest set of most likely tokens whose mass reaches topp; sample within it. */
-    int n = 0;
-    float cutoff = (1.0f - sp->topp) / (sp->vocab_size - 1);  /* tokens below this can never be in the set */
-    for (int i = 0; i < sp->vocab_size; i++) if (logits[i] >= cutoff) sp->order[n++] = i;
-    sort_probs = logits;
-    qsort(sp->order, n, sizeof(int), compare_prob_desc);
-    float mass = 0.0f;
-    int last = n - 1;
-    for (int i = 0; i < n; i++) { mass += logits[sp->order[i]]; if (mass > sp->topp) { last = i; break; } }
-    float target = r * mass, cdf = 0.0f;
-    for (int i = 0; i <= last; i++) { cdf += logits[sp->order[i]]; if (target < cdf) return sp->order[i]; }
-    return sp->order[last];
-}
+static int tokenizer_adds_bos(const Tokenizer *t) { return t->add_bos; }
 
-/* ------------------------------------------------------------------------- */
-/* Generation                                                                 */
-/* ------------------------------------------------------------------------- */
-
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-/* Reads whitespace-separated token ids from text; every id must be < vocab_size. */
-static int *parse_ids(const char *text, int vocab_size, int *n_out) {
-    size_t cap = 16;
-    int n = 0, *ids = xcalloc(cap, sizeof(int));
-    const char *p = text;
-    for (;;) {
-        while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r') p++;
-        if (!*p) break;
-        char *end;
-        errno = 0;
-        long v = strtol(p, &end, 10);
-        if (end == p || errno || (*end && *end != ' ' && *end != '\t' && *end != '\n' && *end != '\r'))
-            die("token ids must be whitespace-separated integers (bad input near \"%.20s\")", p);
-        if (v < 0 || v >= vocab_size) die("token id %ld is out of range [0, %d)", v, vocab_size);
-        if ((size_t)n == cap) { cap *= 2; ids = realloc(ids, cap * sizeof(int)); if (!ids) die("out of memory"); }
-        ids[n++] = (int)v;
-        p = end;
-    }
-    *n_out = n;
-    return ids;
-}
-
-static char *read_file(const char *path, size_t *size_out) {
+/* Whether path holds a standalone tokenizer (.tok) rather than a model. */
+static int is_tokenizer_file(const char *path) {
+    char magic[4] = {0};
     FILE *f = fopen(path, "rb");
     if (!f) die("cannot open %s: %s", path, strerror(errno));
-    size_t cap = 4096, n = 0;
-    char *buf = xcalloc(cap, 1);
-    size_t got;
-    while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (n + 1 == cap) { cap *= 2; buf = realloc(buf, cap); if (!buf) die("out of memory reading %s", path); }
-    }
-    if (ferror(f)) die("cannot read %s", path);
+    size_t got = fread(magic, 1, 4, f);
     fclose(f);
-    buf[n] = '\0';
-    if (size_out) *size_out = n;
-    return buf;
+    return got == 4 && !memcmp(magic, TOKENIZER_MAGIC, 4);
 }
 
-static void check_context(int n_tokens, int context) {
-    if (n_tokens > context) die("%d tokens do not fit the context of %d (raise it with -c, up to max_position_embeddings)", n_tokens, context);
-}
-
-/* Feeds prompt[0..n) at positions *pos onwards, then samples up to max_new tokens, streaming each
- * (as text through the tokenizer, or as ids without one) and feeding it back. The last sampled
- * token is returned, not fed: chat feeds it with the next turn. stop_at_eos ends at EOS. */
-static int generate(const Weights *w, RunState *s, Sampler *sp, const Tokenizer *tok, TextSink *sink,
-                    const int *prompt, int n_prompt, int *pos, int max_new, int stop_at_eos) {
-    if (n_prompt < 1) die("the prompt is empty: give at least one token");
-    check_context(*pos + n_prompt, s->context);
-    double t0 = now_seconds();
-    float *logits = NULL;
-    logits = forward(w, s, prompt, n_prompt, *pos);
-    *pos += n_prompt;
-    double t1 = now_seconds();
-    int generated = 0, next = -1;
-    while (generated < max_new) {
-        if (generated > 0) {
-            if (*pos >= s->context) { fprintf(stderr, "\n[context of %d positions is full]\n", s->context); break; }
-            logits = forward(w, s, &next, 1, (*pos)++);
-        }
-        next = sample(sp, logits);
-        generated++;
-        if (stop_at_eos && next == w->cfg.eos_token_id) break;
-        if (tok) { decode_token(tok, sink, next, 1); fflush(stdout); }
-        else { printf("%s%d", generated > 1 ? " " : "", next); fflush(stdout); }
-    }
-    if (tok) sink_flush(sink);
-    else printf("\n");
-    double t2 = now_seconds();
-    fprintf(stderr, "\nprompt: %d tokens, %.1f tok/s | generation: %d tokens, %.1f tok/s\n", n_prompt,
-            n_prompt / fmax(t1 - t0, 1e-9), generated, generated > 1 ? (generated - 1) / fmax(t2 - t1, 1e-9) : 0.0);
-    return next;
-}
-
-/* Multi-turn chat on stdin/stdout. The first user message may come from -i. Each turn is rendered
- * with the model's template, encoded, and appended to the same KV cache. */
-static void chat(const Weights *w, RunState *s, Sampler *sp, Tokenizer *tok, const char *system, const char *first, int max_new) {
-    TextSink out = {.file = stdout};
-    char line[65536];
-    int pos = 0, pending[2], n_pending = 0;
-    for (int turn = 0;; turn++) {
-        const char *user = turn == 0 && first ? first : NULL;
-        if (!user) {
-            fprintf(stderr, "User: ");
-            if (!fgets(line, sizeof line, stdin)) break;
-            line[strcspn(line, "\n")] = '\0';
-            user = line;
-        }
-        char *text = render_chat_turn(tok, system, user, turn == 0);
-        IdList ids = {0};
-        for (int i = 0; i < n_pending; i++) ids_push(&ids, pending[i]);
-        tokenizer_encode(tok, text, strlen(text), 0, &ids);
-        printf("Assistant:");
-        int last = generate(w, s, sp, tok, &out, ids.ids, ids.n, &pos, max_new, 1);
-        printf("\n");
-        n_pending = 0;  /* the reply ends with EOS in the cache, as the template has it */
-        if (last != w->cfg.eos_token_id && last >= 0) pending[n_pending++] = last;
-        pending[n_pending++] = w->cfg.eos_token_id;
-        free(ids.ids);
-        free(text);
-    }
-}
-
-/* -m logits: every position's logits, float32 little-endian, [T][vocab], from the decode path. */
-static void write_logits(const Weights *w, RunState *s, const int *ids, int n, const char *out_path) {
-    FILE *out = fopen(out_path, "wb");
-    if (!out) die("cannot open %s for writing: %s", out_path, strerror(errno));
-    for (int pos = 0; pos < n; pos++) {
-        float *logits = forward(w, s, &ids[pos], 1, pos);
-        if (fwrite(logits, sizeof(float), w->cfg.vocab_size, out) != (size_t)w->cfg.vocab_size) die("cannot write %s", out_path);
-    }
-    if (fclose(out) != 0) die("cannot write %s", out_path);
-}
-
-/* ------------------------------------------------------------------------- */
-/* Training (tiny f32 models): forward with saved activations, backward for   */
-/* every operation, the expert-level balance loss (paper eq. 23-25, as the    */
-/* official MoEGate computes it in training mode) and AdamW. Parameters,      */
-/* gradients and Adam moments all use the checkpoint's own f32 layout, so a    */
-/* training state is a checkpoint: saving is one write.                       */
-/* ------------------------------------------------------------------------- */
+/* ------------------------------------------------------------------------------------------ */
+/* Training (tiny f32 models), as llm.c writes it: one *_forward / *_backward pair per         */
+/* operation, a training forward that saves what the backward needs, and a train_backward     */
+/* that is the forward's calls in reverse. The loss is the mean cross-entropy plus the         */
+/* expert-level balance loss of every MoE layer (eq. 23-25, as the official MoEGate computes  */
+/* it in training mode); the optimizer is AdamW. Parameters, gradients and Adam moments all    */
+/* use the checkpoint's own f32 layout, so a training state is a checkpoint: saving is one     */
+/* write. Shapes: B sequences of T tokens, N = B*T rows; every *_backward adds into its dx.    */
+/* ------------------------------------------------------------------------------------------ */
 
 typedef struct {
     Config cfg;
     char *buf;              /* [0, HEADER_SIZE) header, then every tensor as in the file */
     size_t size;
     Weights w;              /* Mats and norm pointers into buf */
-    size_t *tensor_start, *tensor_bytes;
+    TensorInfo *tensors;    /* where each block lies in buf */
     int n_tensors;
 } Params;
 
@@ -2252,26 +2855,549 @@ static void params_init(Params *p, const Config *c) {
     p->cfg.q8_group = 0;
     p->w.cfg = p->cfg;
     alloc_layers(&p->w);
-    Cursor measure = {NULL, HEADER_SIZE, DTYPE_F32, 0, NULL, NULL, 0};
+    Cursor measure = {NULL, HEADER_SIZE, DTYPE_F32, 0, NULL, 0, NULL};
     p->size = layout_weights(&p->w, &measure);
     p->n_tensors = measure.n_tensors;
-    p->tensor_start = xcalloc(p->n_tensors, sizeof(size_t));
-    p->tensor_bytes = xcalloc(p->n_tensors, sizeof(size_t));
+    p->tensors = xcalloc(p->n_tensors, sizeof(TensorInfo));
     p->buf = xcalloc(p->size, 1);
-    Cursor fill = {p->buf, HEADER_SIZE, DTYPE_F32, 0, p->tensor_start, p->tensor_bytes, 0};
+    Cursor fill = {p->buf, HEADER_SIZE, DTYPE_F32, 0, p->tensors, 0, NULL};
     layout_weights(&p->w, &fill);
 }
 
 static void params_free(Params *p) {
-    Weights *w = &p->w;
-    w->map = NULL;
-    free_weights(w);
-    free(p->buf); free(p->tensor_start); free(p->tensor_bytes);
+    p->w.map = NULL;
+    free_weights(&p->w);
+    free(p->buf);
+    free(p->tensors);
 }
 
 static float *params_data(const Params *p) { return (float *)(p->buf + HEADER_SIZE); }
 static size_t params_count(const Params *p) { return (p->size - HEADER_SIZE) / sizeof(float); }
-static float *mut(const void *p) { return (float *)(uintptr_t)p; }  /* the Weights view is const; training writes */
+static float *mut(const void *p) { return (float *)(uintptr_t)p; }  /* the Weights view is const */
+static void zero(float *x, size_t n) { memset(x, 0, n * sizeof(float)); }
+
+/* --- embedding: out[t] = embed[token t] --- */
+static void embedding_forward(float *out, const Mat *embed, const int *tokens, int N) {
+    for (int t = 0; t < N; t++) mat_row_to_f32(out + (size_t)t * embed->cols, embed, tokens[t]);
+}
+static void embedding_backward(const Mat *dembed, const float *dout, const int *tokens, int N) {
+    int D = dembed->cols;
+    for (int t = 0; t < N; t++) {
+        float *row = mut(dembed->data) + (size_t)tokens[t] * D;
+        for (int i = 0; i < D; i++) row[i] += dout[(size_t)t * D + i];
+    }
+}
+
+/* --- RMSNorm over N rows, keeping 1/rms (rstd) for the backward pass --- */
+static void rmsnorm_forward(float *out, float *rstd, const float *x, const float *w, int N, int dim, double eps) {
+    for (int t = 0; t < N; t++) {
+        double ss = 0;
+        for (int i = 0; i < dim; i++) ss += (double)x[(size_t)t * dim + i] * x[(size_t)t * dim + i];
+        rstd[t] = (float)(1.0 / sqrt(ss / dim + eps));
+        rmsnorm(out + (size_t)t * dim, x + (size_t)t * dim, w, dim, eps);
+    }
+}
+/* y = w * x * rstd: dx += rstd * (w dy) - x rstd^3 mean(w dy * x); dw += dy * x * rstd. */
+static void rmsnorm_backward(float *dx, float *dw, const float *dout, const float *x, const float *w, const float *rstd,
+                             int N, int dim) {
+    for (int t = 0; t < N; t++) {
+        const float *xt = x + (size_t)t * dim, *dyt = dout + (size_t)t * dim;
+        double dot = 0;
+        for (int i = 0; i < dim; i++) { dot += (double)w[i] * dyt[i] * xt[i]; dw[i] += dyt[i] * xt[i] * rstd[t]; }
+        float r = rstd[t], k = (float)(dot / dim) * r * r * r;
+        for (int i = 0; i < dim; i++) dx[(size_t)t * dim + i] += r * w[i] * dyt[i] - k * xt[i];
+    }
+}
+
+/* --- matmul: out = W x over N rows --- */
+static void matmul_forward(float *out, const Mat *W, const float *x, int N) { matmul(out, W, x, N, NULL); }
+/* dW += dout^T x, and dx += dout W (dx may be NULL). */
+static void matmul_backward(float *dx, const Mat *dW, const float *dout, const float *x, const Mat *W, int N) {
+    int rows = W->rows, cols = W->cols;
+    float *gw = mut(dW->data);
+    const float *w = W->data;
+#pragma omp parallel for schedule(static)
+    for (int o = 0; o < rows; o++)
+        for (int t = 0; t < N; t++) {
+            float d = dout[(size_t)t * rows + o];
+            if (d == 0.0f) continue;
+            for (int i = 0; i < cols; i++) gw[(size_t)o * cols + i] += d * x[(size_t)t * cols + i];
+        }
+    if (!dx) return;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < N; t++)
+        for (int o = 0; o < rows; o++) {
+            float d = dout[(size_t)t * rows + o];
+            if (d == 0.0f) continue;
+            for (int i = 0; i < cols; i++) dx[(size_t)t * cols + i] += d * w[(size_t)o * cols + i];
+        }
+}
+
+/* --- residual: x += branch (its backward passes dx through unchanged) --- */
+static void residual_forward(float *x, const float *branch, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] += branch[i];
+}
+
+/* --- RoPE, in place, on `count` vectors of dr per row, `stride` floats apart; row t sits at
+ * position t % T (every sequence starts at 0) --- */
+static void rope_forward(float *x, int N, int T, int count, int stride, const RunState *rs) {
+    int dr = rs->cfg->qk_rope_head_dim, half = dr / 2;
+    for (int t = 0; t < N; t++)
+        for (int k = 0; k < count; k++)
+            rope_rotate(x + ((size_t)t * count + k) * stride, rs->rope_cos + (size_t)(t % T) * half,
+                        rs->rope_sin + (size_t)(t % T) * half, dr);
+}
+/* The transpose of a rotation is the rotation back by the same angle. */
+static void rope_backward(float *dx, int N, int T, int count, int stride, const RunState *rs) {
+    int dr = rs->cfg->qk_rope_head_dim, half = dr / 2;
+    for (int t = 0; t < N; t++)
+        for (int k = 0; k < count; k++) {
+            float *d = dx + ((size_t)t * count + k) * stride;
+            const float *cos_row = rs->rope_cos + (size_t)(t % T) * half, *sin_row = rs->rope_sin + (size_t)(t % T) * half;
+            for (int i = 0; i < half; i++) {
+                float a = d[2 * i], b = d[2 * i + 1];
+                d[2 * i] = a * cos_row[i] + b * sin_row[i];
+                d[2 * i + 1] = -a * sin_row[i] + b * cos_row[i];
+            }
+        }
+}
+
+/* --- the latent split: kv_a = [c^KV | k^R], one matrix for eq. 9 and eq. 15 --- */
+static void latent_split_forward(float *c_raw, float *k_pe, const float *kv_a, int N, int r, int dr) {
+    for (int t = 0; t < N; t++) {
+        memcpy(c_raw + (size_t)t * r, kv_a + (size_t)t * (r + dr), r * sizeof(float));
+        memcpy(k_pe + (size_t)t * dr, kv_a + (size_t)t * (r + dr) + r, dr * sizeof(float));
+    }
+}
+static void latent_split_backward(float *dkv_a, const float *dc_raw, const float *dk_pe, int N, int r, int dr) {
+    for (int t = 0; t < N; t++) {
+        memcpy(dkv_a + (size_t)t * (r + dr), dc_raw + (size_t)t * r, r * sizeof(float));
+        memcpy(dkv_a + (size_t)t * (r + dr) + r, dk_pe + (size_t)t * dr, dr * sizeof(float));
+    }
+}
+
+/* --- causal attention per sequence and head (eq. 16-18), on decompressed K and V:
+ * q [N][H*dq] (q^C | q^R per head), kv [N][H*(dn+dv)] (k^C | v^C per head), k_pe [N][dr]
+ * shared by the heads; probs [B][H][T][T] saved; out [N][H*dv] --- */
+static void attention_forward(float *out, float *probs, const float *q, const float *kv, const float *k_pe, int B, int T,
+                              const Config *c, float scale) {
+    int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim;
+    int dq = dn + dr, kvw = dn + dv;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            float *P = probs + (((size_t)b * H + h) * T) * T;
+            for (int i = 0; i < T; i++) {
+                const float *qi = q + ((size_t)(b * T + i) * H + h) * dq;
+                for (int j = 0; j <= i; j++) {  /* eq. 16-17: q^C . k^C + q^R . k^R */
+                    const float *kj = kv + ((size_t)(b * T + j) * H + h) * kvw;
+                    P[i * T + j] = scale * (dot_f32(qi, kj, dn) + dot_f32(qi + dn, k_pe + (size_t)(b * T + j) * dr, dr));
+                }
+                softmax(P + (size_t)i * T, i + 1);  /* eq. 18 */
+                for (int j = i + 1; j < T; j++) P[i * T + j] = 0.0f;
+                float *o = out + ((size_t)(b * T + i) * H + h) * dv;
+                memset(o, 0, dv * sizeof(float));
+                for (int j = 0; j <= i; j++) {
+                    const float *vj = kv + ((size_t)(b * T + j) * H + h) * kvw + dn;
+                    for (int d = 0; d < dv; d++) o[d] += P[i * T + j] * vj[d];
+                }
+            }
+        }
+}
+/* dprobs through V, the softmax, then the scores into q, k^C (in dkv) and the shared k^R. */
+static void attention_backward(float *dq, float *dkv, float *dk_pe, const float *dout, const float *probs, const float *q,
+                               const float *kv, const float *k_pe, int B, int T, const Config *c, float scale) {
+    int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim;
+    int dq_width = dn + dr, kvw = dn + dv;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            const float *P = probs + (((size_t)b * H + h) * T) * T;
+            float *dp = xcalloc(T, sizeof(float));
+            for (int i = 0; i < T; i++) {
+                const float *doi = dout + ((size_t)(b * T + i) * H + h) * dv;
+                double sum = 0;
+                for (int j = 0; j <= i; j++) {
+                    const float *vj = kv + ((size_t)(b * T + j) * H + h) * kvw + dn;
+                    float *dvj = dkv + ((size_t)(b * T + j) * H + h) * kvw + dn;
+                    dp[j] = dot_f32(doi, vj, dv);
+                    for (int d = 0; d < dv; d++) dvj[d] += P[i * T + j] * doi[d];
+                    sum += dp[j] * P[i * T + j];
+                }
+                const float *qi = q + ((size_t)(b * T + i) * H + h) * dq_width;
+                float *dqi = dq + ((size_t)(b * T + i) * H + h) * dq_width;
+                for (int j = 0; j <= i; j++) {
+                    float ds = P[i * T + j] * (dp[j] - (float)sum) * scale;
+                    const float *kj = kv + ((size_t)(b * T + j) * H + h) * kvw, *kpe = k_pe + (size_t)(b * T + j) * dr;
+                    float *dkj = dkv + ((size_t)(b * T + j) * H + h) * kvw, *dkpej = dk_pe + (size_t)(b * T + j) * dr;
+                    for (int d = 0; d < dn; d++) { dqi[d] += ds * kj[d]; dkj[d] += ds * qi[d]; }
+                    for (int d = 0; d < dr; d++) {
+                        dqi[dn + d] += ds * kpe[d];
+#pragma omp atomic
+                        dkpej[d] += ds * qi[dn + d];  /* every head adds into the shared key */
+                    }
+                }
+            }
+            free(dp);
+        }
+}
+
+/* --- SwiGLU MLP over N rows: out = down(silu(g) * u), g = gate x, u = up x; h is scratch --- */
+static void swiglu_forward(float *out, float *g, float *u, float *h, const float *x, int N, const Mat *gate,
+                           const Mat *up, const Mat *down) {
+    matmul_forward(g, gate, x, N);
+    matmul_forward(u, up, x, N);
+    for (size_t i = 0; i < (size_t)N * gate->rows; i++) h[i] = silu(g[i]) * u[i];
+    matmul_forward(out, down, h, N);
+}
+static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+/* h, dh: scratch [N][width]. The weight gradients go to the grads' Mats dgate, dup, ddown. */
+static void swiglu_backward(float *dx, const Mat *dgate, const Mat *dup, const Mat *ddown, const float *dout,
+                            const float *x, const float *g, const float *u, int N, const Mat *gate, const Mat *up,
+                            const Mat *down, float *h, float *dh) {
+    size_t m = (size_t)N * gate->rows;
+    for (size_t i = 0; i < m; i++) h[i] = silu(g[i]) * u[i];
+    zero(dh, m);
+    matmul_backward(dh, ddown, dout, h, down, N);
+    for (size_t i = 0; i < m; i++) {  /* dh -> dg (into h), du (into dh) */
+        float sg = sigmoidf(g[i]), dsilu = sg * (1.0f + g[i] * (1.0f - sg));
+        float dhi = dh[i];
+        h[i] = dhi * u[i] * dsilu;
+        dh[i] = dhi * silu(g[i]);
+    }
+    matmul_backward(dx, dgate, h, x, gate, N);
+    matmul_backward(dx, dup, dh, x, up, N);
+}
+
+/* --- the router (router_forward in Part 1): gate values g_i,t and the balance loss into the
+ * scores s_i,t (dscores holds the balance loss's share already), then the softmax and e_i --- */
+static void router_backward(float *dx, const Mat *drouter, float *dscores, const float *dwt, const float *scores,
+                            const int *idx, const float *wt, const float *x, const Mat *router, int N, const Config *c) {
+    int E = c->n_routed_experts, K = c->num_experts_per_tok;
+    for (int t = 0; t < N; t++) {  /* gate values -> scores: renormalised, or scaled */
+        const float *sc = scores + (size_t)t * E;
+        if (K > 1 && c->norm_topk_prob) {
+            double z = 1e-20, wdw = 0;
+            for (int k = 0; k < K; k++) { z += sc[idx[t * K + k]]; wdw += dwt[t * K + k] * wt[t * K + k]; }
+            for (int k = 0; k < K; k++) dscores[(size_t)t * E + idx[t * K + k]] += (float)((dwt[t * K + k] - wdw) / z);
+        } else
+            for (int k = 0; k < K; k++)
+                dscores[(size_t)t * E + idx[t * K + k]] += (float)(dwt[t * K + k] * c->routed_scaling_factor);
+    }
+    for (int t = 0; t < N; t++) {  /* softmax backward: s * (ds - sum ds s) */
+        float *ds = dscores + (size_t)t * E;
+        const float *sc = scores + (size_t)t * E;
+        double sum = 0;
+        for (int e = 0; e < E; e++) sum += ds[e] * sc[e];
+        for (int e = 0; e < E; e++) ds[e] = sc[e] * (ds[e] - (float)sum);
+    }
+    matmul_backward(dx, drouter, dscores, x, router, N);
+}
+
+/* --- the balance loss (balance_loss in Part 1): d/ds_i,t = alpha f_i / (groups * per), the
+ * counts f_i constant --- */
+static void balance_loss_backward(float *dscores, const int *idx, int B, int T, const Config *c) {
+    int E = c->n_routed_experts, K = c->num_experts_per_tok, N = B * T;
+    int groups = c->seq_aux ? B : 1, per = N / groups;
+    for (int b = 0; b < groups; b++)
+        for (int e = 0; e < E; e++) {
+            int count = 0;
+            for (int t = b * per; t < (b + 1) * per; t++)
+                for (int k = 0; k < K; k++) count += idx[t * K + k] == e;
+            float d = (float)(c->aux_loss_alpha * (count / ((double)per * K / E)) / ((double)per * groups));
+            for (int t = b * per; t < (b + 1) * per; t++) dscores[(size_t)t * E + e] += d;
+        }
+}
+
+/* --- cross-entropy: logits become softmax probabilities in place; returns the mean --- */
+static double crossentropy_forward(float *logits, const int *targets, int N, int V) {
+    double ce = 0;
+    for (int t = 0; t < N; t++) {
+        float *p = logits + (size_t)t * V;
+        softmax(p, V);
+        ce -= log(fmax(p[targets[t]], 1e-30));
+    }
+    return ce / N;
+}
+/* d mean CE / d logits = (p - onehot) / N, in place over the probabilities. */
+static void crossentropy_backward(float *probs, const int *targets, int N, int V) {
+    for (int t = 0; t < N; t++) {
+        for (int v = 0; v < V; v++) probs[(size_t)t * V + v] /= N;
+        probs[(size_t)t * V + targets[t]] -= 1.0f / N;
+    }
+}
+
+/* Forward values kept for the backward pass, per layer (N = B*T rows). */
+typedef struct {
+    float *x_in, *xn1, *rstd1;        /* the layer's input, its norm [N][D], 1/rms [N] */
+    float *q_a, *q_an, *rstd_q;       /* q LoRA: W^DQ h [N][rq], normed: c^Q */
+    float *q;                         /* [N][H*dq], RoPE applied */
+    float *c_raw, *c, *rstd_c;        /* the latent before and after its norm [N][r] */
+    float *k_pe;                      /* the rotated shared rope key [N][dr] */
+    float *kv;                        /* k^C | v^C per head [N][H*(dn+dv)] */
+    float *probs;                     /* attention probabilities [B][H][T][T] */
+    float *attn;                      /* o_t,i [N][H*dv] */
+    float *x_mid, *xn2, *rstd2;       /* after attention, its norm */
+    float *g, *u;                     /* dense MLP or shared experts: gate, up [N][width] */
+    float *scores;                    /* router softmax s_i,t [N][E] */
+    int *idx;                         /* [N][K] chosen experts */
+    float *wt;                        /* [N][K] their gate values */
+    float *eg, *eu, *eo;              /* per slot t*K+k: expert gate, up [N*K][Im], out [N*K][D] */
+} LayerActs;
+
+typedef struct {
+    int B, T, N;
+    LayerActs *layers;
+    float *residual;                  /* the residual stream h [N][D]; after the last layer: */
+    float *xf, *rstd_f;               /* its final norm */
+    float *logits;                    /* [N][V], softmax probabilities after the loss */
+    float *aux;                       /* [L] balance loss per layer (0 for dense layers) */
+    double ce;                        /* mean cross-entropy */
+    float *branch, *kv_a;             /* a block's output [N][D]; kv_a_proj's output [N][r+dr] */
+    int *slots;                       /* one expert's (token, choice) slots [N*K] */
+    float *expert_x, *expert_out;     /* one expert's rows gathered [N*K][D] */
+    float *expert_g, *expert_u;       /* [N*K][Im] */
+    float *swiglu_h, *swiglu_dh;      /* SwiGLU scratch [N*max(K*Im, width)] */
+    /* gradients of the activations */
+    float *dresidual, *dxf, *dnorm;   /* [N][D] */
+    float *dwt, *dscores;             /* [N*K], [N][E] */
+    float *expert_dout, *expert_dx;   /* [N*K][D] */
+    float *dattn, *dq, *dkv, *dk_pe;  /* as attn, q, kv, k_pe */
+    float *dc, *dc_raw, *dkv_a;       /* [N][r], [N][r], [N][r+dr] */
+    float *dq_an, *dq_a;              /* [N][rq] */
+} TrainState;
+
+static void layer_acts_init(LayerActs *a, const Config *c, int B, int T) {
+    size_t N = (size_t)B * T, D = c->hidden_size, H = c->num_attention_heads, E = c->n_routed_experts;
+    size_t K = c->num_experts_per_tok, r = c->kv_lora_rank, dr = c->qk_rope_head_dim, rq = c->q_lora_rank;
+    size_t dq = c->qk_nope_head_dim + dr, kvw = c->qk_nope_head_dim + c->v_head_dim, Im = c->moe_intermediate_size;
+    size_t width = max_int(c->intermediate_size, c->moe_intermediate_size * c->n_shared_experts);
+    a->x_in = floats(N * D); a->xn1 = floats(N * D); a->rstd1 = floats(N);
+    a->q_a = floats(N * rq); a->q_an = floats(N * rq); a->rstd_q = floats(N);
+    a->q = floats(N * H * dq);
+    a->c_raw = floats(N * r); a->c = floats(N * r); a->rstd_c = floats(N); a->k_pe = floats(N * dr);
+    a->kv = floats(N * H * kvw);
+    a->probs = floats((size_t)B * H * T * T);
+    a->attn = floats(N * H * c->v_head_dim);
+    a->x_mid = floats(N * D); a->xn2 = floats(N * D); a->rstd2 = floats(N);
+    a->g = floats(N * width); a->u = floats(N * width);
+    a->scores = floats(N * E); a->idx = xcalloc(N * K, sizeof(int)); a->wt = floats(N * K);
+    a->eg = floats(N * K * Im); a->eu = floats(N * K * Im); a->eo = floats(N * K * D);
+}
+
+static void layer_acts_free(LayerActs *a) {
+    void *bufs[] = {a->x_in, a->xn1, a->rstd1, a->q_a, a->q_an, a->rstd_q, a->q, a->c_raw, a->c, a->rstd_c, a->k_pe,
+                    a->kv, a->probs, a->attn, a->x_mid, a->xn2, a->rstd2, a->g, a->u, a->scores, a->idx, a->wt,
+                    a->eg, a->eu, a->eo};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+}
+
+static void train_state_init(TrainState *ts, const Config *c, int B, int T) {
+    size_t N = (size_t)B * T, D = c->hidden_size, H = c->num_attention_heads, E = c->n_routed_experts;
+    size_t K = c->num_experts_per_tok, r = c->kv_lora_rank, dr = c->qk_rope_head_dim, rq = c->q_lora_rank;
+    size_t dq = c->qk_nope_head_dim + dr, kvw = c->qk_nope_head_dim + c->v_head_dim, Im = c->moe_intermediate_size;
+    size_t width = max_int(c->intermediate_size, c->moe_intermediate_size * c->n_shared_experts);
+    size_t hidden = N * (K * Im > width ? K * Im : width);
+    memset(ts, 0, sizeof *ts);
+    ts->B = B; ts->T = T; ts->N = (int)N;
+    ts->layers = xcalloc(c->num_hidden_layers, sizeof(LayerActs));
+    for (int l = 0; l < c->num_hidden_layers; l++) layer_acts_init(&ts->layers[l], c, B, T);
+    ts->residual = floats(N * D); ts->xf = floats(N * D); ts->rstd_f = floats(N);
+    ts->logits = floats(N * c->vocab_size); ts->aux = floats(c->num_hidden_layers);
+    ts->branch = floats(N * D); ts->kv_a = floats(N * (r + dr)); ts->slots = xcalloc(N * K, sizeof(int));
+    ts->expert_x = floats(N * K * D); ts->expert_out = floats(N * K * D);
+    ts->expert_g = floats(N * K * Im); ts->expert_u = floats(N * K * Im);
+    ts->swiglu_h = floats(hidden); ts->swiglu_dh = floats(hidden);
+    ts->dresidual = floats(N * D); ts->dxf = floats(N * D); ts->dnorm = floats(N * D);
+    ts->dwt = floats(N * K); ts->dscores = floats(N * E);
+    ts->expert_dout = floats(N * K * D); ts->expert_dx = floats(N * K * D);
+    ts->dattn = floats(N * H * c->v_head_dim); ts->dq = floats(N * H * dq); ts->dkv = floats(N * H * kvw);
+    ts->dk_pe = floats(N * dr); ts->dc = floats(N * r); ts->dc_raw = floats(N * r); ts->dkv_a = floats(N * (r + dr));
+    ts->dq_an = floats(N * rq); ts->dq_a = floats(N * rq);
+}
+
+static void train_state_free(TrainState *ts, const Config *c) {
+    for (int l = 0; l < c->num_hidden_layers; l++) layer_acts_free(&ts->layers[l]);
+    void *bufs[] = {ts->layers, ts->residual, ts->xf, ts->rstd_f, ts->logits, ts->aux, ts->branch, ts->kv_a,
+                    ts->slots, ts->expert_x, ts->expert_out, ts->expert_g, ts->expert_u, ts->swiglu_h,
+                    ts->swiglu_dh, ts->dresidual, ts->dxf, ts->dnorm, ts->dwt, ts->dscores, ts->expert_dout,
+                    ts->expert_dx, ts->dattn, ts->dq, ts->dkv, ts->dk_pe, ts->dc, ts->dc_raw, ts->dkv_a,
+                    ts->dq_an, ts->dq_a};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+}
+
+/* The (token, choice) slots t*K+k that chose expert e, in order, into ts->slots. */
+static int expert_slots(const TrainState *ts, const int *idx, int e, int K) {
+    int m = 0;
+    for (int s = 0; s < ts->N * K; s++)
+        if (idx[s] == e) ts->slots[m++] = s;
+    return m;
+}
+
+/* --- the routed experts (eq. 20): out += sum_k g_k FFN^(r)_e_k(x), each expert on its rows;
+ * every slot keeps its gate, up and output for the backward pass --- */
+static void experts_forward(float *out, LayerActs *a, const Layer *L, TrainState *ts, const Config *c) {
+    int D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok, Im = c->moe_intermediate_size;
+    for (int e = 0; e < E; e++) {
+        int m = expert_slots(ts, a->idx, e, K);
+        if (!m) continue;
+        for (int j = 0; j < m; j++) memcpy(ts->expert_x + (size_t)j * D, a->xn2 + (size_t)(ts->slots[j] / K) * D, D * 4);
+        swiglu_forward(ts->expert_out, ts->expert_g, ts->expert_u, ts->swiglu_h, ts->expert_x, m, &L->expert_gate[e],
+                       &L->expert_up[e], &L->expert_down[e]);
+        for (int j = 0; j < m; j++) {
+            int slot = ts->slots[j];
+            memcpy(a->eg + (size_t)slot * Im, ts->expert_g + (size_t)j * Im, Im * 4);
+            memcpy(a->eu + (size_t)slot * Im, ts->expert_u + (size_t)j * Im, Im * 4);
+            memcpy(a->eo + (size_t)slot * D, ts->expert_out + (size_t)j * D, D * 4);
+        }
+    }
+    for (int s = 0; s < ts->N * K; s++)
+        for (int i = 0; i < D; i++) out[(size_t)(s / K) * D + i] += a->wt[s] * a->eo[(size_t)s * D + i];
+}
+/* dx += each expert's input gradient; dwt = d loss / d g (dout . expert output). */
+static void experts_backward(float *dx, const Layer *G, float *dwt, const float *dout, const LayerActs *a,
+                             const Layer *L, TrainState *ts, const Config *c) {
+    int D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok, Im = c->moe_intermediate_size;
+    for (int s = 0; s < ts->N * K; s++) dwt[s] = dot_f32(dout + (size_t)(s / K) * D, a->eo + (size_t)s * D, D);
+    for (int e = 0; e < E; e++) {
+        int m = expert_slots(ts, a->idx, e, K);
+        if (!m) continue;
+        for (int j = 0; j < m; j++) {
+            int s = ts->slots[j];
+            memcpy(ts->expert_x + (size_t)j * D, a->xn2 + (size_t)(s / K) * D, D * 4);
+            for (int i = 0; i < D; i++) ts->expert_dout[(size_t)j * D + i] = a->wt[s] * dout[(size_t)(s / K) * D + i];
+            memcpy(ts->expert_g + (size_t)j * Im, a->eg + (size_t)s * Im, Im * 4);
+            memcpy(ts->expert_u + (size_t)j * Im, a->eu + (size_t)s * Im, Im * 4);
+        }
+        zero(ts->expert_dx, (size_t)m * D);
+        swiglu_backward(ts->expert_dx, &G->expert_gate[e], &G->expert_up[e], &G->expert_down[e], ts->expert_dout,
+                        ts->expert_x, ts->expert_g, ts->expert_u, m, &L->expert_gate[e], &L->expert_up[e],
+                        &L->expert_down[e], ts->swiglu_h, ts->swiglu_dh);
+        for (int j = 0; j < m; j++)
+            for (int i = 0; i < D; i++) dx[(size_t)(ts->slots[j] / K) * D + i] += ts->expert_dx[(size_t)j * D + i];
+    }
+}
+
+/* --- the attention block: h += W^O MLA(norm(h)), decompressed (the naive form) --- */
+static void attention_block_forward(float *x, const Layer *L, LayerActs *a, TrainState *ts, const RunState *rs,
+                                    const Config *c) {
+    int N = ts->N, D = c->hidden_size, H = c->num_attention_heads, r = c->kv_lora_rank, dr = c->qk_rope_head_dim;
+    int dn = c->qk_nope_head_dim, dq = dn + dr;
+    memcpy(a->x_in, x, (size_t)N * D * 4);
+    rmsnorm_forward(a->xn1, a->rstd1, x, L->input_norm, N, D, c->rms_norm_eps);
+    if (c->q_lora_rank > 0) {
+        matmul_forward(a->q_a, &L->q_a_proj, a->xn1, N);                          /* eq. 12 */
+        rmsnorm_forward(a->q_an, a->rstd_q, a->q_a, L->q_a_norm, N, c->q_lora_rank, 1e-6);
+        matmul_forward(a->q, &L->q_b_proj, a->q_an, N);                           /* eq. 13-14 */
+    } else matmul_forward(a->q, &L->q_proj, a->xn1, N);
+    matmul_forward(ts->kv_a, &L->kv_a_proj, a->xn1, N);                          /* eq. 9, 15 */
+    latent_split_forward(a->c_raw, a->k_pe, ts->kv_a, N, r, dr);
+    rope_forward(a->k_pe, N, ts->T, 1, dr, rs);                                  /* eq. 15 */
+    rope_forward(a->q + dn, N, ts->T, H, dq, rs);                                /* eq. 14 */
+    rmsnorm_forward(a->c, a->rstd_c, a->c_raw, L->kv_a_norm, N, r, 1e-6);       /* eq. 9 */
+    matmul_forward(a->kv, &L->kv_b_proj, a->c, N);                               /* eq. 10-11 */
+    attention_forward(a->attn, a->probs, a->q, a->kv, a->k_pe, ts->B, ts->T, c, (float)rs->softmax_scale);
+    matmul_forward(ts->branch, &L->o_proj, a->attn, N);                          /* eq. 19 */
+    residual_forward(x, ts->branch, (size_t)N * D);
+}
+static void attention_block_backward(float *dx, const Layer *G, const Layer *L, const LayerActs *a, TrainState *ts,
+                                     const RunState *rs, const Config *c) {
+    int N = ts->N, D = c->hidden_size, H = c->num_attention_heads, r = c->kv_lora_rank, dr = c->qk_rope_head_dim;
+    int dn = c->qk_nope_head_dim, dq = dn + dr, rq = c->q_lora_rank;
+    zero(ts->dattn, (size_t)N * H * c->v_head_dim);
+    matmul_backward(ts->dattn, &G->o_proj, dx, a->attn, &L->o_proj, N);
+    zero(ts->dq, (size_t)N * H * dq);
+    zero(ts->dkv, (size_t)N * H * (dn + c->v_head_dim));
+    zero(ts->dk_pe, (size_t)N * dr);
+    attention_backward(ts->dq, ts->dkv, ts->dk_pe, ts->dattn, a->probs, a->q, a->kv, a->k_pe, ts->B, ts->T, c,
+                       (float)rs->softmax_scale);
+    zero(ts->dc, (size_t)N * r);
+    matmul_backward(ts->dc, &G->kv_b_proj, ts->dkv, a->c, &L->kv_b_proj, N);
+    zero(ts->dc_raw, (size_t)N * r);
+    rmsnorm_backward(ts->dc_raw, mut(G->kv_a_norm), ts->dc, a->c_raw, L->kv_a_norm, a->rstd_c, N, r);
+    rope_backward(ts->dq + dn, N, ts->T, H, dq, rs);
+    rope_backward(ts->dk_pe, N, ts->T, 1, dr, rs);
+    latent_split_backward(ts->dkv_a, ts->dc_raw, ts->dk_pe, N, r, dr);
+    zero(ts->dnorm, (size_t)N * D);
+    matmul_backward(ts->dnorm, &G->kv_a_proj, ts->dkv_a, a->xn1, &L->kv_a_proj, N);
+    if (rq > 0) {
+        zero(ts->dq_an, (size_t)N * rq);
+        matmul_backward(ts->dq_an, &G->q_b_proj, ts->dq, a->q_an, &L->q_b_proj, N);
+        zero(ts->dq_a, (size_t)N * rq);
+        rmsnorm_backward(ts->dq_a, mut(G->q_a_norm), ts->dq_an, a->q_a, L->q_a_norm, a->rstd_q, N, rq);
+        matmul_backward(ts->dnorm, &G->q_a_proj, ts->dq_a, a->xn1, &L->q_a_proj, N);
+    } else matmul_backward(ts->dnorm, &G->q_proj, ts->dq, a->xn1, &L->q_proj, N);
+    rmsnorm_backward(dx, mut(G->input_norm), ts->dnorm, a->x_in, L->input_norm, a->rstd1, N, D);
+}
+
+/* --- the FFN block: h += FFN(norm(h)): the dense MLP, or shared + routed experts (eq. 20) --- */
+static void ffn_block_forward(float *x, const Layer *L, LayerActs *a, TrainState *ts, RunState *rs, const Config *c,
+                              int l) {
+    int N = ts->N, D = c->hidden_size;
+    memcpy(a->x_mid, x, (size_t)N * D * 4);
+    rmsnorm_forward(a->xn2, a->rstd2, x, L->post_attention_norm, N, D, c->rms_norm_eps);
+    ts->aux[l] = 0.0f;
+    if (L->has_mlp) swiglu_forward(ts->branch, a->g, a->u, ts->swiglu_h, a->xn2, N, &L->mlp_gate, &L->mlp_up, &L->mlp_down);
+    else zero(ts->branch, (size_t)N * D);
+    if (L->is_moe) {
+        router_forward(a->scores, a->idx, a->wt, a->xn2, &L->router, N, c, &rs->router, NULL);  /* eq. 21-22 */
+        experts_forward(ts->branch, a, L, ts, c);                                             /* eq. 20 */
+        ts->aux[l] = (float)balance_loss(a->scores, a->idx, ts->B, ts->T, c);                 /* eq. 23-25 */
+    }
+    residual_forward(x, ts->branch, (size_t)N * D);
+}
+static void ffn_block_backward(float *dx, const Layer *G, const Layer *L, const LayerActs *a, TrainState *ts,
+                               const Config *c) {
+    int N = ts->N, D = c->hidden_size;
+    zero(ts->dnorm, (size_t)N * D);
+    if (L->has_mlp)
+        swiglu_backward(ts->dnorm, &G->mlp_gate, &G->mlp_up, &G->mlp_down, dx, a->xn2, a->g, a->u, N, &L->mlp_gate,
+                        &L->mlp_up, &L->mlp_down, ts->swiglu_h, ts->swiglu_dh);
+    if (L->is_moe) {
+        experts_backward(ts->dnorm, G, ts->dwt, dx, a, L, ts, c);
+        zero(ts->dscores, (size_t)N * c->n_routed_experts);
+        balance_loss_backward(ts->dscores, a->idx, ts->B, ts->T, c);
+        router_backward(ts->dnorm, &G->router, ts->dscores, ts->dwt, a->scores, a->idx, a->wt, a->xn2, &L->router, N, c);
+    }
+    rmsnorm_backward(dx, mut(G->post_attention_norm), ts->dnorm, a->x_mid, L->post_attention_norm, a->rstd2, N, D);
+}
+
+/* One training forward over B sequences of T tokens, saving activations: returns the mean CE
+ * plus the sum of the balance losses. The logits become softmax probabilities. */
+static double train_forward(const Params *p, TrainState *ts, RunState *rs, const int *inputs, const int *targets) {
+    const Config *c = &p->cfg;
+    const Weights *w = &p->w;
+    int N = ts->N, D = c->hidden_size;
+    embedding_forward(ts->residual, &w->embed, inputs, N);
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        attention_block_forward(ts->residual, &w->layers[l], &ts->layers[l], ts, rs, c);
+        ffn_block_forward(ts->residual, &w->layers[l], &ts->layers[l], ts, rs, c, l);
+    }
+    rmsnorm_forward(ts->xf, ts->rstd_f, ts->residual, w->final_norm, N, D, c->rms_norm_eps);
+    matmul_forward(ts->logits, &w->lm_head, ts->xf, N);
+    ts->ce = crossentropy_forward(ts->logits, targets, N, c->vocab_size);
+    double total = ts->ce;
+    for (int l = 0; l < c->num_hidden_layers; l++) total += ts->aux[l];
+    return total;
+}
+
+/* Gradients of that loss into grads (accumulated): the forward's calls in reverse. */
+static void train_backward(const Params *p, const Params *grads, TrainState *ts, RunState *rs, const int *inputs,
+                           const int *targets) {
+    const Config *c = &p->cfg;
+    const Weights *w = &p->w, *gw = &grads->w;
+    int N = ts->N, D = c->hidden_size;
+    crossentropy_backward(ts->logits, targets, N, c->vocab_size);
+    zero(ts->dxf, (size_t)N * D);
+    matmul_backward(ts->dxf, &gw->lm_head, ts->logits, ts->xf, &w->lm_head, N);
+    zero(ts->dresidual, (size_t)N * D);
+    rmsnorm_backward(ts->dresidual, mut(gw->final_norm), ts->dxf, ts->residual, w->final_norm, ts->rstd_f, N, D);
+    for (int l = c->num_hidden_layers - 1; l >= 0; l--) {
+        ffn_block_backward(ts->dresidual, &gw->layers[l], &w->layers[l], &ts->layers[l], ts, c);
+        attention_block_backward(ts->dresidual, &gw->layers[l], &w->layers[l], &ts->layers[l], ts, rs, c);
+    }
+    embedding_backward(&gw->embed, ts->dresidual, inputs, N);
+}
 
 /* An f32 checkpoint's tensors into p (initialised from its config). */
 static void params_load(Params *p, const char *path) {
@@ -2303,418 +3429,6 @@ static void params_save(const Params *p, const char *path, const void *tokenizer
     if (rename(tmp, path) != 0) die("cannot rename %s to %s: %s", tmp, path, strerror(errno));
 }
 
-/* Forward-pass values kept for the backward pass, per layer. N = batch * seq tokens. */
-typedef struct {
-    float *x_in, *xn1, *rstd1;        /* layer input, its norm [N][D], 1/rms [N] */
-    float *q_a, *q_an, *rstd_q;       /* q LoRA: down-projection, normed */
-    float *q;                         /* [N][H*dq], rope applied */
-    float *c, *rstd_c;                /* normed latent [N][r] */
-    float *k_pe;                      /* rotated shared rope key [N][dr] */
-    float *kv;                        /* [N][H*(dn+dv)] */
-    float *probs;                     /* attention probabilities [B][H][T][T] */
-    float *attn;                      /* [N][H*dv] */
-    float *x_mid, *xn2, *rstd2;       /* after attention, its norm */
-    float *g, *u;                     /* dense MLP or shared experts: gate and up [N][width] */
-    float *scores;                    /* router softmax [N][E] */
-    int *idx;                         /* [N][K] chosen experts */
-    float *wt;                        /* [N][K] their weights */
-    float *eg, *eu, *eo;              /* per (token, k): expert gate, up [N*K][Im], output [N*K][D] */
-} LayerActs;
-
-typedef struct {
-    int B, T, N;
-    LayerActs *layers;
-    float *x_final, *xf, *rstd_f;     /* last residual, final norm */
-    float *logits;                    /* [N][V], softmax probabilities after the loss */
-    float *aux;                       /* [L] balance loss per layer (0 for dense layers) */
-    double ce;                        /* mean cross-entropy */
-    /* scratch */
-    float *t1, *t2, *t3, *t4;
-    int *list;
-} TrainState;
-
-static void train_state_init(TrainState *ts, const Config *c, int B, int T) {
-    int N = B * T, D = c->hidden_size, H = c->num_attention_heads, E = c->n_routed_experts, K = c->num_experts_per_tok;
-    int dq = c->qk_nope_head_dim + c->qk_rope_head_dim, r = c->kv_lora_rank, Im = c->moe_intermediate_size;
-    int width = max_int(c->intermediate_size, Im * c->n_shared_experts);
-    int widest = max_int(max_int(max_int(D, width), max_int(H * dq, H * (c->qk_nope_head_dim + c->v_head_dim))), max_int(r + c->qk_rope_head_dim, c->vocab_size));
-    memset(ts, 0, sizeof *ts);
-    ts->B = B; ts->T = T; ts->N = N;
-    ts->layers = xcalloc(c->num_hidden_layers, sizeof(LayerActs));
-    for (int l = 0; l < c->num_hidden_layers; l++) {
-        LayerActs *a = &ts->layers[l];
-        a->x_in = xcalloc((size_t)N * D, 4); a->xn1 = xcalloc((size_t)N * D, 4); a->rstd1 = xcalloc(N, 4);
-        a->q_a = xcalloc((size_t)N * c->q_lora_rank, 4); a->q_an = xcalloc((size_t)N * c->q_lora_rank, 4); a->rstd_q = xcalloc(N, 4);
-        a->q = xcalloc((size_t)N * H * dq, 4);
-        a->c = xcalloc((size_t)N * r, 4); a->rstd_c = xcalloc(N, 4); a->k_pe = xcalloc((size_t)N * c->qk_rope_head_dim, 4);
-        a->kv = xcalloc((size_t)N * H * (c->qk_nope_head_dim + c->v_head_dim), 4);
-        a->probs = xcalloc((size_t)B * H * T * T, 4);
-        a->attn = xcalloc((size_t)N * H * c->v_head_dim, 4);
-        a->x_mid = xcalloc((size_t)N * D, 4); a->xn2 = xcalloc((size_t)N * D, 4); a->rstd2 = xcalloc(N, 4);
-        a->g = xcalloc((size_t)N * width, 4); a->u = xcalloc((size_t)N * width, 4);
-        a->scores = xcalloc((size_t)N * E, 4); a->idx = xcalloc((size_t)N * K, sizeof(int)); a->wt = xcalloc((size_t)N * K, 4);
-        a->eg = xcalloc((size_t)N * K * Im, 4); a->eu = xcalloc((size_t)N * K * Im, 4); a->eo = xcalloc((size_t)N * K * D, 4);
-    }
-    ts->x_final = xcalloc((size_t)N * D, 4); ts->xf = xcalloc((size_t)N * D, 4); ts->rstd_f = xcalloc(N, 4);
-    ts->logits = xcalloc((size_t)N * c->vocab_size, 4);
-    ts->aux = xcalloc(c->num_hidden_layers, 4);
-    size_t scratch = (size_t)N * (widest + 4 * (size_t)max_int(K, 1) * (D + Im));
-    ts->t1 = xcalloc(scratch, 4); ts->t2 = xcalloc(scratch, 4); ts->t3 = xcalloc(scratch, 4); ts->t4 = xcalloc(scratch, 4);
-    ts->list = xcalloc((size_t)N * K, sizeof(int));
-}
-
-static void train_state_free(TrainState *ts, const Config *c) {
-    for (int l = 0; l < c->num_hidden_layers; l++) {
-        LayerActs *a = &ts->layers[l];
-        void *bufs[] = {a->x_in, a->xn1, a->rstd1, a->q_a, a->q_an, a->rstd_q, a->q, a->c, a->rstd_c, a->k_pe, a->kv,
-                        a->probs, a->attn, a->x_mid, a->xn2, a->rstd2, a->g, a->u, a->scores, a->idx, a->wt, a->eg, a->eu, a->eo};
-        for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
-    }
-    void *bufs[] = {ts->layers, ts->x_final, ts->xf, ts->rstd_f, ts->logits, ts->aux, ts->t1, ts->t2, ts->t3, ts->t4, ts->list};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
-}
-
-/* RMSNorm over n rows that also keeps 1/rms for the backward pass. */
-static void rmsnorm_rows(float *out, float *rstd, const float *x, const float *w, int n, int dim, double eps) {
-    for (int t = 0; t < n; t++) {
-        double ss = 0;
-        for (int i = 0; i < dim; i++) ss += (double)x[(size_t)t * dim + i] * x[(size_t)t * dim + i];
-        rstd[t] = (float)(1.0 / sqrt(ss / dim + eps));
-        rmsnorm(out + (size_t)t * dim, x + (size_t)t * dim, w, dim, eps);
-    }
-}
-
-/* d/dx and d/dw of y = w * x * rstd: dx += rstd * (w dy) - x rstd^3 mean(w dy * x). */
-static void rmsnorm_backward(float *dx, float *dw, const float *x, const float *w, const float *rstd, const float *dy, int n, int dim) {
-    for (int t = 0; t < n; t++) {
-        const float *xt = x + (size_t)t * dim, *dyt = dy + (size_t)t * dim;
-        double dot = 0;
-        for (int i = 0; i < dim; i++) { dot += (double)w[i] * dyt[i] * xt[i]; dw[i] += dyt[i] * xt[i] * rstd[t]; }
-        float r = rstd[t], k = (float)(dot / dim) * r * r * r;
-        for (int i = 0; i < dim; i++) dx[(size_t)t * dim + i] += r * w[i] * dyt[i] - k * xt[i];
-    }
-}
-
-/* y = W x over n rows: dW += dy^T x, and dx += dy W (dx may be NULL). */
-static void linear_backward(const Mat *W, const Mat *dW, const float *x, const float *dy, float *dx, int n) {
-    int rows = W->rows, cols = W->cols;
-    float *gw = mut(dW->data);
-    const float *w = W->data;
-#pragma omp parallel for schedule(static)
-    for (int o = 0; o < rows; o++)
-        for (int t = 0; t < n; t++) {
-            float d = dy[(size_t)t * rows + o];
-            if (d == 0.0f) continue;
-            for (int i = 0; i < cols; i++) gw[(size_t)o * cols + i] += d * x[(size_t)t * cols + i];
-        }
-    if (!dx) return;
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < n; t++)
-        for (int o = 0; o < rows; o++) {
-            float d = dy[(size_t)t * rows + o];
-            if (d == 0.0f) continue;
-            for (int i = 0; i < cols; i++) dx[(size_t)t * cols + i] += d * w[(size_t)o * cols + i];
-        }
-}
-
-/* The transpose of the rotation: rotate back by the same angle. */
-static void rope_rotate_backward(float *d, const float *cos_row, const float *sin_row, int dim) {
-    for (int i = 0; i < dim / 2; i++) {
-        float a = d[2 * i], b = d[2 * i + 1];
-        d[2 * i] = a * cos_row[i] + b * sin_row[i];
-        d[2 * i + 1] = -a * sin_row[i] + b * cos_row[i];
-    }
-}
-
-static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
-
-/* SwiGLU forward over n rows keeping gate and up (g, u), into out. */
-static void swiglu_train(float *out, float *g, float *u, float *h, const float *x, int n, const Mat *gate, const Mat *up, const Mat *down) {
-    matmul(g, gate, x, n, NULL);
-    matmul(u, up, x, n, NULL);
-    for (size_t i = 0; i < (size_t)n * gate->rows; i++) h[i] = silu(g[i]) * u[i];
-    matmul(out, down, h, n, NULL);
-}
-
-/* Backward of swiglu_train: dx += ..., weight grads accumulate. h, dh: scratch [n][width]. */
-static void swiglu_backward(const float *dy, const float *x, const float *g, const float *u, int n, const Mat *gate, const Mat *up,
-                            const Mat *down, const Mat *dgate, const Mat *dup, const Mat *ddown, float *dx, float *h, float *dh) {
-    size_t m = (size_t)n * gate->rows;
-    for (size_t i = 0; i < m; i++) h[i] = silu(g[i]) * u[i];
-    memset(dh, 0, m * sizeof(float));
-    linear_backward(down, ddown, h, dy, dh, n);
-    for (size_t i = 0; i < m; i++) {  /* dh -> dg (in h), du (in dh) */
-        float sg = sigmoidf(g[i]), dsilu = sg * (1.0f + g[i] * (1.0f - sg));
-        float dhi = dh[i];
-        h[i] = dhi * u[i] * dsilu;
-        dh[i] = dhi * silu(g[i]);
-    }
-    linear_backward(gate, dgate, x, h, dx, n);
-    linear_backward(up, dup, x, dh, dx, n);
-}
-
-/* One training forward over B sequences of T tokens: saves activations; returns mean CE +
- * sum of the balance losses. The logits become softmax probabilities. */
-static double train_forward(const Params *p, TrainState *ts, RunState *rs, const int *inputs, const int *targets) {
-    const Config *c = &p->cfg;
-    const Weights *w = &p->w;
-    int B = ts->B, T = ts->T, N = ts->N, D = c->hidden_size, H = c->num_attention_heads, V = c->vocab_size;
-    int dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim, dq = dn + dr, r = c->kv_lora_rank;
-    int E = c->n_routed_experts, K = c->num_experts_per_tok, half = dr / 2, kvw = dn + dv;
-    float *x = ts->x_final;
-    for (int t = 0; t < N; t++) mat_row_to_f32(x + (size_t)t * D, &w->embed, inputs[t]);
-    for (int l = 0; l < c->num_hidden_layers; l++) {
-        const Layer *L = &w->layers[l];
-        LayerActs *a = &ts->layers[l];
-        memcpy(a->x_in, x, (size_t)N * D * 4);
-        rmsnorm_rows(a->xn1, a->rstd1, x, L->input_norm, N, D, c->rms_norm_eps);
-        if (c->q_lora_rank > 0) {
-            matmul(a->q_a, &L->q_a_proj, a->xn1, N, NULL);
-            rmsnorm_rows(a->q_an, a->rstd_q, a->q_a, L->q_a_norm, N, c->q_lora_rank, 1e-6);
-            matmul(a->q, &L->q_b_proj, a->q_an, N, NULL);
-        } else matmul(a->q, &L->q_proj, a->xn1, N, NULL);
-        float *kv_a = ts->t1;
-        matmul(kv_a, &L->kv_a_proj, a->xn1, N, NULL);
-        for (int t = 0; t < N; t++) {
-            int pos = t % T;
-            for (int i = 0; i < r; i++) ts->t2[(size_t)t * r + i] = kv_a[(size_t)t * (r + dr) + i];
-            memcpy(a->k_pe + (size_t)t * dr, kv_a + (size_t)t * (r + dr) + r, dr * 4);
-            rope_rotate(a->k_pe + (size_t)t * dr, rs->rope_cos + (size_t)pos * half, rs->rope_sin + (size_t)pos * half, dr);
-            for (int h = 0; h < H; h++)
-                rope_rotate(a->q + ((size_t)t * H + h) * dq + dn, rs->rope_cos + (size_t)pos * half, rs->rope_sin + (size_t)pos * half, dr);
-        }
-        rmsnorm_rows(a->c, a->rstd_c, ts->t2, L->kv_a_norm, N, r, 1e-6);
-        matmul(a->kv, &L->kv_b_proj, a->c, N, NULL);
-        /* causal attention per sequence and head (eq. 16-18), decompressed K and V */
-#pragma omp parallel for collapse(2) schedule(static)
-        for (int b = 0; b < B; b++)
-            for (int h = 0; h < H; h++) {
-                float *P = a->probs + (((size_t)b * H + h) * T) * T;
-                for (int i = 0; i < T; i++) {
-                    const float *qi = a->q + ((size_t)(b * T + i) * H + h) * dq;
-                    for (int j = 0; j <= i; j++) {
-                        const float *kj = a->kv + ((size_t)(b * T + j) * H + h) * kvw;
-                        P[i * T + j] = (float)rs->softmax_scale * (dot_f32(qi, kj, dn) + dot_f32(qi + dn, a->k_pe + (size_t)(b * T + j) * dr, dr));
-                    }
-                    softmax(P + (size_t)i * T, i + 1);
-                    for (int j = i + 1; j < T; j++) P[i * T + j] = 0.0f;
-                    float *o = a->attn + ((size_t)(b * T + i) * H + h) * dv;
-                    memset(o, 0, dv * 4);
-                    for (int j = 0; j <= i; j++) {
-                        const float *vj = a->kv + ((size_t)(b * T + j) * H + h) * kvw + dn;
-                        for (int d = 0; d < dv; d++) o[d] += P[i * T + j] * vj[d];
-                    }
-                }
-            }
-        matmul(ts->t1, &L->o_proj, a->attn, N, NULL);
-        for (size_t i = 0; i < (size_t)N * D; i++) x[i] += ts->t1[i];
-        memcpy(a->x_mid, x, (size_t)N * D * 4);
-        rmsnorm_rows(a->xn2, a->rstd2, x, L->post_attention_norm, N, D, c->rms_norm_eps);
-        ts->aux[l] = 0.0f;
-        if (L->has_mlp) swiglu_train(ts->t1, a->g, a->u, ts->t2, a->xn2, N, &L->mlp_gate, &L->mlp_up, &L->mlp_down);
-        else memset(ts->t1, 0, (size_t)N * D * 4);
-        if (L->is_moe) {
-            int Im = c->moe_intermediate_size;
-            matmul(a->scores, &L->router, a->xn2, N, NULL);
-            for (int t = 0; t < N; t++) {
-                softmax(a->scores + (size_t)t * E, E);
-                route_tokens(c, a->scores + (size_t)t * E, a->idx + (size_t)t * K, a->wt + (size_t)t * K, &rs->router);
-            }
-            for (int e = 0; e < E; e++) {  /* each expert on its tokens: slot t*K+k holds its values */
-                int m = 0;
-                for (int s = 0; s < N * K; s++) if (a->idx[s] == e) ts->list[m++] = s;
-                if (!m) continue;
-                for (int j = 0; j < m; j++) memcpy(ts->t3 + (size_t)j * D, a->xn2 + (size_t)(ts->list[j] / K) * D, D * 4);
-                swiglu_train(ts->t4, ts->t2, ts->t2 + (size_t)m * Im, ts->t2 + (size_t)2 * m * Im, ts->t3, m,
-                             &L->expert_gate[e], &L->expert_up[e], &L->expert_down[e]);
-                for (int j = 0; j < m; j++) {
-                    int slot = ts->list[j];
-                    memcpy(a->eg + (size_t)slot * Im, ts->t2 + (size_t)j * Im, Im * 4);
-                    memcpy(a->eu + (size_t)slot * Im, ts->t2 + (size_t)(m + j) * Im, Im * 4);
-                    memcpy(a->eo + (size_t)slot * D, ts->t4 + (size_t)j * D, D * 4);
-                }
-            }
-            for (int s = 0; s < N * K; s++)
-                for (int i = 0; i < D; i++) ts->t1[(size_t)(s / K) * D + i] += a->wt[s] * a->eo[(size_t)s * D + i];
-            /* expert-level balance loss: alpha * sum_e f_e P_e; counts are constants */
-            double aux = 0;
-            int groups = c->seq_aux ? B : 1, per = N / groups;
-            for (int b = 0; b < groups; b++)
-                for (int e = 0; e < E; e++) {
-                    int count = 0;
-                    double mean = 0;
-                    for (int t = b * per; t < (b + 1) * per; t++) {
-                        mean += a->scores[(size_t)t * E + e];
-                        for (int k = 0; k < K; k++) count += a->idx[t * K + k] == e;
-                    }
-                    aux += (count / ((double)per * K / E)) * (mean / per);
-                }
-            ts->aux[l] = (float)(c->aux_loss_alpha * aux / groups);
-        }
-        for (size_t i = 0; i < (size_t)N * D; i++) x[i] += ts->t1[i];
-    }
-    rmsnorm_rows(ts->xf, ts->rstd_f, x, w->final_norm, N, D, c->rms_norm_eps);
-    matmul(ts->logits, &w->lm_head, ts->xf, N, NULL);
-    double ce = 0;
-    for (int t = 0; t < N; t++) {
-        float *lg = ts->logits + (size_t)t * V;
-        softmax(lg, V);
-        ce -= log(fmax(lg[targets[t]], 1e-30));
-    }
-    ts->ce = ce / N;
-    double total = ts->ce;
-    for (int l = 0; l < c->num_hidden_layers; l++) total += ts->aux[l];
-    return total;
-}
-
-/* Gradients of the total loss (mean CE + sum of balance losses) into grads (accumulated). */
-static void train_backward(const Params *p, const Params *grads, TrainState *ts, RunState *rs, const int *inputs, const int *targets) {
-    const Config *c = &p->cfg;
-    const Weights *w = &p->w, *gw = &grads->w;
-    int B = ts->B, T = ts->T, N = ts->N, D = c->hidden_size, H = c->num_attention_heads, V = c->vocab_size;
-    int dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim, dq = dn + dr, r = c->kv_lora_rank;
-    int E = c->n_routed_experts, K = c->num_experts_per_tok, half = dr / 2, kvw = dn + dv;
-    size_t ND = (size_t)N * D;
-    float *dlogits = ts->logits;  /* softmax probabilities -> (p - onehot) / N, in place */
-    for (int t = 0; t < N; t++) {
-        for (int v = 0; v < V; v++) dlogits[(size_t)t * V + v] /= N;
-        dlogits[(size_t)t * V + targets[t]] -= 1.0f / N;
-    }
-    float *dx = xcalloc(ND, 4), *dxf = xcalloc(ND, 4);
-    linear_backward(&w->lm_head, &gw->lm_head, ts->xf, dlogits, dxf, N);
-    rmsnorm_backward(dx, mut(gw->final_norm), ts->x_final, w->final_norm, ts->rstd_f, dxf, N, D);
-    float *dxn = xcalloc(ND, 4);
-    int Im = c->moe_intermediate_size;
-    for (int l = c->num_hidden_layers - 1; l >= 0; l--) {
-        const Layer *L = &w->layers[l], *G = &gw->layers[l];
-        LayerActs *a = &ts->layers[l];
-        /* MLP / MoE branch: h_out = x_mid + f(norm(x_mid)) */
-        memset(dxn, 0, ND * 4);
-        if (L->has_mlp)
-            swiglu_backward(dx, a->xn2, a->g, a->u, N, &L->mlp_gate, &L->mlp_up, &L->mlp_down, &G->mlp_gate, &G->mlp_up, &G->mlp_down,
-                            dxn, ts->t1, ts->t2);
-        if (L->is_moe) {
-            float *dwt = ts->t3, *dscore = ts->t4;  /* [N*K], [N*E] */
-            for (int s = 0; s < N * K; s++) dwt[s] = dot_f32(dx + (size_t)(s / K) * D, a->eo + (size_t)s * D, D);
-            for (int e = 0; e < E; e++) {
-                int m = 0;
-                for (int s = 0; s < N * K; s++) if (a->idx[s] == e) ts->list[m++] = s;
-                if (!m) continue;
-                float *xin = ts->t1, *dy = ts->t1 + (size_t)m * D, *g = dy + (size_t)m * D, *u = g + (size_t)m * Im;
-                float *h = u + (size_t)m * Im, *dh = h + (size_t)m * Im, *dxe = dh + (size_t)m * Im;
-                for (int j = 0; j < m; j++) {
-                    int s = ts->list[j];
-                    memcpy(xin + (size_t)j * D, a->xn2 + (size_t)(s / K) * D, D * 4);
-                    for (int i = 0; i < D; i++) dy[(size_t)j * D + i] = a->wt[s] * dx[(size_t)(s / K) * D + i];
-                    memcpy(g + (size_t)j * Im, a->eg + (size_t)s * Im, Im * 4);
-                    memcpy(u + (size_t)j * Im, a->eu + (size_t)s * Im, Im * 4);
-                }
-                memset(dxe, 0, (size_t)m * D * 4);
-                swiglu_backward(dy, xin, g, u, m, &L->expert_gate[e], &L->expert_up[e], &L->expert_down[e], &G->expert_gate[e],
-                                &G->expert_up[e], &G->expert_down[e], dxe, h, dh);
-                for (int j = 0; j < m; j++)
-                    for (int i = 0; i < D; i++) dxn[(size_t)(ts->list[j] / K) * D + i] += dxe[(size_t)j * D + i];
-            }
-            memset(dscore, 0, (size_t)N * E * 4);
-            for (int t = 0; t < N; t++) {  /* routing weights -> scores */
-                const float *sc = a->scores + (size_t)t * E;
-                if (K > 1 && c->norm_topk_prob) {
-                    double z = 1e-20, wdw = 0;
-                    for (int k = 0; k < K; k++) { z += sc[a->idx[t * K + k]]; wdw += dwt[t * K + k] * a->wt[t * K + k]; }
-                    for (int k = 0; k < K; k++) dscore[(size_t)t * E + a->idx[t * K + k]] += (float)((dwt[t * K + k] - wdw) / z);
-                } else
-                    for (int k = 0; k < K; k++) dscore[(size_t)t * E + a->idx[t * K + k]] += (float)(dwt[t * K + k] * c->routed_scaling_factor);
-            }
-            int groups = c->seq_aux ? B : 1, per = N / groups;  /* d aux / d score: alpha f_e / (groups * per) */
-            for (int b = 0; b < groups; b++)
-                for (int e = 0; e < E; e++) {
-                    int count = 0;
-                    for (int t = b * per; t < (b + 1) * per; t++)
-                        for (int k = 0; k < K; k++) count += a->idx[t * K + k] == e;
-                    float dd = (float)(c->aux_loss_alpha * (count / ((double)per * K / E)) / ((double)per * groups));
-                    for (int t = b * per; t < (b + 1) * per; t++) dscore[(size_t)t * E + e] += dd;
-                }
-            for (int t = 0; t < N; t++) {  /* softmax backward: s * (ds - sum ds s) */
-                float *ds = dscore + (size_t)t * E;
-                const float *sc = a->scores + (size_t)t * E;
-                double sum = 0;
-                for (int e = 0; e < E; e++) sum += ds[e] * sc[e];
-                for (int e = 0; e < E; e++) ds[e] = sc[e] * (ds[e] - (float)sum);
-            }
-            linear_backward(&L->router, &G->router, a->xn2, dscore, dxn, N);
-        }
-        rmsnorm_backward(dx, mut(G->post_attention_norm), a->x_mid, L->post_attention_norm, a->rstd2, dxn, N, D);
-        /* attention branch: x_mid = x_in + o_proj(attn(norm(x_in))) */
-        float *dattn = ts->t1, *dquery = ts->t2, *dkv = ts->t3, *dkpe = ts->t4;
-        memset(dattn, 0, (size_t)N * H * dv * 4);
-        linear_backward(&L->o_proj, &G->o_proj, a->attn, dx, dattn, N);
-        memset(dquery, 0, (size_t)N * H * dq * 4);
-        memset(dkv, 0, (size_t)N * H * kvw * 4);
-        memset(dkpe, 0, (size_t)N * dr * 4);
-#pragma omp parallel for collapse(2) schedule(static)
-        for (int b = 0; b < B; b++)
-            for (int h = 0; h < H; h++) {
-                const float *P = a->probs + (((size_t)b * H + h) * T) * T;
-                float *dp = xcalloc(T, 4);
-                for (int i = 0; i < T; i++) {
-                    const float *doi = dattn + ((size_t)(b * T + i) * H + h) * dv;
-                    double sum = 0;
-                    for (int j = 0; j <= i; j++) {
-                        const float *vj = a->kv + ((size_t)(b * T + j) * H + h) * kvw + dn;
-                        float *dvj = dkv + ((size_t)(b * T + j) * H + h) * kvw + dn;
-                        dp[j] = dot_f32(doi, vj, dv);
-                        for (int d = 0; d < dv; d++) dvj[d] += P[i * T + j] * doi[d];
-                        sum += dp[j] * P[i * T + j];
-                    }
-                    const float *qi = a->q + ((size_t)(b * T + i) * H + h) * dq;
-                    float *dqi = dquery + ((size_t)(b * T + i) * H + h) * dq;
-                    for (int j = 0; j <= i; j++) {
-                        float ds = P[i * T + j] * (dp[j] - (float)sum) * (float)rs->softmax_scale;
-                        const float *kj = a->kv + ((size_t)(b * T + j) * H + h) * kvw, *kpe = a->k_pe + (size_t)(b * T + j) * dr;
-                        float *dkj = dkv + ((size_t)(b * T + j) * H + h) * kvw, *dkpej = dkpe + (size_t)(b * T + j) * dr;
-                        for (int d = 0; d < dn; d++) { dqi[d] += ds * kj[d]; dkj[d] += ds * qi[d]; }
-                        for (int d = 0; d < dr; d++) {
-                            dqi[dn + d] += ds * kpe[d];
-#pragma omp atomic
-                            dkpej[d] += ds * qi[dn + d];
-                        }
-                    }
-                }
-                free(dp);
-            }
-        memset(dxn, 0, ND * 4);
-        float *dc = xcalloc((size_t)N * r, 4), *dkv_a = xcalloc((size_t)N * (r + dr), 4), *craw = xcalloc((size_t)N * r, 4);
-        linear_backward(&L->kv_b_proj, &G->kv_b_proj, a->c, dkv, dc, N);
-        for (int t = 0; t < N; t++) {
-            int pos = t % T;
-            for (int h = 0; h < H; h++)
-                rope_rotate_backward(dquery + ((size_t)t * H + h) * dq + dn, rs->rope_cos + (size_t)pos * half, rs->rope_sin + (size_t)pos * half, dr);
-            rope_rotate_backward(dkpe + (size_t)t * dr, rs->rope_cos + (size_t)pos * half, rs->rope_sin + (size_t)pos * half, dr);
-            memcpy(dkv_a + (size_t)t * (r + dr) + r, dkpe + (size_t)t * dr, dr * 4);
-        }
-        /* the raw latent before kv_a_layernorm: recompute it (x_norm * kv_a_proj rows 0..r-1) */
-        float *kv_a = xcalloc((size_t)N * (r + dr), 4), *dcraw = xcalloc((size_t)N * r, 4);
-        matmul(kv_a, &L->kv_a_proj, a->xn1, N, NULL);
-        for (int t = 0; t < N; t++) memcpy(craw + (size_t)t * r, kv_a + (size_t)t * (r + dr), r * 4);
-        rmsnorm_backward(dcraw, mut(G->kv_a_norm), craw, L->kv_a_norm, a->rstd_c, dc, N, r);
-        for (int t = 0; t < N; t++) memcpy(dkv_a + (size_t)t * (r + dr), dcraw + (size_t)t * r, r * 4);
-        linear_backward(&L->kv_a_proj, &G->kv_a_proj, a->xn1, dkv_a, dxn, N);
-        if (c->q_lora_rank > 0) {
-            float *dqan = xcalloc((size_t)N * c->q_lora_rank, 4), *dqa = xcalloc((size_t)N * c->q_lora_rank, 4);
-            linear_backward(&L->q_b_proj, &G->q_b_proj, a->q_an, dquery, dqan, N);
-            rmsnorm_backward(dqa, mut(G->q_a_norm), a->q_a, L->q_a_norm, a->rstd_q, dqan, N, c->q_lora_rank);
-            linear_backward(&L->q_a_proj, &G->q_a_proj, a->xn1, dqa, dxn, N);
-            free(dqan); free(dqa);
-        } else linear_backward(&L->q_proj, &G->q_proj, a->xn1, dquery, dxn, N);
-        rmsnorm_backward(dx, mut(G->input_norm), a->x_in, L->input_norm, a->rstd1, dxn, N, D);
-        free(dc); free(dkv_a); free(craw); free(kv_a); free(dcraw);
-    }
-    for (int t = 0; t < N; t++) {  /* embedding rows */
-        float *row = mut(gw->embed.data) + (size_t)inputs[t] * D;
-        for (int i = 0; i < D; i++) row[i] += dx[(size_t)t * D + i];
-    }
-    free(dx); free(dxf); free(dxn);
-}
 
 /* AdamW as torch.optim.AdamW, on every parameter (zero gradients still decay). step counts from 1. */
 typedef struct { float lr, beta1, beta2, eps, weight_decay; } AdamW;
@@ -2735,12 +3449,6 @@ static void adamw_step(Params *p, const Params *g, float *m, float *v, const Ada
 }
 
 /* --- The training loop: `./dsv2 INIT.bin -m train -f corpus.txt -o model.bin` --- */
-
-typedef struct {
-    int steps, batch, seq_len, eval_every, seed;
-    float lr;
-    const char *corpus, *out;
-} TrainOptions;
 
 /* Random windows of seq_len + 1 tokens: inputs and the targets shifted by one. */
 static void sample_batch(const int *tokens, int n_tokens, int B, int T, int *inputs, int *targets, uint64_t *rng) {
@@ -2808,44 +3516,109 @@ static int adam_state_io(const char *model_path, float *m, float *v, size_t n, i
     return ok;
 }
 
-static void train(const char *init_path, const TrainOptions *o) {
-    Params p, g;
-    params_load(&p, init_path);
-    const Config *c = &p.cfg;
-    Weights view;  /* the initial file, for its tokenizer */
-    memset(&view, 0, sizeof view);
-    load_weights(&view, init_path, WEIGHTS_MMAP);
-    Tokenizer tok;
-    if (!load_tokenizer_file(&tok, init_path, &view)) die("%s has no tokenizer: training encodes text with the model's own", init_path);
-    if (o->seq_len > c->max_position_embeddings) die("-c %d exceeds max_position_embeddings %d", o->seq_len, c->max_position_embeddings);
+
+/* The corpus as ids: the last 5% of its lines held out for validation. */
+static void encode_corpus(Tokenizer *tok, const char *path, IdList *train_ids, IdList *val_ids) {
     size_t text_len = 0;
-    char *text = read_file(o->corpus, &text_len);
-    size_t split = text_len;  /* the last 5% of lines are held out */
-    {
-        size_t total = 0, seen = 0;
-        for (size_t i = 0; i < text_len; i++) total += text[i] == '\n';
-        for (size_t i = 0; i < text_len && total > 20; i++)
-            if (text[i] == '\n' && ++seen == total - total / 20) { split = i + 1; break; }
+    char *text = read_file(path, &text_len);
+    size_t split = text_len, total = 0, seen = 0;
+    for (size_t i = 0; i < text_len; i++) total += text[i] == '\n';
+    for (size_t i = 0; i < text_len && total > 20; i++)
+        if (text[i] == '\n' && ++seen == total - total / 20) { split = i + 1; break; }
+    tokenizer_encode(tok, text, split, 0, train_ids);
+    tokenizer_encode(tok, text + split, text_len - split, 0, val_ids);
+    free(text);
+}
+
+/* Warmup over the first 5% of the steps, then a cosine down to 10% of the peak. */
+static float learning_rate(float peak, int step, int total_steps) {
+    int warmup = total_steps / 20 + 1;
+    if (step <= warmup) return peak * step / warmup;
+    return peak * (0.1f + 0.45f * (1 + cosf(3.14159265f * (step - warmup) / fmaxf(1, total_steps - warmup))));
+}
+
+/* One line on stderr: the losses, and each MoE layer's expert load as the min-max share. */
+static void log_step(const Params *p, const TrainState *ts, int step, double loss, float lr, double tps, float val) {
+    const Config *c = &p->cfg;
+    int slots = ts->N * c->num_experts_per_tok;
+    fprintf(stderr, "step %5d  loss %.4f  ce %.4f  lr %.2e  %.0f tok/s", step, loss, ts->ce, lr, tps);
+    if (!isnan(val)) fprintf(stderr, "  val %.4f", val);
+    fprintf(stderr, "  expert load (min-max share per layer):");
+    int *count = xcalloc(c->n_routed_experts, sizeof(int));
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        if (!p->w.layers[l].is_moe) continue;
+        memset(count, 0, c->n_routed_experts * sizeof(int));
+        for (int k = 0; k < slots; k++) count[ts->layers[l].idx[k]]++;
+        int lo = count[0], hi = count[0];
+        for (int e = 1; e < c->n_routed_experts; e++) {
+            lo = count[e] < lo ? count[e] : lo;
+            hi = count[e] > hi ? count[e] : hi;
+        }
+        fprintf(stderr, " %.0f-%.0f%%", 100.0 * lo / slots, 100.0 * hi / slots);
     }
-    IdList train_ids = {0}, val_ids = {0};
-    tokenizer_encode(&tok, text, split, 0, &train_ids);
-    tokenizer_encode(&tok, text + split, text_len - split, 0, &val_ids);
-    int B = o->batch, T = o->seq_len;
-    if (train_ids.n < T + 2) die("%s is too short for sequences of %d tokens", o->corpus, T);
-    fprintf(stderr, "train: %d tokens, validation: %d tokens (last 5%% of lines); batch %d x %d, %d steps\n",
-            train_ids.n, val_ids.n, B, T, o->steps);
-    params_init(&g, c);
+    free(count);
+    fprintf(stderr, "\n");
+}
+
+/* Everything one run of training holds. */
+typedef struct {
+    Params p, g;
     TrainState ts;
-    train_state_init(&ts, c, B, T);
     RunState rs;
-    init_run_state(&rs, c, ATTN_ABSORB, T);
-    size_t n = params_count(&p);
-    float *m = xcalloc(n, 4), *v = xcalloc(n, 4);
-    int done = 0;
-    if (adam_state_io(init_path, m, v, n, &done, 0)) fprintf(stderr, "resuming after step %d (%s.adam)\n", done, init_path);
+    Weights view;                 /* the initial file, for its tokenizer */
+    Tokenizer tok;
+    IdList train_ids, val_ids;
+    float *m, *v;                 /* Adam's moments */
+    int *inputs, *targets;
+    float *train_curve, *val_curve;
+} Trainer;
+
+static void trainer_open(Trainer *tr, const char *init_path, const TrainOptions *o) {
+    memset(tr, 0, sizeof *tr);
+    params_load(&tr->p, init_path);
+    const Config *c = &tr->p.cfg;
+    load_weights(&tr->view, init_path, WEIGHTS_MMAP);
+    if (!load_tokenizer_file(&tr->tok, init_path, &tr->view))
+        die("%s has no tokenizer: training encodes text with the model's own", init_path);
+    if (o->seq_len > c->max_position_embeddings)
+        die("-c %d exceeds max_position_embeddings %d", o->seq_len, c->max_position_embeddings);
+    encode_corpus(&tr->tok, o->corpus, &tr->train_ids, &tr->val_ids);
+    int B = o->batch, T = o->seq_len;
+    if (tr->train_ids.n < T + 2) die("%s is too short for sequences of %d tokens", o->corpus, T);
+    fprintf(stderr, "train: %d tokens, validation: %d tokens (last 5%% of lines); batch %d x %d, %d steps\n",
+            tr->train_ids.n, tr->val_ids.n, B, T, o->steps);
+    params_init(&tr->g, c);
+    train_state_init(&tr->ts, c, B, T);
+    init_run_state(&tr->rs, c, ATTN_ABSORB, T);
+    size_t n = params_count(&tr->p);
+    tr->m = floats(n);
+    tr->v = floats(n);
+    tr->inputs = xcalloc((size_t)B * T, sizeof(int));
+    tr->targets = xcalloc((size_t)B * T, sizeof(int));
+    tr->train_curve = floats(o->steps);
+    tr->val_curve = floats(o->steps);
+}
+
+static void trainer_close(Trainer *tr) {
+    void *bufs[] = {tr->m, tr->v, tr->inputs, tr->targets, tr->train_curve, tr->val_curve, tr->train_ids.ids,
+                    tr->val_ids.ids};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+    free_run_state(&tr->rs);
+    train_state_free(&tr->ts, &tr->p.cfg);
+    free_tokenizer(&tr->tok);
+    free_weights(&tr->view);
+    params_free(&tr->p);
+    params_free(&tr->g);
+}
+
+static void train(const char *init_path, const TrainOptions *o) {
+    Trainer tr;
+    trainer_open(&tr, init_path, o);
+    const Config *c = &tr.p.cfg;
+    size_t n = params_count(&tr.p);
+    int done = 0, B = o->batch, T = o->seq_len;
+    if (adam_state_io(init_path, tr.m, tr.v, n, &done, 0)) fprintf(stderr, "resuming after step %d (%s.adam)\n", done, init_path);
     AdamW opt = {o->lr, 0.9f, 0.95f, 1e-8f, 0.1f};
-    int *inputs = xcalloc((size_t)B * T, sizeof(int)), *targets = xcalloc((size_t)B * T, sizeof(int));
-    float *train_curve = xcalloc(o->steps, 4), *val_curve = xcalloc(o->steps, 4);
     char csv_path[4096], svg_path[4096];
     snprintf(csv_path, sizeof csv_path, "%s.csv", o->out);
     snprintf(svg_path, sizeof svg_path, "%s.svg", o->out);
@@ -2854,301 +3627,32 @@ static void train(const char *init_path, const TrainOptions *o) {
     fprintf(csv, "step,loss,cross_entropy,validation,lr,tokens_per_s\n");
     uint64_t rng = (uint64_t)o->seed * 0x9E3779B97F4A7C15ull + 7;
     for (int s = 0; s < o->steps; s++) {
-        int step = done + s + 1, total_steps = done + o->steps, warmup = total_steps / 20 + 1;
-        opt.lr = step <= warmup ? o->lr * step / warmup  /* warmup, then cosine down to 10% */
-                                : o->lr * (0.1f + 0.45f * (1 + cosf(3.14159265f * (step - warmup) / fmaxf(1, total_steps - warmup))));
+        int step = done + s + 1, last = s == o->steps - 1;
+        opt.lr = learning_rate(o->lr, step, done + o->steps);
         double t0 = now_seconds();
-        sample_batch(train_ids.ids, train_ids.n, B, T, inputs, targets, &rng);
-        double loss = train_forward(&p, &ts, &rs, inputs, targets);
-        memset(params_data(&g), 0, n * 4);
-        train_backward(&p, &g, &ts, &rs, inputs, targets);
-        adamw_step(&p, &g, m, v, &opt, step);
-        double tps = B * T / (now_seconds() - t0), ce = ts.ce;
-        train_curve[s] = (float)loss;
-        val_curve[s] = NAN;
-        int last = s == o->steps - 1;
-        if ((s + 1) % o->eval_every == 0 || last) val_curve[s] = (float)validation_loss(&p, &ts, &rs, val_ids.ids, val_ids.n, inputs, targets);
-        if (isnan(val_curve[s])) fprintf(csv, "%d,%.5f,%.5f,,%.3g,%.0f\n", step, loss, ce, opt.lr, tps);
-        else fprintf(csv, "%d,%.5f,%.5f,%.5f,%.3g,%.0f\n", step, loss, ce, val_curve[s], opt.lr, tps);
-        if (s % 10 == 0 || last || !isnan(val_curve[s])) {
-            fprintf(stderr, "step %5d  loss %.4f  ce %.4f  lr %.2e  %.0f tok/s", step, loss, ce, opt.lr, tps);
-            if (!isnan(val_curve[s])) fprintf(stderr, "  val %.4f", val_curve[s]);
-            fprintf(stderr, "  expert load (min-max share per layer):");
-            for (int l = 0; l < c->num_hidden_layers; l++) {
-                if (!p.w.layers[l].is_moe) continue;
-                int count[c->n_routed_experts];
-                memset(count, 0, sizeof count);
-                for (int k = 0; k < B * T * c->num_experts_per_tok; k++) count[ts.layers[l].idx[k]]++;
-                int lo = count[0], hi = count[0];
-                for (int e = 1; e < c->n_routed_experts; e++) { lo = count[e] < lo ? count[e] : lo; hi = count[e] > hi ? count[e] : hi; }
-                fprintf(stderr, " %.0f-%.0f%%", 100.0 * lo / (B * T * c->num_experts_per_tok), 100.0 * hi / (B * T * c->num_experts_per_tok));
-            }
-            fprintf(stderr, "\n");
-        }
-        if (!isnan(val_curve[s]) || last) {  /* checkpoint: the normal model format, plus Adam's state */
-            params_save(&p, o->out, (const char *)view.map + c->tokenizer_offset, c->tokenizer_size);
+        sample_batch(tr.train_ids.ids, tr.train_ids.n, B, T, tr.inputs, tr.targets, &rng);
+        double loss = train_forward(&tr.p, &tr.ts, &tr.rs, tr.inputs, tr.targets);
+        zero(params_data(&tr.g), n);
+        train_backward(&tr.p, &tr.g, &tr.ts, &tr.rs, tr.inputs, tr.targets);
+        adamw_step(&tr.p, &tr.g, tr.m, tr.v, &opt, step);
+        double tps = B * T / (now_seconds() - t0), ce = tr.ts.ce;
+        float val = NAN;
+        if ((s + 1) % o->eval_every == 0 || last)
+            val = (float)validation_loss(&tr.p, &tr.ts, &tr.rs, tr.val_ids.ids, tr.val_ids.n, tr.inputs, tr.targets);
+        tr.train_curve[s] = (float)loss;
+        tr.val_curve[s] = val;
+        if (isnan(val)) fprintf(csv, "%d,%.5f,%.5f,,%.3g,%.0f\n", step, loss, ce, opt.lr, tps);
+        else fprintf(csv, "%d,%.5f,%.5f,%.5f,%.3g,%.0f\n", step, loss, ce, val, opt.lr, tps);
+        if (s % 10 == 0 || last || !isnan(val)) log_step(&tr.p, &tr.ts, step, loss, opt.lr, tps, val);
+        if (!isnan(val) || last) {  /* checkpoint: the normal model format, plus Adam's state */
+            params_save(&tr.p, o->out, (const char *)tr.view.map + c->tokenizer_offset, c->tokenizer_size);
             int at = step;
-            if (!adam_state_io(o->out, m, v, n, &at, 1)) fprintf(stderr, "dsv2: warning: cannot write %s.adam\n", o->out);
+            if (!adam_state_io(o->out, tr.m, tr.v, n, &at, 1)) fprintf(stderr, "dsv2: warning: cannot write %s.adam\n", o->out);
         }
     }
     fclose(csv);
-    write_loss_svg(svg_path, train_curve, val_curve, o->steps);
+    write_loss_svg(svg_path, tr.train_curve, tr.val_curve, o->steps);
     fprintf(stderr, "wrote %s, %s, %s\n", o->out, csv_path, svg_path);
-    free(m); free(v); free(inputs); free(targets); free(train_curve); free(val_curve); free(text);
-    free(train_ids.ids); free(val_ids.ids);
-    free_run_state(&rs);
-    train_state_free(&ts, c);
-    free_tokenizer(&tok);
-    free_weights(&view);
-    params_free(&p);
-    params_free(&g);
+    trainer_close(&tr);
 }
-
-/* Bytes in a human unit, into buf. */
-static const char *human_bytes(double bytes, char *buf, size_t size) {
-    const char *unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-    int u = 0;
-    while (bytes >= 1024 && u < 4) { bytes /= 1024; u++; }
-    snprintf(buf, size, "%.1f %s", bytes, unit[u]);
-    return buf;
-}
-
-static double mat_bytes(const Mat *m) {
-    return m->data ? (double)m->rows * m->cols * dtype_size(m->dtype) + (m->scale ? (double)m->rows * (m->cols / m->group) * 4 : 0) : 0;
-}
-
-/* Weight bytes one decoded token reads: attention, dense MLPs, the router, the shared experts and
- * num_experts_per_tok routed experts per MoE layer, and lm_head (one embedding row is noise).
- * This over memory bandwidth is the decode roofline. */
-static double decode_bytes_per_token(const Weights *w) {
-    const Config *c = &w->cfg;
-    double bytes = mat_bytes(&w->lm_head);
-    for (int l = 0; l < c->num_hidden_layers; l++) {
-        const Layer *L = &w->layers[l];
-        const Mat *m[] = {&L->q_proj, &L->q_a_proj, &L->q_b_proj, &L->kv_a_proj, &L->kv_b_proj, &L->o_proj,
-                          &L->mlp_gate, &L->mlp_up, &L->mlp_down, &L->router};
-        for (size_t i = 0; i < sizeof m / sizeof m[0]; i++) bytes += mat_bytes(m[i]);
-        if (L->is_moe)
-            bytes += c->num_experts_per_tok * (mat_bytes(&L->expert_gate[0]) + mat_bytes(&L->expert_up[0]) + mat_bytes(&L->expert_down[0]));
-    }
-    return bytes;
-}
-
-/* What the latent cache saves: printed at start. */
-static void print_kv_cache_sizes(const Config *c, int context, int attn_mode) {
-    double latent = (double)kv_cache_width(c, ATTN_ABSORB) * c->num_hidden_layers * sizeof(float);
-    double mha = (double)kv_cache_width(c, ATTN_NAIVE) * c->num_hidden_layers * sizeof(float);
-    char a[32], b[32], d[32], e[32], f[32];
-    fprintf(stderr, "KV cache (f32, all layers): MLA latent %s/token, %s for all %d positions; "
-                    "a standard MHA cache would take %s/token, %s (%.1fx)\n",
-            human_bytes(latent, a, 32), human_bytes(latent * c->max_position_embeddings, b, 32),
-            c->max_position_embeddings, human_bytes(mha, d, 32), human_bytes(mha * c->max_position_embeddings, e, 32),
-            mha / latent);
-    fprintf(stderr, "attention: %s, context %d, cache %s\n", attn_mode == ATTN_ABSORB ? "absorb (latent cache)" : "naive (per-head K/V cache)",
-            context, human_bytes((attn_mode == ATTN_ABSORB ? latent : mha) * context, f, 32));
-}
-
-/* ------------------------------------------------------------------------- */
-/* CLI                                                                        */
-/* ------------------------------------------------------------------------- */
-
-#ifndef DSV2_NO_MAIN
-static void usage(void) {
-    fprintf(stderr,
-            "usage: ./dsv2 FILE [options]          FILE: a model (.bin) or, for encode/decode, a tokenizer (.tok)\n"
-            "  -m MODE    generate (default) | chat | logits | encode | decode\n"
-            "  -i TEXT    the prompt (text, or whitespace-separated ids for a model without a tokenizer)\n"
-            "  -f FILE    read the prompt (or the text to encode, the ids to decode) from a file\n"
-            "  -o FILE    logits: output file (float32 [T][vocab]); decode: output file (default stdout)\n"
-            "  -y TEXT    chat: system prompt\n"
-            "  -n N       tokens to generate (default 256)\n"
-            "  -t T       temperature, 0 = greedy (default 1.0)\n"
-            "  -p P       top-p (default 0.9)\n"
-            "  -s SEED    random seed (default: time)\n"
-            "  -a MODE    attention: absorb (default, latent cache) | naive (per-head K/V cache)\n"
-            "  -c N       context length (default min(max_position_embeddings, 4096))\n"
-            "  -w MODE    weights: auto (default) | mmap (read in place) | load (into huge-page memory)\n"
-            "  -g LIST    (the CUDA build, ./dsv2cu; also --gpus LIST) GPUs to split the layers over: 0, 0,1 or 0,0\n"
-            "training (-m train, an f32 model with a tokenizer): -f corpus.txt -o out.bin -n steps (default 256)\n"
-            "  -b N       sequences per batch (default 8); -c N: tokens per sequence (default 128)\n"
-            "  -r LR      peak learning rate (default 3e-3); -e N: validate and checkpoint every N steps (default 100)\n");
-    exit(1);
-}
-
-static long parse_int_arg(const char *flag, const char *v, long lo, long hi) {
-    char *end;
-    errno = 0;
-    long x = strtol(v, &end, 10);
-    if (errno || *end || end == v || x < lo || x > hi) die("%s expects an integer in [%ld, %ld], got \"%s\"", flag, lo, hi, v);
-    return x;
-}
-static float parse_float_arg(const char *flag, const char *v, float lo, float hi) {
-    char *end;
-    float x = strtof(v, &end);
-    if (*end || end == v || !(x >= lo && x <= hi)) die("%s expects a number in [%g, %g], got \"%s\"", flag, lo, hi, v);
-    return x;
-}
-
-static int is_tokenizer_file(const char *path) {
-    char magic[4] = {0};
-    FILE *f = fopen(path, "rb");
-    if (!f) die("cannot open %s: %s", path, strerror(errno));
-    size_t got = fread(magic, 1, 4, f);
-    fclose(f);
-    return got == 4 && !memcmp(magic, TOKENIZER_MAGIC, 4);
-}
-
-int main(int argc, char **argv) {
-    if (argc < 2 || argv[1][0] == '-') usage();
-    const char *path = argv[1], *mode = "generate", *prompt = NULL, *prompt_file = NULL, *out_path = NULL, *system = NULL, *gpus = NULL;
-    long steps = 256, context = 0;
-    float temperature = 1.0f, topp = 0.9f;
-    uint64_t seed = (uint64_t)time(NULL);
-    int attn_mode = ATTN_ABSORB, weights_mode = WEIGHTS_AUTO, batch = 8, eval_every = 100, steps_given = 0;
-    float lr = 3e-3f;
-    for (int i = 2; i < argc; i += 2) {
-        const char *flag = strcmp(argv[i], "--gpus") ? argv[i] : "-g";  /* the one long name, as multi-GPU tools spell it */
-        if (flag[0] != '-' || strlen(flag) != 2) die("unknown argument \"%s\" (run ./dsv2 for usage)", argv[i]);
-        if (i + 1 >= argc) die("option %s needs a value", argv[i]);
-        const char *v = argv[i + 1];
-        switch (flag[1]) {
-        case 'm': mode = v; break;
-        case 'i': prompt = v; break;
-        case 'f': prompt_file = v; break;
-        case 'o': out_path = v; break;
-        case 'y': system = v; break;
-        case 'g': gpus = v; break;
-        case 'n': steps = parse_int_arg("-n", v, 0, 1 << 24); steps_given = 1; break;
-        case 'b': batch = (int)parse_int_arg("-b", v, 1, 4096); break;
-        case 'e': eval_every = (int)parse_int_arg("-e", v, 1, 1 << 24); break;
-        case 'r': lr = parse_float_arg("-r", v, 0, 1); break;
-        case 't': temperature = parse_float_arg("-t", v, 0, 100); break;
-        case 'p': topp = parse_float_arg("-p", v, 0, 1); break;
-        case 's': seed = (uint64_t)parse_int_arg("-s", v, 0, 0x7fffffffL); break;
-        case 'c': context = parse_int_arg("-c", v, 1, 1 << 24); break;
-        case 'w':
-            if (!strcmp(v, "auto")) weights_mode = WEIGHTS_AUTO;
-            else if (!strcmp(v, "mmap")) weights_mode = WEIGHTS_MMAP;
-            else if (!strcmp(v, "load")) weights_mode = WEIGHTS_LOAD;
-            else die("-w expects auto, mmap or load, got \"%s\"", v);
-            break;
-        case 'a':
-            if (!strcmp(v, "absorb")) attn_mode = ATTN_ABSORB;
-            else if (!strcmp(v, "naive")) attn_mode = ATTN_NAIVE;
-            else die("-a expects absorb or naive, got \"%s\"", v);
-            break;
-        default: die("unknown option %s (run ./dsv2 for usage)", argv[i]);
-        }
-    }
-    const char *modes[] = {"generate", "chat", "logits", "encode", "decode", "train"};
-    int m = 0;
-    while (m < 6 && strcmp(mode, modes[m])) m++;
-    if (m == 6) die("unknown mode \"%s\" (generate | chat | logits | encode | decode | train)", mode);
-    if (m == 5) {
-        if (!prompt_file || !out_path) die("-m train needs -f CORPUS and -o OUT");
-        if (is_tokenizer_file(path)) die("%s is a tokenizer, not a model", path);
-        TrainOptions o = {steps_given ? (int)steps : 256, batch, context ? (int)context : 128, eval_every, (int)seed, lr, prompt_file, out_path};
-        train(path, &o);
-        return 0;
-    }
-    int is_chat = m == 1, is_logits = m == 2, is_encode = m == 3, is_decode = m == 4;
-    if (prompt && prompt_file) die("give the prompt with -i or -f, not both");
-    if (is_logits && !out_path) die("-m logits needs -o FILE");
-
-    size_t input_len = 0;
-    char *file_text = prompt_file ? read_file(prompt_file, &input_len) : NULL;
-    const char *input = file_text ? file_text : prompt;
-    if (prompt) input_len = strlen(prompt);
-
-    Weights w;
-    Tokenizer tok;
-    memset(&w, 0, sizeof w);
-    int tokenizer_only = is_tokenizer_file(path), has_tokenizer;
-    if (tokenizer_only) {
-        if (!is_encode && !is_decode) die("%s is a tokenizer, not a model: only -m encode and -m decode work on it", path);
-        has_tokenizer = load_tokenizer_file(&tok, path, NULL);
-    } else {
-        load_weights(&w, path, weights_mode);
-        has_tokenizer = load_tokenizer_file(&tok, path, &w);
-    }
-    if ((is_encode || is_decode || is_chat) && !has_tokenizer) die("%s has no tokenizer (export the model from a folder with tokenizer.json)", path);
-
-    if (is_encode) {  /* the input's bytes exactly, no BOS */
-        if (!input) die("-m encode needs the text with -f FILE or -i TEXT");
-        IdList ids = {0};
-        tokenizer_encode(&tok, input, input_len, 0, &ids);
-        for (int i = 0; i < ids.n; i++) printf("%s%d", i ? " " : "", ids.ids[i]);
-        printf("\n");
-        free(ids.ids);
-    } else if (is_decode) {
-        if (!input) die("-m decode needs the ids with -f FILE or -i IDS");
-        int n = 0, *ids = parse_ids(input, 1 << 30, &n);
-        FILE *f = out_path ? fopen(out_path, "wb") : stdout;
-        if (!f) die("cannot open %s for writing: %s", out_path, strerror(errno));
-        TextSink sink = {.file = f};
-        for (int i = 0; i < n; i++) decode_token(&tok, &sink, ids[i], 0);
-        sink_flush(&sink);
-        if (out_path && fclose(f) != 0) die("cannot write %s", out_path);
-        free(ids);
-    } else {
-        const Config *c = &w.cfg;
-        if (context == 0) context = c->max_position_embeddings < 4096 ? c->max_position_embeddings : 4096;
-        if (context > c->max_position_embeddings) die("-c %ld exceeds max_position_embeddings %d", context, c->max_position_embeddings);
-        IdList ids = {0};
-        int text_prompt = has_tokenizer && !is_logits;
-        if (is_chat) {
-            if (c->eos_token_id < 0) die("chat needs an eos_token_id in the model config");
-        } else if (text_prompt) {
-            tokenizer_encode(&tok, input ? input : "", input ? input_len : 0, tok.add_bos, &ids);
-        } else if (input) {
-            ids.ids = parse_ids(input, c->vocab_size, &ids.n);
-        } else if (c->bos_token_id >= 0) {
-            ids_push(&ids, c->bos_token_id);
-        }
-        if (!is_chat) {
-            if (ids.n < 1) die("no tokens to run: the prompt is empty");
-            check_context(ids.n, (int)context);
-        }
-        RunState s;
-        init_run_state(&s, c, attn_mode, (int)context);
-#ifdef DSV2_CUDA
-        gpu_model = gpu_model_create(&w, &s, gpus ? gpus : "0");
-#else
-        if (gpus) die("-g needs the CUDA build (make cuda, then ./dsv2cu)");
-#endif
-        print_kv_cache_sizes(c, (int)context, attn_mode);
-        fprintf(stderr, "weights: %s, %.3f GB read per decoded token, %d threads\n",
-                c->dtype == DTYPE_Q8 ? "q8" : c->dtype == DTYPE_BF16 ? "bf16" : "f32", decode_bytes_per_token(&w) / 1e9,
-#ifdef _OPENMP
-                omp_get_max_threads()
-#else
-                1
-#endif
-        );
-        Sampler sp = {c->vocab_size, temperature, topp, seed * 0x9E3779B97F4A7C15ull + 1, xcalloc(c->vocab_size, sizeof(int))};
-        if (is_logits) {
-            write_logits(&w, &s, ids.ids, ids.n, out_path);
-        } else if (is_chat) {
-            chat(&w, &s, &sp, &tok, system, input, (int)steps);
-        } else {
-            int pos = 0;
-            TextSink sink = {.file = stdout};
-            if (text_prompt && input) { fwrite(input, 1, input_len, stdout); fflush(stdout); }
-            /* With a tokenizer, generation is text and stops at EOS; without, ids in and out. */
-            generate(&w, &s, &sp, text_prompt ? &tok : NULL, &sink, ids.ids, ids.n, &pos, (int)steps, text_prompt);
-            if (text_prompt) printf("\n");
-        }
-        free(sp.order);
-        free_run_state(&s);
-        free(ids.ids);
-#ifdef DSV2_CUDA
-        cuda_destroy(gpu_model);
-        gpu_model = NULL;
-#endif
-    }
-    free(file_text);
-    if (has_tokenizer) free_tokenizer(&tok);
-    if (!tokenizer_only) free_weights(&w);
-    return 0;
-}
-#endif
+#endif /* DSV2_TYPES_ONLY */

@@ -258,11 +258,11 @@ static void *random_model(Weights *w, const Config *c) {
     memset(w, 0, sizeof *w);
     w->cfg = *c;
     alloc_layers(w);
-    Cursor measure = {NULL, 0, DTYPE_F32, 0, NULL, NULL, 0};
+    Cursor measure = {NULL, 0, DTYPE_F32, 0, NULL, 0, NULL};
     size_t size = layout_weights(w, &measure);
     float *buf = xcalloc(size / 4 + 1, 4);
     for (size_t i = 0; i < size / 4; i++) buf[i] = 0.3f * rand_normal();
-    Cursor fill = {(const char *)buf, 0, DTYPE_F32, 0, NULL, NULL, 0};
+    Cursor fill = {(const char *)buf, 0, DTYPE_F32, 0, NULL, 0, NULL};
     layout_weights(w, &fill);
     for (int l = 0; l < c->num_hidden_layers; l++) {  /* norms near 1, as trained models have */
         Layer *L = &w->layers[l];
@@ -339,14 +339,14 @@ static void test_matmul_dtypes(void) {
     check(err < 1e-4, "f32 matmul of 3 tokens, 37 rows (blocks of 4 with a ragged end): max err %.1e", err);
     quantize_activations(wq, wq_scale, w, ROWS * COLS, G);  /* the same symmetric scheme as export.py */
     size_t at[1];
-    ActivationScratch act = {xq, xs, N * COLS, at, 1};
+    MatmulScratch act = {xq, xs, N * COLS, at, 1, 0};
     Mat Q = {wq, wq_scale, DTYPE_Q8, ROWS, COLS, G};
     float y_simd[N * ROWS];
     for (int simd = 1; simd >= 0; simd--) {  /* the intrinsics kernel (where built) and the portable one */
-        dsv2_simd = simd;
+        act.portable = !simd;
         matmul(simd ? y_simd : y, &Q, x, N, &act);
     }
-    dsv2_simd = 1;
+    act.portable = 0;
     err = 0;
     for (int i = 0; i < N * ROWS; i++) err = fmax(err, fabs(y[i] - ref[i]));
     check(err < 0.02 * max_ref, "q8 matmul (int8 weights and activations, groups of 32) within 2%% of the max: %.1e of %.1f", err, max_ref);
@@ -378,7 +378,7 @@ static void test_matmul_many(void) {
     static int8_t aq[N * COLS * 2 + 2 * C_COLS];
     static float as[sizeof aq / G];
     size_t at[3];
-    ActivationScratch act = {aq, as, sizeof aq, at, 3};
+    MatmulScratch act = {aq, as, sizeof aq, at, 3, 0};
     for (int dtype = DTYPE_F32; dtype <= DTYPE_Q8; dtype += DTYPE_Q8 - DTYPE_F32) {
         int q8 = dtype == DTYPE_Q8;
         Mat A = {q8 ? (void *)qa : wa, q8 ? sa : NULL, dtype, A_ROWS, COLS, q8 ? G : COLS};
@@ -728,10 +728,10 @@ static double worst_tensor_error(const Params *p, const float *ours, const char 
                                  const char *grad_ref, double eps, double *tiny_worst, int *n_tiny) {
     double worst = 0;
     for (int i = 0; i < p->n_tensors; i++) {
-        const float *a = (const float *)((const char *)ours - HEADER_SIZE + p->tensor_start[i]);
-        const float *b = (const float *)(ref_file + p->tensor_start[i]);
-        const float *g = grad_ref ? (const float *)(grad_ref + p->tensor_start[i]) : NULL;
-        size_t n = p->tensor_bytes[i] / 4;
+        const float *a = (const float *)((const char *)ours - HEADER_SIZE + p->tensors[i].offset);
+        const float *b = (const float *)(ref_file + p->tensors[i].offset);
+        const float *g = grad_ref ? (const float *)(grad_ref + p->tensors[i].offset) : NULL;
+        size_t n = p->tensors[i].bytes / 4;
         double max_diff = 0, max_ref = 0;
         for (size_t k = 0; k < n; k++) {
             double d = fabs(a[k] - b[k]);
