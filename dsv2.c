@@ -1508,6 +1508,7 @@ static void matmul_scratch_free(MatmulScratch *s) {
  * xq/xs: the int8 tokens for q8 weights. With AVX-512 VNNI and groups of 32 one kernel call
  * shares each weight load among the tokens. */
 static void matmul_block(const Product *p, int b, const int8_t *xq, const float *xs, int portable) {
+    (void)portable;  /* read only where an intrinsics kernel is built */
     const Mat *W = p->W;
     int rows = W->rows, cols = W->cols, groups = cols / W->group, blocks = (rows + 3) / 4;
     size_t row[4];  /* rows past the end repeat the last and are not stored */

@@ -21,38 +21,14 @@
 #include <algorithm>
 #include <vector>
 
+/* Config, Mat, Layer, Weights and the interface below (cuda_create, cuda_forward, cuda_destroy):
+ * declared once, in dsv2.c, which this includes up to the end of its type declarations. */
 extern "C" {
-/* The checkpoint header, exactly as dsv2.c's Config (the file format; 512 bytes). */
-typedef struct {
-    char magic[4];
-    uint32_t version;
-    int32_t dtype, vocab_size, hidden_size, num_hidden_layers, num_attention_heads, q_lora_rank, kv_lora_rank;
-    int32_t qk_nope_head_dim, qk_rope_head_dim, v_head_dim, intermediate_size, moe_intermediate_size;
-    int32_t n_routed_experts, n_shared_experts, num_experts_per_tok, topk_method, n_group, topk_group;
-    int32_t norm_topk_prob, first_k_dense_replace, moe_layer_freq, max_position_embeddings, bos_token_id;
-    int32_t eos_token_id, rope_scaling, original_max_position_embeddings, seq_aux, q8_group, reserved_int[4];
-    double rms_norm_eps, rope_theta, routed_scaling_factor, rope_factor, beta_fast, beta_slow, mscale, mscale_all_dim;
-    double aux_loss_alpha, reserved_float[7];
-    uint64_t tokenizer_offset, tokenizer_size, file_size, reserved_u64;
-    char pad[512 - 8 - 32 * 4 - 16 * 8 - 4 * 8];
-} Config;
-static_assert(sizeof(Config) == 512, "header layout must match dsv2.c");
-
-/* The interface with dsv2.c (declared there too, under DSV2_CUDA): keep both copies identical. */
-typedef struct {
-    const void *data;
-    const float *scale;
-    int dtype, rows, cols, group;
-} GpuTensor;
-
-void *cuda_create(const Config *c, const GpuTensor *tensors, int n_tensors, int context, const char *gpus,
-                  void (*route)(const Config *, const float *, int *, float *), const float *rope_cos,
-                  const float *rope_sin, float softmax_scale);
-float *cuda_forward(void *gpu, const int *tokens, int n, int pos);
-void cuda_destroy(void *gpu);
+#define DSV2_TYPES_ONLY
+#include "dsv2.c"
+#undef DSV2_TYPES_ONLY
 }
 
-enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_Q8 = 2 };
 
 #define CUDA_CHECK(call)                                                                             \
     do {                                                                                             \
@@ -226,36 +202,39 @@ struct Gpu {
     DevMat embed, lm_head;
     const float *final_norm = nullptr;
     int embed_device = 0, head_device = 0;
-    void (*route)(const Config *, const float *, int *, float *);
+    RouteFn route;
+    void *route_ctx;
     float softmax_scale = 0;  /* (nope+rope)^-1/2 * mscale^2, from the host */
     std::vector<float> host_logits, host_probs, host_x;
     std::vector<int> topk_idx;
     std::vector<float> topk_weight;
 };
 
-static size_t tensor_bytes(const GpuTensor &t) {
-    size_t elem = t.dtype == DTYPE_Q8 ? 1 : t.dtype == DTYPE_BF16 ? 2 : 4;
-    return (size_t)t.rows * t.cols * elem;
+static size_t mat_data_bytes(const Mat &m) {
+    size_t elem = m.dtype == DTYPE_Q8 ? 1 : m.dtype == DTYPE_BF16 ? 2 : 4;
+    return (size_t)m.rows * m.cols * elem;
+}
+static size_t mat_scale_bytes(const Mat &m) {
+    return m.dtype == DTYPE_Q8 ? (size_t)m.rows * (m.cols / m.group) * sizeof(float) : 0;
 }
 
-static DevMat upload(const GpuTensor &t) {
-    DevMat m;
-    m.dtype = t.dtype; m.rows = t.rows; m.cols = t.cols; m.group = t.group;
-    void *data;
-    CUDA_CHECK(cudaMalloc(&data, tensor_bytes(t)));
-    CUDA_CHECK(cudaMemcpy(data, t.data, tensor_bytes(t), cudaMemcpyHostToDevice));
-    m.data = data;
-    if (t.dtype == DTYPE_Q8) {
-        size_t bytes = (size_t)t.rows * (t.cols / t.group) * sizeof(float);
-        float *scale;
-        CUDA_CHECK(cudaMalloc(&scale, bytes));
-        CUDA_CHECK(cudaMemcpy(scale, t.scale, bytes, cudaMemcpyHostToDevice));
-        m.scale = scale;
-    }
-    return m;
+static void *upload_bytes(const void *host, size_t bytes) {
+    void *dev;
+    CUDA_CHECK(cudaMalloc(&dev, bytes ? bytes : 1));
+    CUDA_CHECK(cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice));
+    return dev;
 }
 
-static const float *upload_vec(const GpuTensor &t) { return (const float *)upload(t).data; }
+/* A weight matrix to the current device, as stored. */
+static DevMat upload(const Mat &m) {
+    DevMat d;
+    d.dtype = m.dtype; d.rows = m.rows; d.cols = m.cols; d.group = m.group;
+    d.data = upload_bytes(m.data, mat_data_bytes(m));
+    if (m.dtype == DTYPE_Q8) d.scale = (const float *)upload_bytes(m.scale, mat_scale_bytes(m));
+    return d;
+}
+
+static const float *upload_vec(const float *v, int n) { return (const float *)upload_bytes(v, (size_t)n * sizeof(float)); }
 
 static float *dev_alloc(size_t floats) {
     float *p;
@@ -264,14 +243,16 @@ static float *dev_alloc(size_t floats) {
     return p;
 }
 
-static int is_moe_layer(const Config *c, int l) {
-    return c->n_routed_experts > 0 && l >= c->first_k_dense_replace && l % c->moe_layer_freq == 0;
-}
-
-/* Layer l's share of memory, to split the layers by free memory on each device. */
-static double layer_weight_bytes(const GpuTensor *t, int begin, int end) {
+/* A layer's weight bytes, to split the layers by free memory on each device. */
+static double layer_weight_bytes(const Layer &L, const Config *c) {
+    const Mat *m[] = {&L.q_proj, &L.q_a_proj, &L.q_b_proj, &L.kv_a_proj, &L.kv_b_proj, &L.o_proj,
+                      &L.mlp_gate, &L.mlp_up, &L.mlp_down, &L.router};
     double b = 0;
-    for (int i = begin; i < end; i++) b += tensor_bytes(t[i]);
+    for (const Mat *x : m) b += x->data ? mat_data_bytes(*x) + mat_scale_bytes(*x) : 0;
+    if (L.is_moe)
+        for (int e = 0; e < c->n_routed_experts; e++)
+            for (const Mat *x : {&L.expert_gate[e], &L.expert_up[e], &L.expert_down[e]})
+                b += mat_data_bytes(*x) + mat_scale_bytes(*x);
     return b;
 }
 
@@ -289,17 +270,11 @@ static void upload_rope(Gpu *g, DevScratch &s, const float *cos_table, const flo
     CUDA_CHECK(cudaMemcpy(s.rope_sin, sin_table, n * sizeof(float), cudaMemcpyHostToDevice));
 }
 
-extern "C" void *cuda_create(const Config *c, const GpuTensor *t, int n_tensors, int context, const char *gpus,
-                             void (*route)(const Config *, const float *, int *, float *), const float *rope_cos,
-                             const float *rope_sin, float softmax_scale) {
-    Gpu *g = new Gpu();
-    g->cfg = *c;
-    g->context = context;
-    g->route = route;
-    g->softmax_scale = softmax_scale;
+/* "0", "0,1", "0,0": the devices to split the layers over. */
+static void parse_devices(Gpu *g, const char *gpus) {
     int available = 0;
     CUDA_CHECK(cudaGetDeviceCount(&available));
-    for (const char *p = gpus; *p;) {  /* "0", "0,1", "0,0" */
+    for (const char *p = gpus; *p;) {
         char *end;
         long id = strtol(p, &end, 10);
         if (end == p || id < 0 || id >= available) {
@@ -311,21 +286,15 @@ extern "C" void *cuda_create(const Config *c, const GpuTensor *t, int n_tensors,
         if (*end && *end != ',') { fprintf(stderr, "dsv2: error: -g expects a list like 0,1\n"); exit(1); }
     }
     g->n_devices = (int)g->device_ids.size();
-    /* Tensor ranges per layer, in the file order dsv2.c walks them. */
-    int L = c->num_hidden_layers, at = 1;
-    std::vector<int> first(L + 1);
-    for (int l = 0; l < L; l++) {
-        first[l] = at;
-        at += 1 + (c->q_lora_rank > 0 ? 3 : 1) + 4 + 1;
-        int moe = is_moe_layer(c, l), width = moe ? c->moe_intermediate_size * c->n_shared_experts : c->intermediate_size;
-        if (moe) at += 1 + 3 * c->n_routed_experts;
-        if (width > 0) at += 3;
-    }
-    first[L] = at;
-    if (at + 2 != n_tensors) { fprintf(stderr, "dsv2: error: GPU layout mismatch (%d tensors, expected %d)\n", n_tensors, at + 2); exit(1); }
-    /* Split the layers so each device gets a share proportional to its free memory. */
+}
+
+/* Split the layers so each device gets a share proportional to its free memory. */
+static void split_layers(Gpu *g, const Weights *w) {
+    const Config *c = &w->cfg;
+    int L = c->num_hidden_layers;
     std::vector<double> free_bytes(g->n_devices);
-    double total_free = 0, total_layers = layer_weight_bytes(t, first[0], first[L]);
+    double total_free = 0, total_layers = 0;
+    for (int l = 0; l < L; l++) total_layers += layer_weight_bytes(w->layers[l], c);
     for (int d = 0; d < g->n_devices; d++) {
         size_t fr, tot;
         CUDA_CHECK(cudaSetDevice(g->device_ids[d]));
@@ -334,60 +303,81 @@ extern "C" void *cuda_create(const Config *c, const GpuTensor *t, int n_tensors,
         total_free += free_bytes[d];
     }
     g->layers.resize(L);
-    double done = 0;
+    double done = 0, share = total_layers * free_bytes[0] / total_free;
     int device = 0;
-    double share = total_layers * free_bytes[0] / total_free;
     for (int l = 0; l < L; l++) {
-        double b = layer_weight_bytes(t, first[l], first[l + 1]);
+        double b = layer_weight_bytes(w->layers[l], c);
         if (done + b / 2 > share && device + 1 < g->n_devices) { device++; share += total_layers * free_bytes[device] / total_free; }
         done += b;
         g->layers[l].device = device;
     }
+}
+
+static void alloc_scratch(Gpu *g, DevScratch &s, const float *rope_cos, const float *rope_sin) {
+    const Config *c = &g->cfg;
     int H = c->num_attention_heads, D = c->hidden_size, E = c->n_routed_experts, r = c->kv_lora_rank, dr = c->qk_rope_head_dim;
     int widest = std::max(std::max(c->intermediate_size, c->moe_intermediate_size * std::max(c->n_shared_experts, 1)), D);
+    s.x = dev_alloc(D); s.xn = dev_alloc(D); s.branch = dev_alloc(D); s.q_latent = dev_alloc(c->q_lora_rank);
+    s.q = dev_alloc((size_t)H * (c->qk_nope_head_dim + dr)); s.kv_a = dev_alloc(r + dr); s.q_abs = dev_alloc((size_t)H * r);
+    s.u = dev_alloc((size_t)H * r); s.head_out = dev_alloc((size_t)H * c->v_head_dim); s.scores = dev_alloc((size_t)H * g->context);
+    s.hidden = dev_alloc(widest); s.hidden2 = dev_alloc(widest); s.expert = dev_alloc(D); s.probs = dev_alloc(E);
+    s.logits = dev_alloc(c->vocab_size);
+    upload_rope(g, s, rope_cos, rope_sin);
+}
+
+/* One layer's weights to its device, by name from the host's Weights, and its latent cache. */
+static void upload_layer(Gpu *g, DevLayer &dl, const Layer &L) {
+    const Config *c = &g->cfg;
+    CUDA_CHECK(cudaSetDevice(g->device_ids[dl.device]));
+    dl.input_norm = upload_vec(L.input_norm, c->hidden_size);
+    if (c->q_lora_rank > 0) {
+        dl.q_a_proj = upload(L.q_a_proj); dl.q_a_norm = upload_vec(L.q_a_norm, c->q_lora_rank); dl.q_b_proj = upload(L.q_b_proj);
+    } else dl.q_proj = upload(L.q_proj);
+    dl.kv_a_proj = upload(L.kv_a_proj); dl.kv_a_norm = upload_vec(L.kv_a_norm, c->kv_lora_rank);
+    dl.kv_b_proj = upload(L.kv_b_proj); dl.o_proj = upload(L.o_proj);
+    dl.post_attention_norm = upload_vec(L.post_attention_norm, c->hidden_size);
+    dl.is_moe = L.is_moe;
+    if (dl.is_moe) {
+        dl.router = upload(L.router);
+        for (int e = 0; e < c->n_routed_experts; e++) {
+            dl.expert_gate.push_back(upload(L.expert_gate[e]));
+            dl.expert_up.push_back(upload(L.expert_up[e]));
+            dl.expert_down.push_back(upload(L.expert_down[e]));
+        }
+    }
+    dl.has_mlp = L.has_mlp;
+    if (dl.has_mlp) { dl.mlp_gate = upload(L.mlp_gate); dl.mlp_up = upload(L.mlp_up); dl.mlp_down = upload(L.mlp_down); }
+    dl.cache = dev_alloc((size_t)g->context * (c->kv_lora_rank + c->qk_rope_head_dim));
+}
+
+extern "C" void *cuda_create(const Weights *w, int context, const char *gpus, RouteFn route, void *route_ctx,
+                             const float *rope_cos, const float *rope_sin, float softmax_scale) {
+    const Config *c = &w->cfg;
+    Gpu *g = new Gpu();
+    g->cfg = *c;
+    g->context = context;
+    g->route = route;
+    g->route_ctx = route_ctx;
+    g->softmax_scale = softmax_scale;
+    parse_devices(g, gpus);
+    split_layers(g, w);
     g->scratch.resize(g->n_devices);
     for (int d = 0; d < g->n_devices; d++) {
         CUDA_CHECK(cudaSetDevice(g->device_ids[d]));
-        DevScratch &s = g->scratch[d];
-        s.x = dev_alloc(D); s.xn = dev_alloc(D); s.branch = dev_alloc(D); s.q_latent = dev_alloc(c->q_lora_rank);
-        s.q = dev_alloc((size_t)H * (c->qk_nope_head_dim + dr)); s.kv_a = dev_alloc(r + dr); s.q_abs = dev_alloc((size_t)H * r);
-        s.u = dev_alloc((size_t)H * r); s.head_out = dev_alloc((size_t)H * c->v_head_dim); s.scores = dev_alloc((size_t)H * context);
-        s.hidden = dev_alloc(widest); s.hidden2 = dev_alloc(widest); s.expert = dev_alloc(D); s.probs = dev_alloc(E);
-        s.logits = dev_alloc(c->vocab_size);
-        upload_rope(g, s, rope_cos, rope_sin);
+        alloc_scratch(g, g->scratch[d], rope_cos, rope_sin);
     }
-    for (int l = 0; l < L; l++) {
-        DevLayer &dl = g->layers[l];
-        CUDA_CHECK(cudaSetDevice(g->device_ids[dl.device]));
-        int i = first[l];
-        dl.input_norm = upload_vec(t[i++]);
-        if (c->q_lora_rank > 0) { dl.q_a_proj = upload(t[i++]); dl.q_a_norm = upload_vec(t[i++]); dl.q_b_proj = upload(t[i++]); }
-        else dl.q_proj = upload(t[i++]);
-        dl.kv_a_proj = upload(t[i++]); dl.kv_a_norm = upload_vec(t[i++]); dl.kv_b_proj = upload(t[i++]); dl.o_proj = upload(t[i++]);
-        dl.post_attention_norm = upload_vec(t[i++]);
-        dl.is_moe = is_moe_layer(c, l);
-        if (dl.is_moe) {
-            dl.router = upload(t[i++]);
-            for (int e = 0; e < E; e++) {
-                dl.expert_gate.push_back(upload(t[i++]));
-                dl.expert_up.push_back(upload(t[i++]));
-                dl.expert_down.push_back(upload(t[i++]));
-            }
-        }
-        dl.has_mlp = i < first[l + 1];
-        if (dl.has_mlp) { dl.mlp_gate = upload(t[i++]); dl.mlp_up = upload(t[i++]); dl.mlp_down = upload(t[i++]); }
-        dl.cache = dev_alloc((size_t)context * (r + dr));
-    }
+    int L = c->num_hidden_layers;
+    for (int l = 0; l < L; l++) upload_layer(g, g->layers[l], w->layers[l]);
     g->embed_device = 0;
     g->head_device = g->layers[L - 1].device;
     CUDA_CHECK(cudaSetDevice(g->device_ids[g->embed_device]));
-    g->embed = upload(t[0]);
+    g->embed = upload(w->embed);
     CUDA_CHECK(cudaSetDevice(g->device_ids[g->head_device]));
-    g->final_norm = upload_vec(t[first[L]]);
-    g->lm_head = upload(t[first[L] + 1]);
+    g->final_norm = upload_vec(w->final_norm, c->hidden_size);
+    g->lm_head = upload(w->lm_head);
     g->host_logits.resize(c->vocab_size);
-    g->host_probs.resize(E);
-    g->host_x.resize(D);
+    g->host_probs.resize(c->n_routed_experts);
+    g->host_x.resize(c->hidden_size);
     g->topk_idx.resize(c->num_experts_per_tok);
     g->topk_weight.resize(c->num_experts_per_tok);
     fprintf(stderr, "GPU split (-g %s): the device of each layer:", gpus);
@@ -453,7 +443,7 @@ static float *forward_token(Gpu *g, int token, int pos) {
             matvec(s.probs, L.router, s.xn);
             softmax_kernel<<<1, 256>>>(s.probs, E, E);
             CUDA_CHECK(cudaMemcpy(g->host_probs.data(), s.probs, E * sizeof(float), cudaMemcpyDeviceToHost));
-            g->route(c, g->host_probs.data(), g->topk_idx.data(), g->topk_weight.data());
+            g->route(g->route_ctx, g->host_probs.data(), g->topk_idx.data(), g->topk_weight.data());
             for (int k = 0; k < K; k++) {
                 int e = g->topk_idx[k];
                 swiglu(s, s.branch, s.xn, L.expert_gate[e], L.expert_up[e], L.expert_down[e], 1, g->topk_weight[k]);

@@ -4,6 +4,8 @@
     python3 export.py HF_DIR OUT.bin [--dtype f32|bf16|q8]
     python3 export.py --tokenizer tokenizer.json OUT.tok
     python3 export.py --random lite|v2 OUT.bin [--layers N] [--dtype f32|bf16|q8]   (random weights, real shapes)
+    --print-layout: instead of a summary, every block written (offset, bytes, name, shape, storage),
+    the same lines `./dsv2 OUT.bin -m layout` prints from the file: the two must agree (make test)
 
 HF_DIR holds config.json and model.safetensors, or shards with
 model.safetensors.index.json (F32, BF16 or F16 tensors). The conversion streams
@@ -12,7 +14,7 @@ the model size. Standard library + numpy only.
 
 File layout (dsv2.c reads it with mmap; keep the two in step):
   [0, 512)   header: magic "DSV2", version, every hyper-parameter (struct Config in dsv2.c)
-  tensors    in the order of tensor_plan() below, each 64-byte aligned. Weight matrices
+  tensors    in the order of tensor_plan() below (dsv2.c: layout_weights), each 64-byte aligned. Weight matrices
              are stored in the chosen dtype ([out, in] row-major, as nn.Linear); q8 is int8
              followed by a second block of float32 scales, one per q8_group weights of a row.
              Norms and the MoE router are always float32 (tiny, and the router decides).
@@ -488,6 +490,7 @@ class Writer:
     def __init__(self, path, config):
         self.path, self.tmp = path, path + ".tmp"
         self.config = config
+        self.layout = []  # (offset, bytes, name, shape, storage) of every block written
         try:
             self.f = open(self.tmp, "wb")
         except OSError as e:
@@ -498,10 +501,12 @@ class Writer:
         pad = -self.f.tell() % ALIGN
         self.f.write(b"\0" * pad)
 
-    def tensor(self, arrays):
+    def tensor(self, arrays, name, shape, storage):
         self.align()
+        start = self.f.tell()
         for a in arrays:
             self.f.write(np.ascontiguousarray(a).data)  # a view, not a copy
+        self.layout.append((start, self.f.tell() - start, name, shape, storage))
 
     def finish(self, tokenizer=b""):
         tok_offset = 0
@@ -510,6 +515,8 @@ class Writer:
             tok_offset = self.f.tell()
             self.f.write(tokenizer)
         size = self.f.tell()
+        if tokenizer:
+            self.layout.append((tok_offset, len(tokenizer), "tokenizer", None, None))
         self.f.seek(0)
         self.f.write(pack_header(self.config, tok_offset, len(tokenizer), size))
         self.f.close()
@@ -517,10 +524,11 @@ class Writer:
         return size
 
 
-def write_tensor(w, chunks, is_matrix, dtype_name, group):
+def write_tensor(w, name, shape, chunks, is_matrix, dtype_name, group):
     """Writes one tensor from its chunks (arrays of whole rows, with their source dtype)."""
     if not is_matrix:  # norms and router: f32 (at bf16 precision in a bf16 file: exactly the bf16 model)
-        w.tensor(to_f32(to_bf16(a, dt), "BF16") if dtype_name == "bf16" else to_f32(a, dt) for a, dt in chunks)
+        w.tensor((to_f32(to_bf16(a, dt), "BF16") if dtype_name == "bf16" else to_f32(a, dt) for a, dt in chunks),
+                 name, shape, "f32")
     elif dtype_name == "q8":  # int8 rows, then all the scales as a second aligned block
         scales = []
 
@@ -529,14 +537,23 @@ def write_tensor(w, chunks, is_matrix, dtype_name, group):
                 q, sc = quantize_q8(to_f32(a, dt), group)
                 scales.append(sc)
                 yield q
-        w.tensor(data())
-        w.tensor(scales)
+        w.tensor(data(), name, shape, "q8")
+        w.tensor(scales, name, (shape[0], shape[1] // group), "q8-scales")
     else:
         convert = to_bf16 if dtype_name == "bf16" else to_f32
-        w.tensor(convert(a, dt) for a, dt in chunks)
+        w.tensor((convert(a, dt) for a, dt in chunks), name, shape, dtype_name)
 
 
-def export_model(folder, out, dtype_name):
+def print_layout(w):
+    """--print-layout: every block written, as `./dsv2 FILE -m layout` prints the file's layout."""
+    for offset, size, name, shape, storage in w.layout:
+        if shape is None:
+            print(f"{offset} {size} {name}")
+        else:
+            print(f"{offset} {size} {name} {'x'.join(str(d) for d in shape)} {storage}")
+
+
+def export_model(folder, out, dtype_name, show_layout=False):
     config = read_config(os.path.join(folder, "config.json"))
     source = SafeTensors(folder)
     if dtype_name is None:  # keep bf16 as bf16; anything else becomes f32
@@ -547,7 +564,7 @@ def export_model(folder, out, dtype_name):
     w = Writer(out, config)
     count = 0
     for name, shape, is_matrix in tensor_plan(config):
-        write_tensor(w, source.chunks(name, shape), is_matrix, dtype_name, config["q8_group"])
+        write_tensor(w, name, shape, source.chunks(name, shape), is_matrix, dtype_name, config["q8_group"])
         count += 1
     tok_path = os.path.join(folder, "tokenizer.json")
     tokenizer = b""
@@ -559,6 +576,9 @@ def export_model(folder, out, dtype_name):
         print(f"export.py: warning: {folder} has no tokenizer.json; exported the model alone "
               "(token ids in and out)", file=sys.stderr)
     size = w.finish(tokenizer)
+    if show_layout:
+        print_layout(w)
+        return
     print(f"wrote {out}: {count} tensors, {dtype_name}, {size / 2**20:.1f} MiB"
           + (", with tokenizer" if tokenizer else ""))
 
@@ -592,7 +612,7 @@ def preset_config(name, layers=None):
     return hf
 
 
-def export_random(preset, out, dtype_name, layers, seed):
+def export_random(preset, out, dtype_name, layers, seed, show_layout=False):
     """Random weights of a real shape, straight into our format, a chunk at a time: uniform with
     std 0.02 for matrices (router included: its logits spread tokens over the experts), norms 1."""
     tokenizer = b""
@@ -627,8 +647,11 @@ def export_random(preset, out, dtype_name, layers, seed):
 
     w = Writer(out, config)
     for name, shape, is_matrix in tensor_plan(config):
-        write_tensor(w, chunks(shape, is_matrix), is_matrix, dtype_name, config["q8_group"])
+        write_tensor(w, name, shape, chunks(shape, is_matrix), is_matrix, dtype_name, config["q8_group"])
     size = w.finish(tokenizer)
+    if show_layout:
+        print_layout(w)
+        return
     print(f"wrote {out}: random {preset}, {config['num_hidden_layers']} layers, {dtype_name}, {size / 2**30:.3f} GiB"
           + (", with tokenizer" if tokenizer else ""))
 
@@ -718,7 +741,7 @@ def export_tokenizer(path, out):
 
 
 def main(argv):
-    args, dtype, tokenizer, random_preset, layers, seed = [], None, None, None, None, 0
+    args, dtype, tokenizer, random_preset, layers, seed, show_layout = [], None, None, None, None, 0, False
     i = 0
     while i < len(argv):
         if argv[i] == "--train-tokenizer":
@@ -747,6 +770,9 @@ def main(argv):
                 else:
                     seed = v
             i += 2
+        elif argv[i] == "--print-layout":
+            show_layout = True
+            i += 1
         elif argv[i] == "--tokenizer":
             if i + 1 >= len(argv):
                 fail("--tokenizer expects the path of a tokenizer.json")
@@ -765,7 +791,7 @@ def main(argv):
     if random_preset is not None:
         if len(args) != 1:
             sys.exit("usage: python3 export.py --random lite|v2 OUT.bin [--layers N] [--dtype f32|bf16|q8] [--seed S]")
-        export_random(random_preset, args[0], dtype, layers, seed)
+        export_random(random_preset, args[0], dtype, layers, seed, show_layout)
         return
     if tokenizer is not None:
         if len(args) != 1:
@@ -776,7 +802,7 @@ def main(argv):
         sys.exit("usage: python3 export.py HF_DIR OUT.bin [--dtype f32|bf16|q8]\n"
                  "       python3 export.py --random lite|v2 OUT.bin [--layers N] [--dtype f32|bf16|q8] [--seed S]\n"
                  "       python3 export.py --tokenizer tokenizer.json OUT.tok")
-    export_model(args[0], args[1], dtype)
+    export_model(args[0], args[1], dtype, show_layout)
 
 
 if __name__ == "__main__":

@@ -426,6 +426,27 @@ static void test_batch_equals_single(int attn_mode, Config c, const char *label)
     free(buf);
 }
 
+/* A config whose latent is wider than every MLP (kv_lora_rank 160 against widths 20 and 18): the
+ * naive form once copied the latent into the MLP scratch and overflowed it (ASan: make test-asan).
+ * A 12-token prompt through both forms must agree. */
+static void test_wide_latent(void) {
+    Config c = small_config(0);
+    c.kv_lora_rank = 160;
+    Weights w;
+    void *buf = random_model(&w, &c);
+    RunState naive, absorb;
+    init_run_state(&naive, &c, ATTN_NAIVE, 12);
+    init_run_state(&absorb, &c, ATTN_ABSORB, 12);
+    int tokens[12] = {3, 17, 5, 29, 8, 8, 1, 30, 12, 0, 7, 21};
+    float *a = forward(&w, &naive, tokens, 12, 0), *b = forward(&w, &absorb, tokens, 12, 0);
+    float d = max_abs_diff(a, b, c.vocab_size);
+    check(d < 1e-4f, "kv_lora_rank 160 > every MLP width: naive == absorb on a 12-token prompt (%.1e)", d);
+    free_run_state(&naive);
+    free_run_state(&absorb);
+    free_weights(&w);
+    free(buf);
+}
+
 /* Backward against finite differences on a config no fixture has: norm_topk_prob, seq_aux off,
  * MoE every other layer, no shared experts, no YaRN, q LoRA, group-limited routing. */
 static void test_gradient_finite_differences(void) {
@@ -1297,6 +1318,26 @@ static void test_train_cli(void) {
 }
 
 /* f32 -> bf16 in export.py must round to nearest even exactly like the fixture's bf16 set. */
+/* The file layout written once in each language: export.py --print-layout lists every block it
+ * wrote (offset, bytes, name, shape, storage), ./dsv2 -m layout lists the blocks its loader walks
+ * in the same file. Any difference in order, shape, alignment or q8 scales fails here. */
+static void test_layout_agrees(const char *source, const char *flags) {
+    char model[512], cmd[2048], err[4096];
+    snprintf(model, sizeof model, "%s/layout.bin", tmp_dir);
+    snprintf(cmd, sizeof cmd, "%s export.py %s %s %s --print-layout", python, source, model, flags);
+    int code = run(cmd, err, sizeof err);
+    char *written = stdout_text();
+    snprintf(cmd, sizeof cmd, "%s %s -m layout", dsv2_bin, model);
+    int code2 = run(cmd, err, sizeof err);
+    char *walked = stdout_text();
+    int lines = count_lines(walked);
+    check(code == 0 && code2 == 0 && lines > 3 && !strcmp(written, walked),
+          "layout of %s %s: export.py wrote and dsv2 walks the same %d blocks (exit %d, %d)", source, flags, lines,
+          code, code2);
+    free(written);
+    free(walked);
+}
+
 static void test_bf16_rounding(const char *f32_dir, const char *bf16_dir) {
     char a[512], b[512];
     snprintf(a, sizeof a, "%s/rounded.bin", tmp_dir);
@@ -1333,11 +1374,16 @@ int main(int argc, char **argv) {
         test_gradient_finite_differences();
         test_naive_equals_absorb(0);
         test_naive_equals_absorb(8);
+        test_wide_latent();
         const char *fixtures[] = {"tests/fixtures/lite", "tests/fixtures/v2", "tests/fixtures/v2-bf16-sharded",
                                   "tests/fixtures/tokenizer", "tests/fixtures/tokenizer/deepseek-v3"};
         for (int i = 0; i < 5; i++) test_fixture_dir(fixtures[i]);
         printf("export\n");
         test_bf16_rounding("tests/fixtures/v2", "tests/fixtures/v2-bf16-sharded");
+        test_layout_agrees("tests/fixtures/lite", "--dtype f32");
+        test_layout_agrees("tests/fixtures/v2", "--dtype q8");
+        test_layout_agrees("tests/fixtures/v2-bf16-sharded", "");
+        test_layout_agrees("--random models/tiny/config.json", "--dtype q8");
         test_bad_inputs("tests/fixtures/lite");
         test_train_cli();
     }
