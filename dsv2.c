@@ -282,7 +282,8 @@ static double yarn_get_mscale(double scale, double m) {
 }
 
 /* The rotary dimension pair whose wavelength fits num_rotations times in the original context. */
-static double yarn_correction_dim(double num_rotations, int dim, double base, int original_max_pos) {
+static double yarn_correction_dim(double num_rotations, int dim, double base,
+                                  int original_max_pos) {
     return dim * log(original_max_pos / (num_rotations * 2 * PI)) / (2 * log(base));
 }
 
@@ -292,8 +293,12 @@ static void rope_inv_freq(const Config *c, double *inv_freq) {
     int dim = c->qk_rope_head_dim;
     double low = 0, high = 0;
     if (c->rope_scaling == ROPE_YARN) {
-        low = fmax(floor(yarn_correction_dim(c->beta_fast, dim, c->rope_theta, c->original_max_position_embeddings)), 0);
-        high = fmin(ceil(yarn_correction_dim(c->beta_slow, dim, c->rope_theta, c->original_max_position_embeddings)), dim - 1);
+        low = fmax(floor(yarn_correction_dim(c->beta_fast, dim, c->rope_theta,
+                                             c->original_max_position_embeddings)),
+                   0);
+        high = fmin(ceil(yarn_correction_dim(c->beta_slow, dim, c->rope_theta,
+                                             c->original_max_position_embeddings)),
+                    dim - 1);
         if (low == high) high += 0.001;  /* as the official code: avoids a division by zero */
     }
     for (int i = 0; i < dim / 2; i++) {
@@ -311,9 +316,10 @@ static void rope_tables(const Config *c, int positions, float *cos_table, float 
     int half = c->qk_rope_head_dim / 2;
     double *inv_freq = xcalloc(half, sizeof(double));
     rope_inv_freq(c, inv_freq);
-    double m = c->rope_scaling == ROPE_YARN
-                   ? yarn_get_mscale(c->rope_factor, c->mscale) / yarn_get_mscale(c->rope_factor, c->mscale_all_dim)
-                   : 1.0;
+    double m = 1.0;  /* YaRN: mscale / mscale_all_dim, folded into the tables */
+    if (c->rope_scaling == ROPE_YARN)
+        m = yarn_get_mscale(c->rope_factor, c->mscale) /
+            yarn_get_mscale(c->rope_factor, c->mscale_all_dim);
     for (int p = 0; p < positions; p++)
         for (int i = 0; i < half; i++) {
             cos_table[(size_t)p * half + i] = (float)(cos(p * inv_freq[i]) * m);
@@ -504,12 +510,14 @@ static void mla_query(RunState *s, const Config *c, const Layer *L, int n, int p
     int H = c->num_attention_heads, rq = c->q_lora_rank, half = dr / 2;
     if (rq > 0) {
         for (int t = 0; t < n; t++)  /* eq. 12: c^Q = norm(W^DQ h), eps 1e-6 fixed officially */
-            rmsnorm(s->q_latent + (size_t)t * rq, s->q_latent + (size_t)t * rq, L->q_a_norm, rq, 1e-6);
+            rmsnorm(s->q_latent + (size_t)t * rq, s->q_latent + (size_t)t * rq, L->q_a_norm, rq,
+                    1e-6);
         matmul(s->q, &L->q_b_proj, s->q_latent, n, s->matmul);  /* eq. 13-14: [q^C; W^QR c^Q] */
     }
     for (int t = 0; t < n; t++)                                 /* eq. 14: q^R = RoPE(.) */
         for (int h = 0; h < H; h++)                             /* eq. 16: q = [q^C; q^R] */
-            rope_rotate(s->q + ((size_t)t * H + h) * dq + dn, s->rope_cos + (size_t)(pos + t) * half,
+            rope_rotate(s->q + ((size_t)t * H + h) * dq + dn,
+                        s->rope_cos + (size_t)(pos + t) * half,
                         s->rope_sin + (size_t)(pos + t) * half, dr);
 }
 
@@ -539,10 +547,12 @@ static void mla_attend_absorbed(RunState *s, const Config *c, const Layer *L, fl
             const float *q_nope = s->q + ((size_t)t * H + h) * dq, *q_pe = q_nope + dn;
             float *u = s->latent_out + ((size_t)h * n + t) * r;
             int last = pos + t;                                  /* causal: up to this token */
-            matvec_transposed(q_abs, &w_uk, q_nope, s->row + (size_t)h * r);  /* W^UK^T q^C */
+            /* eq. 10, absorbed: the query meets W^UK once, q_abs = W^UK^T q^C */
+            matvec_transposed(q_abs, &w_uk, q_nope, s->row + (size_t)h * r);
             for (int j = 0; j <= last; j++) {  /* eq. 16-17: q.k = q^C.k^C + q^R.k^R, via eq. 10 */
                 const float *cj = layer_cache + (size_t)j * width;
-                att[j] = (float)s->softmax_scale * (dot_f32(q_abs, cj, r) + dot_f32(q_pe, cj + r, dr));
+                att[j] = (float)s->softmax_scale *
+                        (dot_f32(q_abs, cj, r) + dot_f32(q_pe, cj + r, dr));
             }
             softmax(att, last + 1);                              /* eq. 18: softmax_j */
             memset(u, 0, (size_t)r * sizeof(float));             /* u = sum_j P_j c_j */
@@ -593,7 +603,8 @@ static void mla_attend_naive(RunState *s, const Config *c, const Layer *L, float
             float *out = s->head_out + ((size_t)t * H + h) * dv;
             int last = pos + t;
             for (int j = 0; j <= last; j++)                     /* eq. 18: q . k / sqrt(dq) */
-                att[j] = (float)s->softmax_scale * dot_f32(q, layer_cache + j * width + h * head_width, dq);
+                att[j] = (float)s->softmax_scale *
+                        dot_f32(q, layer_cache + j * width + h * head_width, dq);
             softmax(att, last + 1);
             memset(out, 0, dv * sizeof(float));                 /* eq. 18: sum_j P_j v_j */
             for (int j = 0; j <= last; j++) {
@@ -608,8 +619,9 @@ static void mla_attend_naive(RunState *s, const Config *c, const Layer *L, float
 static void mla(RunState *s, const Config *c, const Layer *L, int layer, int n, int pos) {
     float *layer_cache = s->cache + (size_t)layer * s->context * s->cache_width;
     int lora = c->q_lora_rank > 0;  /* eq. 12 (or W^Q h) and eq. 9 + 15 read h: one pass */
-    Product from_input[2] = {{lora ? s->q_latent : s->q, lora ? &L->q_a_proj : &L->q_proj, s->xn, n},
-                             {s->kv_a, &L->kv_a_proj, s->xn, n}};
+    Product from_input[2] = {
+            {lora ? s->q_latent : s->q, lora ? &L->q_a_proj : &L->q_proj, s->xn, n},
+            {s->kv_a, &L->kv_a_proj, s->xn, n}};
     matmul_many(from_input, 2, s->matmul);
     mla_query(s, c, L, n, pos);
     mla_latent(s, c, L, n, pos);
@@ -718,7 +730,8 @@ static int moe_gather(RunState *s, const Layer *L, int n, int *count) {
             for (int k = 0; k < K; k++)
                 if (s->topk_idx[t * K + k] == e) {
                     s->expert_tokens[rows] = t * K + k;
-                    memcpy(s->expert_in + (size_t)rows * D, s->xn + (size_t)t * D, D * sizeof(float));
+                    memcpy(s->expert_in + (size_t)rows * D, s->xn + (size_t)t * D,
+                           D * sizeof(float));
                     rows++;
                 }
         if (rows == first) continue;
@@ -736,8 +749,8 @@ static int moe_gather(RunState *s, const Layer *L, int n, int *count) {
  * gate and up product in one pass, SwiGLU, then every down product in a second. */
 static void moe(RunState *s, const Config *c, const Layer *L, int n) {
     int D = c->hidden_size, K = c->num_experts_per_tok, Im = c->moe_intermediate_size;
-    router_forward(s->router_probs, s->topk_idx, s->topk_weight, s->xn, &L->router, n, c, &s->router,
-                   s->matmul);
+    router_forward(s->router_probs, s->topk_idx, s->topk_weight, s->xn, &L->router, n, c,
+                   &s->router, s->matmul);
     Product *p = s->products;
     int count = 0, rows = moe_gather(s, L, n, &count);
     float *shared_gate = s->hidden + (size_t)rows * Im, *shared_up = s->hidden2 + (size_t)rows * Im;
@@ -746,9 +759,10 @@ static void moe(RunState *s, const Config *c, const Layer *L, int n) {
         p[count++] = (Product){shared_up, &L->mlp_up, s->xn, n};
     }
     matmul_many(p, count, s->matmul);
-    swiglu(s->hidden, s->hidden2, (size_t)rows * Im + (L->has_mlp ? (size_t)n * L->mlp_gate.rows : 0));
+    swiglu(s->hidden, s->hidden2,
+           (size_t)rows * Im + (L->has_mlp ? (size_t)n * L->mlp_gate.rows : 0));
     int routed = L->has_mlp ? count - 2 : count;
-    for (int j = 0; j < routed; j += 2) {  /* down: gate j's rows of hidden -> those of expert_out */
+    for (int j = 0; j < routed; j += 2) { /* down: gate j's rows of hidden -> those of expert_out */
         size_t first = (size_t)(p[j].x - s->expert_in) / D;
         const Mat *down = &L->expert_down[s->topk_idx[s->expert_tokens[first]]];
         p[j / 2] = (Product){s->expert_out + first * D, down, s->hidden + first * Im, p[j].n};
@@ -760,7 +774,8 @@ static void moe(RunState *s, const Config *c, const Layer *L, int n) {
     for (int j = 0; j < rows; j++) {  /* eq. 20: shared + sum_i g_i,t FFN^(r)_i(u_t) */
         int t = s->expert_tokens[j] / K;
         float g = s->topk_weight[s->expert_tokens[j]];
-        for (int i = 0; i < D; i++) s->branch[(size_t)t * D + i] += g * s->expert_out[(size_t)j * D + i];
+        for (int i = 0; i < D; i++)
+            s->branch[(size_t)t * D + i] += g * s->expert_out[(size_t)j * D + i];
     }
 }
 
@@ -801,14 +816,18 @@ static float *forward_batch(const Weights *w, RunState *s, const int *tokens, in
         mla(s, c, L, l, n, pos);
         for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->branch[i];
         for (int t = 0; t < n; t++)  /* FFN block: h += FFN(norm(h)), MoE or dense */
-            rmsnorm(s->xn + (size_t)t * D, s->x + (size_t)t * D, L->post_attention_norm, D, c->rms_norm_eps);
+            rmsnorm(s->xn + (size_t)t * D, s->x + (size_t)t * D, L->post_attention_norm, D,
+                    c->rms_norm_eps);
         if (L->is_moe) moe(s, c, L, n);
         else swiglu_mlp(s, s->branch, s->xn, n, &L->mlp_gate, &L->mlp_up, &L->mlp_down);
         for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->branch[i];  /* eq. 20: u + ... */
-        if (s->tap_hidden) memcpy(s->tap_hidden + (size_t)l * D, s->x + (size_t)(n - 1) * D, D * sizeof(float));
+        if (s->tap_hidden)
+            memcpy(s->tap_hidden + (size_t)l * D, s->x + (size_t)(n - 1) * D, D * sizeof(float));
         if (s->tap_route_idx && L->is_moe) {
-            memcpy(s->tap_route_idx + (size_t)l * K, s->topk_idx + (size_t)(n - 1) * K, K * sizeof(int));
-            memcpy(s->tap_route_weight + (size_t)l * K, s->topk_weight + (size_t)(n - 1) * K, K * sizeof(float));
+            memcpy(s->tap_route_idx + (size_t)l * K, s->topk_idx + (size_t)(n - 1) * K,
+                   K * sizeof(int));
+            memcpy(s->tap_route_weight + (size_t)l * K, s->topk_weight + (size_t)(n - 1) * K,
+                   K * sizeof(float));
         }
     }
     float *last = s->x + (size_t)(n - 1) * D;
@@ -909,7 +928,8 @@ static Tokenizer *open_tokenizer(const char *path, const Weights *w);  /* NULL: 
 static void close_tokenizer(Tokenizer *t);
 static void tokenizer_encode(Tokenizer *t, const char *text, size_t len, int add_bos, IdList *out);
 static int tokenizer_adds_bos(const Tokenizer *t);
-static char *render_chat_turn(const Tokenizer *t, const char *system, const char *user, int first_turn);
+static char *render_chat_turn(const Tokenizer *t, const char *system, const char *user,
+                              int first_turn);
 static TextSink *open_sink(FILE *file);
 static void decode_token(const Tokenizer *t, TextSink *o, int id, int skip_special);
 static void sink_flush(TextSink *o);
@@ -934,10 +954,15 @@ static int *parse_ids(const char *text, int vocab_size, int *n_out) {
         char *end;
         errno = 0;
         long v = strtol(p, &end, 10);
-        if (end == p || errno || (*end && *end != ' ' && *end != '\t' && *end != '\n' && *end != '\r'))
+        if (end == p || errno ||
+            (*end && *end != ' ' && *end != '\t' && *end != '\n' && *end != '\r'))
             die("token ids must be whitespace-separated integers (bad input near \"%.20s\")", p);
         if (v < 0 || v >= vocab_size) die("token id %ld is out of range [0, %d)", v, vocab_size);
-        if ((size_t)n == cap) { cap *= 2; ids = realloc(ids, cap * sizeof(int)); if (!ids) die("out of memory"); }
+        if ((size_t)n == cap) {
+            cap *= 2;
+            ids = realloc(ids, cap * sizeof(int));
+            if (!ids) die("out of memory");
+        }
         ids[n++] = (int)v;
         p = end;
     }
@@ -953,7 +978,11 @@ static char *read_file(const char *path, size_t *size_out) {
     size_t got;
     while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
         n += got;
-        if (n + 1 == cap) { cap *= 2; buf = realloc(buf, cap); if (!buf) die("out of memory reading %s", path); }
+        if (n + 1 == cap) {
+            cap *= 2;
+            buf = realloc(buf, cap);
+            if (!buf) die("out of memory reading %s", path);
+        }
     }
     if (ferror(f)) die("cannot read %s", path);
     fclose(f);
@@ -970,15 +999,17 @@ static double now_seconds(void) {
 
 static void check_context(int n_tokens, int context) {
     if (n_tokens > context)
-        die("%d tokens do not fit the context of %d (raise it with -c, up to max_position_embeddings)",
+        die("%d tokens do not fit the context of %d (raise it with -c, up to "
+            "max_position_embeddings)",
             n_tokens, context);
 }
 
 /* Feeds prompt[0..n) at positions *pos onwards, then samples up to max_new tokens, streaming each
  * (as text through the tokenizer, or as ids without one) and feeding it back. The last sampled
  * token is returned, not fed: chat feeds it with the next turn. stop_at_eos ends at EOS. */
-static int generate(const Weights *w, RunState *s, Sampler *sp, const Tokenizer *tok, TextSink *sink,
-                    const int *prompt, int n_prompt, int *pos, int max_new, int stop_at_eos) {
+static int generate(const Weights *w, RunState *s, Sampler *sp, const Tokenizer *tok,
+                    TextSink *sink, const int *prompt, int n_prompt, int *pos, int max_new,
+                    int stop_at_eos) {
     if (n_prompt < 1) die("the prompt is empty: give at least one token");
     check_context(*pos + n_prompt, s->context);
     double t0 = now_seconds();
@@ -1004,8 +1035,8 @@ static int generate(const Weights *w, RunState *s, Sampler *sp, const Tokenizer 
     if (tok) sink_flush(sink);
     else printf("\n");
     double t2 = now_seconds();
-    fprintf(stderr, "\nprompt: %d tokens, %.1f tok/s | generation: %d tokens, %.1f tok/s\n", n_prompt,
-            n_prompt / fmax(t1 - t0, 1e-9), generated,
+    fprintf(stderr, "\nprompt: %d tokens, %.1f tok/s | generation: %d tokens, %.1f tok/s\n",
+            n_prompt, n_prompt / fmax(t1 - t0, 1e-9), generated,
             generated > 1 ? (generated - 1) / fmax(t2 - t1, 1e-9) : 0.0);
     return next;
 }
@@ -1042,7 +1073,8 @@ static void chat(const Weights *w, RunState *s, Sampler *sp, Tokenizer *tok, con
 }
 
 /* -m logits: every position's logits, float32 little-endian, [T][V], from the decode path. */
-static void write_logits(const Weights *w, RunState *s, const int *ids, int n, const char *out_path) {
+static void write_logits(const Weights *w, RunState *s, const int *ids, int n,
+                         const char *out_path) {
     FILE *out = fopen(out_path, "wb");
     if (!out) die("cannot open %s for writing: %s", out_path, strerror(errno));
     size_t V = (size_t)w->cfg.vocab_size;
@@ -1079,8 +1111,9 @@ static double decode_bytes_per_token(const Weights *w) {
                           &L->o_proj, &L->mlp_gate, &L->mlp_up, &L->mlp_down, &L->router};
         for (size_t i = 0; i < sizeof m / sizeof m[0]; i++) bytes += mat_bytes(m[i]);
         if (L->is_moe)
-            bytes += c->num_experts_per_tok * (mat_bytes(&L->expert_gate[0]) + mat_bytes(&L->expert_up[0]) +
-                                               mat_bytes(&L->expert_down[0]));
+            bytes += c->num_experts_per_tok *
+                    (mat_bytes(&L->expert_gate[0]) + mat_bytes(&L->expert_up[0]) +
+                     mat_bytes(&L->expert_down[0]));
     }
     return bytes;
 }
@@ -1096,8 +1129,8 @@ static void print_kv_cache_sizes(const Config *c, int context, int attn_mode) {
             human_bytes(latent, a, 32), human_bytes(latent * max_pos, b, 32), max_pos,
             human_bytes(mha, d, 32), human_bytes(mha * max_pos, e, 32), mha / latent);
     fprintf(stderr, "attention: %s, context %d, cache %s\n",
-            attn_mode == ATTN_ABSORB ? "absorb (latent cache)" : "naive (per-head K/V cache)", context,
-            human_bytes((attn_mode == ATTN_ABSORB ? latent : mha) * context, f, 32));
+            attn_mode == ATTN_ABSORB ? "absorb (latent cache)" : "naive (per-head K/V cache)",
+            context, human_bytes((attn_mode == ATTN_ABSORB ? latent : mha) * context, f, 32));
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1120,7 +1153,16 @@ typedef struct {
 } TrainOptions;
 static void train(const char *init_path, const TrainOptions *o);
 
-enum { MODE_GENERATE, MODE_CHAT, MODE_LOGITS, MODE_ENCODE, MODE_DECODE, MODE_TRAIN, MODE_LAYOUT, N_MODES };
+enum {
+    MODE_GENERATE,
+    MODE_CHAT,
+    MODE_LOGITS,
+    MODE_ENCODE,
+    MODE_DECODE,
+    MODE_TRAIN,
+    MODE_LAYOUT,
+    N_MODES
+};
 static const char *const mode_names[N_MODES] = {"generate", "chat", "logits", "encode", "decode",
                                                 "train", "layout"};
 
@@ -1136,24 +1178,32 @@ typedef struct {
 #ifndef DSV2_NO_MAIN
 static void usage(void) {
     fprintf(stderr,
-        "usage: ./dsv2 FILE [options]     FILE: a model (.bin) or, for encode/decode, a tokenizer (.tok)\n"
-        "  -m MODE    generate (default) | chat | logits | encode | decode | train | layout\n"
-        "  -i TEXT    the prompt (text, or whitespace-separated ids for a model without a tokenizer)\n"
-        "  -f FILE    read the prompt (or the text to encode, the ids to decode) from a file\n"
-        "  -o FILE    logits: output file (float32 [T][vocab]); decode: output file (default stdout)\n"
-        "  -y TEXT    chat: system prompt\n"
-        "  -n N       tokens to generate (default 256)\n"
-        "  -t T       temperature, 0 = greedy (default 1.0)\n"
-        "  -p P       top-p (default 0.9)\n"
-        "  -s SEED    random seed (default: time)\n"
-        "  -a MODE    attention: absorb (default, latent cache) | naive (per-head K/V cache)\n"
-        "  -c N       context length (default min(max_position_embeddings, 4096))\n"
-        "  -w MODE    weights: auto (default) | mmap (read in place) | load (into huge-page memory)\n"
-        "  -g LIST    (the CUDA build, ./dsv2cu; also --gpus LIST) GPUs for the layers: 0, 0,1 or 0,0\n"
-        "layout: every tensor of the file with its offset, bytes, shape and storage\n"
-        "training (-m train, an f32 model with a tokenizer): -f corpus.txt -o out.bin -n steps (256)\n"
-        "  -b N       sequences per batch (default 8); -c N: tokens per sequence (default 128)\n"
-        "  -r LR      peak learning rate (default 3e-3); -e N: validate, checkpoint every N (100)\n");
+            "usage: ./dsv2 FILE [options]     FILE: a model (.bin) or, for encode/decode, a "
+            "tokenizer (.tok)\n"
+            "  -m MODE    generate (default) | chat | logits | encode | decode | train | layout\n"
+            "  -i TEXT    the prompt (text, or whitespace-separated ids for a model without a "
+            "tokenizer)\n"
+            "  -f FILE    read the prompt (or the text to encode, the ids to decode) from a file\n"
+            "  -o FILE    logits: output file (float32 [T][vocab]); decode: output file (default "
+            "stdout)\n"
+            "  -y TEXT    chat: system prompt\n"
+            "  -n N       tokens to generate (default 256)\n"
+            "  -t T       temperature, 0 = greedy (default 1.0)\n"
+            "  -p P       top-p (default 0.9)\n"
+            "  -s SEED    random seed (default: time)\n"
+            "  -a MODE    attention: absorb (default, latent cache) | naive (per-head K/V cache)\n"
+            "  -c N       context length (default min(max_position_embeddings, 4096))\n"
+            "  -w MODE    weights: auto (default) | mmap (read in place) | load (into huge-page "
+            "memory)\n"
+            "  -g LIST    (the CUDA build, ./dsv2cu; also --gpus LIST) GPUs for the layers: 0, 0,1 "
+            "or 0,0\n"
+            "layout: every tensor of the file with its offset, bytes, shape and storage\n"
+            "training (-m train, an f32 model with a tokenizer): -f corpus.txt -o out.bin -n steps "
+            "(256)\n"
+            "  -b N       sequences per batch (default 8); -c N: tokens per sequence (default "
+            "128)\n"
+            "  -r LR      peak learning rate (default 3e-3); -e N: validate, checkpoint every N "
+            "(100)\n");
     exit(1);
 }
 
@@ -1169,7 +1219,8 @@ static long parse_int_arg(const char *flag, const char *v, long lo, long hi) {
 static float parse_float_arg(const char *flag, const char *v, float lo, float hi) {
     char *end;
     float x = strtof(v, &end);
-    if (*end || end == v || !(x >= lo && x <= hi)) die("%s expects a number in [%g, %g], got \"%s\"", flag, lo, hi, v);
+    if (*end || end == v || !(x >= lo && x <= hi))
+        die("%s expects a number in [%g, %g], got \"%s\"", flag, lo, hi, v);
     return x;
 }
 
@@ -1179,19 +1230,33 @@ static int parse_choice(const char *flag, const char *v, const char *const *name
         if (!strcmp(v, names[i])) return i;
     char list[256] = "";  /* "a, b or c" */
     for (int i = 0; i < n; i++)
-        snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", i == 0 ? "" : i == n - 1 ? " or " : ", ",
+        snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s",
+                 i == 0               ? ""
+                         : i == n - 1 ? " or "
+                                      : ", ",
                  names[i]);
     die("%s expects %s, got \"%s\"", flag, list, v);
 }
 
 static Options parse_options(int argc, char **argv) {
-    static const char *const attn_names[] = {"absorb", "naive"}, *const weights_names[] = {"auto", "mmap", "load"};
-    Options o = {.path = argv[1], .mode = MODE_GENERATE, .attn_mode = ATTN_ABSORB, .weights_mode = WEIGHTS_AUTO,
-                 .steps = 256, .batch = 8, .eval_every = 100, .temperature = 1.0f, .topp = 0.9f, .lr = 3e-3f,
+    static const char *const attn_names[] = {"absorb", "naive"},
+                             *const weights_names[] = {"auto", "mmap", "load"};
+    Options o = {.path = argv[1],
+                 .mode = MODE_GENERATE,
+                 .attn_mode = ATTN_ABSORB,
+                 .weights_mode = WEIGHTS_AUTO,
+                 .steps = 256,
+                 .batch = 8,
+                 .eval_every = 100,
+                 .temperature = 1.0f,
+                 .topp = 0.9f,
+                 .lr = 3e-3f,
                  .seed = (uint64_t)time(NULL)};
     for (int i = 2; i < argc; i += 2) {
-        const char *flag = strcmp(argv[i], "--gpus") ? argv[i] : "-g";  /* as multi-GPU tools spell it */
-        if (flag[0] != '-' || strlen(flag) != 2) die("unknown argument \"%s\" (run ./dsv2 for usage)", argv[i]);
+        const char *flag = strcmp(argv[i], "--gpus") ? argv[i] : "-g"; /* as multi-GPU tools spell
+                                                                          it */
+        if (flag[0] != '-' || strlen(flag) != 2)
+            die("unknown argument \"%s\" (run ./dsv2 for usage)", argv[i]);
         if (i + 1 >= argc) die("option %s needs a value", argv[i]);
         const char *v = argv[i + 1];
         switch (flag[1]) {
@@ -1251,21 +1316,28 @@ static void run_decode(Tokenizer *tok, const char *input, const char *out_path) 
 }
 
 /* The prompt's ids: text through the tokenizer (not for logits), else ids, else just BOS. */
-static IdList prompt_ids(const Config *c, Tokenizer *tok, int text_prompt, const char *input, size_t len) {
+static IdList prompt_ids(const Config *c, Tokenizer *tok, int text_prompt, const char *input,
+                         size_t len) {
     IdList ids = {0};
-    if (text_prompt) tokenizer_encode(tok, input ? input : "", input ? len : 0, tokenizer_adds_bos(tok), &ids);
+    if (text_prompt)
+        tokenizer_encode(tok, input ? input : "", input ? len : 0, tokenizer_adds_bos(tok), &ids);
     else if (input) ids.ids = parse_ids(input, c->vocab_size, &ids.n);
     else if (c->bos_token_id >= 0) ids_push(&ids, c->bos_token_id);
     return ids;
 }
 
 /* generate, chat, logits: the model on a prompt. */
-static void run_model(const Options *o, const Weights *w, Tokenizer *tok, const char *input, size_t len) {
+static void run_model(const Options *o, const Weights *w, Tokenizer *tok, const char *input,
+                      size_t len) {
     const Config *c = &w->cfg;
-    int context = o->context ? o->context : c->max_position_embeddings < 4096 ? c->max_position_embeddings : 4096;
-    if (context > c->max_position_embeddings) die("-c %d exceeds max_position_embeddings %d", context, c->max_position_embeddings);
+    int context = o->context                    ? o->context
+            : c->max_position_embeddings < 4096 ? c->max_position_embeddings
+                                                : 4096;
+    if (context > c->max_position_embeddings)
+        die("-c %d exceeds max_position_embeddings %d", context, c->max_position_embeddings);
     if (o->mode == MODE_LOGITS && !o->out_path) die("-m logits needs -o FILE");
-    if (o->mode == MODE_CHAT && c->eos_token_id < 0) die("chat needs an eos_token_id in the model config");
+    if (o->mode == MODE_CHAT && c->eos_token_id < 0)
+        die("chat needs an eos_token_id in the model config");
     int text_prompt = tok && o->mode == MODE_GENERATE;
     IdList ids = {0};
     if (o->mode != MODE_CHAT) {
@@ -1286,7 +1358,10 @@ static void run_model(const Options *o, const Weights *w, Tokenizer *tok, const 
     threads = omp_get_max_threads();
 #endif
     fprintf(stderr, "weights: %s, %.3f GB read per decoded token, %d threads\n",
-            c->dtype == DTYPE_Q8 ? "q8" : c->dtype == DTYPE_BF16 ? "bf16" : "f32", decode_bytes_per_token(w) / 1e9, threads);
+            c->dtype == DTYPE_Q8             ? "q8"
+                    : c->dtype == DTYPE_BF16 ? "bf16"
+                                             : "f32",
+            decode_bytes_per_token(w) / 1e9, threads);
     Sampler sp = {c->vocab_size, o->temperature, o->topp, o->seed * 0x9E3779B97F4A7C15ull + 1,
                   xcalloc(c->vocab_size, sizeof(ProbIndex))};
     if (o->mode == MODE_LOGITS) write_logits(w, &s, ids.ids, ids.n, o->out_path);
@@ -1295,7 +1370,8 @@ static void run_model(const Options *o, const Weights *w, Tokenizer *tok, const 
         int pos = 0;
         TextSink *sink = open_sink(stdout);
         if (text_prompt && input) { fwrite(input, 1, len, stdout); fflush(stdout); }
-        generate(w, &s, &sp, text_prompt ? tok : NULL, sink, ids.ids, ids.n, &pos, o->steps, text_prompt);
+        generate(w, &s, &sp, text_prompt ? tok : NULL, sink, ids.ids, ids.n, &pos, o->steps,
+                 text_prompt);
         if (text_prompt) printf("\n");
         free(sink);
     }
@@ -1313,7 +1389,8 @@ int main(int argc, char **argv) {
     if (o.mode == MODE_TRAIN) {
         if (!o.prompt_file || !o.out_path) die("-m train needs -f CORPUS and -o OUT");
         if (is_tokenizer_file(o.path)) die("%s is a tokenizer, not a model", o.path);
-        TrainOptions t = {o.steps, o.batch, o.context ? o.context : 128, o.eval_every, (int)o.seed, o.lr,
+        TrainOptions t = {o.steps,       o.batch,     o.context ? o.context : 128,
+                          o.eval_every,  (int)o.seed, o.lr,
                           o.prompt_file, o.out_path};
         train(o.path, &t);
         return 0;
@@ -1328,7 +1405,8 @@ int main(int argc, char **argv) {
     if (!tokenizer_only) load_weights(&w, o.path, o.weights_mode);
     Tokenizer *tok = open_tokenizer(o.path, tokenizer_only ? NULL : &w);
     int needs_tokenizer = o.mode == MODE_ENCODE || o.mode == MODE_DECODE || o.mode == MODE_CHAT;
-    if (needs_tokenizer && !tok) die("%s has no tokenizer (export the model from a folder with tokenizer.json)", o.path);
+    if (needs_tokenizer && !tok)
+        die("%s has no tokenizer (export the model from a folder with tokenizer.json)", o.path);
     if (o.mode == MODE_ENCODE) run_encode(tok, input, len);
     else if (o.mode == MODE_DECODE) run_decode(tok, input, o.out_path);
     else if (o.mode == MODE_LAYOUT) print_layout(&w);
@@ -1373,13 +1451,15 @@ static void quantize_activations(int8_t *q, float *scale, const float *x, int n,
         float inv = amax > 0 ? 127.0f / amax : 0.0f;
         scale[g] = amax / 127.0f;
 #pragma omp simd
-        for (int i = 0; i < group; i++) q[(size_t)g * group + i] = (int8_t)(int)rintf(xg[i] * inv);  /* ties to even */
+        for (int i = 0; i < group; i++)
+            q[(size_t)g * group + i] = (int8_t)(int)rintf(xg[i] * inv); /* ties to even */
     }
 }
 
 /* q8 x q8, four rows: an int32 sum per group (int8 products; the compiler vectorizes it), then
  * the group's two scales. dot4x4_q8_group32_vnni below does the same with AVX-512 VNNI. */
-static inline void dot4_q8_portable(const Mat *W, const size_t row[4], const int8_t *xq, const float *xs, int group, float out[4]) {
+static inline void dot4_q8_portable(const Mat *W, const size_t row[4], const int8_t *xq,
+                                    const float *xs, int group, float out[4]) {
     int groups = W->cols / group;
     const int8_t *w0 = (const int8_t *)W->data + row[0], *w1 = (const int8_t *)W->data + row[1];
     const int8_t *w2 = (const int8_t *)W->data + row[2], *w3 = (const int8_t *)W->data + row[3];
@@ -1395,7 +1475,10 @@ static inline void dot4_q8_portable(const Mat *W, const size_t row[4], const int
             ia += w0[o + i] * xg[i]; ib += w1[o + i] * xg[i];
             ic += w2[o + i] * xg[i]; id += w3[o + i] * xg[i];
         }
-        a += ia * (s0[g] * xs[g]); b += ib * (s1[g] * xs[g]); c += ic * (s2[g] * xs[g]); d += id * (s3[g] * xs[g]);
+        a += ia * (s0[g] * xs[g]);
+        b += ib * (s1[g] * xs[g]);
+        c += ic * (s2[g] * xs[g]);
+        d += id * (s3[g] * xs[g]);
     }
     out[0] = a; out[1] = b; out[2] = c; out[3] = d;
 }
@@ -1408,7 +1491,9 @@ static inline void dot4_q8_portable(const Mat *W, const size_t row[4], const int
  * both this and dot4_q8_portable above (MatmulScratch.portable forces the portable one). */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
-static inline void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4], const int8_t *const xq[4], const float *const xs[4], int nt, float out[4][4]) {
+static inline void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4],
+                                          const int8_t *const xq[4], const float *const xs[4],
+                                          int nt, float out[4][4]) {
     int groups = W->cols / 32, g = 0;
     const int8_t *w[4];
     const float *ws[4];
@@ -1419,22 +1504,29 @@ static inline void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4], con
         w[k] = (const int8_t *)W->data + row[k];
         ws[k] = W->scale + row[k] / 32;
         pair[k] = _mm512_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k,
-                                    2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1);
+                                    2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1,
+                                    2 * k + 1, 2 * k + 1, 2 * k + 1);
         for (int t = 0; t < 4; t++) acc[k][t] = _mm512_setzero_ps();
     }
-    for (; g + 2 <= groups; g += 2) {  /* 64 bytes = two groups per step; int32 lanes 0-7 and 8-15 */
+    for (; g + 2 <= groups; g += 2) { /* 64 bytes = two groups per step; int32 lanes 0-7 and 8-15 */
         __m512i w_unsigned[4];
-        for (int k = 0; k < 4; k++) w_unsigned[k] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w[k] + g * 32)), bias);
-        __m256 w_scale = _mm256_setr_ps(ws[0][g], ws[0][g + 1], ws[1][g], ws[1][g + 1], ws[2][g], ws[2][g + 1], ws[3][g], ws[3][g + 1]);
+        for (int k = 0; k < 4; k++)
+            w_unsigned[k] =
+                    _mm512_xor_si512(_mm512_loadu_si512((const void *)(w[k] + g * 32)), bias);
+        __m256 w_scale = _mm256_setr_ps(ws[0][g], ws[0][g + 1], ws[1][g], ws[1][g + 1], ws[2][g],
+                                        ws[2][g + 1], ws[3][g], ws[3][g + 1]);
         for (int t = 0; t < nt; t++) {
             __m512i xv = _mm512_loadu_si512((const void *)(xq[t] + g * 32));
-            __m512i minus_bias_x = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, xv));
+            __m512i minus_bias_x = _mm512_sub_epi32(
+                    _mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, xv));
             double xs_pair;
             memcpy(&xs_pair, xs[t] + g, sizeof xs_pair);
-            __m512 sc = _mm512_castps256_ps512(_mm256_mul_ps(w_scale, _mm256_castpd_ps(_mm256_set1_pd(xs_pair))));
+            __m512 sc = _mm512_castps256_ps512(
+                    _mm256_mul_ps(w_scale, _mm256_castpd_ps(_mm256_set1_pd(xs_pair))));
             for (int k = 0; k < 4; k++) {
                 __m512i dot = _mm512_dpbusd_epi32(minus_bias_x, w_unsigned[k], xv);
-                acc[k][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pair[k], sc), acc[k][t]);
+                acc[k][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                                            _mm512_permutexvar_ps(pair[k], sc), acc[k][t]);
             }
         }
     }
@@ -1453,17 +1545,25 @@ static inline void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4], con
 
 /* Four rows of W (row[k]: element offsets) dotted with one token. x is the token's activations;
  * xq/xs their int8 form for q8 weights. */
-static void dot4_rows(const Mat *W, const size_t row[4], const float *x, const int8_t *xq, const float *xs, float out[4]) {
+static void dot4_rows(const Mat *W, const size_t row[4], const float *x, const int8_t *xq,
+                      const float *xs, float out[4]) {
     int cols = W->cols;
     float a = 0, b = 0, c = 0, d = 0;
     if (W->dtype == DTYPE_F32) {
         const float *w0 = (const float *)W->data + row[0], *w1 = (const float *)W->data + row[1];
         const float *w2 = (const float *)W->data + row[2], *w3 = (const float *)W->data + row[3];
 #pragma omp simd reduction(+ : a, b, c, d)
-        for (int i = 0; i < cols; i++) { a += w0[i] * x[i]; b += w1[i] * x[i]; c += w2[i] * x[i]; d += w3[i] * x[i]; }
+        for (int i = 0; i < cols; i++) {
+            a += w0[i] * x[i];
+            b += w1[i] * x[i];
+            c += w2[i] * x[i];
+            d += w3[i] * x[i];
+        }
     } else if (W->dtype == DTYPE_BF16) {
-        const uint16_t *w0 = (const uint16_t *)W->data + row[0], *w1 = (const uint16_t *)W->data + row[1];
-        const uint16_t *w2 = (const uint16_t *)W->data + row[2], *w3 = (const uint16_t *)W->data + row[3];
+        const uint16_t *w0 = (const uint16_t *)W->data + row[0],
+                       *w1 = (const uint16_t *)W->data + row[1];
+        const uint16_t *w2 = (const uint16_t *)W->data + row[2],
+                       *w3 = (const uint16_t *)W->data + row[3];
 #pragma omp simd reduction(+ : a, b, c, d)
         for (int i = 0; i < cols; i++) {
             a += bf16_to_f32(w0[i]) * x[i]; b += bf16_to_f32(w1[i]) * x[i];
@@ -1512,7 +1612,8 @@ static void matmul_block(const Product *p, int b, const int8_t *xq, const float 
     const Mat *W = p->W;
     int rows = W->rows, cols = W->cols, groups = cols / W->group, blocks = (rows + 3) / 4;
     size_t row[4];  /* rows past the end repeat the last and are not stored */
-    for (int k = 0; k < 4; k++) row[k] = (size_t)(b + k * blocks < rows ? b + k * blocks : rows - 1) * cols;
+    for (int k = 0; k < 4; k++)
+        row[k] = (size_t)(b + k * blocks < rows ? b + k * blocks : rows - 1) * cols;
     for (int t0 = 0; t0 < p->n; t0 += 4) {
         float out[4][4];
         int tokens = p->n - t0 < 4 ? p->n - t0 : 4;
@@ -1535,10 +1636,12 @@ static void matmul_block(const Product *p, int b, const int8_t *xq, const float 
 #endif
             for (int tt = 0; tt < tokens; tt++) {
                 size_t t = (size_t)t0 + tt;
-                dot4_rows(W, row, p->x + t * cols, xq ? xq + t * cols : NULL, xs ? xs + t * groups : NULL, out[tt]);
+                dot4_rows(W, row, p->x + t * cols, xq ? xq + t * cols : NULL,
+                          xs ? xs + t * groups : NULL, out[tt]);
             }
         for (int tt = 0; tt < tokens; tt++)
-            for (int k = 0; k < 4 && b + k * blocks < rows; k++) p->y[(size_t)(t0 + tt) * rows + b + k * blocks] = out[tt][k];
+            for (int k = 0; k < 4 && b + k * blocks < rows; k++)
+                p->y[(size_t)(t0 + tt) * rows + b + k * blocks] = out[tt][k];
     }
 }
 
@@ -1549,8 +1652,9 @@ static void matmul_block(const Product *p, int b, const int8_t *xq, const float 
  * with the same input share its int8 form. act may be NULL when no weight is q8. */
 /* Product i reads the same int8 input as product i - 1 (e.g. an expert's up after its gate). */
 static int shares_previous_input(const Product *p, int i) {
-    return i > 0 && p[i].W->dtype == DTYPE_Q8 && p[i - 1].W->dtype == DTYPE_Q8 && p[i].x == p[i - 1].x &&
-           p[i].n == p[i - 1].n && p[i].W->cols == p[i - 1].W->cols && p[i].W->group == p[i - 1].W->group;
+    return i > 0 && p[i].W->dtype == DTYPE_Q8 && p[i - 1].W->dtype == DTYPE_Q8 &&
+            p[i].x == p[i - 1].x && p[i].n == p[i - 1].n && p[i].W->cols == p[i - 1].W->cols &&
+            p[i].W->group == p[i - 1].W->group;
 }
 
 static void matmul_many(const Product *p, int count, MatmulScratch *act) {
@@ -1560,7 +1664,8 @@ static void matmul_many(const Product *p, int count, MatmulScratch *act) {
         const Mat *W = p[i].W;
         work += (long long)(W->rows + 3) / 4 * W->cols * p[i].n;
         if (W->dtype != DTYPE_Q8) continue;
-        if (!act || count > act->max_products) die("internal: activation scratch missing or too small");
+        if (!act || count > act->max_products)
+            die("internal: activation scratch missing or too small");
         if (shares_previous_input(p, i)) act->at[i] = act->at[i - 1];
         else { act->at[i] = used; used += (size_t)p[i].n * W->cols; }
     }
@@ -1578,18 +1683,22 @@ static void matmul_many(const Product *p, int count, MatmulScratch *act) {
             if (W->dtype != DTYPE_Q8 || shares_previous_input(p, i)) continue;
             for (int t = 0; t < p[i].n; t++, job++)
                 if (job % threads == id)
-                    quantize_activations(act->q + act->at[i] + (size_t)t * W->cols, act->scale + (act->at[i] + (size_t)t * W->cols) / W->group,
+                    quantize_activations(act->q + act->at[i] + (size_t)t * W->cols,
+                                         act->scale + (act->at[i] + (size_t)t * W->cols) / W->group,
                                          p[i].x + (size_t)t * W->cols, W->cols, W->group);
         }
 #pragma omp barrier
         long long begin = work * id / threads, end = work * (id + 1) / threads, before = 0;
-        for (int i = 0; i < count; i++) {  /* this thread's blocks: those that start in [begin, end) */
+        for (int i = 0; i < count; i++) { /* this thread's blocks: those that start in [begin, end)
+                                           */
             const Mat *W = p[i].W;
             long long cost = (long long)W->cols * p[i].n, blocks = (W->rows + 3) / 4;
-            long long lo = begin > before ? (begin - before + cost - 1) / cost : 0, hi = end > before ? (end - before + cost - 1) / cost : 0;
+            long long lo = begin > before ? (begin - before + cost - 1) / cost : 0,
+                      hi = end > before ? (end - before + cost - 1) / cost : 0;
             const int8_t *xq = W->dtype == DTYPE_Q8 ? act->q + act->at[i] : NULL;
             const float *xs = W->dtype == DTYPE_Q8 ? act->scale + act->at[i] / W->group : NULL;
-            for (long long b = lo; b < (hi < blocks ? hi : blocks); b++) matmul_block(&p[i], (int)b, xq, xs, act ? act->portable : 0);
+            for (long long b = lo; b < (hi < blocks ? hi : blocks); b++)
+                matmul_block(&p[i], (int)b, xq, xs, act ? act->portable : 0);
             before += blocks * cost;
         }
     }
@@ -1605,7 +1714,8 @@ static void mat_row_to_f32(float *out, const Mat *W, int r) {
     else if (W->dtype == DTYPE_Q8)
         for (int g = 0; g < W->cols / W->group; g++) {
             float sc = W->scale[at / W->group + g];
-            for (int c = g * W->group; c < (g + 1) * W->group; c++) out[c] = ((const int8_t *)W->data)[at + c] * sc;
+            for (int c = g * W->group; c < (g + 1) * W->group; c++)
+                out[c] = ((const int8_t *)W->data)[at + c] * sc;
         }
     else memcpy(out, (const float *)W->data + at, (size_t)W->cols * sizeof(float));
 }
@@ -1655,12 +1765,17 @@ static const char *storage_name(int dtype) {
     return dtype == DTYPE_Q8 ? "q8" : dtype == DTYPE_BF16 ? "bf16" : "f32";
 }
 
-static const void *take(Cursor *cur, const char *name, int rows, int cols, const char *storage, size_t bytes) {
+static const void *take(Cursor *cur, const char *name, int rows, int cols, const char *storage,
+                        size_t bytes) {
     cur->offset = (cur->offset + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN;
     const void *p = cur->base ? cur->base + cur->offset : NULL;
     if (cur->info) {
         TensorInfo *t = &cur->info[cur->n_tensors];
-        *t = (TensorInfo){.storage = storage, .offset = cur->offset, .bytes = bytes, .rows = rows, .cols = cols};
+        *t = (TensorInfo){.storage = storage,
+                          .offset = cur->offset,
+                          .bytes = bytes,
+                          .rows = rows,
+                          .cols = cols};
         snprintf(t->name, sizeof t->name, "%s%s", cur->prefix ? cur->prefix : "", name);
     }
     cur->n_tensors++;
@@ -1671,9 +1786,11 @@ static const void *take(Cursor *cur, const char *name, int rows, int cols, const
 static Mat take_mat(Cursor *cur, const char *name, int rows, int cols, int dtype) {
     Mat m = {NULL, NULL, dtype, rows, cols, dtype == DTYPE_Q8 ? cur->q8_group : cols};
     if (cols % m.group) die("q8 group %d does not divide a matrix width %d", m.group, cols);
-    m.data = take(cur, name, rows, cols, storage_name(dtype), (size_t)rows * cols * dtype_size(dtype));
+    m.data = take(cur, name, rows, cols, storage_name(dtype),
+                  (size_t)rows * cols * dtype_size(dtype));
     if (dtype == DTYPE_Q8)
-        m.scale = take(cur, name, rows, cols / m.group, "q8-scales", (size_t)rows * (cols / m.group) * sizeof(float));
+        m.scale = take(cur, name, rows, cols / m.group, "q8-scales",
+                       (size_t)rows * (cols / m.group) * sizeof(float));
     return m;
 }
 
@@ -1703,7 +1820,8 @@ static void layout_ffn(Layer *L, const Config *c, Cursor *cur, char *prefix, siz
     int D = c->hidden_size, W = cur->weight_dtype, Im = c->moe_intermediate_size;
     size_t base = strlen(prefix);
     int64_t width = L->is_moe ? (int64_t)Im * c->n_shared_experts : c->intermediate_size;
-    if (width > (1 << 24)) die("config: the shared experts' width %lld is out of range", (long long)width);
+    if (width > (1 << 24))
+        die("config: the shared experts' width %lld is out of range", (long long)width);
     if (L->is_moe) {
         L->router = take_mat(cur, "mlp.gate.weight", c->n_routed_experts, D, DTYPE_F32);
         for (int e = 0; e < c->n_routed_experts; e++) {
@@ -1764,7 +1882,13 @@ static TensorInfo *layout_table(const Config *c, int *n) {
     alloc_layers(&w);
     Cursor measure = {NULL, HEADER_SIZE, c->dtype, c->q8_group, NULL, 0, NULL};
     layout_weights(&w, &measure);
-    Cursor record = {NULL, HEADER_SIZE, c->dtype, c->q8_group, xcalloc(measure.n_tensors, sizeof(TensorInfo)), 0, NULL};
+    Cursor record = {NULL,
+                     HEADER_SIZE,
+                     c->dtype,
+                     c->q8_group,
+                     xcalloc(measure.n_tensors, sizeof(TensorInfo)),
+                     0,
+                     NULL};
     layout_weights(&w, &record);
     w.map = NULL;
     free_weights(&w);
@@ -1777,11 +1901,16 @@ static void print_layout(const Weights *w) {
     int n;
     TensorInfo *t = layout_table(&w->cfg, &n);
     for (int i = 0; i < n; i++) {
-        if (t[i].rows) printf("%zu %zu %s %dx%d %s\n", t[i].offset, t[i].bytes, t[i].name, t[i].rows, t[i].cols, t[i].storage);
-        else printf("%zu %zu %s %d %s\n", t[i].offset, t[i].bytes, t[i].name, t[i].cols, t[i].storage);
+        if (t[i].rows)
+            printf("%zu %zu %s %dx%d %s\n", t[i].offset, t[i].bytes, t[i].name, t[i].rows,
+                   t[i].cols, t[i].storage);
+        else
+            printf("%zu %zu %s %d %s\n", t[i].offset, t[i].bytes, t[i].name, t[i].cols,
+                   t[i].storage);
     }
-    if (w->cfg.tokenizer_offset) printf("%llu %llu tokenizer\n", (unsigned long long)w->cfg.tokenizer_offset,
-                                        (unsigned long long)w->cfg.tokenizer_size);
+    if (w->cfg.tokenizer_offset)
+        printf("%llu %llu tokenizer\n", (unsigned long long)w->cfg.tokenizer_offset,
+               (unsigned long long)w->cfg.tokenizer_size);
     free(t);
 }
 
@@ -1791,7 +1920,8 @@ static void check_range(const char *name, long long v, long long lo, long long h
 }
 
 static void validate_config(const Config *c) {
-    if (c->dtype != DTYPE_F32 && c->dtype != DTYPE_BF16 && c->dtype != DTYPE_Q8) die("unknown weight dtype %d", c->dtype);
+    if (c->dtype != DTYPE_F32 && c->dtype != DTYPE_BF16 && c->dtype != DTYPE_Q8)
+        die("unknown weight dtype %d", c->dtype);
     if (c->dtype == DTYPE_Q8) check_range("q8_group", c->q8_group, 1, 4096);
     check_range("vocab_size", c->vocab_size, 1, 1 << 24);
     check_range("hidden_size", c->hidden_size, 1, 1 << 16);
@@ -1801,7 +1931,8 @@ static void validate_config(const Config *c) {
     check_range("kv_lora_rank", c->kv_lora_rank, 1, 1 << 16);
     check_range("qk_nope_head_dim", c->qk_nope_head_dim, 0, 4096);
     check_range("qk_rope_head_dim", c->qk_rope_head_dim, 2, 4096);
-    if (c->qk_rope_head_dim % 2) die("config qk_rope_head_dim = %d must be even", c->qk_rope_head_dim);
+    if (c->qk_rope_head_dim % 2)
+        die("config qk_rope_head_dim = %d must be even", c->qk_rope_head_dim);
     check_range("v_head_dim", c->v_head_dim, 1, 4096);
     check_range("max_position_embeddings", c->max_position_embeddings, 1, 1 << 24);
     check_range("num_experts_per_tok", c->num_experts_per_tok, 0, 4096);
@@ -1822,19 +1953,27 @@ static void validate_config(const Config *c) {
         check_range("num_experts_per_tok", c->num_experts_per_tok, 1, c->n_routed_experts);
         if (c->topk_method == TOPK_GROUP_LIMITED_GREEDY) {
             check_range("n_group", c->n_group, 1, c->n_routed_experts);
-            if (c->n_routed_experts % c->n_group) die("config n_group = %d does not divide n_routed_experts = %d", c->n_group, c->n_routed_experts);
+            if (c->n_routed_experts % c->n_group)
+                die("config n_group = %d does not divide n_routed_experts = %d", c->n_group,
+                    c->n_routed_experts);
             check_range("topk_group", c->topk_group, 1, c->n_group);
-            check_range("num_experts_per_tok", c->num_experts_per_tok, 1, c->topk_group * (c->n_routed_experts / c->n_group));
+            check_range("num_experts_per_tok", c->num_experts_per_tok, 1,
+                        c->topk_group * (c->n_routed_experts / c->n_group));
         } else if (c->topk_method != TOPK_GREEDY) die("unknown topk_method %d", c->topk_method);
     }
-    if (c->rope_scaling != ROPE_PLAIN && c->rope_scaling != ROPE_YARN) die("unknown rope_scaling type %d", c->rope_scaling);
-    if (!(c->rms_norm_eps > 0 && c->rms_norm_eps < 1)) die("config rms_norm_eps = %g is out of range", c->rms_norm_eps);
+    if (c->rope_scaling != ROPE_PLAIN && c->rope_scaling != ROPE_YARN)
+        die("unknown rope_scaling type %d", c->rope_scaling);
+    if (!(c->rms_norm_eps > 0 && c->rms_norm_eps < 1))
+        die("config rms_norm_eps = %g is out of range", c->rms_norm_eps);
     if (!(c->rope_theta > 1)) die("config rope_theta = %g is out of range", c->rope_theta);
     if (!isfinite(c->routed_scaling_factor)) die("config routed_scaling_factor is not finite");
     if (c->rope_scaling == ROPE_YARN) {
-        if (!(c->rope_factor > 0 && c->rope_factor < 1e6)) die("config rope_scaling.factor = %g is out of range", c->rope_factor);
-        check_range("original_max_position_embeddings", c->original_max_position_embeddings, 1, 1 << 24);
-        if (!(c->beta_fast > 0 && c->beta_slow > 0)) die("config rope_scaling beta_fast/beta_slow must be positive");
+        if (!(c->rope_factor > 0 && c->rope_factor < 1e6))
+            die("config rope_scaling.factor = %g is out of range", c->rope_factor);
+        check_range("original_max_position_embeddings", c->original_max_position_embeddings, 1,
+                    1 << 24);
+        if (!(c->beta_fast > 0 && c->beta_slow > 0))
+            die("config rope_scaling beta_fast/beta_slow must be positive");
     }
 }
 
@@ -1851,7 +1990,8 @@ static void *map_checkpoint(int fd, size_t size, int mode, const char *path) {
     int drop_cache = ram > 0 && 2.0 * size > ram;
     if (mode == WEIGHTS_MMAP) {
 #ifdef MAP_POPULATE
-        int populate = MAP_POPULATE;  /* fault every page in now, not one expert at a time while decoding */
+        int populate = MAP_POPULATE; /* fault every page in now, not one expert at a time while
+                                        decoding */
 #else
         int populate = 0;
 #endif
@@ -1865,8 +2005,10 @@ static void *map_checkpoint(int fd, size_t size, int mode, const char *path) {
     madvise(map, size, MADV_HUGEPAGE);
 #endif
     for (size_t done = 0; done < size;) {
-        ssize_t got = pread(fd, (char *)map + done, size - done < (64 << 20) ? size - done : (64 << 20), (off_t)done);
-        if (got <= 0) die("cannot read %s: %s", path, got < 0 ? strerror(errno) : "unexpected end of file");
+        ssize_t got = pread(fd, (char *)map + done,
+                            size - done < (64 << 20) ? size - done : (64 << 20), (off_t)done);
+        if (got <= 0)
+            die("cannot read %s: %s", path, got < 0 ? strerror(errno) : "unexpected end of file");
 #ifdef POSIX_FADV_DONTNEED
         if (drop_cache) posix_fadvise(fd, (off_t)done, got, POSIX_FADV_DONTNEED);
 #endif
@@ -1885,16 +2027,24 @@ static void load_weights(Weights *w, const char *path, int weights_mode) {
     if (size < HEADER_SIZE) die("%s is not a dsv2 checkpoint (only %zu bytes)", path, size);
     if (pread(fd, &w->cfg, HEADER_SIZE, 0) != HEADER_SIZE) die("cannot read header of %s", path);
     const Config *c = &w->cfg;
-    if (memcmp(c->magic, DSV2_MAGIC, 4) != 0) die("%s is not a dsv2 checkpoint (bad magic); convert it with export.py", path);
-    if (c->version != DSV2_VERSION) die("%s has checkpoint version %u; this build reads version %d", path, c->version, DSV2_VERSION);
+    if (memcmp(c->magic, DSV2_MAGIC, 4) != 0)
+        die("%s is not a dsv2 checkpoint (bad magic); convert it with export.py", path);
+    if (c->version != DSV2_VERSION)
+        die("%s has checkpoint version %u; this build reads version %d", path, c->version,
+            DSV2_VERSION);
     validate_config(c);
     alloc_layers(w);
     Cursor measure = {NULL, HEADER_SIZE, c->dtype, c->q8_group, NULL, 0, NULL};
     size_t end = layout_weights(w, &measure);
-    if (c->tokenizer_offset && (c->tokenizer_offset < end || c->tokenizer_offset + c->tokenizer_size > c->file_size))
+    if (c->tokenizer_offset &&
+        (c->tokenizer_offset < end || c->tokenizer_offset + c->tokenizer_size > c->file_size))
         die("%s: tokenizer section out of bounds", path);
-    if (c->file_size < end) die("%s: header says %llu bytes but the config needs %zu", path, (unsigned long long)c->file_size, end);
-    if (size != c->file_size) die("%s is truncated or padded: %zu bytes on disk, header says %llu", path, size, (unsigned long long)c->file_size);
+    if (c->file_size < end)
+        die("%s: header says %llu bytes but the config needs %zu", path,
+            (unsigned long long)c->file_size, end);
+    if (size != c->file_size)
+        die("%s is truncated or padded: %zu bytes on disk, header says %llu", path, size,
+            (unsigned long long)c->file_size);
     w->map = map_checkpoint(fd, size, weights_mode, path);
     close(fd);
     w->map_size = size;
@@ -1923,7 +2073,8 @@ static void route_for_gpu(void *ctx, const float *probs, int *idx, float *weight
 }
 
 static void *gpu_model_create(const Weights *w, RunState *s, const char *gpus) {
-    return cuda_create(w, s->context, gpus, route_for_gpu, s, s->rope_cos, s->rope_sin, (float)s->softmax_scale);
+    return cuda_create(w, s->context, gpus, route_for_gpu, s, s->rope_cos, s->rope_sin,
+                       (float)s->softmax_scale);
 }
 #endif
 /* ------------------------------------------------------------------------- */
@@ -1967,7 +2118,8 @@ static int utf8_feed(Utf8Decoder *d, uint8_t b, uint32_t *out) {
         d->seen = 0;
         return 0;
     }
-    if (b < d->lower || b > d->upper) {  /* the sequence so far is one bad subpart; b starts afresh */
+    if (b < d->lower || b > d->upper) { /* the sequence so far is one bad subpart; b starts afresh
+                                         */
         d->needed = 0;
         out[0] = 0xFFFD;
         return 1 + utf8_feed(d, b, out + 1);
@@ -1980,7 +2132,8 @@ static int utf8_feed(Utf8Decoder *d, uint8_t b, uint32_t *out) {
     return 1;
 }
 
-/* Dies unless text is valid UTF-8: prompts are text, and a wrong byte would silently become U+FFFD. */
+/* Dies unless text is valid UTF-8: prompts are text, and a wrong byte would silently become U+FFFD.
+ */
 static void utf8_validate(const unsigned char *text, size_t len) {
     Utf8Decoder d = {0};
     uint32_t cp[2];
@@ -1988,7 +2141,9 @@ static void utf8_validate(const unsigned char *text, size_t len) {
     for (size_t i = 0; i < len; i++) {
         if (d.needed == 0) start = i;
         int k = utf8_feed(&d, text[i], cp);
-        if (k == 2 || (k == 1 && cp[0] == 0xFFFD && !(i >= 2 && text[i - 2] == 0xEF && text[i - 1] == 0xBF && text[i] == 0xBD)))
+        if (k == 2 ||
+            (k == 1 && cp[0] == 0xFFFD &&
+             !(i >= 2 && text[i - 2] == 0xEF && text[i - 1] == 0xBF && text[i] == 0xBD)))
             die("the input is not valid UTF-8 (bad byte sequence at byte %zu)", k == 2 ? start : i);
     }
     if (d.needed) die("the input is not valid UTF-8 (it ends inside a character)");
@@ -1996,9 +2151,15 @@ static void utf8_validate(const unsigned char *text, size_t len) {
 
 static int utf8_encode(uint32_t cp, char *out) {
     if (cp < 0x80) { out[0] = (char)cp; return 1; }
-    if (cp < 0x800) { out[0] = (char)(0xC0 | cp >> 6); out[1] = (char)(0x80 | (cp & 0x3F)); return 2; }
+    if (cp < 0x800) {
+        out[0] = (char)(0xC0 | cp >> 6);
+        out[1] = (char)(0x80 | (cp & 0x3F));
+        return 2;
+    }
     if (cp < 0x10000) {
-        out[0] = (char)(0xE0 | cp >> 12); out[1] = (char)(0x80 | ((cp >> 6) & 0x3F)); out[2] = (char)(0x80 | (cp & 0x3F));
+        out[0] = (char)(0xE0 | cp >> 12);
+        out[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
+        out[2] = (char)(0x80 | (cp & 0x3F));
         return 3;
     }
     out[0] = (char)(0xF0 | cp >> 18); out[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
@@ -2026,10 +2187,14 @@ typedef struct {
 } CharClass;
 
 enum { OP_CLASS, OP_SPLIT, OP_JMP, OP_MATCH, OP_EOL, OP_BOL, OP_LOOKAHEAD };
-typedef struct { int op, x, y; } ReInst;  /* SPLIT: try x, then y. LOOKAHEAD: x = negative, y = continuation */
+typedef struct {
+    int op, x, y;
+} ReInst; /* SPLIT: try x, then y. LOOKAHEAD: x = negative, y = continuation */
 
 enum { NODE_CLASS, NODE_CAT, NODE_ALT, NODE_REPEAT, NODE_EOL, NODE_BOL, NODE_LOOK, NODE_EMPTY };
-typedef struct { int kind, a, b, min, max, greedy; } ReNode;  /* max -1 = unbounded; LOOK: greedy = negative */
+typedef struct {
+    int kind, a, b, min, max, greedy;
+} ReNode; /* max -1 = unbounded; LOOK: greedy = negative */
 
 typedef struct {
     ReInst *code;
@@ -2133,7 +2298,8 @@ static int finish_class(ReParser *ps, CharClass *c) {
 static uint32_t peek(const ReParser *ps) { return ps->at < ps->n ? ps->p[ps->at] : 0; }
 static int at_end(const ReParser *ps) { return ps->at >= ps->n; }
 
-/* After a backslash: adds a class escape (\s, \p{..}, ...) to c, or returns the literal it denotes. */
+/* After a backslash: adds a class escape (\s, \p{..}, ...) to c, or returns the literal it denotes.
+ */
 static int parse_escape(ReParser *ps, CharClass *c, uint32_t *literal) {
     if (at_end(ps)) regex_fail(ps, "trailing backslash");
     uint32_t e = ps->p[ps->at++];
@@ -2187,7 +2353,8 @@ static int parse_bracket_class(ReParser *ps) {
             if (hi == '\\') {
                 CharClass unused;
                 memset(&unused, 0, sizeof unused);
-                if (!parse_escape(ps, &unused, &hi)) regex_fail(ps, "class escape used as a range end");
+                if (!parse_escape(ps, &unused, &hi))
+                    regex_fail(ps, "class escape used as a range end");
             }
             if (hi < lo) regex_fail(ps, "reversed range");
         }
@@ -2229,7 +2396,12 @@ static int parse_atom(ReParser *ps) {
         if (parse_escape(ps, &c, &lit)) class_add_range(&c, lit, lit);
         return finish_class(ps, &c);
     }
-    case ')': case '|': case '*': case '+': case '?': case '{': regex_fail(ps, "unexpected operator");
+    case ')':
+    case '|':
+    case '*':
+    case '+':
+    case '?':
+    case '{': regex_fail(ps, "unexpected operator");
     default: class_add_range(&c, ch, ch); return finish_class(ps, &c);
     }
     return -1;
@@ -2237,7 +2409,10 @@ static int parse_atom(ReParser *ps) {
 
 static int parse_number(ReParser *ps) {
     int v = 0, digits = 0;
-    while (peek(ps) >= '0' && peek(ps) <= '9' && v < 100000) { v = v * 10 + (int)(ps->p[ps->at++] - '0'); digits++; }
+    while (peek(ps) >= '0' && peek(ps) <= '9' && v < 100000) {
+        v = v * 10 + (int)(ps->p[ps->at++] - '0');
+        digits++;
+    }
     return digits ? v : -1;
 }
 
@@ -2254,7 +2429,10 @@ static int parse_repeat(ReParser *ps) {
             min = parse_number(ps);
             max = min;
             if (peek(ps) == ',') { ps->at++; max = parse_number(ps); }
-            if (min < 0 || peek(ps) != '}' || (max >= 0 && max < min) || max > 1000) { ps->at = save; regex_fail(ps, "bad {m,n}"); }
+            if (min < 0 || peek(ps) != '}' || (max >= 0 && max < min) || max > 1000) {
+                ps->at = save;
+                regex_fail(ps, "bad {m,n}");
+            }
         } else return node;
         ps->at++;
         int r = new_node(ps, NODE_REPEAT, node, 0);
@@ -2345,7 +2523,8 @@ static void compile_node(ReParser *ps, int i) {
                 emit(ps, OP_SPLIT, re->n_code + 1, -1);
                 compile_node(ps, n.a);
             }
-            for (int pc = first_split; pc < re->n_code; pc++)  /* every optional copy can exit to the end */
+            for (int pc = first_split; pc < re->n_code; pc++) /* every optional copy can exit to the
+                                                                 end */
                 if (re->code[pc].op == OP_SPLIT && re->code[pc].y == -1) {
                     re->code[pc].y = re->n_code;
                     if (!n.greedy) { re->code[pc].y = re->code[pc].x; re->code[pc].x = re->n_code; }
@@ -2356,7 +2535,8 @@ static void compile_node(ReParser *ps, int i) {
     }
 }
 
-static void regex_compile(Regex *re, const char *pattern, size_t len, const Property *props, int n_props) {
+static void regex_compile(Regex *re, const char *pattern, size_t len, const Property *props,
+                          int n_props) {
     memset(re, 0, sizeof *re);
     uint32_t *cps = xcalloc(len + 1, sizeof(uint32_t)), out[2];
     int n = 0;
@@ -2392,8 +2572,10 @@ static void stack_push(BacktrackStack *st, int pc, int pos) {
     st->pc_pos[st->n++] = pos;
 }
 
-/* Runs the program from pc at s[pos]; returns the end of the first (leftmost-first) match, or -1. */
-static int regex_run(const Regex *re, int pc, const uint32_t *s, int pos, int n, BacktrackStack *st) {
+/* Runs the program from pc at s[pos]; returns the end of the first (leftmost-first) match, or -1.
+ */
+static int regex_run(const Regex *re, int pc, const uint32_t *s, int pos, int n,
+                     BacktrackStack *st) {
     int base = st->n;
     stack_push(st, pc, pos);
     while (st->n > base) {
@@ -2435,7 +2617,7 @@ struct Tokenizer {
     unsigned char *kind;                 /* per id: TOKEN_* */
     const unsigned char **bytes;         /* per id: what it decodes to */
     uint32_t *len;
-    int n_added;                         /* added tokens, matched in the raw text before anything else */
+    int n_added; /* added tokens, matched in the raw text before anything else */
     int *added_by_byte, added_start[257];/* added token indices grouped by first byte */
     int *added_id;
     const unsigned char **added_text;
@@ -2469,7 +2651,9 @@ static uint32_t blob_u32(BlobReader *r) {
     return v;
 }
 
-static uint64_t merge_hash_key(uint32_t left, uint32_t right) { return ((uint64_t)left << 32 | right) + 1; }
+static uint64_t merge_hash_key(uint32_t left, uint32_t right) {
+    return ((uint64_t)left << 32 | right) + 1;
+}
 static size_t merge_slot(const Tokenizer *t, uint64_t key) {
     size_t h = (size_t)((key * 0x9E3779B97F4A7C15ull) >> 17) & t->merge_mask;
     while (t->merge_key[h] && t->merge_key[h] != key) h = (h + 1) & t->merge_mask;
@@ -2493,7 +2677,8 @@ static void parse_tokens(Tokenizer *t, BlobReader *r, const char *path) {
         if (t->kind[i] == TOKEN_BPE && t->len[i] == 1) t->byte_id[t->bytes[i][0]] = i;
     }
     t->n_added = (int)blob_u32(r);
-    if (t->n_added < 0 || t->n_added > t->n_ids) die("tokenizer in %s is corrupt (added tokens)", path);
+    if (t->n_added < 0 || t->n_added > t->n_ids)
+        die("tokenizer in %s is corrupt (added tokens)", path);
     t->added_id = xcalloc(t->n_added, sizeof(int));
     t->added_text = xcalloc(t->n_added, sizeof(char *));
     t->added_len = xcalloc(t->n_added, sizeof(uint32_t));
@@ -2515,7 +2700,8 @@ static void parse_tokens(Tokenizer *t, BlobReader *r, const char *path) {
 /* The merges, in rank order, into a hash table of (left, right) -> rank. */
 static void parse_merges(Tokenizer *t, BlobReader *r, const char *path) {
     t->n_merges = (int)blob_u32(r);
-    if (t->n_merges < 0 || t->n_merges > (1 << 24)) die("tokenizer in %s is corrupt (merges)", path);
+    if (t->n_merges < 0 || t->n_merges > (1 << 24))
+        die("tokenizer in %s is corrupt (merges)", path);
     t->merges = xcalloc((size_t)t->n_merges * 3, sizeof(uint32_t));
     memcpy(t->merges, blob_take(r, (size_t)t->n_merges * 12), (size_t)t->n_merges * 12);
     size_t slots = 16;
@@ -2525,11 +2711,15 @@ static void parse_merges(Tokenizer *t, BlobReader *r, const char *path) {
     t->merge_rank = xcalloc(slots, sizeof(int));
     for (int m = 0; m < t->n_merges; m++) {
         uint32_t *mg = t->merges + 3 * (size_t)m;
-        if (mg[0] >= (uint32_t)t->n_ids || mg[1] >= (uint32_t)t->n_ids || mg[2] >= (uint32_t)t->n_ids)
+        if (mg[0] >= (uint32_t)t->n_ids || mg[1] >= (uint32_t)t->n_ids ||
+            mg[2] >= (uint32_t)t->n_ids)
             die("tokenizer in %s is corrupt (merge %d)", path, m);
         uint64_t key = merge_hash_key(mg[0], mg[1]);
         size_t h = merge_slot(t, key);
-        if (!t->merge_key[h]) { t->merge_key[h] = key; t->merge_rank[h] = m; }  /* lowest rank wins */
+        if (!t->merge_key[h]) {
+            t->merge_key[h] = key;
+            t->merge_rank[h] = m;
+        } /* lowest rank wins */
     }
 }
 
@@ -2551,9 +2741,11 @@ static void parse_pretokenizer(Tokenizer *t, BlobReader *r, const char *path) {
         if (n >= sizeof t->props[i].name) die("tokenizer in %s is corrupt (property name)", path);
         memcpy(t->props[i].name, blob_take(r, n), n);
         t->props[i].n = (int)blob_u32(r);
-        if (t->props[i].n < 0 || t->props[i].n > (1 << 20)) die("tokenizer in %s is corrupt (property ranges)", path);
+        if (t->props[i].n < 0 || t->props[i].n > (1 << 20))
+            die("tokenizer in %s is corrupt (property ranges)", path);
         t->props[i].ranges = xcalloc(t->props[i].n, sizeof(Range));
-        memcpy(t->props[i].ranges, blob_take(r, (size_t)t->props[i].n * 8), (size_t)t->props[i].n * 8);
+        memcpy(t->props[i].ranges, blob_take(r, (size_t)t->props[i].n * 8),
+               (size_t)t->props[i].n * 8);
     }
     t->regex = xcalloc(t->n_regex, sizeof(Regex));
     for (int i = 0; i < t->n_regex; i++) {
@@ -2567,19 +2759,23 @@ static void parse_pretokenizer(Tokenizer *t, BlobReader *r, const char *path) {
 }
 
 /* The blob export.py writes (its format is drawn in export.py, read_tokenizer). */
-static void tokenizer_parse(Tokenizer *t, const unsigned char *blob, size_t size, const char *path) {
+static void tokenizer_parse(Tokenizer *t, const unsigned char *blob, size_t size,
+                            const char *path) {
     BlobReader r = {blob, blob + size, path};
-    if (size < 8 || memcmp(blob_take(&r, 4), TOKENIZER_MAGIC, 4)) die("%s: no tokenizer found (bad magic)", path);
+    if (size < 8 || memcmp(blob_take(&r, 4), TOKENIZER_MAGIC, 4))
+        die("%s: no tokenizer found (bad magic)", path);
     uint32_t version = blob_u32(&r);
     if (version != TOKENIZER_VERSION)
-        die("%s: tokenizer version %u; this build reads version %d", path, version, TOKENIZER_VERSION);
+        die("%s: tokenizer version %u; this build reads version %d", path, version,
+            TOKENIZER_VERSION);
     t->n_ids = (int)blob_u32(&r);
     t->bos_id = (int32_t)blob_u32(&r);
     t->eos_id = (int32_t)blob_u32(&r);
     t->add_bos = (int)blob_u32(&r);
     t->chat_template = (int)blob_u32(&r);
     if (t->n_ids < 1 || t->n_ids > (1 << 24) || t->bos_id >= t->n_ids || t->eos_id >= t->n_ids)
-        die("tokenizer in %s is corrupt (%d ids, bos %d, eos %d)", path, t->n_ids, t->bos_id, t->eos_id);
+        die("tokenizer in %s is corrupt (%d ids, bos %d, eos %d)", path, t->n_ids, t->bos_id,
+            t->eos_id);
     parse_tokens(t, &r, path);
     parse_merges(t, &r, path);
     parse_pretokenizer(t, &r, path);
@@ -2589,7 +2785,11 @@ static void free_tokenizer(Tokenizer *t) {
     for (int i = 0; i < t->n_regex; i++) regex_free(&t->regex[i]);
     for (int i = 0; i < t->n_props; i++) free(t->props[i].ranges);
     free(t->regex); free(t->props); free(t->kind); free(t->bytes); free(t->len);
-    free(t->added_id); free(t->added_by_byte); free(t->added_text); free(t->added_len); free(t->merges);
+    free(t->added_id);
+    free(t->added_by_byte);
+    free(t->added_text);
+    free(t->added_len);
+    free(t->merges);
     free(t->merge_key); free(t->merge_rank); free(t->stack.pc_pos);
     if (t->map) munmap(t->map, t->map_size);
 }
@@ -2615,8 +2815,12 @@ static MergeCandidate heap_pop(MergeCandidate *h, int *n) {
     for (;;) {
         int child = 2 * i + 1;
         if (child >= *n) break;
-        if (child + 1 < *n && (h[child + 1].rank < h[child].rank || (h[child + 1].rank == h[child].rank && h[child + 1].pos < h[child].pos))) child++;
-        if (last.rank < h[child].rank || (last.rank == h[child].rank && last.pos <= h[child].pos)) break;
+        if (child + 1 < *n &&
+            (h[child + 1].rank < h[child].rank ||
+             (h[child + 1].rank == h[child].rank && h[child + 1].pos < h[child].pos)))
+            child++;
+        if (last.rank < h[child].rank || (last.rank == h[child].rank && last.pos <= h[child].pos))
+            break;
         h[i] = h[child];
         i = child;
     }
@@ -2626,7 +2830,8 @@ static MergeCandidate heap_pop(MergeCandidate *h, int *n) {
 
 static void bpe_piece(const Tokenizer *t, const unsigned char *text, int n, IdList *out) {
     if (n == 0) return;
-    int *sym = xcalloc(n, sizeof(int)), *next = xcalloc(n, sizeof(int)), *prev = xcalloc(n, sizeof(int));
+    int *sym = xcalloc(n, sizeof(int)), *next = xcalloc(n, sizeof(int)),
+        *prev = xcalloc(n, sizeof(int));
     MergeCandidate *heap = xcalloc((size_t)2 * n, sizeof(MergeCandidate));
     int heap_n = 0;
     for (int i = 0; i < n; i++) {
@@ -2648,8 +2853,10 @@ static void bpe_piece(const Tokenizer *t, const unsigned char *text, int n, IdLi
         next[i] = next[j];
         if (next[j] >= 0) prev[next[j]] = i;
         int rank;
-        if (prev[i] >= 0 && (rank = merge_lookup(t, sym[prev[i]], sym[i])) >= 0) heap_push(heap, &heap_n, (MergeCandidate){rank, prev[i]});
-        if (next[i] >= 0 && (rank = merge_lookup(t, sym[i], sym[next[i]])) >= 0) heap_push(heap, &heap_n, (MergeCandidate){rank, i});
+        if (prev[i] >= 0 && (rank = merge_lookup(t, sym[prev[i]], sym[i])) >= 0)
+            heap_push(heap, &heap_n, (MergeCandidate){rank, prev[i]});
+        if (next[i] >= 0 && (rank = merge_lookup(t, sym[i], sym[next[i]])) >= 0)
+            heap_push(heap, &heap_n, (MergeCandidate){rank, i});
     }
     for (int i = 0; i >= 0; i = next[i]) ids_push(out, sym[i]);
     free(sym); free(next); free(prev); free(heap);
@@ -2658,7 +2865,8 @@ static void bpe_piece(const Tokenizer *t, const unsigned char *text, int n, IdLi
 /* The pre-tokenizer: each regex splits every current piece (Isolated: matches and gaps both
  * stay), in order; a match never crosses a piece boundary. Pieces are [start, end) code points. */
 static int pretokenize(Tokenizer *t, const uint32_t *cps, int n, int **pieces_out) {
-    int cap = 2 * n + 2, count = n > 0, *pieces = xcalloc(cap, sizeof(int)), *next = xcalloc(cap, sizeof(int));
+    int cap = 2 * n + 2, count = n > 0, *pieces = xcalloc(cap, sizeof(int)),
+        *next = xcalloc(cap, sizeof(int));
     pieces[0] = 0; pieces[1] = n;
     for (int r = 0; r < t->n_regex; r++) {
         int m = 0;
@@ -2688,11 +2896,13 @@ static void encode_segment(Tokenizer *t, const unsigned char *text, int len, IdL
     uint32_t *cps = xcalloc(len + 1, sizeof(uint32_t)), cp[2];
     int *offset = xcalloc(len + 1, sizeof(int)), n = 0;
     Utf8Decoder d = {0};
-    for (int i = 0; i < len; i++)  /* valid UTF-8 (checked by the caller): one code point per sequence */
+    for (int i = 0; i < len; i++) /* valid UTF-8 (checked by the caller): one code point per
+                                     sequence */
         if (utf8_feed(&d, text[i], cp)) { cps[n++] = cp[0]; offset[n] = i + 1; }
     int *pieces, count = pretokenize(t, cps, n, &pieces);
     for (int k = 0; k < count; k++)
-        bpe_piece(t, text + offset[pieces[2 * k]], offset[pieces[2 * k + 1]] - offset[pieces[2 * k]], out);
+        bpe_piece(t, text + offset[pieces[2 * k]],
+                  offset[pieces[2 * k + 1]] - offset[pieces[2 * k]], out);
     free(pieces); free(cps); free(offset);
 }
 
@@ -2772,15 +2982,25 @@ static void decode_token(const Tokenizer *t, TextSink *o, int id, int skip_speci
 /* One chat turn as text, with the model's template (tokenizer_config.json's chat_template):
  *   DeepSeek-V2: <bos>{system}\n\nUser: {user}\n\nAssistant:      (no space after "Assistant:")
  *   DeepSeek-V3: <bos>{system}<｜User｜>{user}<｜Assistant｜>
- * The first turn carries BOS and the optional system prompt. The caller feeds EOS after each reply. */
-static char *render_chat_turn(const Tokenizer *t, const char *system, const char *user, int first_turn) {
-    size_t n = strlen(user) + (system ? strlen(system) : 0) + (t->bos_id >= 0 ? t->len[t->bos_id] : 0) + 64;
+ * The first turn carries BOS and the optional system prompt. The caller feeds EOS after each reply.
+ */
+static char *render_chat_turn(const Tokenizer *t, const char *system, const char *user,
+                              int first_turn) {
+    size_t n = strlen(user) + (system ? strlen(system) : 0) +
+            (t->bos_id >= 0 ? t->len[t->bos_id] : 0) + 64;
     char *out = xcalloc(n, 1), *p = out;
-    if (first_turn && t->bos_id >= 0) { memcpy(p, t->bytes[t->bos_id], t->len[t->bos_id]); p += t->len[t->bos_id]; }
+    if (first_turn && t->bos_id >= 0) {
+        memcpy(p, t->bytes[t->bos_id], t->len[t->bos_id]);
+        p += t->len[t->bos_id];
+    }
     if (t->chat_template == CHAT_DEEPSEEK_V2)
-        snprintf(p, n - (p - out), "%s%sUser: %s\n\nAssistant:", first_turn && system ? system : "", first_turn && system ? "\n\n" : "", user);
+        snprintf(p, n - (p - out), "%s%sUser: %s\n\nAssistant:", first_turn && system ? system : "",
+                 first_turn && system ? "\n\n" : "", user);
     else if (t->chat_template == CHAT_DEEPSEEK_V3)
-        snprintf(p, n - (p - out), "%s<\xEF\xBD\x9CUser\xEF\xBD\x9C>%s<\xEF\xBD\x9C" "Assistant\xEF\xBD\x9C>", first_turn && system ? system : "", user);
+        snprintf(p, n - (p - out),
+                 "%s<\xEF\xBD\x9CUser\xEF\xBD\x9C>%s<\xEF\xBD\x9C"
+                 "Assistant\xEF\xBD\x9C>",
+                 first_turn && system ? system : "", user);
     else die("this tokenizer has no known chat template (DeepSeek-V2 or V3)");
     return out;
 }
@@ -2790,8 +3010,11 @@ static int load_tokenizer_file(Tokenizer *t, const char *path, const Weights *w)
     memset(t, 0, sizeof *t);
     if (w) {
         if (!w->cfg.tokenizer_offset) return 0;
-        tokenizer_parse(t, (const unsigned char *)w->map + w->cfg.tokenizer_offset, w->cfg.tokenizer_size, path);
-        if (t->n_ids > w->cfg.vocab_size) die("%s: the tokenizer has %d ids, more than the model's vocab_size %d", path, t->n_ids, w->cfg.vocab_size);
+        tokenizer_parse(t, (const unsigned char *)w->map + w->cfg.tokenizer_offset,
+                        w->cfg.tokenizer_size, path);
+        if (t->n_ids > w->cfg.vocab_size)
+            die("%s: the tokenizer has %d ids, more than the model's vocab_size %d", path, t->n_ids,
+                w->cfg.vocab_size);
         return 1;
     }
     int fd = open(path, O_RDONLY);
@@ -2890,7 +3113,8 @@ static void embedding_backward(const Mat *dembed, const float *dout, const int *
 }
 
 /* --- RMSNorm over N rows, keeping 1/rms (rstd) for the backward pass --- */
-static void rmsnorm_forward(float *out, float *rstd, const float *x, const float *w, int N, int dim, double eps) {
+static void rmsnorm_forward(float *out, float *rstd, const float *x, const float *w, int N, int dim,
+                            double eps) {
     for (int t = 0; t < N; t++) {
         double ss = 0;
         for (int i = 0; i < dim; i++) ss += (double)x[(size_t)t * dim + i] * x[(size_t)t * dim + i];
@@ -2899,21 +3123,27 @@ static void rmsnorm_forward(float *out, float *rstd, const float *x, const float
     }
 }
 /* y = w * x * rstd: dx += rstd * (w dy) - x rstd^3 mean(w dy * x); dw += dy * x * rstd. */
-static void rmsnorm_backward(float *dx, float *dw, const float *dout, const float *x, const float *w, const float *rstd,
-                             int N, int dim) {
+static void rmsnorm_backward(float *dx, float *dw, const float *dout, const float *x,
+                             const float *w, const float *rstd, int N, int dim) {
     for (int t = 0; t < N; t++) {
         const float *xt = x + (size_t)t * dim, *dyt = dout + (size_t)t * dim;
         double dot = 0;
-        for (int i = 0; i < dim; i++) { dot += (double)w[i] * dyt[i] * xt[i]; dw[i] += dyt[i] * xt[i] * rstd[t]; }
+        for (int i = 0; i < dim; i++) {
+            dot += (double)w[i] * dyt[i] * xt[i];
+            dw[i] += dyt[i] * xt[i] * rstd[t];
+        }
         float r = rstd[t], k = (float)(dot / dim) * r * r * r;
         for (int i = 0; i < dim; i++) dx[(size_t)t * dim + i] += r * w[i] * dyt[i] - k * xt[i];
     }
 }
 
 /* --- matmul: out = W x over N rows --- */
-static void matmul_forward(float *out, const Mat *W, const float *x, int N) { matmul(out, W, x, N, NULL); }
+static void matmul_forward(float *out, const Mat *W, const float *x, int N) {
+    matmul(out, W, x, N, NULL);
+}
 /* dW += dout^T x, and dx += dout W (dx may be NULL). */
-static void matmul_backward(float *dx, const Mat *dW, const float *dout, const float *x, const Mat *W, int N) {
+static void matmul_backward(float *dx, const Mat *dW, const float *dout, const float *x,
+                            const Mat *W, int N) {
     int rows = W->rows, cols = W->cols;
     float *gw = mut(dW->data);
     const float *w = W->data;
@@ -2954,7 +3184,8 @@ static void rope_backward(float *dx, int N, int T, int count, int stride, const 
     for (int t = 0; t < N; t++)
         for (int k = 0; k < count; k++) {
             float *d = dx + ((size_t)t * count + k) * stride;
-            const float *cos_row = rs->rope_cos + (size_t)(t % T) * half, *sin_row = rs->rope_sin + (size_t)(t % T) * half;
+            const float *cos_row = rs->rope_cos + (size_t)(t % T) * half,
+                        *sin_row = rs->rope_sin + (size_t)(t % T) * half;
             for (int i = 0; i < half; i++) {
                 float a = d[2 * i], b = d[2 * i + 1];
                 d[2 * i] = a * cos_row[i] + b * sin_row[i];
@@ -2964,13 +3195,15 @@ static void rope_backward(float *dx, int N, int T, int count, int stride, const 
 }
 
 /* --- the latent split: kv_a = [c^KV | k^R], one matrix for eq. 9 and eq. 15 --- */
-static void latent_split_forward(float *c_raw, float *k_pe, const float *kv_a, int N, int r, int dr) {
+static void latent_split_forward(float *c_raw, float *k_pe, const float *kv_a, int N, int r,
+                                 int dr) {
     for (int t = 0; t < N; t++) {
         memcpy(c_raw + (size_t)t * r, kv_a + (size_t)t * (r + dr), r * sizeof(float));
         memcpy(k_pe + (size_t)t * dr, kv_a + (size_t)t * (r + dr) + r, dr * sizeof(float));
     }
 }
-static void latent_split_backward(float *dkv_a, const float *dc_raw, const float *dk_pe, int N, int r, int dr) {
+static void latent_split_backward(float *dkv_a, const float *dc_raw, const float *dk_pe, int N,
+                                  int r, int dr) {
     for (int t = 0; t < N; t++) {
         memcpy(dkv_a + (size_t)t * (r + dr), dc_raw + (size_t)t * r, r * sizeof(float));
         memcpy(dkv_a + (size_t)t * (r + dr) + r, dk_pe + (size_t)t * dr, dr * sizeof(float));
@@ -2980,9 +3213,10 @@ static void latent_split_backward(float *dkv_a, const float *dc_raw, const float
 /* --- causal attention per sequence and head (eq. 16-18), on decompressed K and V:
  * q [N][H*dq] (q^C | q^R per head), kv [N][H*(dn+dv)] (k^C | v^C per head), k_pe [N][dr]
  * shared by the heads; probs [B][H][T][T] saved; out [N][H*dv] --- */
-static void attention_forward(float *out, float *probs, const float *q, const float *kv, const float *k_pe, int B, int T,
-                              const Config *c, float scale) {
-    int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim;
+static void attention_forward(float *out, float *probs, const float *q, const float *kv,
+                              const float *k_pe, int B, int T, const Config *c, float scale) {
+    int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim,
+        dv = c->v_head_dim;
     int dq = dn + dr, kvw = dn + dv;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
@@ -2992,7 +3226,9 @@ static void attention_forward(float *out, float *probs, const float *q, const fl
                 const float *qi = q + ((size_t)(b * T + i) * H + h) * dq;
                 for (int j = 0; j <= i; j++) {  /* eq. 16-17: q^C . k^C + q^R . k^R */
                     const float *kj = kv + ((size_t)(b * T + j) * H + h) * kvw;
-                    P[i * T + j] = scale * (dot_f32(qi, kj, dn) + dot_f32(qi + dn, k_pe + (size_t)(b * T + j) * dr, dr));
+                    P[i * T + j] = scale *
+                            (dot_f32(qi, kj, dn) +
+                             dot_f32(qi + dn, k_pe + (size_t)(b * T + j) * dr, dr));
                 }
                 softmax(P + (size_t)i * T, i + 1);  /* eq. 18 */
                 for (int j = i + 1; j < T; j++) P[i * T + j] = 0.0f;
@@ -3006,9 +3242,11 @@ static void attention_forward(float *out, float *probs, const float *q, const fl
         }
 }
 /* dprobs through V, the softmax, then the scores into q, k^C (in dkv) and the shared k^R. */
-static void attention_backward(float *dq, float *dkv, float *dk_pe, const float *dout, const float *probs, const float *q,
-                               const float *kv, const float *k_pe, int B, int T, const Config *c, float scale) {
-    int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim;
+static void attention_backward(float *dq, float *dkv, float *dk_pe, const float *dout,
+                               const float *probs, const float *q, const float *kv,
+                               const float *k_pe, int B, int T, const Config *c, float scale) {
+    int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim,
+        dv = c->v_head_dim;
     int dq_width = dn + dr, kvw = dn + dv;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
@@ -3029,8 +3267,10 @@ static void attention_backward(float *dq, float *dkv, float *dk_pe, const float 
                 float *dqi = dq + ((size_t)(b * T + i) * H + h) * dq_width;
                 for (int j = 0; j <= i; j++) {
                     float ds = P[i * T + j] * (dp[j] - (float)sum) * scale;
-                    const float *kj = kv + ((size_t)(b * T + j) * H + h) * kvw, *kpe = k_pe + (size_t)(b * T + j) * dr;
-                    float *dkj = dkv + ((size_t)(b * T + j) * H + h) * kvw, *dkpej = dk_pe + (size_t)(b * T + j) * dr;
+                    const float *kj = kv + ((size_t)(b * T + j) * H + h) * kvw,
+                                *kpe = k_pe + (size_t)(b * T + j) * dr;
+                    float *dkj = dkv + ((size_t)(b * T + j) * H + h) * kvw,
+                          *dkpej = dk_pe + (size_t)(b * T + j) * dr;
                     for (int d = 0; d < dn; d++) { dqi[d] += ds * kj[d]; dkj[d] += ds * qi[d]; }
                     for (int d = 0; d < dr; d++) {
                         dqi[dn + d] += ds * kpe[d];
@@ -3044,8 +3284,8 @@ static void attention_backward(float *dq, float *dkv, float *dk_pe, const float 
 }
 
 /* --- SwiGLU MLP over N rows: out = down(silu(g) * u), g = gate x, u = up x; h is scratch --- */
-static void swiglu_forward(float *out, float *g, float *u, float *h, const float *x, int N, const Mat *gate,
-                           const Mat *up, const Mat *down) {
+static void swiglu_forward(float *out, float *g, float *u, float *h, const float *x, int N,
+                           const Mat *gate, const Mat *up, const Mat *down) {
     matmul_forward(g, gate, x, N);
     matmul_forward(u, up, x, N);
     for (size_t i = 0; i < (size_t)N * gate->rows; i++) h[i] = silu(g[i]) * u[i];
@@ -3053,9 +3293,10 @@ static void swiglu_forward(float *out, float *g, float *u, float *h, const float
 }
 static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 /* h, dh: scratch [N][width]. The weight gradients go to the grads' Mats dgate, dup, ddown. */
-static void swiglu_backward(float *dx, const Mat *dgate, const Mat *dup, const Mat *ddown, const float *dout,
-                            const float *x, const float *g, const float *u, int N, const Mat *gate, const Mat *up,
-                            const Mat *down, float *h, float *dh) {
+static void swiglu_backward(float *dx, const Mat *dgate, const Mat *dup, const Mat *ddown,
+                            const float *dout, const float *x, const float *g, const float *u,
+                            int N, const Mat *gate, const Mat *up, const Mat *down, float *h,
+                            float *dh) {
     size_t m = (size_t)N * gate->rows;
     for (size_t i = 0; i < m; i++) h[i] = silu(g[i]) * u[i];
     zero(dh, m);
@@ -3072,18 +3313,24 @@ static void swiglu_backward(float *dx, const Mat *dgate, const Mat *dup, const M
 
 /* --- the router (router_forward in Part 1): gate values g_i,t and the balance loss into the
  * scores s_i,t (dscores holds the balance loss's share already), then the softmax and e_i --- */
-static void router_backward(float *dx, const Mat *drouter, float *dscores, const float *dwt, const float *scores,
-                            const int *idx, const float *wt, const float *x, const Mat *router, int N, const Config *c) {
+static void router_backward(float *dx, const Mat *drouter, float *dscores, const float *dwt,
+                            const float *scores, const int *idx, const float *wt, const float *x,
+                            const Mat *router, int N, const Config *c) {
     int E = c->n_routed_experts, K = c->num_experts_per_tok;
     for (int t = 0; t < N; t++) {  /* gate values -> scores: renormalised, or scaled */
         const float *sc = scores + (size_t)t * E;
         if (K > 1 && c->norm_topk_prob) {
             double z = 1e-20, wdw = 0;
-            for (int k = 0; k < K; k++) { z += sc[idx[t * K + k]]; wdw += dwt[t * K + k] * wt[t * K + k]; }
-            for (int k = 0; k < K; k++) dscores[(size_t)t * E + idx[t * K + k]] += (float)((dwt[t * K + k] - wdw) / z);
+            for (int k = 0; k < K; k++) {
+                z += sc[idx[t * K + k]];
+                wdw += dwt[t * K + k] * wt[t * K + k];
+            }
+            for (int k = 0; k < K; k++)
+                dscores[(size_t)t * E + idx[t * K + k]] += (float)((dwt[t * K + k] - wdw) / z);
         } else
             for (int k = 0; k < K; k++)
-                dscores[(size_t)t * E + idx[t * K + k]] += (float)(dwt[t * K + k] * c->routed_scaling_factor);
+                dscores[(size_t)t * E + idx[t * K + k]] +=
+                        (float)(dwt[t * K + k] * c->routed_scaling_factor);
     }
     for (int t = 0; t < N; t++) {  /* softmax backward: s * (ds - sum ds s) */
         float *ds = dscores + (size_t)t * E;
@@ -3105,7 +3352,8 @@ static void balance_loss_backward(float *dscores, const int *idx, int B, int T, 
             int count = 0;
             for (int t = b * per; t < (b + 1) * per; t++)
                 for (int k = 0; k < K; k++) count += idx[t * K + k] == e;
-            float d = (float)(c->aux_loss_alpha * (count / ((double)per * K / E)) / ((double)per * groups));
+            float d = (float)(c->aux_loss_alpha * (count / ((double)per * K / E)) /
+                              ((double)per * groups));
             for (int t = b * per; t < (b + 1) * per; t++) dscores[(size_t)t * E + e] += d;
         }
 }
@@ -3168,18 +3416,30 @@ typedef struct {
     float *dq_an, *dq_a;              /* [N][rq] */
 } TrainState;
 
+/* The sizes every training buffer is made of. */
+typedef struct { size_t N, D, H, E, K, r, dr, rq, dq, dv, kvw, Im, width; } TrainDims;
+
+static TrainDims train_dims(const Config *c, int B, int T) {
+    size_t dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim;
+    return (TrainDims){.N = (size_t)B * T, .D = c->hidden_size, .H = c->num_attention_heads,
+                       .E = c->n_routed_experts, .K = c->num_experts_per_tok, .r = c->kv_lora_rank,
+                       .dr = dr, .rq = c->q_lora_rank, .dq = dn + dr, .dv = dv, .kvw = dn + dv,
+                       .Im = c->moe_intermediate_size,
+                       .width = max_int(c->intermediate_size,
+                                        c->moe_intermediate_size * c->n_shared_experts)};
+}
+
 static void layer_acts_init(LayerActs *a, const Config *c, int B, int T) {
-    size_t N = (size_t)B * T, D = c->hidden_size, H = c->num_attention_heads, E = c->n_routed_experts;
-    size_t K = c->num_experts_per_tok, r = c->kv_lora_rank, dr = c->qk_rope_head_dim, rq = c->q_lora_rank;
-    size_t dq = c->qk_nope_head_dim + dr, kvw = c->qk_nope_head_dim + c->v_head_dim, Im = c->moe_intermediate_size;
-    size_t width = max_int(c->intermediate_size, c->moe_intermediate_size * c->n_shared_experts);
+    TrainDims d = train_dims(c, B, T);
+    size_t N = d.N, D = d.D, H = d.H, E = d.E, K = d.K, r = d.r, dr = d.dr, rq = d.rq, dq = d.dq;
+    size_t kvw = d.kvw, Im = d.Im, width = d.width;
     a->x_in = floats(N * D); a->xn1 = floats(N * D); a->rstd1 = floats(N);
     a->q_a = floats(N * rq); a->q_an = floats(N * rq); a->rstd_q = floats(N);
     a->q = floats(N * H * dq);
     a->c_raw = floats(N * r); a->c = floats(N * r); a->rstd_c = floats(N); a->k_pe = floats(N * dr);
     a->kv = floats(N * H * kvw);
     a->probs = floats((size_t)B * H * T * T);
-    a->attn = floats(N * H * c->v_head_dim);
+    a->attn = floats(N * H * d.dv);
     a->x_mid = floats(N * D); a->xn2 = floats(N * D); a->rstd2 = floats(N);
     a->g = floats(N * width); a->u = floats(N * width);
     a->scores = floats(N * E); a->idx = xcalloc(N * K, sizeof(int)); a->wt = floats(N * K);
@@ -3187,17 +3447,17 @@ static void layer_acts_init(LayerActs *a, const Config *c, int B, int T) {
 }
 
 static void layer_acts_free(LayerActs *a) {
-    void *bufs[] = {a->x_in, a->xn1, a->rstd1, a->q_a, a->q_an, a->rstd_q, a->q, a->c_raw, a->c, a->rstd_c, a->k_pe,
-                    a->kv, a->probs, a->attn, a->x_mid, a->xn2, a->rstd2, a->g, a->u, a->scores, a->idx, a->wt,
-                    a->eg, a->eu, a->eo};
+    void *bufs[] = {a->x_in,  a->xn1, a->rstd1,  a->q_a,  a->q_an, a->rstd_q, a->q,
+                    a->c_raw, a->c,   a->rstd_c, a->k_pe, a->kv,   a->probs,  a->attn,
+                    a->x_mid, a->xn2, a->rstd2,  a->g,    a->u,    a->scores, a->idx,
+                    a->wt,    a->eg,  a->eu,     a->eo};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
 }
 
 static void train_state_init(TrainState *ts, const Config *c, int B, int T) {
-    size_t N = (size_t)B * T, D = c->hidden_size, H = c->num_attention_heads, E = c->n_routed_experts;
-    size_t K = c->num_experts_per_tok, r = c->kv_lora_rank, dr = c->qk_rope_head_dim, rq = c->q_lora_rank;
-    size_t dq = c->qk_nope_head_dim + dr, kvw = c->qk_nope_head_dim + c->v_head_dim, Im = c->moe_intermediate_size;
-    size_t width = max_int(c->intermediate_size, c->moe_intermediate_size * c->n_shared_experts);
+    TrainDims d = train_dims(c, B, T);
+    size_t N = d.N, D = d.D, H = d.H, E = d.E, K = d.K, r = d.r, dr = d.dr, rq = d.rq, dq = d.dq;
+    size_t kvw = d.kvw, Im = d.Im, width = d.width;
     size_t hidden = N * (K * Im > width ? K * Im : width);
     memset(ts, 0, sizeof *ts);
     ts->B = B; ts->T = T; ts->N = (int)N;
@@ -3205,25 +3465,34 @@ static void train_state_init(TrainState *ts, const Config *c, int B, int T) {
     for (int l = 0; l < c->num_hidden_layers; l++) layer_acts_init(&ts->layers[l], c, B, T);
     ts->residual = floats(N * D); ts->xf = floats(N * D); ts->rstd_f = floats(N);
     ts->logits = floats(N * c->vocab_size); ts->aux = floats(c->num_hidden_layers);
-    ts->branch = floats(N * D); ts->kv_a = floats(N * (r + dr)); ts->slots = xcalloc(N * K, sizeof(int));
+    ts->branch = floats(N * D);
+    ts->kv_a = floats(N * (r + dr));
+    ts->slots = xcalloc(N * K, sizeof(int));
     ts->expert_x = floats(N * K * D); ts->expert_out = floats(N * K * D);
     ts->expert_g = floats(N * K * Im); ts->expert_u = floats(N * K * Im);
     ts->swiglu_h = floats(hidden); ts->swiglu_dh = floats(hidden);
     ts->dresidual = floats(N * D); ts->dxf = floats(N * D); ts->dnorm = floats(N * D);
     ts->dwt = floats(N * K); ts->dscores = floats(N * E);
     ts->expert_dout = floats(N * K * D); ts->expert_dx = floats(N * K * D);
-    ts->dattn = floats(N * H * c->v_head_dim); ts->dq = floats(N * H * dq); ts->dkv = floats(N * H * kvw);
-    ts->dk_pe = floats(N * dr); ts->dc = floats(N * r); ts->dc_raw = floats(N * r); ts->dkv_a = floats(N * (r + dr));
+    ts->dattn = floats(N * H * d.dv);
+    ts->dq = floats(N * H * dq);
+    ts->dkv = floats(N * H * kvw);
+    ts->dk_pe = floats(N * dr);
+    ts->dc = floats(N * r);
+    ts->dc_raw = floats(N * r);
+    ts->dkv_a = floats(N * (r + dr));
     ts->dq_an = floats(N * rq); ts->dq_a = floats(N * rq);
 }
 
 static void train_state_free(TrainState *ts, const Config *c) {
     for (int l = 0; l < c->num_hidden_layers; l++) layer_acts_free(&ts->layers[l]);
-    void *bufs[] = {ts->layers, ts->residual, ts->xf, ts->rstd_f, ts->logits, ts->aux, ts->branch, ts->kv_a,
-                    ts->slots, ts->expert_x, ts->expert_out, ts->expert_g, ts->expert_u, ts->swiglu_h,
-                    ts->swiglu_dh, ts->dresidual, ts->dxf, ts->dnorm, ts->dwt, ts->dscores, ts->expert_dout,
-                    ts->expert_dx, ts->dattn, ts->dq, ts->dkv, ts->dk_pe, ts->dc, ts->dc_raw, ts->dkv_a,
-                    ts->dq_an, ts->dq_a};
+    void *bufs[] = {ts->layers,      ts->residual,  ts->xf,       ts->rstd_f,   ts->logits,
+                    ts->aux,         ts->branch,    ts->kv_a,     ts->slots,    ts->expert_x,
+                    ts->expert_out,  ts->expert_g,  ts->expert_u, ts->swiglu_h, ts->swiglu_dh,
+                    ts->dresidual,   ts->dxf,       ts->dnorm,    ts->dwt,      ts->dscores,
+                    ts->expert_dout, ts->expert_dx, ts->dattn,    ts->dq,       ts->dkv,
+                    ts->dk_pe,       ts->dc,        ts->dc_raw,   ts->dkv_a,    ts->dq_an,
+                    ts->dq_a};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
 }
 
@@ -3237,14 +3506,17 @@ static int expert_slots(const TrainState *ts, const int *idx, int e, int K) {
 
 /* --- the routed experts (eq. 20): out += sum_k g_k FFN^(r)_e_k(x), each expert on its rows;
  * every slot keeps its gate, up and output for the backward pass --- */
-static void experts_forward(float *out, LayerActs *a, const Layer *L, TrainState *ts, const Config *c) {
-    int D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok, Im = c->moe_intermediate_size;
+static void experts_forward(float *out, LayerActs *a, const Layer *L, TrainState *ts,
+                            const Config *c) {
+    int D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok,
+        Im = c->moe_intermediate_size;
     for (int e = 0; e < E; e++) {
         int m = expert_slots(ts, a->idx, e, K);
         if (!m) continue;
-        for (int j = 0; j < m; j++) memcpy(ts->expert_x + (size_t)j * D, a->xn2 + (size_t)(ts->slots[j] / K) * D, D * 4);
-        swiglu_forward(ts->expert_out, ts->expert_g, ts->expert_u, ts->swiglu_h, ts->expert_x, m, &L->expert_gate[e],
-                       &L->expert_up[e], &L->expert_down[e]);
+        for (int j = 0; j < m; j++)
+            memcpy(ts->expert_x + (size_t)j * D, a->xn2 + (size_t)(ts->slots[j] / K) * D, D * 4);
+        swiglu_forward(ts->expert_out, ts->expert_g, ts->expert_u, ts->swiglu_h, ts->expert_x, m,
+                       &L->expert_gate[e], &L->expert_up[e], &L->expert_down[e]);
         for (int j = 0; j < m; j++) {
             int slot = ts->slots[j];
             memcpy(a->eg + (size_t)slot * Im, ts->expert_g + (size_t)j * Im, Im * 4);
@@ -3253,36 +3525,43 @@ static void experts_forward(float *out, LayerActs *a, const Layer *L, TrainState
         }
     }
     for (int s = 0; s < ts->N * K; s++)
-        for (int i = 0; i < D; i++) out[(size_t)(s / K) * D + i] += a->wt[s] * a->eo[(size_t)s * D + i];
+        for (int i = 0; i < D; i++)
+            out[(size_t)(s / K) * D + i] += a->wt[s] * a->eo[(size_t)s * D + i];
 }
 /* dx += each expert's input gradient; dwt = d loss / d g (dout . expert output). */
-static void experts_backward(float *dx, const Layer *G, float *dwt, const float *dout, const LayerActs *a,
-                             const Layer *L, TrainState *ts, const Config *c) {
-    int D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok, Im = c->moe_intermediate_size;
-    for (int s = 0; s < ts->N * K; s++) dwt[s] = dot_f32(dout + (size_t)(s / K) * D, a->eo + (size_t)s * D, D);
+static void experts_backward(float *dx, const Layer *G, float *dwt, const float *dout,
+                             const LayerActs *a, const Layer *L, TrainState *ts, const Config *c) {
+    int D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok,
+        Im = c->moe_intermediate_size;
+    for (int s = 0; s < ts->N * K; s++)
+        dwt[s] = dot_f32(dout + (size_t)(s / K) * D, a->eo + (size_t)s * D, D);
     for (int e = 0; e < E; e++) {
         int m = expert_slots(ts, a->idx, e, K);
         if (!m) continue;
         for (int j = 0; j < m; j++) {
             int s = ts->slots[j];
             memcpy(ts->expert_x + (size_t)j * D, a->xn2 + (size_t)(s / K) * D, D * 4);
-            for (int i = 0; i < D; i++) ts->expert_dout[(size_t)j * D + i] = a->wt[s] * dout[(size_t)(s / K) * D + i];
+            for (int i = 0; i < D; i++)
+                ts->expert_dout[(size_t)j * D + i] = a->wt[s] * dout[(size_t)(s / K) * D + i];
             memcpy(ts->expert_g + (size_t)j * Im, a->eg + (size_t)s * Im, Im * 4);
             memcpy(ts->expert_u + (size_t)j * Im, a->eu + (size_t)s * Im, Im * 4);
         }
         zero(ts->expert_dx, (size_t)m * D);
-        swiglu_backward(ts->expert_dx, &G->expert_gate[e], &G->expert_up[e], &G->expert_down[e], ts->expert_dout,
-                        ts->expert_x, ts->expert_g, ts->expert_u, m, &L->expert_gate[e], &L->expert_up[e],
-                        &L->expert_down[e], ts->swiglu_h, ts->swiglu_dh);
+        swiglu_backward(ts->expert_dx, &G->expert_gate[e], &G->expert_up[e], &G->expert_down[e],
+                        ts->expert_dout, ts->expert_x, ts->expert_g, ts->expert_u, m,
+                        &L->expert_gate[e], &L->expert_up[e], &L->expert_down[e], ts->swiglu_h,
+                        ts->swiglu_dh);
         for (int j = 0; j < m; j++)
-            for (int i = 0; i < D; i++) dx[(size_t)(ts->slots[j] / K) * D + i] += ts->expert_dx[(size_t)j * D + i];
+            for (int i = 0; i < D; i++)
+                dx[(size_t)(ts->slots[j] / K) * D + i] += ts->expert_dx[(size_t)j * D + i];
     }
 }
 
 /* --- the attention block: h += W^O MLA(norm(h)), decompressed (the naive form) --- */
-static void attention_block_forward(float *x, const Layer *L, LayerActs *a, TrainState *ts, const RunState *rs,
-                                    const Config *c) {
-    int N = ts->N, D = c->hidden_size, H = c->num_attention_heads, r = c->kv_lora_rank, dr = c->qk_rope_head_dim;
+static void attention_block_forward(float *x, const Layer *L, LayerActs *a, TrainState *ts,
+                                    const RunState *rs, const Config *c) {
+    int N = ts->N, D = c->hidden_size, H = c->num_attention_heads, r = c->kv_lora_rank,
+        dr = c->qk_rope_head_dim;
     int dn = c->qk_nope_head_dim, dq = dn + dr;
     memcpy(a->x_in, x, (size_t)N * D * 4);
     rmsnorm_forward(a->xn1, a->rstd1, x, L->input_norm, N, D, c->rms_norm_eps);
@@ -3297,25 +3576,28 @@ static void attention_block_forward(float *x, const Layer *L, LayerActs *a, Trai
     rope_forward(a->q + dn, N, ts->T, H, dq, rs);                                /* eq. 14 */
     rmsnorm_forward(a->c, a->rstd_c, a->c_raw, L->kv_a_norm, N, r, 1e-6);       /* eq. 9 */
     matmul_forward(a->kv, &L->kv_b_proj, a->c, N);                               /* eq. 10-11 */
-    attention_forward(a->attn, a->probs, a->q, a->kv, a->k_pe, ts->B, ts->T, c, (float)rs->softmax_scale);
+    attention_forward(a->attn, a->probs, a->q, a->kv, a->k_pe, ts->B, ts->T, c,
+                      (float)rs->softmax_scale);
     matmul_forward(ts->branch, &L->o_proj, a->attn, N);                          /* eq. 19 */
     residual_forward(x, ts->branch, (size_t)N * D);
 }
-static void attention_block_backward(float *dx, const Layer *G, const Layer *L, const LayerActs *a, TrainState *ts,
-                                     const RunState *rs, const Config *c) {
-    int N = ts->N, D = c->hidden_size, H = c->num_attention_heads, r = c->kv_lora_rank, dr = c->qk_rope_head_dim;
+static void attention_block_backward(float *dx, const Layer *G, const Layer *L, const LayerActs *a,
+                                     TrainState *ts, const RunState *rs, const Config *c) {
+    int N = ts->N, D = c->hidden_size, H = c->num_attention_heads, r = c->kv_lora_rank,
+        dr = c->qk_rope_head_dim;
     int dn = c->qk_nope_head_dim, dq = dn + dr, rq = c->q_lora_rank;
     zero(ts->dattn, (size_t)N * H * c->v_head_dim);
     matmul_backward(ts->dattn, &G->o_proj, dx, a->attn, &L->o_proj, N);
     zero(ts->dq, (size_t)N * H * dq);
     zero(ts->dkv, (size_t)N * H * (dn + c->v_head_dim));
     zero(ts->dk_pe, (size_t)N * dr);
-    attention_backward(ts->dq, ts->dkv, ts->dk_pe, ts->dattn, a->probs, a->q, a->kv, a->k_pe, ts->B, ts->T, c,
-                       (float)rs->softmax_scale);
+    attention_backward(ts->dq, ts->dkv, ts->dk_pe, ts->dattn, a->probs, a->q, a->kv, a->k_pe, ts->B,
+                       ts->T, c, (float)rs->softmax_scale);
     zero(ts->dc, (size_t)N * r);
     matmul_backward(ts->dc, &G->kv_b_proj, ts->dkv, a->c, &L->kv_b_proj, N);
     zero(ts->dc_raw, (size_t)N * r);
-    rmsnorm_backward(ts->dc_raw, mut(G->kv_a_norm), ts->dc, a->c_raw, L->kv_a_norm, a->rstd_c, N, r);
+    rmsnorm_backward(ts->dc_raw, mut(G->kv_a_norm), ts->dc, a->c_raw, L->kv_a_norm, a->rstd_c, N,
+                     r);
     rope_backward(ts->dq + dn, N, ts->T, H, dq, rs);
     rope_backward(ts->dk_pe, N, ts->T, 1, dr, rs);
     latent_split_backward(ts->dkv_a, ts->dc_raw, ts->dk_pe, N, r, dr);
@@ -3325,47 +3607,53 @@ static void attention_block_backward(float *dx, const Layer *G, const Layer *L, 
         zero(ts->dq_an, (size_t)N * rq);
         matmul_backward(ts->dq_an, &G->q_b_proj, ts->dq, a->q_an, &L->q_b_proj, N);
         zero(ts->dq_a, (size_t)N * rq);
-        rmsnorm_backward(ts->dq_a, mut(G->q_a_norm), ts->dq_an, a->q_a, L->q_a_norm, a->rstd_q, N, rq);
+        rmsnorm_backward(ts->dq_a, mut(G->q_a_norm), ts->dq_an, a->q_a, L->q_a_norm, a->rstd_q, N,
+                         rq);
         matmul_backward(ts->dnorm, &G->q_a_proj, ts->dq_a, a->xn1, &L->q_a_proj, N);
     } else matmul_backward(ts->dnorm, &G->q_proj, ts->dq, a->xn1, &L->q_proj, N);
     rmsnorm_backward(dx, mut(G->input_norm), ts->dnorm, a->x_in, L->input_norm, a->rstd1, N, D);
 }
 
 /* --- the FFN block: h += FFN(norm(h)): the dense MLP, or shared + routed experts (eq. 20) --- */
-static void ffn_block_forward(float *x, const Layer *L, LayerActs *a, TrainState *ts, RunState *rs, const Config *c,
-                              int l) {
+static void ffn_block_forward(float *x, const Layer *L, LayerActs *a, TrainState *ts, RunState *rs,
+                              const Config *c, int l) {
     int N = ts->N, D = c->hidden_size;
     memcpy(a->x_mid, x, (size_t)N * D * 4);
     rmsnorm_forward(a->xn2, a->rstd2, x, L->post_attention_norm, N, D, c->rms_norm_eps);
     ts->aux[l] = 0.0f;
-    if (L->has_mlp) swiglu_forward(ts->branch, a->g, a->u, ts->swiglu_h, a->xn2, N, &L->mlp_gate, &L->mlp_up, &L->mlp_down);
+    if (L->has_mlp)
+        swiglu_forward(ts->branch, a->g, a->u, ts->swiglu_h, a->xn2, N, &L->mlp_gate, &L->mlp_up,
+                       &L->mlp_down);
     else zero(ts->branch, (size_t)N * D);
     if (L->is_moe) {
-        router_forward(a->scores, a->idx, a->wt, a->xn2, &L->router, N, c, &rs->router, NULL);  /* eq. 21-22 */
-        experts_forward(ts->branch, a, L, ts, c);                                             /* eq. 20 */
-        ts->aux[l] = (float)balance_loss(a->scores, a->idx, ts->B, ts->T, c);                 /* eq. 23-25 */
+        router_forward(a->scores, a->idx, a->wt, a->xn2, &L->router, N, c, &rs->router, NULL);
+        experts_forward(ts->branch, a, L, ts, c);                              /* eq. 20-22 */
+        ts->aux[l] = (float)balance_loss(a->scores, a->idx, ts->B, ts->T, c);  /* eq. 23-25 */
     }
     residual_forward(x, ts->branch, (size_t)N * D);
 }
-static void ffn_block_backward(float *dx, const Layer *G, const Layer *L, const LayerActs *a, TrainState *ts,
-                               const Config *c) {
+static void ffn_block_backward(float *dx, const Layer *G, const Layer *L, const LayerActs *a,
+                               TrainState *ts, const Config *c) {
     int N = ts->N, D = c->hidden_size;
     zero(ts->dnorm, (size_t)N * D);
     if (L->has_mlp)
-        swiglu_backward(ts->dnorm, &G->mlp_gate, &G->mlp_up, &G->mlp_down, dx, a->xn2, a->g, a->u, N, &L->mlp_gate,
-                        &L->mlp_up, &L->mlp_down, ts->swiglu_h, ts->swiglu_dh);
+        swiglu_backward(ts->dnorm, &G->mlp_gate, &G->mlp_up, &G->mlp_down, dx, a->xn2, a->g, a->u,
+                        N, &L->mlp_gate, &L->mlp_up, &L->mlp_down, ts->swiglu_h, ts->swiglu_dh);
     if (L->is_moe) {
         experts_backward(ts->dnorm, G, ts->dwt, dx, a, L, ts, c);
         zero(ts->dscores, (size_t)N * c->n_routed_experts);
         balance_loss_backward(ts->dscores, a->idx, ts->B, ts->T, c);
-        router_backward(ts->dnorm, &G->router, ts->dscores, ts->dwt, a->scores, a->idx, a->wt, a->xn2, &L->router, N, c);
+        router_backward(ts->dnorm, &G->router, ts->dscores, ts->dwt, a->scores, a->idx, a->wt,
+                        a->xn2, &L->router, N, c);
     }
-    rmsnorm_backward(dx, mut(G->post_attention_norm), ts->dnorm, a->x_mid, L->post_attention_norm, a->rstd2, N, D);
+    rmsnorm_backward(dx, mut(G->post_attention_norm), ts->dnorm, a->x_mid, L->post_attention_norm,
+                     a->rstd2, N, D);
 }
 
 /* One training forward over B sequences of T tokens, saving activations: returns the mean CE
  * plus the sum of the balance losses. The logits become softmax probabilities. */
-static double train_forward(const Params *p, TrainState *ts, RunState *rs, const int *inputs, const int *targets) {
+static double train_forward(const Params *p, TrainState *ts, RunState *rs, const int *inputs,
+                            const int *targets) {
     const Config *c = &p->cfg;
     const Weights *w = &p->w;
     int N = ts->N, D = c->hidden_size;
@@ -3383,8 +3671,8 @@ static double train_forward(const Params *p, TrainState *ts, RunState *rs, const
 }
 
 /* Gradients of that loss into grads (accumulated): the forward's calls in reverse. */
-static void train_backward(const Params *p, const Params *grads, TrainState *ts, RunState *rs, const int *inputs,
-                           const int *targets) {
+static void train_backward(const Params *p, const Params *grads, TrainState *ts, RunState *rs,
+                           const int *inputs, const int *targets) {
     const Config *c = &p->cfg;
     const Weights *w = &p->w, *gw = &grads->w;
     int N = ts->N, D = c->hidden_size;
@@ -3392,10 +3680,12 @@ static void train_backward(const Params *p, const Params *grads, TrainState *ts,
     zero(ts->dxf, (size_t)N * D);
     matmul_backward(ts->dxf, &gw->lm_head, ts->logits, ts->xf, &w->lm_head, N);
     zero(ts->dresidual, (size_t)N * D);
-    rmsnorm_backward(ts->dresidual, mut(gw->final_norm), ts->dxf, ts->residual, w->final_norm, ts->rstd_f, N, D);
+    rmsnorm_backward(ts->dresidual, mut(gw->final_norm), ts->dxf, ts->residual, w->final_norm,
+                     ts->rstd_f, N, D);
     for (int l = c->num_hidden_layers - 1; l >= 0; l--) {
         ffn_block_backward(ts->dresidual, &gw->layers[l], &w->layers[l], &ts->layers[l], ts, c);
-        attention_block_backward(ts->dresidual, &gw->layers[l], &w->layers[l], &ts->layers[l], ts, rs, c);
+        attention_block_backward(ts->dresidual, &gw->layers[l], &w->layers[l], &ts->layers[l], ts,
+                                 rs, c);
     }
     embedding_backward(&gw->embed, ts->dresidual, inputs, N);
 }
@@ -3405,14 +3695,16 @@ static void params_load(Params *p, const char *path) {
     Weights w;
     memset(&w, 0, sizeof w);
     load_weights(&w, path, WEIGHTS_MMAP);
-    if (w.cfg.dtype != DTYPE_F32) die("%s: training needs an f32 checkpoint (export with --dtype f32)", path);
+    if (w.cfg.dtype != DTYPE_F32)
+        die("%s: training needs an f32 checkpoint (export with --dtype f32)", path);
     params_init(p, &w.cfg);
     memcpy(p->buf + HEADER_SIZE, (const char *)w.map + HEADER_SIZE, p->size - HEADER_SIZE);
     free_weights(&w);
 }
 
 /* Writes p as a checkpoint (with the tokenizer blob, if any): the same format ./dsv2 runs. */
-static void params_save(const Params *p, const char *path, const void *tokenizer, size_t tokenizer_size) {
+static void params_save(const Params *p, const char *path, const void *tokenizer,
+                        size_t tokenizer_size) {
     char tmp[4096];
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
     FILE *f = fopen(tmp, "wb");
@@ -3423,15 +3715,18 @@ static void params_save(const Params *p, const char *path, const void *tokenizer
     c.tokenizer_size = tokenizer_size;
     c.file_size = tokenizer_size ? tok_offset + tokenizer_size : p->size;
     static const char zeros[TENSOR_ALIGN] = {0};
-    int ok = fwrite(&c, sizeof c, 1, f) == 1 && fwrite(p->buf + HEADER_SIZE, 1, p->size - HEADER_SIZE, f) == p->size - HEADER_SIZE;
+    int ok = fwrite(&c, sizeof c, 1, f) == 1 &&
+            fwrite(p->buf + HEADER_SIZE, 1, p->size - HEADER_SIZE, f) == p->size - HEADER_SIZE;
     if (tokenizer_size)
-        ok = ok && fwrite(zeros, 1, tok_offset - p->size, f) == tok_offset - p->size && fwrite(tokenizer, 1, tokenizer_size, f) == tokenizer_size;
+        ok = ok && fwrite(zeros, 1, tok_offset - p->size, f) == tok_offset - p->size &&
+                fwrite(tokenizer, 1, tokenizer_size, f) == tokenizer_size;
     if (fclose(f) != 0 || !ok) die("cannot write %s", tmp);
     if (rename(tmp, path) != 0) die("cannot rename %s to %s: %s", tmp, path, strerror(errno));
 }
 
 
-/* AdamW as torch.optim.AdamW, on every parameter (zero gradients still decay). step counts from 1. */
+/* AdamW as torch.optim.AdamW, on every parameter (zero gradients still decay). step counts from 1.
+ */
 typedef struct { float lr, beta1, beta2, eps, weight_decay; } AdamW;
 
 static void adamw_step(Params *p, const Params *g, float *m, float *v, const AdamW *opt, int step) {
@@ -3452,18 +3747,24 @@ static void adamw_step(Params *p, const Params *g, float *m, float *v, const Ada
 /* --- The training loop: `./dsv2 INIT.bin -m train -f corpus.txt -o model.bin` --- */
 
 /* Random windows of seq_len + 1 tokens: inputs and the targets shifted by one. */
-static void sample_batch(const int *tokens, int n_tokens, int B, int T, int *inputs, int *targets, uint64_t *rng) {
+static void sample_batch(const int *tokens, int n_tokens, int B, int T, int *inputs, int *targets,
+                         uint64_t *rng) {
     for (int b = 0; b < B; b++) {
         int start = (int)(random_u32(rng) % (uint32_t)(n_tokens - T - 1));
-        for (int t = 0; t < T; t++) { inputs[b * T + t] = tokens[start + t]; targets[b * T + t] = tokens[start + t + 1]; }
+        for (int t = 0; t < T; t++) {
+            inputs[b * T + t] = tokens[start + t];
+            targets[b * T + t] = tokens[start + t + 1];
+        }
     }
 }
 
 /* Mean CE over fixed windows of the held-out text (the same windows every time). */
-static double validation_loss(const Params *p, TrainState *ts, RunState *rs, const int *tokens, int n_tokens, int *inputs, int *targets) {
+static double validation_loss(const Params *p, TrainState *ts, RunState *rs, const int *tokens,
+                              int n_tokens, int *inputs, int *targets) {
     int B = ts->B, T = ts->T, windows = 0;
     double sum = 0;
-    for (int start = 0; start + B * (T + 1) <= n_tokens && windows < 8; start += B * (T + 1), windows++) {
+    for (int start = 0; start + B * (T + 1) <= n_tokens && windows < 8;
+         start += B * (T + 1), windows++) {
         for (int b = 0; b < B; b++)
             for (int t = 0; t < T; t++) {
                 inputs[b * T + t] = tokens[start + b * (T + 1) + t];
@@ -3486,23 +3787,33 @@ static void write_loss_svg(const char *path, const float *train, const float *va
     }
     if (hi <= lo) hi = lo + 1;
     const int W = 640, Hh = 400, m = 50;
-    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" font-size=\"12\">\n", W, Hh);
-    fprintf(f, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n<text x=\"%d\" y=\"20\">loss (nats/token): train (line), validation (dots); step 1..%d</text>\n", m, n);
-    fprintf(f, "<text x=\"5\" y=\"%d\">%.2f</text><text x=\"5\" y=\"%d\">%.2f</text>\n", m, hi, Hh - m, lo);
+    fprintf(f,
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" "
+            "font-family=\"sans-serif\" font-size=\"12\">\n",
+            W, Hh);
+    fprintf(f,
+            "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n<text x=\"%d\" y=\"20\">loss "
+            "(nats/token): train (line), validation (dots); step 1..%d</text>\n",
+            m, n);
+    fprintf(f, "<text x=\"5\" y=\"%d\">%.2f</text><text x=\"5\" y=\"%d\">%.2f</text>\n", m, hi,
+            Hh - m, lo);
     fprintf(f, "<polyline fill=\"none\" stroke=\"steelblue\" stroke-width=\"1.5\" points=\"");
     for (int i = 0; i < n; i++)
-        fprintf(f, "%.1f,%.1f ", m + (W - 2.0 * m) * i / (n > 1 ? n - 1 : 1), m + (Hh - 2.0 * m) * (hi - train[i]) / (hi - lo));
+        fprintf(f, "%.1f,%.1f ", m + (W - 2.0 * m) * i / (n > 1 ? n - 1 : 1),
+                m + (Hh - 2.0 * m) * (hi - train[i]) / (hi - lo));
     fprintf(f, "\"/>\n");
     for (int i = 0; i < n; i++)
         if (!isnan(val[i]))
-            fprintf(f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3\" fill=\"darkorange\"/>\n", m + (W - 2.0 * m) * i / (n > 1 ? n - 1 : 1),
+            fprintf(f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3\" fill=\"darkorange\"/>\n",
+                    m + (W - 2.0 * m) * i / (n > 1 ? n - 1 : 1),
                     m + (Hh - 2.0 * m) * (hi - val[i]) / (hi - lo));
     fprintf(f, "</svg>\n");
     fclose(f);
 }
 
 /* Adam's moments and step beside a checkpoint (OUT.adam), so training can resume from it. */
-static int adam_state_io(const char *model_path, float *m, float *v, size_t n, int *step, int save) {
+static int adam_state_io(const char *model_path, float *m, float *v, size_t n, int *step,
+                         int save) {
     char path[4096];
     snprintf(path, sizeof path, "%s.adam", model_path);
     FILE *f = fopen(path, save ? "wb" : "rb");
@@ -3510,8 +3821,12 @@ static int adam_state_io(const char *model_path, float *m, float *v, size_t n, i
     uint64_t count = n;
     int32_t s = *step;
     int ok;
-    if (save) ok = fwrite(&count, 8, 1, f) == 1 && fwrite(&s, 4, 1, f) == 1 && fwrite(m, 4, n, f) == n && fwrite(v, 4, n, f) == n;
-    else ok = fread(&count, 8, 1, f) == 1 && count == n && fread(&s, 4, 1, f) == 1 && fread(m, 4, n, f) == n && fread(v, 4, n, f) == n;
+    if (save)
+        ok = fwrite(&count, 8, 1, f) == 1 && fwrite(&s, 4, 1, f) == 1 && fwrite(m, 4, n, f) == n &&
+                fwrite(v, 4, n, f) == n;
+    else
+        ok = fread(&count, 8, 1, f) == 1 && count == n && fread(&s, 4, 1, f) == 1 &&
+                fread(m, 4, n, f) == n && fread(v, 4, n, f) == n;
     if (fclose(f) != 0) ok = 0;
     if (!save && ok) *step = s;
     return ok;
@@ -3535,14 +3850,18 @@ static void encode_corpus(Tokenizer *tok, const char *path, IdList *train_ids, I
 static float learning_rate(float peak, int step, int total_steps) {
     int warmup = total_steps / 20 + 1;
     if (step <= warmup) return peak * step / warmup;
-    return peak * (0.1f + 0.45f * (1 + cosf(3.14159265f * (step - warmup) / fmaxf(1, total_steps - warmup))));
+    return peak *
+            (0.1f +
+             0.45f * (1 + cosf(3.14159265f * (step - warmup) / fmaxf(1, total_steps - warmup))));
 }
 
 /* One line on stderr: the losses, and each MoE layer's expert load as the min-max share. */
-static void log_step(const Params *p, const TrainState *ts, int step, double loss, float lr, double tps, float val) {
+static void log_step(const Params *p, const TrainState *ts, int step, double loss, float lr,
+                     double tps, float val) {
     const Config *c = &p->cfg;
     int slots = ts->N * c->num_experts_per_tok;
-    fprintf(stderr, "step %5d  loss %.4f  ce %.4f  lr %.2e  %.0f tok/s", step, loss, ts->ce, lr, tps);
+    fprintf(stderr, "step %5d  loss %.4f  ce %.4f  lr %.2e  %.0f tok/s", step, loss, ts->ce, lr,
+            tps);
     if (!isnan(val)) fprintf(stderr, "  val %.4f", val);
     fprintf(stderr, "  expert load (min-max share per layer):");
     int *count = xcalloc(c->n_routed_experts, sizeof(int));
@@ -3586,7 +3905,9 @@ static void trainer_open(Trainer *tr, const char *init_path, const TrainOptions 
     encode_corpus(&tr->tok, o->corpus, &tr->train_ids, &tr->val_ids);
     int B = o->batch, T = o->seq_len;
     if (tr->train_ids.n < T + 2) die("%s is too short for sequences of %d tokens", o->corpus, T);
-    fprintf(stderr, "train: %d tokens, validation: %d tokens (last 5%% of lines); batch %d x %d, %d steps\n",
+    fprintf(stderr,
+            "train: %d tokens, validation: %d tokens (last 5%% of lines); batch %d x %d, %d "
+            "steps\n",
             tr->train_ids.n, tr->val_ids.n, B, T, o->steps);
     params_init(&tr->g, c);
     train_state_init(&tr->ts, c, B, T);
@@ -3601,8 +3922,8 @@ static void trainer_open(Trainer *tr, const char *init_path, const TrainOptions 
 }
 
 static void trainer_close(Trainer *tr) {
-    void *bufs[] = {tr->m, tr->v, tr->inputs, tr->targets, tr->train_curve, tr->val_curve, tr->train_ids.ids,
-                    tr->val_ids.ids};
+    void *bufs[] = {tr->m,           tr->v,         tr->inputs,        tr->targets,
+                    tr->train_curve, tr->val_curve, tr->train_ids.ids, tr->val_ids.ids};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free_run_state(&tr->rs);
     train_state_free(&tr->ts, &tr->p.cfg);
@@ -3618,7 +3939,8 @@ static void train(const char *init_path, const TrainOptions *o) {
     const Config *c = &tr.p.cfg;
     size_t n = params_count(&tr.p);
     int done = 0, B = o->batch, T = o->seq_len;
-    if (adam_state_io(init_path, tr.m, tr.v, n, &done, 0)) fprintf(stderr, "resuming after step %d (%s.adam)\n", done, init_path);
+    if (adam_state_io(init_path, tr.m, tr.v, n, &done, 0))
+        fprintf(stderr, "resuming after step %d (%s.adam)\n", done, init_path);
     AdamW opt = {o->lr, 0.9f, 0.95f, 1e-8f, 0.1f};
     char csv_path[4096], svg_path[4096];
     snprintf(csv_path, sizeof csv_path, "%s.csv", o->out);
@@ -3639,16 +3961,20 @@ static void train(const char *init_path, const TrainOptions *o) {
         double tps = B * T / (now_seconds() - t0), ce = tr.ts.ce;
         float val = NAN;
         if ((s + 1) % o->eval_every == 0 || last)
-            val = (float)validation_loss(&tr.p, &tr.ts, &tr.rs, tr.val_ids.ids, tr.val_ids.n, tr.inputs, tr.targets);
+            val = (float)validation_loss(&tr.p, &tr.ts, &tr.rs, tr.val_ids.ids, tr.val_ids.n,
+                                         tr.inputs, tr.targets);
         tr.train_curve[s] = (float)loss;
         tr.val_curve[s] = val;
         if (isnan(val)) fprintf(csv, "%d,%.5f,%.5f,,%.3g,%.0f\n", step, loss, ce, opt.lr, tps);
         else fprintf(csv, "%d,%.5f,%.5f,%.5f,%.3g,%.0f\n", step, loss, ce, val, opt.lr, tps);
-        if (s % 10 == 0 || last || !isnan(val)) log_step(&tr.p, &tr.ts, step, loss, opt.lr, tps, val);
+        if (s % 10 == 0 || last || !isnan(val))
+            log_step(&tr.p, &tr.ts, step, loss, opt.lr, tps, val);
         if (!isnan(val) || last) {  /* checkpoint: the normal model format, plus Adam's state */
-            params_save(&tr.p, o->out, (const char *)tr.view.map + c->tokenizer_offset, c->tokenizer_size);
+            params_save(&tr.p, o->out, (const char *)tr.view.map + c->tokenizer_offset,
+                        c->tokenizer_size);
             int at = step;
-            if (!adam_state_io(o->out, tr.m, tr.v, n, &at, 1)) fprintf(stderr, "dsv2: warning: cannot write %s.adam\n", o->out);
+            if (!adam_state_io(o->out, tr.m, tr.v, n, &at, 1))
+                fprintf(stderr, "dsv2: warning: cannot write %s.adam\n", o->out);
         }
     }
     fclose(csv);

@@ -544,13 +544,18 @@ def write_tensor(w, name, shape, chunks, is_matrix, dtype_name, group):
         w.tensor((convert(a, dt) for a, dt in chunks), name, shape, dtype_name)
 
 
-def print_layout(w):
-    """--print-layout: every block written, as `./dsv2 FILE -m layout` prints the file's layout."""
-    for offset, size, name, shape, storage in w.layout:
+def finish(w, tokenizer, show_layout, summary):
+    """Completes the file, then prints the summary (its size as {mib} or {gib}) or, with
+    --print-layout, every block written, as `./dsv2 FILE -m layout` prints the file's layout."""
+    size = w.finish(tokenizer)
+    if not show_layout:
+        print(summary.format(mib=size / 2**20, gib=size / 2**30) + (", with tokenizer" if tokenizer else ""))
+        return
+    for offset, nbytes, name, shape, storage in w.layout:
         if shape is None:
-            print(f"{offset} {size} {name}")
+            print(f"{offset} {nbytes} {name}")
         else:
-            print(f"{offset} {size} {name} {'x'.join(str(d) for d in shape)} {storage}")
+            print(f"{offset} {nbytes} {name} {'x'.join(str(d) for d in shape)} {storage}")
 
 
 def export_model(folder, out, dtype_name, show_layout=False):
@@ -575,12 +580,7 @@ def export_model(folder, out, dtype_name, show_layout=False):
     else:
         print(f"export.py: warning: {folder} has no tokenizer.json; exported the model alone "
               "(token ids in and out)", file=sys.stderr)
-    size = w.finish(tokenizer)
-    if show_layout:
-        print_layout(w)
-        return
-    print(f"wrote {out}: {count} tensors, {dtype_name}, {size / 2**20:.1f} MiB"
-          + (", with tokenizer" if tokenizer else ""))
+    finish(w, tokenizer, show_layout, f"wrote {out}: {count} tensors, {dtype_name}, {{mib:.1f}} MiB")
 
 
 # --------------------------------------------------------------------------- random checkpoints
@@ -648,12 +648,8 @@ def export_random(preset, out, dtype_name, layers, seed, show_layout=False):
     w = Writer(out, config)
     for name, shape, is_matrix in tensor_plan(config):
         write_tensor(w, name, shape, chunks(shape, is_matrix), is_matrix, dtype_name, config["q8_group"])
-    size = w.finish(tokenizer)
-    if show_layout:
-        print_layout(w)
-        return
-    print(f"wrote {out}: random {preset}, {config['num_hidden_layers']} layers, {dtype_name}, {size / 2**30:.3f} GiB"
-          + (", with tokenizer" if tokenizer else ""))
+    finish(w, tokenizer, show_layout,
+           f"wrote {out}: random {preset}, {config['num_hidden_layers']} layers, {dtype_name}, {{gib:.3f}} GiB")
 
 
 def train_tokenizer(corpus, vocab_size, out_dir):

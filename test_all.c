@@ -1318,6 +1318,19 @@ static void test_train_cli(void) {
 }
 
 /* f32 -> bf16 in export.py must round to nearest even exactly like the fixture's bf16 set. */
+/* dsv2.c's reading rules (tests/style.py): eq. 9-25 tagged in model code, no intrinsic before the
+ * end of the forward pass, lines <= 100 characters, functions <= 80 lines. */
+static void test_style(void) {
+    char cmd[512], err[4096];
+    snprintf(cmd, sizeof cmd, "%s tests/style.py dsv2.c", python);
+    int code = run(cmd, err, sizeof err);
+    char *out = stdout_text();
+    size_t n = strlen(out);
+    if (n && out[n - 1] == '\n') out[n - 1] = '\0';
+    check(code == 0, "reading rules of dsv2.c: %s", out);
+    free(out);
+}
+
 /* The file layout written once in each language: export.py --print-layout lists every block it
  * wrote (offset, bytes, name, shape, storage), ./dsv2 -m layout lists the blocks its loader walks
  * in the same file. Any difference in order, shape, alignment or q8 scales fails here. */
@@ -1380,6 +1393,7 @@ int main(int argc, char **argv) {
         for (int i = 0; i < 5; i++) test_fixture_dir(fixtures[i]);
         printf("export\n");
         test_bf16_rounding("tests/fixtures/v2", "tests/fixtures/v2-bf16-sharded");
+        test_style();
         test_layout_agrees("tests/fixtures/lite", "--dtype f32");
         test_layout_agrees("tests/fixtures/v2", "--dtype q8");
         test_layout_agrees("tests/fixtures/v2-bf16-sharded", "");
