@@ -849,6 +849,21 @@ static float *forward(const Weights *w, RunState *s, const int *tokens, int n, i
     return logits;
 }
 
+/* forward(), and a NaN or an infinity in the logits is an error, never an answer (one scan). */
+static float *forward_checked(const Weights *w, RunState *s, const int *tokens, int n, int pos) {
+    float *logits = forward(w, s, tokens, n, pos), poison = 0.0f;
+    int V = w->cfg.vocab_size;
+#pragma omp simd reduction(+ : poison)
+    for (int i = 0; i < V; i++) poison += logits[i] * 0.0f;
+    if (poison != 0.0f) {
+        int bad = 0;
+        while (bad < V && isfinite(logits[bad])) bad++;
+        die("the logits at position %d are not finite (%g at id %d): the weights or the config "
+            "overflow", pos + n - 1, logits[bad], bad);
+    }
+    return logits;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Sampler: greedy, temperature, top-p (nucleus).                                              */
 /* ------------------------------------------------------------------------------------------ */
@@ -883,7 +898,9 @@ static int compare_prob_desc(const void *a, const void *b) {
 }
 
 static int sample(Sampler *sp, float *logits) {
-    if (sp->temperature == 0.0f) return argmax(logits, sp->vocab_size);
+    int best = argmax(logits, sp->vocab_size);
+    /* T = 0, or so small that max / T overflows: all the mass is on the best token */
+    if (sp->temperature == 0.0f || !isfinite(logits[best] / sp->temperature)) return best;
     for (int i = 0; i < sp->vocab_size; i++) logits[i] /= sp->temperature;
     softmax(logits, sp->vocab_size);
     float r = random_f32(&sp->rng_state);
@@ -901,6 +918,7 @@ static int sample(Sampler *sp, float *logits) {
     float cutoff = (1.0f - sp->topp) / (sp->vocab_size - 1);  /* below it: never in the set */
     for (int i = 0; i < sp->vocab_size; i++)
         if (logits[i] >= cutoff) cand[n++] = (ProbIndex){logits[i], i};
+    if (n == 0) return best;  /* a tiny top-p over a tiny vocabulary can leave none */
     qsort(cand, n, sizeof(ProbIndex), compare_prob_desc);
     float mass = 0.0f;
     int last = n - 1;
@@ -991,6 +1009,28 @@ static char *read_file(const char *path, size_t *size_out) {
     return buf;
 }
 
+/* An output file written whole or not at all: into PATH.tmp, renamed over PATH once complete.
+ * On any write error the temporary is removed, PATH is left as it was, and dsv2 stops. */
+typedef struct { FILE *f; char tmp[4096]; const char *path; } OutputFile;
+
+static void output_open(OutputFile *o, const char *path) {
+    o->path = path;
+    if (snprintf(o->tmp, sizeof o->tmp, "%s.tmp", path) >= (int)sizeof o->tmp)
+        die("path too long: %s", path);
+    o->f = fopen(o->tmp, "wb");
+    if (!o->f) die("cannot write %s: %s", o->tmp, strerror(errno));
+}
+
+static void output_close(OutputFile *o) {
+    int failed = ferror(o->f) != 0;
+    if (fclose(o->f) != 0) failed = 1;
+    if (failed || rename(o->tmp, o->path) != 0) {
+        int err = errno;
+        remove(o->tmp);
+        die("cannot write %s: %s", o->path, strerror(err ? err : EIO));
+    }
+}
+
 static double now_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -1013,7 +1053,7 @@ static int generate(const Weights *w, RunState *s, Sampler *sp, const Tokenizer 
     if (n_prompt < 1) die("the prompt is empty: give at least one token");
     check_context(*pos + n_prompt, s->context);
     double t0 = now_seconds();
-    float *logits = forward(w, s, prompt, n_prompt, *pos);  /* the prompt, batched */
+    float *logits = forward_checked(w, s, prompt, n_prompt, *pos);  /* the prompt, batched */
     *pos += n_prompt;
     double t1 = now_seconds();
     int generated = 0, next = -1;
@@ -1023,7 +1063,7 @@ static int generate(const Weights *w, RunState *s, Sampler *sp, const Tokenizer 
                 fprintf(stderr, "\n[context of %d positions is full]\n", s->context);
                 break;
             }
-            logits = forward(w, s, &next, 1, (*pos)++);  /* one token at a time */
+            logits = forward_checked(w, s, &next, 1, (*pos)++);  /* one token at a time */
         }
         next = sample(sp, logits);
         generated++;
@@ -1046,20 +1086,23 @@ static int generate(const Weights *w, RunState *s, Sampler *sp, const Tokenizer 
 static void chat(const Weights *w, RunState *s, Sampler *sp, Tokenizer *tok, const char *system,
                  const char *first, int max_new) {
     TextSink *out = open_sink(stdout);
-    char line[65536];
-    int pos = 0, pending[2], n_pending = 0;
+    char *line = NULL;
+    size_t line_cap = 0;
+    int pos = 0, pending[2], n_pending = 0, interactive = isatty(STDIN_FILENO);
     for (int turn = 0;; turn++) {
         const char *user = turn == 0 && first ? first : NULL;
         if (!user) {
-            fprintf(stderr, "User: ");
-            if (!fgets(line, sizeof line, stdin)) break;
-            line[strcspn(line, "\n")] = '\0';
+            if (interactive) fprintf(stderr, "User: ");  /* piped input: no prompt in the way */
+            ssize_t got = getline(&line, &line_cap, stdin);  /* a line of any length is one turn */
+            if (got < 0) break;
+            if (got > 0 && line[got - 1] == '\n') line[--got] = '\0';
             user = line;
         }
         char *text = render_chat_turn(tok, system, user, turn == 0);
         IdList ids = {0};
         for (int i = 0; i < n_pending; i++) ids_push(&ids, pending[i]);
         tokenizer_encode(tok, text, strlen(text), 0, &ids);
+        check_context(pos + ids.n, s->context); /* before "Assistant:", so an error starts a line */
         printf("Assistant:");
         int last = generate(w, s, sp, tok, out, ids.ids, ids.n, &pos, max_new, 1);
         printf("\n");
@@ -1069,6 +1112,7 @@ static void chat(const Weights *w, RunState *s, Sampler *sp, Tokenizer *tok, con
         free(ids.ids);
         free(text);
     }
+    free(line);
     free(out);
 }
 
@@ -1079,7 +1123,7 @@ static void write_logits(const Weights *w, RunState *s, const int *ids, int n,
     if (!out) die("cannot open %s for writing: %s", out_path, strerror(errno));
     size_t V = (size_t)w->cfg.vocab_size;
     for (int pos = 0; pos < n; pos++)
-        if (fwrite(forward(w, s, &ids[pos], 1, pos), sizeof(float), V, out) != V)
+        if (fwrite(forward_checked(w, s, &ids[pos], 1, pos), sizeof(float), V, out) != V)
             die("cannot write %s", out_path);
     if (fclose(out) != 0) die("cannot write %s", out_path);
 }
@@ -1414,6 +1458,7 @@ int main(int argc, char **argv) {
     free(input);
     if (tok) close_tokenizer(tok);
     if (!tokenizer_only) free_weights(&w);
+    if (fflush(stdout) != 0 || ferror(stdout)) die("cannot write the output: %s", strerror(errno));
     return 0;
 }
 #endif
@@ -1447,6 +1492,14 @@ static void quantize_activations(int8_t *q, float *scale, const float *x, int n,
         for (int i = 0; i < group; i++) {
             float a = fabsf(xg[i]);
             amax = a > amax ? a : amax;
+        }
+        float poison = 0.0f;  /* NaN iff the group holds a NaN or an infinity (x * 0) */
+#pragma omp simd reduction(+ : poison)
+        for (int i = 0; i < group; i++) poison += xg[i] * 0.0f;
+        if (poison != 0.0f) {  /* NaN or inf in: NaN out, so that it reaches the logits */
+            scale[g] = NAN;
+            memset(q + (size_t)g * group, 0, group);
+            continue;
         }
         float inv = amax > 0 ? 127.0f / amax : 0.0f;
         scale[g] = amax / 127.0f;
@@ -1767,6 +1820,9 @@ static const char *storage_name(int dtype) {
 
 static const void *take(Cursor *cur, const char *name, int rows, int cols, const char *storage,
                         size_t bytes) {
+    if (bytes > ((size_t)1 << 50) || cur->offset > ((size_t)1 << 50))
+        die("config: the tensors would take more than 1 PiB (%s%s)", cur->prefix ? cur->prefix : "",
+            name);
     cur->offset = (cur->offset + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN;
     const void *p = cur->base ? cur->base + cur->offset : NULL;
     if (cur->info) {
@@ -1914,15 +1970,18 @@ static void print_layout(const Weights *w) {
     free(t);
 }
 
-/* Every header field within the range the code relies on, before anything is allocated. */
+/* Every header field within the range the code relies on, before anything is allocated: the
+ * integers, the doubles (finite, in range) and the products the buffers are sized by (in 64
+ * bits, so nothing overflows). export.py applies the same rules (check_header) before it writes. */
 static void check_range(const char *name, long long v, long long lo, long long hi) {
     if (v < lo || v > hi) die("config %s = %lld is out of range [%lld, %lld]", name, v, lo, hi);
 }
 
-static void validate_config(const Config *c) {
-    if (c->dtype != DTYPE_F32 && c->dtype != DTYPE_BF16 && c->dtype != DTYPE_Q8)
-        die("unknown weight dtype %d", c->dtype);
-    if (c->dtype == DTYPE_Q8) check_range("q8_group", c->q8_group, 1, 4096);
+static void check_real(const char *name, double v, double lo, double hi) {
+    if (!(v >= lo && v <= hi)) die("config %s = %g is out of range [%g, %g]", name, v, lo, hi);
+}
+
+static void validate_sizes(const Config *c) {
     check_range("vocab_size", c->vocab_size, 1, 1 << 24);
     check_range("hidden_size", c->hidden_size, 1, 1 << 16);
     check_range("num_hidden_layers", c->num_hidden_layers, 1, 1024);
@@ -1934,47 +1993,103 @@ static void validate_config(const Config *c) {
     if (c->qk_rope_head_dim % 2)
         die("config qk_rope_head_dim = %d must be even", c->qk_rope_head_dim);
     check_range("v_head_dim", c->v_head_dim, 1, 4096);
+    check_range("intermediate_size", c->intermediate_size, 0, 1 << 20);
+    check_range("moe_intermediate_size", c->moe_intermediate_size, 0, 1 << 20);
     check_range("max_position_embeddings", c->max_position_embeddings, 1, 1 << 24);
-    check_range("num_experts_per_tok", c->num_experts_per_tok, 0, 4096);
     check_range("n_routed_experts", c->n_routed_experts, 0, 1 << 16);
     check_range("n_shared_experts", c->n_shared_experts, 0, 4096);
+    check_range("num_experts_per_tok", c->num_experts_per_tok, 0, 4096);
+    check_range("n_group", c->n_group, 0, 1 << 16);
+    check_range("topk_group", c->topk_group, 0, 1 << 16);
     check_range("first_k_dense_replace", c->first_k_dense_replace, 0, 1024);
     check_range("moe_layer_freq", c->moe_layer_freq, 1, 1024);
     check_range("bos_token_id", c->bos_token_id, -1, c->vocab_size - 1);
     check_range("eos_token_id", c->eos_token_id, -1, c->vocab_size - 1);
+    check_range("norm_topk_prob", c->norm_topk_prob, 0, 1);
+    check_range("seq_aux", c->seq_aux, 0, 1);
+    check_range("q8_group", c->q8_group, c->dtype == DTYPE_Q8 ? 1 : 0,
+                c->dtype == DTYPE_Q8 ? 4096 : 0);
+    long long H = c->num_attention_heads,
+              per_head = c->qk_nope_head_dim + c->qk_rope_head_dim + c->v_head_dim;
+    long long moe_width =
+            (long long)c->moe_intermediate_size * (c->num_experts_per_tok + c->n_shared_experts);
+    if (H * per_head > (1 << 20))
+        die("config: %lld heads of %lld floats is more than 2^20", H, per_head);
+    if (H * c->kv_lora_rank > (1 << 24))
+        die("config: %lld heads x kv_lora_rank %d is more than 2^24", H, c->kv_lora_rank);
+    if (moe_width > (1 << 24))
+        die("config: the experts of one token are %lld wide, more than 2^24", moe_width);
+    if ((long long)c->hidden_size * (c->num_experts_per_tok + 1) > (1 << 24))
+        die("config: hidden_size x (num_experts_per_tok + 1) is more than 2^24");
+}
+
+/* Routing: a layer's K experts, their groups, and the method. */
+static void validate_routing(const Config *c) {
     int any_dense = 0, any_moe = 0;
     for (int l = 0; l < c->num_hidden_layers; l++) {
         if (is_moe_layer(c, l)) any_moe = 1;
         else any_dense = 1;
     }
     if (any_dense) check_range("intermediate_size", c->intermediate_size, 1, 1 << 20);
-    if (any_moe) {
-        check_range("moe_intermediate_size", c->moe_intermediate_size, 1, 1 << 20);
-        check_range("num_experts_per_tok", c->num_experts_per_tok, 1, c->n_routed_experts);
-        if (c->topk_method == TOPK_GROUP_LIMITED_GREEDY) {
-            check_range("n_group", c->n_group, 1, c->n_routed_experts);
-            if (c->n_routed_experts % c->n_group)
-                die("config n_group = %d does not divide n_routed_experts = %d", c->n_group,
-                    c->n_routed_experts);
-            check_range("topk_group", c->topk_group, 1, c->n_group);
-            check_range("num_experts_per_tok", c->num_experts_per_tok, 1,
-                        c->topk_group * (c->n_routed_experts / c->n_group));
-        } else if (c->topk_method != TOPK_GREEDY) die("unknown topk_method %d", c->topk_method);
+    if (c->topk_method != TOPK_GREEDY && c->topk_method != TOPK_GROUP_LIMITED_GREEDY)
+        die("unknown topk_method %d", c->topk_method);
+    if (!any_moe) return;
+    check_range("moe_intermediate_size", c->moe_intermediate_size, 1, 1 << 20);
+    check_range("num_experts_per_tok", c->num_experts_per_tok, 1, c->n_routed_experts);
+    if (c->topk_method == TOPK_GROUP_LIMITED_GREEDY) {
+        check_range("n_group", c->n_group, 1, c->n_routed_experts);
+        if (c->n_routed_experts % c->n_group)
+            die("config n_group = %d does not divide n_routed_experts = %d", c->n_group,
+                c->n_routed_experts);
+        check_range("topk_group", c->topk_group, 1, c->n_group);
+        check_range("num_experts_per_tok", c->num_experts_per_tok, 1,
+                    c->topk_group * (c->n_routed_experts / c->n_group));
     }
+}
+
+static void validate_config(const Config *c) {
+    if (c->dtype != DTYPE_F32 && c->dtype != DTYPE_BF16 && c->dtype != DTYPE_Q8)
+        die("unknown weight dtype %d", c->dtype);
+    validate_sizes(c);
+    validate_routing(c);
     if (c->rope_scaling != ROPE_PLAIN && c->rope_scaling != ROPE_YARN)
         die("unknown rope_scaling type %d", c->rope_scaling);
-    if (!(c->rms_norm_eps > 0 && c->rms_norm_eps < 1))
-        die("config rms_norm_eps = %g is out of range", c->rms_norm_eps);
-    if (!(c->rope_theta > 1)) die("config rope_theta = %g is out of range", c->rope_theta);
-    if (!isfinite(c->routed_scaling_factor)) die("config routed_scaling_factor is not finite");
+    check_real("rms_norm_eps", c->rms_norm_eps, 1e-30, 0.5);
+    check_real("rope_theta", c->rope_theta, 1.0 + 1e-9, 1e12);
+    check_real("routed_scaling_factor", c->routed_scaling_factor, 1e-6, 1e4);
+    check_real("aux_loss_alpha", c->aux_loss_alpha, 0, 1e3);
     if (c->rope_scaling == ROPE_YARN) {
-        if (!(c->rope_factor > 0 && c->rope_factor < 1e6))
-            die("config rope_scaling.factor = %g is out of range", c->rope_factor);
+        check_real("rope_scaling.factor", c->rope_factor, 1e-6, 1e6);
         check_range("original_max_position_embeddings", c->original_max_position_embeddings, 1,
                     1 << 24);
-        if (!(c->beta_fast > 0 && c->beta_slow > 0))
-            die("config rope_scaling beta_fast/beta_slow must be positive");
+        check_real("rope_scaling.beta_fast", c->beta_fast, 1e-6, 1e6);
+        check_real("rope_scaling.beta_slow", c->beta_slow, 1e-6, 1e6);
+        check_real("rope_scaling.mscale", c->mscale, 0, 1e3);
+        check_real("rope_scaling.mscale_all_dim", c->mscale_all_dim, 0, 1e3);
     }
+}
+
+/* The file's parts fit together: the tensors end where the tokenizer starts (or the file ends),
+ * the tokenizer ends where the file ends, and the file on disk is as long as the header says. */
+static void validate_extent(const Config *c, size_t tensors_end, size_t disk_size,
+                            const char *path) {
+    uint64_t file = c->file_size, tok_at = c->tokenizer_offset, tok_size = c->tokenizer_size;
+    uint64_t aligned = (tensors_end + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN;
+    if (disk_size != file)
+        die("%s is truncated or padded: %zu bytes on disk, header says %llu", path, disk_size,
+            (unsigned long long)file);
+    if (tok_at == 0 && tok_size == 0) {
+        if (file != tensors_end)
+            die("%s: the config describes %zu bytes of tensors but the file holds %llu (wrong "
+                "header?)",
+                path, tensors_end, (unsigned long long)file);
+        return;
+    }
+    if (tok_at != aligned || tok_size < 8 || tok_size > file || tok_at > file - tok_size ||
+        tok_at + tok_size != file)
+        die("%s: tokenizer section out of bounds (offset %llu, %llu bytes; the tensors end at %zu, "
+            "the file at %llu)", path, (unsigned long long)tok_at, (unsigned long long)tok_size,
+            tensors_end, (unsigned long long)file);
 }
 
 
@@ -2035,16 +2150,7 @@ static void load_weights(Weights *w, const char *path, int weights_mode) {
     validate_config(c);
     alloc_layers(w);
     Cursor measure = {NULL, HEADER_SIZE, c->dtype, c->q8_group, NULL, 0, NULL};
-    size_t end = layout_weights(w, &measure);
-    if (c->tokenizer_offset &&
-        (c->tokenizer_offset < end || c->tokenizer_offset + c->tokenizer_size > c->file_size))
-        die("%s: tokenizer section out of bounds", path);
-    if (c->file_size < end)
-        die("%s: header says %llu bytes but the config needs %zu", path,
-            (unsigned long long)c->file_size, end);
-    if (size != c->file_size)
-        die("%s is truncated or padded: %zu bytes on disk, header says %llu", path, size,
-            (unsigned long long)c->file_size);
+    validate_extent(c, layout_weights(w, &measure), size, path);
     w->map = map_checkpoint(fd, size, weights_mode, path);
     close(fd);
     w->map_size = size;
@@ -2560,7 +2666,26 @@ static void regex_free(Regex *re) {
     free(re->code);
 }
 
-typedef struct { int *pc_pos; int n, cap; } BacktrackStack;
+/* The backtrack stack, and what keeps a backtracking engine polynomial. Without captures or
+ * backreferences, whether the program can match from instruction pc at position pos depends on
+ * (pc, pos) alone; a branch state reached a second time has already failed (its first visit was
+ * explored to the end, or the match would have been returned), so it is cut. Marks survive
+ * failed attempts at later start positions (this is what makes \s+$ linear on a long run of
+ * spaces) and are undone when an attempt succeeds, since the states on its path did not fail.
+ * Marking starts after REGEX_MEMO_AFTER steps of an attempt: most attempts are shorter.
+ * A step budget backs this up: a pass of a regex over a piece may take REGEX_STEPS_PER_STATE
+ * steps per (instruction, character) plus a constant; the real tokenizers need under 2. */
+typedef struct {
+    int *pc_pos;
+    int n, cap;
+    long long steps, budget;
+    uint64_t *seen;          /* bit pc * width + pos: a branch state already visited */
+    size_t seen_bits, width;
+    size_t *touched;         /* the bits set, to clear them */
+    size_t n_touched, cap_touched;
+} BacktrackStack;
+#define REGEX_STEPS_PER_STATE 16
+#define REGEX_MEMO_AFTER 64  /* steps of one attempt before its branch states are marked */
 
 static void stack_push(BacktrackStack *st, int pc, int pos) {
     if (st->n + 2 > st->cap) {
@@ -2572,27 +2697,67 @@ static void stack_push(BacktrackStack *st, int pc, int pos) {
     st->pc_pos[st->n++] = pos;
 }
 
-/* Runs the program from pc at s[pos]; returns the end of the first (leftmost-first) match, or -1.
- */
+/* Marks branch state (pc, pos); returns 0 if it was marked already. */
+static int visit(BacktrackStack *st, int pc, int pos) {
+    size_t bit = (size_t)pc * st->width + pos;
+    if (st->seen[bit >> 6] >> (bit & 63) & 1) return 0;
+    st->seen[bit >> 6] |= 1ull << (bit & 63);
+    if (st->n_touched == st->cap_touched) {
+        st->cap_touched = st->cap_touched ? 2 * st->cap_touched : 1024;
+        st->touched = realloc(st->touched, st->cap_touched * sizeof(size_t));
+        if (!st->touched) die("out of memory");
+    }
+    st->touched[st->n_touched++] = bit;
+    return 1;
+}
+
+static void unvisit_since(BacktrackStack *st, size_t mark) {
+    for (size_t i = mark; i < st->n_touched; i++)
+        st->seen[st->touched[i] >> 6] &= ~(1ull << (st->touched[i] & 63));
+    st->n_touched = mark;
+}
+
+/* Before a pass of a program of n_code instructions over len characters. */
+static void regex_pass_begin(BacktrackStack *st, int n_code, int len) {
+    size_t bits = (size_t)n_code * (len + 1);
+    if (bits > st->seen_bits) {
+        free(st->seen);
+        st->seen_bits = bits;
+        st->seen = xcalloc(bits / 64 + 1, sizeof(uint64_t));
+    }
+    st->width = (size_t)len + 1;
+    st->steps = 0;
+    st->budget = ((long long)len + 1) * n_code * REGEX_STEPS_PER_STATE + 4096;
+}
+
+/* Runs the program from pc at s[pos]; returns the end of the first (leftmost-first) match, or
+ * -1. Between regex_pass_begin and unvisit_since(st, 0). */
 static int regex_run(const Regex *re, int pc, const uint32_t *s, int pos, int n,
                      BacktrackStack *st) {
     int base = st->n;
+    size_t mark = st->n_touched;
+    long long memo_from = st->steps + REGEX_MEMO_AFTER;  /* short attempts (most) skip the marks */
     stack_push(st, pc, pos);
     while (st->n > base) {
         pos = st->pc_pos[--st->n];
         pc = st->pc_pos[--st->n];
         for (;;) {
             const ReInst *in = &re->code[pc];
+            if (++st->steps > st->budget)
+                die("the tokenizer's pre-tokenizer regex backtracks too much on this input (over "
+                    "%lld steps; nested quantifiers such as (a+)+ do that)", st->budget);
             if (in->op == OP_CLASS) {
                 if (pos < n && class_has(&re->classes[in->x], s[pos])) { pc++; pos++; continue; }
                 break;
             } else if (in->op == OP_SPLIT) {
+                if (st->steps > memo_from && !visit(st, pc, pos)) break; /* reached before: fails */
                 stack_push(st, in->y, pos);
                 pc = in->x;
             } else if (in->op == OP_JMP) {
                 pc = in->x;
             } else if (in->op == OP_MATCH) {
                 st->n = base;
+                unvisit_since(st, mark);
                 return pos;
             } else if (in->op == OP_EOL) {  /* Ruby-syntax $: end of input or before a newline */
                 if (pos == n || s[pos] == '\n') pc++;
@@ -2791,6 +2956,7 @@ static void free_tokenizer(Tokenizer *t) {
     free(t->added_len);
     free(t->merges);
     free(t->merge_key); free(t->merge_rank); free(t->stack.pc_pos);
+    free(t->stack.seen); free(t->stack.touched);
     if (t->map) munmap(t->map, t->map_size);
 }
 
@@ -2873,6 +3039,7 @@ static int pretokenize(Tokenizer *t, const uint32_t *cps, int n, int **pieces_ou
         for (int k = 0; k < count; k++) {
             int start = pieces[2 * k], len = pieces[2 * k + 1] - start, last = 0;
             const uint32_t *s = cps + start;
+            regex_pass_begin(&t->stack, t->regex[r].n_code, len);
             for (int p = 0; p < len;) {
                 int end = regex_run(&t->regex[r], 0, s, p, len, &t->stack);
                 if (end <= p) { p++; continue; }
@@ -2881,6 +3048,7 @@ static int pretokenize(Tokenizer *t, const uint32_t *cps, int n, int **pieces_ou
                 last = p = end;
             }
             if (last < len) { next[2 * m] = start + last; next[2 * m + 1] = start + len; m++; }
+            unvisit_since(&t->stack, 0);
         }
         int *swap = pieces; pieces = next; next = swap;
         count = m;
@@ -3705,23 +3873,21 @@ static void params_load(Params *p, const char *path) {
 /* Writes p as a checkpoint (with the tokenizer blob, if any): the same format ./dsv2 runs. */
 static void params_save(const Params *p, const char *path, const void *tokenizer,
                         size_t tokenizer_size) {
-    char tmp[4096];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
-    if (!f) die("cannot write %s: %s", tmp, strerror(errno));
+    OutputFile out;
+    output_open(&out, path);
     Config c = p->cfg;
     size_t tok_offset = (p->size + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN;
     c.tokenizer_offset = tokenizer_size ? tok_offset : 0;
     c.tokenizer_size = tokenizer_size;
     c.file_size = tokenizer_size ? tok_offset + tokenizer_size : p->size;
     static const char zeros[TENSOR_ALIGN] = {0};
-    int ok = fwrite(&c, sizeof c, 1, f) == 1 &&
-            fwrite(p->buf + HEADER_SIZE, 1, p->size - HEADER_SIZE, f) == p->size - HEADER_SIZE;
-    if (tokenizer_size)
-        ok = ok && fwrite(zeros, 1, tok_offset - p->size, f) == tok_offset - p->size &&
-                fwrite(tokenizer, 1, tokenizer_size, f) == tokenizer_size;
-    if (fclose(f) != 0 || !ok) die("cannot write %s", tmp);
-    if (rename(tmp, path) != 0) die("cannot rename %s to %s: %s", tmp, path, strerror(errno));
+    fwrite(&c, sizeof c, 1, out.f);
+    fwrite(p->buf + HEADER_SIZE, 1, p->size - HEADER_SIZE, out.f);
+    if (tokenizer_size) {
+        fwrite(zeros, 1, tok_offset - p->size, out.f);
+        fwrite(tokenizer, 1, tokenizer_size, out.f);
+    }
+    output_close(&out);
 }
 
 
@@ -3778,8 +3944,9 @@ static double validation_loss(const Params *p, TrainState *ts, RunState *rs, con
 
 /* The loss curve as a small SVG: train loss (line) and validation loss (dots). */
 static void write_loss_svg(const char *path, const float *train, const float *val, int n) {
-    FILE *f = fopen(path, "w");
-    if (!f) { fprintf(stderr, "dsv2: warning: cannot write %s\n", path); return; }
+    OutputFile out;
+    output_open(&out, path);
+    FILE *f = out.f;
     float lo = 1e9f, hi = -1e9f;
     for (int i = 0; i < n; i++) {
         lo = fminf(lo, train[i]); hi = fmaxf(hi, train[i]);
@@ -3808,30 +3975,39 @@ static void write_loss_svg(const char *path, const float *train, const float *va
                     m + (W - 2.0 * m) * i / (n > 1 ? n - 1 : 1),
                     m + (Hh - 2.0 * m) * (hi - val[i]) / (hi - lo));
     fprintf(f, "</svg>\n");
-    fclose(f);
+    output_close(&out);
 }
 
 /* Adam's moments and step beside a checkpoint (OUT.adam), so training can resume from it. */
-static int adam_state_io(const char *model_path, float *m, float *v, size_t n, int *step,
-                         int save) {
+static int adam_state_load(const char *model_path, float *m, float *v, size_t n, int *step) {
     char path[4096];
     snprintf(path, sizeof path, "%s.adam", model_path);
-    FILE *f = fopen(path, save ? "wb" : "rb");
+    FILE *f = fopen(path, "rb");
     if (!f) return 0;
-    uint64_t count = n;
-    int32_t s = *step;
-    int ok;
-    if (save)
-        ok = fwrite(&count, 8, 1, f) == 1 && fwrite(&s, 4, 1, f) == 1 && fwrite(m, 4, n, f) == n &&
-                fwrite(v, 4, n, f) == n;
-    else
-        ok = fread(&count, 8, 1, f) == 1 && count == n && fread(&s, 4, 1, f) == 1 &&
-                fread(m, 4, n, f) == n && fread(v, 4, n, f) == n;
-    if (fclose(f) != 0) ok = 0;
-    if (!save && ok) *step = s;
-    return ok;
+    uint64_t count = 0;
+    int32_t s = 0;
+    int ok = fread(&count, 8, 1, f) == 1 && count == n && fread(&s, 4, 1, f) == 1 &&
+             fread(m, 4, n, f) == n && fread(v, 4, n, f) == n;
+    fclose(f);
+    if (!ok) die("%s does not match %s (another model's optimizer state?)", path, model_path);
+    *step = s;
+    return 1;
 }
 
+static void adam_state_save(const char *model_path, const float *m, const float *v, size_t n,
+                            int step) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s.adam", model_path);
+    OutputFile out;
+    output_open(&out, path);
+    uint64_t count = n;
+    int32_t s = step;
+    fwrite(&count, 8, 1, out.f);
+    fwrite(&s, 4, 1, out.f);
+    fwrite(m, 4, n, out.f);
+    fwrite(v, 4, n, out.f);
+    output_close(&out);
+}
 
 /* The corpus as ids: the last 5% of its lines held out for validation. */
 static void encode_corpus(Tokenizer *tok, const char *path, IdList *train_ids, IdList *val_ids) {
@@ -3939,7 +4115,7 @@ static void train(const char *init_path, const TrainOptions *o) {
     const Config *c = &tr.p.cfg;
     size_t n = params_count(&tr.p);
     int done = 0, B = o->batch, T = o->seq_len;
-    if (adam_state_io(init_path, tr.m, tr.v, n, &done, 0))
+    if (adam_state_load(init_path, tr.m, tr.v, n, &done))
         fprintf(stderr, "resuming after step %d (%s.adam)\n", done, init_path);
     AdamW opt = {o->lr, 0.9f, 0.95f, 1e-8f, 0.1f};
     char csv_path[4096], svg_path[4096];
@@ -3955,6 +4131,8 @@ static void train(const char *init_path, const TrainOptions *o) {
         double t0 = now_seconds();
         sample_batch(tr.train_ids.ids, tr.train_ids.n, B, T, tr.inputs, tr.targets, &rng);
         double loss = train_forward(&tr.p, &tr.ts, &tr.rs, tr.inputs, tr.targets);
+        if (!isfinite(loss))
+            die("training diverged at step %d: the loss is %g (lower -r?)", step, loss);
         zero(params_data(&tr.g), n);
         train_backward(&tr.p, &tr.g, &tr.ts, &tr.rs, tr.inputs, tr.targets);
         adamw_step(&tr.p, &tr.g, tr.m, tr.v, &opt, step);
@@ -3972,12 +4150,10 @@ static void train(const char *init_path, const TrainOptions *o) {
         if (!isnan(val) || last) {  /* checkpoint: the normal model format, plus Adam's state */
             params_save(&tr.p, o->out, (const char *)tr.view.map + c->tokenizer_offset,
                         c->tokenizer_size);
-            int at = step;
-            if (!adam_state_io(o->out, tr.m, tr.v, n, &at, 1))
-                fprintf(stderr, "dsv2: warning: cannot write %s.adam\n", o->out);
+            adam_state_save(o->out, tr.m, tr.v, n, step);
         }
     }
-    fclose(csv);
+    if ((ferror(csv) | fclose(csv)) != 0) die("cannot write %s", csv_path);
     write_loss_svg(svg_path, tr.train_curve, tr.val_curve, o->steps);
     fprintf(stderr, "wrote %s, %s, %s\n", o->out, csv_path, svg_path);
     trainer_close(&tr);

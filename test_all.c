@@ -1272,6 +1272,177 @@ static void test_bad_inputs(const char *fixture) {
     expect_clean_error("export.py with a missing folder", cmd, NULL);
 }
 
+/* The offset of a block of a model file, from ./dsv2 FILE -m layout (storage: "f32", "q8", ...). */
+static long layout_offset(const char *model, const char *name, const char *storage) {
+    char cmd[1024], want[256];
+    snprintf(cmd, sizeof cmd, "%s %s -m layout", dsv2_bin, model);
+    if (run(cmd, NULL, 0) != 0) return -1;
+    char *out = stdout_text(), *line = out;
+    long found = -1;
+    snprintf(want, sizeof want, " %s ", name);
+    for (; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+        char *end = strchr(line, '\n');
+        if (end) *end = '\0';
+        if (strstr(line, want) && strlen(line) > strlen(storage) && !strcmp(line + strlen(line) - strlen(storage), storage) &&
+            line[strlen(line) - strlen(storage) - 1] == ' ') { found = atol(line); }
+        if (end) *end = '\n';
+        if (found >= 0) break;
+    }
+    free(out);
+    return found;
+}
+
+/* An error found while running (after the model's start-up lines): exit 1, one error line, last. */
+static void expect_runtime_error(const char *what, const char *cmd, const char *needle) {
+    char err[8192];
+    int code = run(cmd, err, sizeof err);
+    int errors = 0;
+    for (const char *p = err; (p = strstr(p, "error")); p++) errors++;
+    size_t n = strlen(err);
+    while (n && err[n - 1] == '\n') err[--n] = '\0';
+    const char *last = strrchr(err, '\n') ? strrchr(err, '\n') + 1 : err;
+    check(code == 1 && errors == 1 && !strncmp(last, "dsv2: error:", 12) && (!needle || strstr(last, needle)),
+          "bad input: %s -> exit %d, \"%s\"", what, code, last);
+}
+
+/* A command that must end within a few seconds, with exit 0 or one clean error line. */
+static void expect_bounded(const char *what, const char *cmd) {
+    char full[4096], err[4096];
+    snprintf(full, sizeof full, "timeout 20 %s", cmd);
+    double t0 = now_seconds();
+    int code = run(full, err, sizeof err);
+    double took = now_seconds() - t0;
+    int clean = code == 0 || (code == 1 && count_lines(err) == 1 && !strncmp(err, "dsv2: error:", 12));
+    check(clean && took < 10, "bounded: %s -> exit %d in %.2f s %.*s", what, code, took, (int)strcspn(err, "\n"), err);
+}
+
+/* The defects of the reliability sweep (issue 13, D1-D11): each through the real CLI. */
+static void test_reliability(const char *fixture) {
+    printf("reliability\n");
+    char model[512], bad[512], q8[512], cmd[4096], err[4096];
+    snprintf(model, sizeof model, "%s/rel.bin", tmp_dir);
+    snprintf(bad, sizeof bad, "%s/rel-bad.bin", tmp_dir);
+    snprintf(q8, sizeof q8, "%s/rel-q8.bin", tmp_dir);
+    if (!export_model(fixture, model, "--dtype f32") || !export_model(fixture, q8, "--dtype q8")) return;
+    size_t size = 0;
+    free(read_file(model, &size));
+    snprintf(cmd, sizeof cmd, "%s %s -i \"1 2 3\" -n 4", dsv2_bin, bad);
+    uint64_t huge[2] = {0xFFFFFFFFFFFFFF00ull, 0x200};  /* D1: offset + size wraps around */
+    copy_prefix(model, bad, size, offsetof(Config, tokenizer_offset), huge, sizeof huge);
+    expect_clean_error("D1 tokenizer offset + size that wraps around", cmd, "tokenizer");
+    int32_t zero = 0, minus = -1;
+    copy_prefix(model, bad, size, offsetof(Config, n_routed_experts), &zero, 4);  /* D3 */
+    expect_clean_error("D3 a header with fewer tensors than the file (n_routed_experts 0)", cmd, "wrong header");
+    int32_t bf16 = DTYPE_BF16;
+    copy_prefix(model, bad, size, offsetof(Config, dtype), &bf16, 4);
+    expect_clean_error("D3 an f32 file relabelled bf16", cmd, NULL);
+    double nan = NAN, inf = INFINITY, big = 1e300;  /* D4 */
+    copy_prefix(model, bad, size, offsetof(Config, mscale), &nan, 8);
+    expect_clean_error("D4 mscale NaN", cmd, "mscale");
+    copy_prefix(model, bad, size, offsetof(Config, rope_theta), &inf, 8);
+    expect_clean_error("D4 rope_theta inf", cmd, "rope_theta");
+    copy_prefix(model, bad, size, offsetof(Config, routed_scaling_factor), &big, 8);
+    expect_clean_error("D4 routed_scaling_factor 1e300", cmd, "routed_scaling_factor");
+    int32_t wide[2] = {1 << 20, 4096};  /* D5: moe_intermediate_size * n_shared_experts overflows */
+    {
+        char *data = read_file(model, NULL);
+        memcpy(data + offsetof(Config, moe_intermediate_size), &wide[0], 4);
+        memcpy(data + offsetof(Config, n_shared_experts), &wide[1], 4);
+        write_bytes(bad, data, size);
+        free(data);
+    }
+    expect_clean_error("D5 moe_intermediate_size x n_shared_experts past int32", cmd, "config");
+    copy_prefix(model, bad, size, offsetof(Config, n_group), &minus, 4);  /* D6 */
+    expect_clean_error("D6 n_group -1 under greedy routing", cmd, "n_group");
+    long norm_at = layout_offset(model, "model.norm.weight", "f32");  /* D2: NaN logits */
+    if (norm_at > 0) {
+        float nanf_v = NAN;
+        copy_prefix(model, bad, size, norm_at, &nanf_v, 4);
+        expect_runtime_error("D2 weights that make the logits NaN", cmd, "not finite");
+        snprintf(cmd, sizeof cmd, "%s %s -m logits -i \"1 2 3\" -o %s/nan.bin", dsv2_bin, bad, tmp_dir);
+        expect_runtime_error("D2 -m logits of NaN logits", cmd, "not finite");
+    } else check(0, "layout offset of model.norm.weight");
+    size_t q8_size = 0;
+    free(read_file(q8, &q8_size));
+    long scale_at = layout_offset(q8, "model.layers.0.self_attn.kv_a_proj_with_mqa.weight", "q8-scales");
+    if (scale_at > 0) {  /* D7: a NaN scale must reach the logits, not become a finite number */
+        float nanf_v = NAN;
+        copy_prefix(q8, bad, q8_size, scale_at, &nanf_v, 4);
+        snprintf(cmd, sizeof cmd, "%s %s -i \"1 2 3\" -n 4", dsv2_bin, bad);
+        expect_runtime_error("D7 a NaN q8 scale", cmd, "not finite");
+        long embed_at = layout_offset(q8, "model.embed_tokens.weight", "q8-scales");
+        copy_prefix(q8, bad, q8_size, embed_at, &nanf_v, 4);  /* token 0's first group: NaN input */
+        snprintf(cmd, sizeof cmd, "%s %s -i \"0 1 2\" -n 4", dsv2_bin, bad);
+        expect_runtime_error("D7 a NaN activation into the q8 quantizer", cmd, "not finite");
+    } else check(0, "layout offset of a q8 scale block");
+    snprintf(cmd, sizeof cmd, "%s %s -i \"1 2 3\" -n 8 -t 1e-38 -s 1", dsv2_bin, model);
+    int code = run(cmd, err, sizeof err);
+    check(code == 0, "D2 temperature 1e-38 samples (as greedy) -> exit %d %.*s", code, (int)strcspn(err, "\n"), err);
+    snprintf(cmd, sizeof cmd, "%s %s -i \"1 2 3\" -n 8 -t 0 -s 1", dsv2_bin, model);
+    char *greedy = (run(cmd, NULL, 0), stdout_text());
+    snprintf(cmd, sizeof cmd, "%s %s -i \"1 2 3\" -n 8 -t 1e-38 -s 1", dsv2_bin, model);
+    char *tiny = (run(cmd, NULL, 0), stdout_text());
+    check(!strcmp(greedy, tiny), "D2 temperature 1e-38 gives the greedy tokens: %.40s", tiny);
+    free(greedy); free(tiny);
+    snprintf(cmd, sizeof cmd, "(%s %s -i \"1 2 3\" -n 4 > /dev/full)", dsv2_bin, model);  /* D9 */
+    expect_runtime_error("D9 generate to a full disk (/dev/full)", cmd, "cannot write");
+}
+
+/* D8: tokenizers whose pre-tokenizer regex has nested quantifiers, and the real V2 tokenizer on
+ * long runs of one character class: every encode ends within seconds (a result, or one error). */
+static void test_regex_bounded(void) {
+    static const char *patterns[] = {"(a+)+$", "(a|a)*c", "(a|aa)+$", "(a*)*b", "((a+)+)+b", "(?=(a+)+$)a",
+                                     "(a+a+)+y", "(a+|b+)*c", "(\\s+|a)+$", "([a-z]+)*\\d"};
+    char cmd[4096], json[512], tok[512], text[512];
+    snprintf(text, sizeof text, "%s/aaa.txt", tmp_dir);
+    char *aaa = xcalloc(20002, 1);
+    memset(aaa, 'a', 40);
+    aaa[40] = '!';  /* no match at the end: a plain backtracker tries 2^40 ways (D8) */
+    write_bytes(text, aaa, 41);
+    for (size_t i = 0; i < sizeof patterns / sizeof patterns[0]; i++) {
+        snprintf(json, sizeof json, "%s/re%zu.json", tmp_dir, i);
+        snprintf(tok, sizeof tok, "%s/re%zu.tok", tmp_dir, i);
+        FILE *f = fopen(json, "w");
+        fprintf(f, "%s", patterns[i]);
+        fclose(f);
+        snprintf(cmd, sizeof cmd,
+                 "%s -c \"import json; p = open('%s').read(); t = json.load(open('models/tiny/tokenizer.json')); "
+                 "t['pre_tokenizer'] = {'type': 'Sequence', 'pretokenizers': [{'type': 'Split', 'pattern': {'Regex': p}, "
+                 "'behavior': 'Isolated', 'invert': False}, {'type': 'ByteLevel', 'add_prefix_space': False, 'use_regex': False}]}; "
+                 "json.dump(t, open('%s', 'w'))\" && %s export.py --tokenizer %s %s",
+                 python, json, json, python, json, tok);
+        if (run(cmd, NULL, 0) != 0) { check(0, "export of a tokenizer with the regex %s", patterns[i]); continue; }
+        snprintf(cmd, sizeof cmd, "%s %s -m encode -f %s", dsv2_bin, tok, text);
+        char what[128];
+        snprintf(what, sizeof what, "the regex %s on 40 a's and a '!'", patterns[i]);
+        expect_bounded(what, cmd);
+    }
+    /* the real V2 tokenizer: 20000 spaces, then a letter (\s+$ is quadratic for a plain backtracker) */
+    snprintf(tok, sizeof tok, "%s/v2.tok", tmp_dir);
+    memset(aaa, ' ', 20000);
+    aaa[20000] = 'x';
+    write_bytes(text, aaa, 20001);
+    snprintf(cmd, sizeof cmd, "%s export.py --tokenizer tests/fixtures/tokenizer/tokenizer.json %s >/dev/null && "
+             "%s %s -m encode -f %s", python, tok, dsv2_bin, tok, text);
+    expect_bounded("the V2 tokenizer on 20000 spaces and a letter", cmd);
+    char *out = stdout_text();
+    check(count_lines(out) == 1 && strlen(out) > 2, "... and it gives ids (%.30s)", out);
+    free(out);
+    free(aaa);
+}
+
+/* D2 in process: top-p over two equally likely tokens with p = 0.01 keeps none by the cutoff. */
+static void test_sampler_edges(void) {
+    float logits[2] = {0.0f, 0.0f};
+    ProbIndex cand[2];
+    Sampler sp = {2, 1.0f, 0.01f, 42, cand};
+    int id = sample(&sp, logits);
+    check(id == 0 || id == 1, "top-p that leaves no candidate still returns a token (%d)", id);
+    float big[2] = {3e38f, 1.0f};
+    Sampler cold = {2, 1e-38f, 0.9f, 42, cand};
+    check(sample(&cold, big) == 0, "a temperature that overflows the logits samples the best token");
+}
+
 /* The training CLI end to end on the built-in model's config: a few steps from random weights,
  * the checkpoint runs as a normal model, the CSV and SVG appear, and training resumes. */
 static void test_train_cli(void) {
@@ -1388,6 +1559,7 @@ int main(int argc, char **argv) {
         test_naive_equals_absorb(0);
         test_naive_equals_absorb(8);
         test_wide_latent();
+        test_sampler_edges();
         const char *fixtures[] = {"tests/fixtures/lite", "tests/fixtures/v2", "tests/fixtures/v2-bf16-sharded",
                                   "tests/fixtures/tokenizer", "tests/fixtures/tokenizer/deepseek-v3"};
         for (int i = 0; i < 5; i++) test_fixture_dir(fixtures[i]);
@@ -1399,6 +1571,8 @@ int main(int argc, char **argv) {
         test_layout_agrees("tests/fixtures/v2-bf16-sharded", "");
         test_layout_agrees("--random models/tiny/config.json", "--dtype q8");
         test_bad_inputs("tests/fixtures/lite");
+        test_reliability("tests/fixtures/lite");
+        test_regex_bounded();
         test_train_cli();
     }
     char cmd[512];
