@@ -946,6 +946,7 @@ static Tokenizer *open_tokenizer(const char *path, const Weights *w);  /* NULL: 
 static void close_tokenizer(Tokenizer *t);
 static void tokenizer_encode(Tokenizer *t, const char *text, size_t len, int add_bos, IdList *out);
 static int tokenizer_adds_bos(const Tokenizer *t);
+static int tokenizer_can_chat(const Tokenizer *t);  /* it knows a chat template */
 static char *render_chat_turn(const Tokenizer *t, const char *system, const char *user,
                               int first_turn);
 static TextSink *open_sink(FILE *file);
@@ -1382,6 +1383,11 @@ static void run_model(const Options *o, const Weights *w, Tokenizer *tok, const 
     if (o->mode == MODE_LOGITS && !o->out_path) die("-m logits needs -o FILE");
     if (o->mode == MODE_CHAT && c->eos_token_id < 0)
         die("chat needs an eos_token_id in the model config");
+    if (o->mode == MODE_CHAT && !tokenizer_can_chat(tok))
+        die("%s has no chat template: chat needs a DeepSeek-V2 or V3 chat tokenizer "
+            "(tokenizer_config.json "
+            "with its chat_template), such as the chat models' or models/tiny/model.bin",
+            o->path);
     int text_prompt = tok && o->mode == MODE_GENERATE;
     IdList ids = {0};
     if (o->mode != MODE_CHAT) {
@@ -3210,6 +3216,7 @@ static void close_tokenizer(Tokenizer *t) {
 }
 
 static int tokenizer_adds_bos(const Tokenizer *t) { return t->add_bos; }
+static int tokenizer_can_chat(const Tokenizer *t) { return t->chat_template != CHAT_NONE; }
 
 /* Whether path holds a standalone tokenizer (.tok) rather than a model. */
 static int is_tokenizer_file(const char *path) {

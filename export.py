@@ -37,6 +37,8 @@ ALIGN = 64
 DTYPES = {"f32": 0, "bf16": 1, "q8": 2}
 TOPK_METHODS = {"greedy": 0, "group_limited_greedy": 1}
 CHUNK_BYTES = 64 << 20  # conversion works through tensors this many bytes at a time
+# DeepSeek-V2-Chat's chat template, as its tokenizer_config.json has it: what --train-tokenizer writes
+V2_CHAT_TEMPLATE = "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 
 
 def fail(msg):
@@ -724,7 +726,7 @@ def train_tokenizer(corpus, vocab_size, out_dir):
     with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(tj, f, ensure_ascii=False)
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": bos, "eos_token": eos, "add_bos_token": True}, f)
+        json.dump({"bos_token": bos, "eos_token": eos, "add_bos_token": True, "chat_template": V2_CHAT_TEMPLATE}, f)
     print(f"wrote {out_dir}/tokenizer.json: {n + 2} tokens ({len(merges)} merges) from {len(text)} bytes of {corpus}")
 
 

@@ -1055,8 +1055,8 @@ static void check_pretok_cases(const char *dir, Tokenizer *tok) {
 /* The chat layout documented for each template, and its ids for the V2 example. */
 static void check_chat_template(const char *dir, Tokenizer *tok) {
     if (tok->chat_template == CHAT_NONE) return;
-    const char *bos = "<\xEF\xBD\x9C" "begin\xE2\x96\x81of\xE2\x96\x81sentence\xEF\xBD\x9C>";
-    char want1[512], want2[512], want3[512];
+    char bos[64] = "", want1[512], want2[512], want3[512];
+    if (tok->bos_id >= 0 && tok->len[tok->bos_id] < sizeof bos) memcpy(bos, tok->bytes[tok->bos_id], tok->len[tok->bos_id]);
     char *t1 = render_chat_turn(tok, NULL, "Hello", 1), *t2 = render_chat_turn(tok, "Be brief.", "Hi", 1);
     char *t3 = render_chat_turn(tok, "Be brief.", "More?", 0);
     if (tok->chat_template == CHAT_DEEPSEEK_V2) {
@@ -1071,7 +1071,15 @@ static void check_chat_template(const char *dir, Tokenizer *tok) {
     check(!strcmp(t1, want1) && !strcmp(t2, want2) && !strcmp(t3, want3),
           "%s: chat template (%s) renders first turn, system prompt and later turns as documented", dir,
           tok->chat_template == CHAT_DEEPSEEK_V2 ? "DeepSeek-V2" : "DeepSeek-V3");
-    if (tok->chat_template == CHAT_DEEPSEEK_V2) {
+    IdList two = {0};  /* two turns as chat() feeds them: BOS once, at the start */
+    tokenizer_encode(tok, t2, strlen(t2), 0, &two);
+    ids_push(&two, tok->eos_id);
+    tokenizer_encode(tok, t3, strlen(t3), 0, &two);
+    int bos_count = 0;
+    for (int i = 0; i < two.n; i++) bos_count += two.ids[i] == tok->bos_id;
+    check(bos_count == 1 && two.ids[0] == tok->bos_id, "%s: a two-turn chat holds BOS once, first (%d)", dir, bos_count);
+    free(two.ids);
+    if (tok->chat_template == CHAT_DEEPSEEK_V2 && tok->n_ids > 100000) {
         IdList ids = {0};
         tokenizer_encode(tok, t1, strlen(t1), 0, &ids);
         char got[256] = "";
@@ -1431,6 +1439,60 @@ static void test_regex_bounded(void) {
     free(aaa);
 }
 
+/* The built-in model chats: its tokenizer (the blob in model.bin is exactly what export.py makes
+ * of models/tiny/tokenizer.json) has DeepSeek-V2's template; a model without one is refused at
+ * start-up; piped chat input gets no prompt, so an error starts its line (D11); a line longer
+ * than 64 KiB is one turn (D10). */
+static void test_chat(void) {
+    printf("chat\n");
+    Weights w;
+    memset(&w, 0, sizeof w);
+    load_weights(&w, "models/tiny/model.bin", WEIGHTS_MMAP);
+    Tokenizer tok;
+    if (load_tokenizer_file(&tok, "models/tiny/model.bin", &w)) {
+        check(tok.chat_template == CHAT_DEEPSEEK_V2, "models/tiny/model.bin has the DeepSeek-V2 chat template");
+        check_chat_template("models/tiny", &tok);
+        free_tokenizer(&tok);
+    } else check(0, "models/tiny/model.bin has a tokenizer");
+    char cmd[4096], path[512];
+    snprintf(path, sizeof path, "%s/tiny.tok", tmp_dir);
+    snprintf(cmd, sizeof cmd, "%s export.py --tokenizer models/tiny/tokenizer.json %s", python, path);
+    size_t n = 0;
+    char *blob = run(cmd, NULL, 0) == 0 ? read_file(path, &n) : NULL;
+    check(blob && n == w.cfg.tokenizer_size && !memcmp(blob, (char *)w.map + w.cfg.tokenizer_offset, n),
+          "the built-in model's tokenizer is export.py's of models/tiny/tokenizer.json (%zu bytes)", n);
+    free(blob);
+    free_weights(&w);
+    snprintf(cmd, sizeof cmd, "%s -c \"import json; c = json.load(open('models/tiny/tokenizer_config.json')); "
+             "del c['chat_template']; import os; os.makedirs('%s/nochat', exist_ok=True); "
+             "json.dump(c, open('%s/nochat/tokenizer_config.json', 'w'))\" && cp models/tiny/config.json "
+             "models/tiny/tokenizer.json %s/nochat/ && %s export.py --random %s/nochat/config.json %s/nochat.bin --layers 1 "
+             ">/dev/null && %s %s/nochat.bin -m chat < /dev/null",
+             python, tmp_dir, tmp_dir, tmp_dir, python, tmp_dir, tmp_dir, dsv2_bin, tmp_dir);
+    expect_clean_error("chat with a model whose tokenizer has no chat template, refused at start", cmd, "chat template");
+    char text[512];
+    snprintf(text, sizeof text, "%s/chat.txt", tmp_dir);
+    write_bytes(text, "bad \xC3\x28 line\n", 13);
+    snprintf(cmd, sizeof cmd, "%s models/tiny/model.bin -m chat -n 4 -s 1 < %s", dsv2_bin, text);
+    expect_runtime_error("D11 invalid UTF-8 piped into chat: the error starts its line", cmd, "UTF-8");
+    char err[8192];
+    int code;
+    /* D10: one line of 65,540 bytes, on a random model of the tiny shape with a long context */
+    snprintf(cmd, sizeof cmd, "mkdir -p %s/long && cp models/tiny/tokenizer.json models/tiny/tokenizer_config.json %s/long/ && "
+             "%s -c \"import json; c = json.load(open('models/tiny/config.json')); c.update(hidden_size=32, num_attention_heads=1, "
+             "kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=32, "
+             "n_routed_experts=None, max_position_embeddings=32768); json.dump(c, open('%s/long/config.json', 'w'))\" && "
+             "%s export.py --random %s/long/config.json %s/long.bin --layers 1 >/dev/null && "
+             "%s -c \"print('the ' * 16385)\" > %s && %s %s/long.bin -m chat -n 1 -s 1 -c 32768 < %s",
+             tmp_dir, tmp_dir, python, tmp_dir, python, tmp_dir, tmp_dir, python, text, dsv2_bin, tmp_dir, text);
+    code = run(cmd, err, sizeof err);
+    char *out = stdout_text();
+    int turns = 0;
+    for (char *p = out; (p = strstr(p, "Assistant:")); p++) turns++;
+    check(code == 0 && turns == 1, "D10 a chat line of 65,540 bytes is one turn: exit %d, %d replies", code, turns);
+    free(out);
+}
+
 /* D2 in process: top-p over two equally likely tokens with p = 0.01 keeps none by the cutoff. */
 static void test_sampler_edges(void) {
     float logits[2] = {0.0f, 0.0f};
@@ -1573,6 +1635,7 @@ int main(int argc, char **argv) {
         test_bad_inputs("tests/fixtures/lite");
         test_reliability("tests/fixtures/lite");
         test_regex_bounded();
+        test_chat();
         test_train_cli();
     }
     char cmd[512];
