@@ -60,6 +60,8 @@ def read_config(path, hf=None):
     """config.json (or the same dict) -> the header fields, validated. Fails on anything dsv2.c cannot run."""
     if hf is None:
         hf = read_json(path)
+    if not isinstance(hf, dict):
+        fail(f"{path}: a config must be a JSON object, got {type(hf).__name__}")
     if hf.get("model_type") not in ("deepseek_v2", None):
         fail(f"{path}: model_type {hf.get('model_type')!r} is not deepseek_v2")
 
@@ -101,6 +103,9 @@ def read_config(path, hf=None):
     c["n_shared_experts"] = integer("n_shared_experts", required=False)
     c["first_k_dense_replace"] = integer("first_k_dense_replace", 0)
     c["moe_layer_freq"] = integer("moe_layer_freq", 1)
+    for key, lo in (("num_hidden_layers", 1), ("moe_layer_freq", 1), ("n_routed_experts", 0)):
+        if not lo <= c[key] <= 1 << 16:
+            fail(f"{path}: {key} = {c[key]} is out of range [{lo}, 65536]")
     moe_layers = [l for l in range(c["num_hidden_layers"]) if is_moe_layer(c, l)]
     dense_layers = c["num_hidden_layers"] - len(moe_layers)
     c["intermediate_size"] = integer("intermediate_size", required=dense_layers > 0)
@@ -130,19 +135,34 @@ def read_config(path, hf=None):
         v = hf.get(key)
         c[key] = v if isinstance(v, int) and 0 <= v < c["vocab_size"] else -1
 
-    rs = hf.get("rope_scaling")
+    # transformers v5 writes rope_parameters (always, with rope_type "default" for no scaling, and
+    # rope_theta inside it) where older files have rope_scaling
+    rs = hf.get("rope_scaling", hf.get("rope_parameters"))
     c.update(rope_scaling=0, rope_factor=1.0, original_max_position_embeddings=0,
              beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=0.0)
-    if rs is not None:
+    if rs is not None and not isinstance(rs, dict):
+        fail(f"{path}: rope_scaling must be an object or null, got {rs!r}")
+    if rs and "rope_theta" in rs and "rope_theta" not in hf:
+        v = rs["rope_theta"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            fail(f"{path}: rope_parameters.rope_theta must be a number, got {v!r}")
+        c["rope_theta"] = float(v)
+    if rs and rs.get("type", rs.get("rope_type")) not in (None, "default"):
         kind = rs.get("type", rs.get("rope_type"))
         if kind != "yarn":
-            fail(f"{path}: rope_scaling type {kind!r} is not supported (only yarn or null)")
+            fail(f"{path}: rope_scaling type {kind!r} is not supported (only yarn, default or null)")
         if "factor" not in rs:
             fail(f"{path}: rope_scaling has no 'factor'")
-        c.update(rope_scaling=1, rope_factor=float(rs["factor"]),
-                 original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 4096)),
-                 beta_fast=float(rs.get("beta_fast", 32)), beta_slow=float(rs.get("beta_slow", 1)),
-                 mscale=float(rs.get("mscale", 1)), mscale_all_dim=float(rs.get("mscale_all_dim", 0)))
+
+        def field(key, default, kind=float):
+            v = rs.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
+                fail(f"{path}: rope_scaling.{key} must be a number, got {v!r}")
+            return kind(v)
+        c.update(rope_scaling=1, rope_factor=field("factor", 1.0),
+                 original_max_position_embeddings=field("original_max_position_embeddings", 4096, int),
+                 beta_fast=field("beta_fast", 32), beta_slow=field("beta_slow", 1),
+                 mscale=field("mscale", 1), mscale_all_dim=field("mscale_all_dim", 0))
 
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                 "v_head_dim", "qk_rope_head_dim", "max_position_embeddings"):
@@ -173,6 +193,77 @@ INT_FIELDS = ["dtype", "vocab_size", "hidden_size", "num_hidden_layers", "num_at
               "original_max_position_embeddings", "seq_aux", "q8_group"]
 FLOAT_FIELDS = ["rms_norm_eps", "rope_theta", "routed_scaling_factor", "rope_factor", "beta_fast", "beta_slow",
                 "mscale", "mscale_all_dim", "aux_loss_alpha"]
+
+
+# --------------------------------------------------------------------------- the header's rules
+# The same ranges as validate_config in dsv2.c, applied to every header before a file is written,
+# so export.py never writes a file that dsv2 refuses (make test runs mutated configs through both).
+
+def check_header(c, path):
+    def rng(key, lo, hi):
+        v = c[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            fail(f"{path}: {key} = {v!r} is out of range [{lo}, {hi}]")
+
+    def real(key, lo, hi):
+        v = c[key]
+        if not (isinstance(v, float) and lo <= v <= hi):  # NaN fails every comparison
+            fail(f"{path}: {key} = {v!r} is out of range [{lo:g}, {hi:g}]")
+    if c["dtype"] not in DTYPES.values():
+        fail(f"{path}: unknown dtype {c['dtype']}")
+    q8 = c["dtype"] == DTYPES["q8"]
+    for key, lo, hi in (("vocab_size", 1, 1 << 24), ("hidden_size", 1, 1 << 16), ("num_hidden_layers", 1, 1024),
+                        ("num_attention_heads", 1, 1024), ("q_lora_rank", 0, 1 << 16), ("kv_lora_rank", 1, 1 << 16),
+                        ("qk_nope_head_dim", 0, 4096), ("qk_rope_head_dim", 2, 4096), ("v_head_dim", 1, 4096),
+                        ("intermediate_size", 0, 1 << 20), ("moe_intermediate_size", 0, 1 << 20),
+                        ("max_position_embeddings", 1, 1 << 24), ("n_routed_experts", 0, 1 << 16),
+                        ("n_shared_experts", 0, 4096), ("num_experts_per_tok", 0, 4096), ("n_group", 0, 1 << 16),
+                        ("topk_group", 0, 1 << 16), ("first_k_dense_replace", 0, 1024), ("moe_layer_freq", 1, 1024),
+                        ("bos_token_id", -1, c["vocab_size"] - 1), ("eos_token_id", -1, c["vocab_size"] - 1),
+                        ("norm_topk_prob", 0, 1), ("seq_aux", 0, 1), ("q8_group", 1 if q8 else 0, 4096 if q8 else 0)):
+        rng(key, lo, hi)
+    if c["qk_rope_head_dim"] % 2:
+        fail(f"{path}: qk_rope_head_dim = {c['qk_rope_head_dim']} must be even")
+    H, per_head = c["num_attention_heads"], c["qk_nope_head_dim"] + c["qk_rope_head_dim"] + c["v_head_dim"]
+    if H * per_head > 1 << 20 or H * c["kv_lora_rank"] > 1 << 24:
+        fail(f"{path}: {H} heads of {per_head} floats (kv_lora_rank {c['kv_lora_rank']}) are too wide")
+    if c["moe_intermediate_size"] * (c["num_experts_per_tok"] + c["n_shared_experts"]) > 1 << 24 \
+            or c["hidden_size"] * (c["num_experts_per_tok"] + 1) > 1 << 24:
+        fail(f"{path}: the experts of one token are too wide")
+    moe = [l for l in range(c["num_hidden_layers"]) if is_moe_layer(c, l)]
+    if len(moe) < c["num_hidden_layers"]:
+        rng("intermediate_size", 1, 1 << 20)
+    if c["topk_method"] not in TOPK_METHODS.values():
+        fail(f"{path}: unknown topk_method {c['topk_method']}")
+    if moe:
+        E = c["n_routed_experts"]
+        rng("moe_intermediate_size", 1, 1 << 20)
+        rng("num_experts_per_tok", 1, E)
+        if c["topk_method"] == TOPK_METHODS["group_limited_greedy"]:
+            rng("n_group", 1, E)
+            if E % c["n_group"]:
+                fail(f"{path}: n_group = {c['n_group']} does not divide n_routed_experts = {E}")
+            rng("topk_group", 1, c["n_group"])
+            rng("num_experts_per_tok", 1, c["topk_group"] * (E // c["n_group"]))
+    rng("rope_scaling", 0, 1)
+    real("rms_norm_eps", 1e-30, 0.5)
+    real("rope_theta", 1.0 + 1e-9, 1e12)
+    real("routed_scaling_factor", 1e-6, 1e4)
+    real("aux_loss_alpha", 0.0, 1e3)
+    if c["rope_scaling"]:
+        real("rope_factor", 1e-6, 1e6)
+        rng("original_max_position_embeddings", 1, 1 << 24)
+        for key in ("beta_fast", "beta_slow"):
+            real(key, 1e-6, 1e6)
+        for key in ("mscale", "mscale_all_dim"):
+            real(key, 0.0, 1e3)
+    D, rq, r, dr, Im = c["hidden_size"], c["q_lora_rank"], c["kv_lora_rank"], c["qk_rope_head_dim"], c["moe_intermediate_size"]
+    dq, dv = c["qk_nope_head_dim"] + dr, c["v_head_dim"]
+    attention = (rq * D + rq + H * dq * rq if rq else H * dq * D) + (r + dr) * D + r + H * (dq - dr + dv) * r + D * H * dv
+    ffn = (c["n_routed_experts"] * D * (1 + 3 * Im) + 3 * c["n_shared_experts"] * Im * D) * len(moe) \
+        + 3 * c["intermediate_size"] * D * (c["num_hidden_layers"] - len(moe))
+    if 4 * (2 * c["vocab_size"] * D + c["num_hidden_layers"] * (attention + 2 * D) + ffn) > 1 << 50:
+        fail(f"{path}: the tensors would take more than 1 PiB")
 
 
 def q8_group_size(c):
@@ -251,9 +342,13 @@ class SafeTensors:
         if os.path.exists(index):
             try:
                 with open(index) as f:
-                    files = sorted(set(json.load(f)["weight_map"].values()))
-            except (OSError, ValueError, KeyError) as e:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
                 fail(f"cannot read {index}: {e}")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v and "/" not in v and v != ".."
+                                                           for v in weight_map.values()):
+                fail(f"{index}: weight_map must map tensor names to shard file names")
+            files = sorted(set(weight_map.values()))
         elif os.path.exists(single):
             files = ["model.safetensors"]
         else:
@@ -277,16 +372,33 @@ class SafeTensors:
             fail(f"cannot read {path}: {e}")
         except ValueError as e:
             fail(f"{path}: bad safetensors header: {e}")
+        if not isinstance(header, dict):
+            fail(f"{path}: bad safetensors header: not a JSON object")
         for name, t in header.items():
             if name == "__metadata__":
                 continue
-            if t["dtype"] not in ST_DTYPES:
-                fail(f"{path}: tensor {name} has dtype {t['dtype']}; supported: F32, BF16, F16")
-            begin, end = t["data_offsets"]
-            count = int(np.prod(t["shape"], dtype=np.int64))
-            if end - begin != count * ST_DTYPES[t["dtype"]] or 8 + n + end > size:
-                fail(f"{path}: tensor {name} data is truncated or inconsistent")
-            self.tensors[name] = (path, t["dtype"], tuple(t["shape"]), 8 + n + begin)
+            self.tensors[name] = (path, *self._entry(path, name, t, 8 + n, size))
+
+    @staticmethod
+    def _entry(path, name, t, data_start, size):
+        """A header entry checked: its dtype, shape and offsets, within the file: (dtype, shape, offset)."""
+        if not isinstance(t, dict) or not isinstance(t.get("dtype"), str):
+            fail(f"{path}: tensor {name} has no dtype")
+        if t["dtype"] not in ST_DTYPES:
+            fail(f"{path}: tensor {name} has dtype {t['dtype']}; supported: F32, BF16, F16")
+        shape, offsets = t.get("shape"), t.get("data_offsets")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            fail(f"{path}: tensor {name} has a bad shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            fail(f"{path}: tensor {name} has bad data_offsets {offsets!r}")
+        begin, end = offsets
+        count = 1
+        for d in shape:
+            count *= d
+        if not 0 <= begin <= end or end - begin != count * ST_DTYPES[t["dtype"]] or data_start + end > size:
+            fail(f"{path}: tensor {name} data is truncated or inconsistent (offsets {begin}..{end})")
+        return t["dtype"], tuple(shape), data_start + begin
 
     def chunks(self, name, shape):
         """Yields the tensor as float32 or raw bf16 (uint16) arrays of whole rows, CHUNK_BYTES at a time."""
@@ -305,6 +417,9 @@ class SafeTensors:
             for r in range(0, rows, step):
                 n = min(step, rows - r)
                 a = np.frombuffer(f.read(n * cols * item), dtype=np_dtype)
+                bad = (a & 0x7F80) == 0x7F80 if dtype == "BF16" else ~np.isfinite(a)
+                if bad.any():
+                    fail(f"tensor {name} holds NaN or infinity (row {r + int(np.argmax(bad)) // cols})")
                 yield a.astype(np.float32) if dtype == "F16" else a, dtype
 
 
@@ -401,6 +516,178 @@ def tokenizer_patterns(pre, path):
     return patterns
 
 
+PROPERTY_NAMES = ("L", "M", "N", "Nd", "P", "S", "White_Space")  # what unicode_properties() writes
+
+
+def check_token_ids(vocab, added, path):
+    """Every id a distinct integer in [0, 2^24); an added token is non-empty text and either a new
+    id or the vocab's own entry for the same text (as DeepSeek-V3's specials are)."""
+    if not isinstance(vocab, dict) or not isinstance(added, list) or not (vocab or added):
+        fail(f"{path}: model.vocab must be an object and added_tokens a list")
+    owner = {}
+    for s, i in vocab.items():
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < 1 << 24:
+            fail(f"{path}: token {s!r} has id {i!r}, not an integer in [0, 2^24)")
+        if i in owner:
+            fail(f"{path}: id {i} belongs to two tokens, {owner[i]!r} and {s!r}")
+        owner[i] = s
+    seen = set()
+    for a in added:
+        i, text = (a.get("id"), a.get("content")) if isinstance(a, dict) else (None, None)
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < 1 << 24 or not isinstance(text, str) or not text:
+            fail(f"{path}: added token {a!r} needs an id in [0, 2^24) and non-empty content")
+        if i in seen or owner.get(i, text) != text:
+            fail(f"{path}: added token {text!r} reuses id {i}")
+        seen.add(i)
+
+
+class RegexSyntax:
+    """The subset of regex syntax dsv2.c's engine runs, checked by the rules of its parser
+    (parse_alternation and below in dsv2.c): a pattern it would refuse is refused here first.
+    check() returns whether the (sub)pattern can match the empty string."""
+
+    def __init__(self, pattern, props, path):
+        self.p, self.at, self.props, self.path = pattern, 0, props, path
+
+    def fail(self, why):
+        fail(f"{self.path}: pre-tokenizer regex: {why} at character {self.at} of {self.p[:60]!r}")
+
+    def peek(self):
+        return self.p[self.at] if self.at < len(self.p) else ""
+
+    def take(self):
+        self.at += 1
+        return self.p[self.at - 1]
+
+    def check(self):
+        self.alternation()
+        if self.at < len(self.p):
+            self.fail("unbalanced )")
+
+    def alternation(self):
+        nullable = self.concat()
+        while self.peek() == "|":
+            self.at += 1
+            nullable = self.concat() or nullable
+        return nullable
+
+    def concat(self):
+        nullable = True
+        while self.at < len(self.p) and self.peek() not in "|)":
+            nullable = self.repeat() and nullable
+        return nullable
+
+    def number(self):
+        v, digits = 0, 0
+        while self.peek().isdigit() and self.peek() in "0123456789" and v < 100000:
+            v, digits = v * 10 + int(self.take()), digits + 1
+        return v if digits else -1
+
+    def repeat(self):
+        nullable = self.atom()
+        while self.peek() and self.peek() in "?*+{":
+            q = self.take()
+            lo, hi = {"?": (0, 1), "*": (0, -1), "+": (1, -1)}.get(q, (None, None))
+            if q == "{":
+                lo = hi = self.number()
+                if self.peek() == ",":
+                    self.at += 1
+                    hi = self.number()
+                if lo < 0 or self.peek() != "}" or (0 <= hi < lo) or hi > 1000:
+                    self.fail("bad {m,n}")
+                self.at += 1
+            if hi < 0 and nullable:
+                self.fail("a repeated group that can match empty")
+            if self.peek() == "?":
+                self.at += 1
+            elif self.peek() == "+":
+                self.fail("possessive quantifiers are not supported")
+            nullable = lo == 0 or nullable
+        return nullable
+
+    def atom(self):
+        ch = self.take()
+        if ch == "(":
+            look = False
+            if self.peek() == "?":
+                self.at += 1
+                kind = self.take() if self.at < len(self.p) else ""
+                if kind not in "!=:" or not kind:
+                    self.fail("unsupported group type")
+                look = kind != ":"
+            nullable = self.alternation()
+            if self.peek() != ")":
+                self.fail("missing )")
+            self.at += 1
+            return True if look else nullable
+        if ch == "[":
+            self.bracket()
+            return False
+        if ch in "$^":
+            return True
+        if ch == "\\":
+            self.escape([0])
+            return False
+        if ch in ")|*+?{":
+            self.fail("unexpected operator")
+        return False
+
+    def escape(self, n_props):
+        """After a backslash; returns the literal it denotes, or None for a class escape."""
+        if self.at >= len(self.p):
+            self.fail("trailing backslash")
+        e = self.take()
+        name = {"s": "White_Space", "S": "White_Space", "d": "Nd", "D": "Nd"}.get(e)
+        if e in "pP":
+            if self.peek() != "{":
+                self.fail("expected { after \\p")
+            self.at += 1
+            name = ""
+            while self.at < len(self.p) and self.peek() != "}" and len(name) < 15:
+                name += self.take()
+            if self.peek() != "}":
+                self.fail("unterminated \\p{...}")
+            self.at += 1
+            name = name[1:] if name.startswith("^") else name
+        if name is not None:
+            if name not in self.props:
+                self.fail(f"unknown Unicode property {name}")
+            n_props[0] += 1
+            if n_props[0] > 8:
+                self.fail("too many properties in one class")
+            return None
+        if e in "nrtfv":
+            return {"n": "\n", "r": "\r", "t": "\t", "f": "\f", "v": "\v"}[e]
+        if e.isascii() and e.isalnum():
+            self.fail("unsupported escape")
+        return e
+
+    def bracket(self):
+        if self.peek() == "^":
+            self.at += 1
+        first, n_props = True, [0]
+        while self.at < len(self.p) and (self.peek() != "]" or first):
+            first = False
+            lo = self.take()
+            if lo == "\\":
+                lo = self.escape(n_props)
+                if lo is None:
+                    continue
+            hi = lo
+            if self.peek() == "-" and self.at + 1 < len(self.p) and self.p[self.at + 1] != "]":
+                self.at += 1
+                hi = self.take()
+                if hi == "\\":
+                    hi = self.escape([0])
+                    if hi is None:
+                        self.fail("class escape used as a range end")
+                if hi < lo:
+                    self.fail("reversed range")
+        if self.at >= len(self.p):
+            self.fail("unterminated [")
+        self.at += 1
+
+
 def read_tokenizer(path):
     """tokenizer.json (+ tokenizer_config.json beside it) -> the blob dsv2.c reads."""
     try:
@@ -416,6 +703,8 @@ def read_tokenizer(path):
                 tc = json.load(f)
         except (OSError, ValueError) as e:
             fail(f"cannot read {config_path}: {e}")
+    if not isinstance(tj, dict) or not isinstance(tj.get("model", {}), dict) or not isinstance(tc, dict):
+        fail(f"{path}: tokenizer.json (and tokenizer_config.json) must be JSON objects with a model object")
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
         fail(f"{path}: tokenizer model type {model.get('type')!r} is not supported (only byte-level BPE)")
@@ -435,8 +724,11 @@ def read_tokenizer(path):
     def raw_bytes(s):  # a byte-level token string -> its bytes; other text (specials) stays UTF-8
         return bytes(unbyte[ch] for ch in s) if all(ch in unbyte for ch in s) else s.encode("utf-8")
 
-    vocab = model["vocab"]
+    vocab = model.get("vocab")
     added = tj.get("added_tokens") or []
+    check_token_ids(vocab, added, path)
+    for p in patterns:
+        RegexSyntax(p, PROPERTY_NAMES, path).check()
     n_ids = max([*vocab.values(), *(a["id"] for a in added)]) + 1
     kinds, tokens = [0] * n_ids, [b""] * n_ids
     for s, i in vocab.items():
@@ -489,7 +781,11 @@ def read_tokenizer(path):
 # --------------------------------------------------------------------------- writer
 
 class Writer:
+    """OUT.tmp, renamed to OUT when finished; used as `with Writer(...) as w:`, so that any failure
+    removes the temporary and leaves an earlier OUT as it was."""
+
     def __init__(self, path, config):
+        check_header(config, path)
         self.path, self.tmp = path, path + ".tmp"
         self.config = config
         self.layout = []  # (offset, bytes, name, shape, storage) of every block written
@@ -499,6 +795,16 @@ class Writer:
             fail(f"cannot write {path}: {e}")
         self.f.write(pack_header(config))
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, trace):
+        if kind is not None:
+            self.f.close()
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
+        return False
+
     def align(self):
         pad = -self.f.tell() % ALIGN
         self.f.write(b"\0" * pad)
@@ -506,8 +812,11 @@ class Writer:
     def tensor(self, arrays, name, shape, storage):
         self.align()
         start = self.f.tell()
-        for a in arrays:
-            self.f.write(np.ascontiguousarray(a).data)  # a view, not a copy
+        try:
+            for a in arrays:
+                self.f.write(np.ascontiguousarray(a).data)  # a view, not a copy
+        except OSError as e:
+            fail(f"cannot write {self.path}: {e}")
         self.layout.append((start, self.f.tell() - start, name, shape, storage))
 
     def finish(self, tokenizer=b""):
@@ -521,8 +830,11 @@ class Writer:
             self.layout.append((tok_offset, len(tokenizer), "tokenizer", None, None))
         self.f.seek(0)
         self.f.write(pack_header(self.config, tok_offset, len(tokenizer), size))
-        self.f.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self.f.close()
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            fail(f"cannot write {self.path}: {e}")
         return size
 
 
@@ -568,21 +880,21 @@ def export_model(folder, out, dtype_name, show_layout=False):
         dtype_name = "bf16" if kinds == {"BF16"} else "f32"
     config["dtype"] = DTYPES[dtype_name]
     config["q8_group"] = q8_group_size(config) if dtype_name == "q8" else 0
-    w = Writer(out, config)
-    count = 0
-    for name, shape, is_matrix in tensor_plan(config):
-        write_tensor(w, name, shape, source.chunks(name, shape), is_matrix, dtype_name, config["q8_group"])
-        count += 1
     tok_path = os.path.join(folder, "tokenizer.json")
     tokenizer = b""
     if os.path.exists(tok_path):
         tokenizer, n_ids, _ = read_tokenizer(tok_path)
         if n_ids > config["vocab_size"]:
             fail(f"{tok_path} has {n_ids} ids but the model's vocab_size is {config['vocab_size']}")
-    else:
+    count = 0
+    with Writer(out, config) as w:
+        for name, shape, is_matrix in tensor_plan(config):
+            write_tensor(w, name, shape, source.chunks(name, shape), is_matrix, dtype_name, config["q8_group"])
+            count += 1
+        finish(w, tokenizer, show_layout, f"wrote {out}: {count} tensors, {dtype_name}, {{mib:.1f}} MiB")
+    if not tokenizer:
         print(f"export.py: warning: {folder} has no tokenizer.json; exported the model alone "
               "(token ids in and out)", file=sys.stderr)
-    finish(w, tokenizer, show_layout, f"wrote {out}: {count} tensors, {dtype_name}, {{mib:.1f}} MiB")
 
 
 # --------------------------------------------------------------------------- random checkpoints
@@ -647,11 +959,11 @@ def export_random(preset, out, dtype_name, layers, seed, show_layout=False):
             n = min(rows_per, shape[0] - r) * shape[-1]
             yield (rng.random(n, dtype=np.float32) * 2 - 1) * half_width, "F32"
 
-    w = Writer(out, config)
-    for name, shape, is_matrix in tensor_plan(config):
-        write_tensor(w, name, shape, chunks(shape, is_matrix), is_matrix, dtype_name, config["q8_group"])
-    finish(w, tokenizer, show_layout,
-           f"wrote {out}: random {preset}, {config['num_hidden_layers']} layers, {dtype_name}, {{gib:.3f}} GiB")
+    with Writer(out, config) as w:
+        for name, shape, is_matrix in tensor_plan(config):
+            write_tensor(w, name, shape, chunks(shape, is_matrix), is_matrix, dtype_name, config["q8_group"])
+        finish(w, tokenizer, show_layout,
+               f"wrote {out}: random {preset}, {config['num_hidden_layers']} layers, {dtype_name}, {{gib:.3f}} GiB")
 
 
 def train_tokenizer(corpus, vocab_size, out_dir):
@@ -732,9 +1044,14 @@ def train_tokenizer(corpus, vocab_size, out_dir):
 
 def export_tokenizer(path, out):
     blob, n_ids, chat = read_tokenizer(path)
-    with open(out + ".tmp", "wb") as f:
-        f.write(blob)
-    os.replace(out + ".tmp", out)
+    try:
+        with open(out + ".tmp", "wb") as f:
+            f.write(blob)
+        os.replace(out + ".tmp", out)
+    except OSError as e:
+        if os.path.exists(out + ".tmp"):
+            os.remove(out + ".tmp")
+        fail(f"cannot write {out}: {e}")
     print(f"wrote {out}: tokenizer with {n_ids} ids, chat template {chat}")
 
 
@@ -804,4 +1121,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt:
+        fail("interrupted")
+    except Exception as e:  # one line, never a traceback: an input this file did not foresee
+        fail(f"unexpected {type(e).__name__}: {e}")

@@ -1419,9 +1419,14 @@ static void test_regex_bounded(void) {
                  "'behavior': 'Isolated', 'invert': False}, {'type': 'ByteLevel', 'add_prefix_space': False, 'use_regex': False}]}; "
                  "json.dump(t, open('%s', 'w'))\" && %s export.py --tokenizer %s %s",
                  python, json, json, python, json, tok);
-        if (run(cmd, NULL, 0) != 0) { check(0, "export of a tokenizer with the regex %s", patterns[i]); continue; }
+        char what[128], err[4096];
+        int code = run(cmd, err, sizeof err);
+        if (code != 0) {  /* export.py refuses what dsv2 would refuse (e.g. a nullable repeat) */
+            check(code == 1 && count_lines(err) == 1 && strstr(err, "export.py: error:"),
+                  "export.py refuses the regex %s cleanly: %.*s", patterns[i], (int)strcspn(err, "\n"), err);
+            continue;
+        }
         snprintf(cmd, sizeof cmd, "%s %s -m encode -f %s", dsv2_bin, tok, text);
-        char what[128];
         snprintf(what, sizeof what, "the regex %s on 40 a's and a '!'", patterns[i]);
         expect_bounded(what, cmd);
     }
@@ -1503,6 +1508,86 @@ static void test_sampler_edges(void) {
     float big[2] = {3e38f, 1.0f};
     Sampler cold = {2, 1e-38f, 0.9f, 42, cand};
     check(sample(&cold, big) == 0, "a temperature that overflows the logits samples the best token");
+}
+
+/* export.py on broken inputs (issue 13, D12-D15): one "export.py: error:" line and exit 1, never
+ * a traceback; nothing dsv2 would refuse is written; a failed export leaves the previous good
+ * output as it was and no OUT.tmp behind. Folders come from tests/mutate_hf.py. */
+static void test_export_reliability(void) {
+    printf("export.py reliability\n");
+    char good[512], out[512], dir[512], cmd[8192], err[4096];
+    snprintf(good, sizeof good, "%s/good-export.bin", tmp_dir);
+    snprintf(out, sizeof out, "%s/export.bin", tmp_dir);
+    snprintf(dir, sizeof dir, "%s/mutated", tmp_dir);
+    if (!export_model("tests/fixtures/lite", good, "--dtype f32")) return;
+    size_t good_size = 0;
+    char *good_bytes = read_file(good, &good_size);
+    static const char *cases[][4] = {  /* source folder, kind, edit, what the error names */
+        {"lite", "config", "c = [1, 2]", "JSON object"},
+        {"lite", "config", "c['moe_layer_freq'] = 0", "moe_layer_freq"},
+        {"lite", "config", "c['rope_scaling'] = 'yarn'", "rope_scaling"},
+        {"lite", "config", "c['rope_scaling']['factor'] = 'big'", "factor"},
+        {"lite", "config", "c['hidden_size'] = 2**31", "hidden_size"},
+        {"lite", "config", "c['num_hidden_layers'] = 10**12", "num_hidden_layers"},
+        {"lite", "config", "c['rms_norm_eps'] = 0", "rms_norm_eps"},
+        {"lite", "config", "c['n_shared_experts'] = -1", "n_shared_experts"},
+        {"lite", "config", "c['rope_theta'] = float('nan')", "rope_theta"},
+        {"lite", "config", "c['routed_scaling_factor'] = 1e300", "routed_scaling_factor"},
+        {"lite", "config", "c['n_group'] = -1", "n_group"},
+        {"lite", "header", "h = [1]", "JSON object"},
+        {"lite", "header", "del h[sorted(k for k in h if k != '__metadata__')[0]]['dtype']", "dtype"},
+        {"lite", "header", "h[sorted(k for k in h if k != '__metadata__')[0]]['shape'] = ['a']", "shape"},
+        {"lite", "header", "k = sorted(x for x in h if x != '__metadata__')[0]; b, e = h[k]['data_offsets']; "
+                           "h[k]['data_offsets'] = [-64, e - b - 64]", "offsets"},
+        {"lite", "data", "import struct; d[0:4] = struct.pack('<f', float('nan'))", "NaN"},
+        {"lite", "data", "import struct; d[-4:] = struct.pack('<f', float('inf'))", "NaN or infinity"},
+        {"v2-bf16-sharded", "index", "i['weight_map'][next(iter(i['weight_map']))] = 5", "weight_map"},
+        {"v2-bf16-sharded", "index", "i = [1]", "cannot read"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        snprintf(cmd, sizeof cmd, "cp %s %s && %s tests/mutate_hf.py tests/fixtures/%s %s %s \"%s\" && %s export.py %s %s",
+                 good, out, python, cases[i][0], dir, cases[i][1], cases[i][2], python, dir, out);
+        int code = run(cmd, err, sizeof err);
+        char tmp[600];
+        snprintf(tmp, sizeof tmp, "%s.tmp", out);
+        size_t n = 0;
+        char *now = read_file(out, &n);
+        int kept = n == good_size && !memcmp(now, good_bytes, n) && access(tmp, F_OK) != 0;
+        free(now);
+        check(code == 1 && count_lines(err) == 1 && !strncmp(err, "export.py: error:", 17) && strstr(err, cases[i][3]) && kept,
+              "export.py, %s %s: exit %d, earlier output %s, \"%.*s\"", cases[i][1], cases[i][2], code,
+              kept ? "kept, no .tmp" : "REPLACED or .tmp left", (int)strcspn(err, "\n"), err);
+    }
+    free(good_bytes);
+    static const char *tok_cases[][2] = {  /* edits of the V2 tokenizer.json, exported alone */
+        {"t['model'] = [1]", "JSON objects"},
+        {"t['added_tokens'] = 5", "added_tokens"},
+        {"t['added_tokens'][0]['content'] = ''", "non-empty"},
+        {"t['added_tokens'][1]['id'] = t['added_tokens'][0]['id']", "reuses id"},
+        {"k = list(t['model']['vocab']); t['model']['vocab'][k[1]] = t['model']['vocab'][k[0]]", "two tokens"},
+        {"t['model']['vocab'][next(iter(t['model']['vocab']))] = -5", "not an integer"},
+        {"t['pre_tokenizer']['pretokenizers'][0]['pattern']['Regex'] = '(ab'", "missing )"},
+        {"t['pre_tokenizer']['pretokenizers'][0]['pattern']['Regex'] = 'a{3,1}'", "{m,n}"},
+        {"t['pre_tokenizer']['pretokenizers'][0]['pattern']['Regex'] = '\\\\p{Greek}'", "unknown Unicode property"},
+    };
+    snprintf(cmd, sizeof cmd, "%s tests/header_rules.py %s 60", python, dsv2_bin);  /* the same rules */
+    int code = run(cmd, err, sizeof err);
+    char *summary = stdout_text();
+    size_t len = strlen(summary);
+    while (len && summary[len - 1] == '\n') summary[--len] = '\0';
+    check(code == 0, "%s", strrchr(summary, '\n') ? strrchr(summary, '\n') + 1 : summary);
+    free(summary);
+    char tok_dir[512], tok_out[512];
+    snprintf(tok_dir, sizeof tok_dir, "%s/mutated-tok", tmp_dir);
+    snprintf(tok_out, sizeof tok_out, "%s/mutated.tok", tmp_dir);
+    for (size_t i = 0; i < sizeof tok_cases / sizeof tok_cases[0]; i++) {
+        snprintf(cmd, sizeof cmd, "rm -f %s && %s tests/mutate_hf.py tests/fixtures/tokenizer %s tokenizer \"%s\" && "
+                 "%s export.py --tokenizer %s/tokenizer.json %s", tok_out, python, tok_dir, tok_cases[i][0], python, tok_dir, tok_out);
+        int code = run(cmd, err, sizeof err);
+        check(code == 1 && count_lines(err) == 1 && strstr(err, "export.py: error:") && strstr(err, tok_cases[i][1]) &&
+              access(tok_out, F_OK) != 0,
+              "export.py --tokenizer, %s: exit %d, \"%.*s\"", tok_cases[i][0], code, (int)strcspn(err, "\n"), err);
+    }
 }
 
 /* The training CLI end to end on the built-in model's config: a few steps from random weights,
@@ -1636,6 +1721,7 @@ int main(int argc, char **argv) {
         test_reliability("tests/fixtures/lite");
         test_regex_bounded();
         test_chat();
+        test_export_reliability();
         test_train_cli();
     }
     char cmd[512];
