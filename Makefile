@@ -7,7 +7,7 @@ OMP = -fopenmp
 PYTHON ?= $(shell for p in python3 /usr/bin/python3; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
 SAN = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-.PHONY: all test test-asan clean run bench bench-full cuda test-cuda
+.PHONY: all test test-asan clean run bench bench-full cuda test-cuda fuzz fuzz-smoke fuzz-long
 
 all: dsv2
 
@@ -41,6 +41,18 @@ dsv2cu: dsv2.c dsv2.cu
 # On a machine with a GPU: the fixtures through ./dsv2cu, and GPU vs CPU logits on a random V2-Lite shape.
 test-cuda: dsv2cu dsv2 test_all
 	PYTHON=$(PYTHON) tests/test_cuda.sh
+
+# Fuzzing (tests/fuzz.c, tests/fuzz_export.py) under AFL++ (Debian: apt-get install -y afl++), with
+# AddressSanitizer and UBSan: fuzz-smoke runs every target 30 s (CI), fuzz-long an hour each.
+AFL_CC ?= afl-clang-fast
+fuzz: build/fuzz
+build/fuzz: tests/fuzz.c dsv2.c
+	@mkdir -p build
+	AFL_USE_ASAN=1 AFL_USE_UBSAN=1 AFL_QUIET=1 $(AFL_CC) -O1 -g $(WARN) -Wno-unused-function -o $@ tests/fuzz.c -lm
+fuzz-smoke: build/fuzz
+	PYTHON=$(PYTHON) tests/fuzz.sh 30
+fuzz-long: build/fuzz
+	PYTHON=$(PYTHON) tests/fuzz.sh 3600
 
 clean:
 	rm -f dsv2 test_all dsv2_asan test_all_asan dsv2cu

@@ -1509,6 +1509,11 @@ static void quantize_activations(int8_t *q, float *scale, const float *x, int n,
         }
         float inv = amax > 0 ? 127.0f / amax : 0.0f;
         scale[g] = amax / 127.0f;
+        if (isinf(inv)) {  /* a subnormal amax: 127 / amax overflows, x / amax does not */
+            for (int i = 0; i < group; i++)
+                q[(size_t)g * group + i] = (int8_t)(int)rintf(xg[i] / amax * 127.0f);
+            continue;
+        }
 #pragma omp simd
         for (int i = 0; i < group; i++)
             q[(size_t)g * group + i] = (int8_t)(int)rintf(xg[i] * inv); /* ties to even */

@@ -113,7 +113,7 @@ def read_config(path, hf=None):
         c["moe_intermediate_size"] = integer("moe_intermediate_size")
         c["num_experts_per_tok"] = integer("num_experts_per_tok")
         method = need("topk_method")
-        if method not in TOPK_METHODS:
+        if not isinstance(method, str) or method not in TOPK_METHODS:
             fail(f"{path}: unknown topk_method {method!r} (supported: {', '.join(TOPK_METHODS)})")
         c["topk_method"] = TOPK_METHODS[method]
         grouped = method == "group_limited_greedy"
@@ -488,22 +488,37 @@ def unicode_properties():
     return ranges
 
 
+def json_object(v, what, path):
+    """v if it is a JSON object, {} for null; anything else is an error naming what."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        fail(f"{path}: {what} must be an object, got {v!r:.60}")
+    return v
+
+
 def tokenizer_patterns(pre, path):
     """The pre-tokenizer as a list of regexes, each splitting every piece with behavior Isolated."""
-    if pre is None:
+    pre = json_object(pre, "pre_tokenizer", path)
+    if not pre:
         return []
-    steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    if not isinstance(steps, list):
+        fail(f"{path}: pre_tokenizer.pretokenizers must be a list")
     patterns = []
     for st in steps:
-        kind = st.get("type")
+        kind = json_object(st, "a pre-tokenizer step", path).get("type")
         if kind == "Split":
             if st.get("behavior") != "Isolated" or st.get("invert"):
                 fail(f"{path}: Split behavior {st.get('behavior')!r} (invert {st.get('invert')}) is not supported")
-            pat = st["pattern"]
+            pat = json_object(st.get("pattern"), "Split.pattern", path)
+            text = pat.get("Regex", pat.get("String"))
+            if not isinstance(text, str):
+                fail(f"{path}: Split.pattern needs a Regex or String text")
             if "Regex" in pat:
-                patterns.append(pat["Regex"])
+                patterns.append(text)
             else:
-                patterns.append("".join("\\" + ch if ch in r"\.^$|?*+()[]{}" else ch for ch in pat["String"]))
+                patterns.append("".join("\\" + ch if ch in r"\.^$|?*+()[]{}" else ch for ch in text))
         elif kind == "Digits":
             patterns.append(r"\p{N}" if st.get("individual_digits") else r"\p{N}+")
         elif kind == "ByteLevel":
@@ -711,11 +726,11 @@ def read_tokenizer(path):
     if model.get("byte_fallback") or model.get("dropout") or model.get("continuing_subword_prefix") \
             or model.get("end_of_word_suffix") or model.get("ignore_merges"):
         fail(f"{path}: BPE options byte_fallback/dropout/subword prefixes/ignore_merges are not supported")
-    norm = tj.get("normalizer")
-    if norm is not None and not (norm.get("type") == "Sequence" and not norm.get("normalizers")):
+    norm = json_object(tj.get("normalizer"), "normalizer", path)
+    if norm and not (norm.get("type") == "Sequence" and not norm.get("normalizers")):
         fail(f"{path}: normalizer {norm.get('type')!r} is not supported")
-    dec = tj.get("decoder")
-    if dec is not None and dec.get("type") != "ByteLevel":
+    dec = json_object(tj.get("decoder"), "decoder", path)
+    if dec and dec.get("type") != "ByteLevel":
         fail(f"{path}: decoder {dec.get('type')!r} is not supported (only ByteLevel)")
     patterns = tokenizer_patterns(tj.get("pre_tokenizer"), path)
 
@@ -738,8 +753,13 @@ def read_tokenizer(path):
         if a.get("single_word") or a.get("lstrip") or a.get("rstrip"):
             fail(f"{path}: added token {a['content']!r} uses single_word/lstrip/rstrip, not supported")
     merges = []
+    if not isinstance(model.get("merges", []), list):
+        fail(f"{path}: model.merges must be a list")
     for m in model.get("merges", []):
-        left, right = m.split(" ", 1) if isinstance(m, str) else m
+        pair = m.split(" ", 1) if isinstance(m, str) else m
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            fail(f"{path}: merge {m!r} is not two tokens")
+        left, right = pair
         if left not in vocab or right not in vocab or left + right not in vocab:
             fail(f"{path}: merge {left!r} + {right!r} refers to tokens missing from the vocab")
         merges.append((vocab[left], vocab[right], vocab[left + right]))

@@ -1498,6 +1498,17 @@ static void test_chat(void) {
     free(out);
 }
 
+/* q8 activations at the edges: a subnormal group (127 / amax overflows: found by the fuzzer) and
+ * a group holding a NaN (D7: its scale becomes NaN, so the NaN reaches the logits). */
+static void test_quantize_edges(void) {
+    float x[8] = {1e-40f, -1e-40f, 5e-41f, 0.0f, 1.0f, NAN, 2.0f, -3.0f}, scale[2];
+    int8_t q[8];
+    quantize_activations(q, scale, x, 8, 4);
+    check(q[0] == 127 && q[1] == -127 && q[2] == 64 && q[3] == 0 && scale[0] > 0,
+          "q8 quantization of a subnormal group: %d %d %d %d", q[0], q[1], q[2], q[3]);
+    check(isnan(scale[1]), "q8 quantization of a group with a NaN gives a NaN scale");
+}
+
 /* D2 in process: top-p over two equally likely tokens with p = 0.01 keeps none by the cutoff. */
 static void test_sampler_edges(void) {
     float logits[2] = {0.0f, 0.0f};
@@ -1707,6 +1718,7 @@ int main(int argc, char **argv) {
         test_naive_equals_absorb(8);
         test_wide_latent();
         test_sampler_edges();
+        test_quantize_edges();
         const char *fixtures[] = {"tests/fixtures/lite", "tests/fixtures/v2", "tests/fixtures/v2-bf16-sharded",
                                   "tests/fixtures/tokenizer", "tests/fixtures/tokenizer/deepseek-v3"};
         for (int i = 0; i < 5; i++) test_fixture_dir(fixtures[i]);
