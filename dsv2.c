@@ -4088,6 +4088,9 @@ static void trainer_open(Trainer *tr, const char *init_path, const TrainOptions 
     load_weights(&tr->view, init_path, WEIGHTS_MMAP);
     if (!load_tokenizer_file(&tr->tok, init_path, &tr->view))
         die("%s has no tokenizer: training encodes text with the model's own", init_path);
+    if (tr->tok.bos_id != c->bos_token_id || tr->tok.eos_id != c->eos_token_id)
+        die("%s: the tokenizer's BOS/EOS are ids %d/%d but the config's are %d/%d", init_path,
+            tr->tok.bos_id, tr->tok.eos_id, c->bos_token_id, c->eos_token_id);
     if (o->seq_len > c->max_position_embeddings)
         die("-c %d exceeds max_position_embeddings %d", o->seq_len, c->max_position_embeddings);
     encode_corpus(&tr->tok, o->corpus, &tr->train_ids, &tr->val_ids);

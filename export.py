@@ -892,6 +892,16 @@ def finish(w, tokenizer, show_layout, summary):
             print(f"{offset} {nbytes} {name} {'x'.join(str(d) for d in shape)} {storage}")
 
 
+def check_tokenizer_fits(blob, config, tok_path):
+    """The tokenizer's ids fit the model: no more ids than vocab_size, and the same BOS and EOS."""
+    _, _, n_ids, bos, eos = struct.unpack_from("<4sIIii", blob)
+    if n_ids > config["vocab_size"]:
+        fail(f"{tok_path} has {n_ids} ids but the config's vocab_size is {config['vocab_size']}")
+    for what, tok_id, key in (("BOS", bos, "bos_token_id"), ("EOS", eos, "eos_token_id")):
+        if tok_id >= 0 and config[key] >= 0 and tok_id != config[key]:
+            fail(f"{tok_path}: the tokenizer's {what} is id {tok_id} but the config's {key} is {config[key]}")
+
+
 def export_model(folder, out, dtype_name, show_layout=False):
     config = read_config(os.path.join(folder, "config.json"))
     source = SafeTensors(folder)
@@ -903,9 +913,8 @@ def export_model(folder, out, dtype_name, show_layout=False):
     tok_path = os.path.join(folder, "tokenizer.json")
     tokenizer = b""
     if os.path.exists(tok_path):
-        tokenizer, n_ids, _ = read_tokenizer(tok_path)
-        if n_ids > config["vocab_size"]:
-            fail(f"{tok_path} has {n_ids} ids but the model's vocab_size is {config['vocab_size']}")
+        tokenizer = read_tokenizer(tok_path)[0]
+        check_tokenizer_fits(tokenizer, config, tok_path)
     count = 0
     with Writer(out, config) as w:
         for name, shape, is_matrix in tensor_plan(config):
@@ -927,6 +936,14 @@ PRESETS = {  # the released config.json values (shared/docs/architecture.md sect
                num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, n_routed_experts=160,
                topk_method="group_limited_greedy", n_group=8, topk_group=3, routed_scaling_factor=16.0),
 }
+PRESETS["tiny"] = dict(  # the built-in model's shape (models/tiny/config.json); vocab from its tokenizer
+    hidden_size=192, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+    v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, topk_method="greedy", n_group=1,
+    topk_group=1, routed_scaling_factor=1.0, aux_loss_alpha=0.01, max_position_embeddings=512,
+    vocab_size=2048, bos_token_id=2046, eos_token_id=2047, torch_dtype="float32",
+    rope_scaling=dict(type="yarn", factor=4, original_max_position_embeddings=128, beta_fast=32, beta_slow=1,
+                      mscale=0.707, mscale_all_dim=0.707))
 PRESET_COMMON = dict(
     model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], vocab_size=102400, kv_lora_rank=512,
     qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_shared_experts=2, num_experts_per_tok=6,
@@ -957,11 +974,12 @@ def export_random(preset, out, dtype_name, layers, seed, show_layout=False):
         config = read_config(preset, hf)
         tok_path = os.path.join(os.path.dirname(preset), "tokenizer.json")
         if os.path.exists(tok_path):
-            tokenizer, n_ids, _ = read_tokenizer(tok_path)
-            if n_ids > config["vocab_size"]:
-                fail(f"{tok_path} has {n_ids} ids but vocab_size is {config['vocab_size']}")
+            tokenizer = read_tokenizer(tok_path)[0]
+            check_tokenizer_fits(tokenizer, config, tok_path)
     elif preset in PRESETS:
         config = read_config(f"--random {preset}", preset_config(preset, layers))
+    elif preset.endswith(".json") or os.sep in preset:
+        fail(f"{preset}: no such config.json (--train-tokenizer CORPUS VOCAB DIR writes DIR/config.json)")
     else:
         fail(f"--random expects one of {', '.join(PRESETS)} or a config.json")
     dtype_name = dtype_name or "bf16"
@@ -989,7 +1007,9 @@ def export_random(preset, out, dtype_name, layers, seed, show_layout=False):
 def train_tokenizer(corpus, vocab_size, out_dir):
     """Byte-level BPE trained on a text file, saved as a Hugging Face tokenizer.json (the format the
     real DeepSeek tokenizers use, read back by the same code): 256 byte tokens, then one token per
-    merge, then BOS and EOS. Pre-tokenizer: GPT-2's ByteLevel regex (ASCII form used for counting)."""
+    merge, then BOS and EOS. Pre-tokenizer: GPT-2's ByteLevel regex; the words are counted with
+    Python's closest form of it (\\p{L} as [^\\W\\d_]), on any UTF-8 text, as bytes. Also writes a
+    starting config.json (the built-in model's shape, this vocabulary) unless one is there."""
     import collections
     import re
     try:
@@ -997,14 +1017,12 @@ def train_tokenizer(corpus, vocab_size, out_dir):
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         fail(f"cannot read {corpus} as UTF-8 text: {e}")
-    if not text.isascii():
-        fail(f"{corpus}: the trainer counts words with the ASCII form of the pre-tokenizer; the text must be ASCII")
     n_merges = vocab_size - 256 - 2
     if n_merges < 0:
         fail("the vocabulary must hold at least 258 tokens (256 bytes, BOS, EOS)")
-    ascii_gpt2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"
+    unicode_gpt2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"
     byte_char = {b: ch for ch, b in byte_level_decoder().items()}
-    words = collections.Counter(re.findall(ascii_gpt2, text))
+    words = collections.Counter(re.findall(unicode_gpt2, text))
     seqs = [[byte_char[b] for b in w.encode()] for w in words]
     freqs = list(words.values())
     pairs, where = collections.Counter(), collections.defaultdict(set)
@@ -1059,7 +1077,14 @@ def train_tokenizer(corpus, vocab_size, out_dir):
         json.dump(tj, f, ensure_ascii=False)
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump({"bos_token": bos, "eos_token": eos, "add_bos_token": True, "chat_template": V2_CHAT_TEMPLATE}, f)
-    print(f"wrote {out_dir}/tokenizer.json: {n + 2} tokens ({len(merges)} merges) from {len(text)} bytes of {corpus}")
+    print(f"wrote {out_dir}/tokenizer.json: {n + 2} tokens ({len(merges)} merges) from {len(text)} characters of {corpus}")
+    config_path = os.path.join(out_dir, "config.json")
+    if os.path.exists(config_path):
+        print(f"kept {config_path} (vocab_size, bos_token_id and eos_token_id must be {n + 2}, {n}, {n + 1})")
+        return
+    with open(config_path, "w") as f:
+        json.dump(dict(preset_config("tiny"), vocab_size=n + 2, bos_token_id=n, eos_token_id=n + 1), f, indent=2)
+    print(f"wrote {config_path}: the built-in model's shape with this vocabulary; edit it to change the size")
 
 
 def export_tokenizer(path, out):

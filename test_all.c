@@ -1601,6 +1601,49 @@ static void test_export_reliability(void) {
     }
 }
 
+/* The README's Training commands, exactly as written there (the first code block after
+ * "## Training"), in a fresh folder with a small non-ASCII corpus.txt; `python3` is the python
+ * with numpy, `./dsv2` and export.py the repository's. */
+static void test_readme_training(void) {
+    printf("README training commands\n");
+    size_t n = 0;
+    char *readme = read_file("README.md", &n), *at = strstr(readme, "## Training");
+    char *block = at ? strstr(at, "```\n") : NULL, *end = block ? strstr(block + 4, "```") : NULL;
+    if (!block || !end) { check(0, "README.md has a Training section with a code block"); free(readme); return; }
+    *end = '\0';
+    char dir[512], cmd[8192], err[8192], cwd[1024], corpus[600];
+    if (!getcwd(cwd, sizeof cwd)) die("getcwd");
+    snprintf(dir, sizeof dir, "%s/readme-training", tmp_dir);
+    snprintf(corpus, sizeof corpus, "%s/corpus.txt", dir);
+    snprintf(cmd, sizeof cmd, "mkdir -p %s", dir);
+    if (system(cmd) != 0) die("mkdir");
+    FILE *f = fopen(corpus, "w");
+    for (int i = 0; i < 150; i++)
+        fprintf(f, "In the beginning God created the heaven and the earth. Schöne Grüße, café, naïve — “%d”.\n"
+                   "Und die Erde war wüst und leer; 起初神创造天地。 And God said, Let there be light: and there was light.\n", i);
+    fclose(f);
+    int lines = 0, ok = 1;
+    for (char *line = block + 4; *line && ok;) {
+        char *nl = strchr(line, '\n');
+        if (nl) *nl = '\0';
+        if (*line) {
+            const char *rest = line;
+            char prog[2200];
+            if (!strncmp(line, "python3 export.py", 17)) { snprintf(prog, sizeof prog, "%s %s/export.py", python, cwd); rest = line + 17; }
+            else if (!strncmp(line, "./dsv2", 6)) { snprintf(prog, sizeof prog, "%s/%s", cwd, dsv2_bin); rest = line + 6; }
+            else { check(0, "README training line is a python3 export.py or ./dsv2 command: %s", line); ok = 0; break; }
+            snprintf(cmd, sizeof cmd, "cd %s && %s%s < /dev/null", dir, prog, rest);
+            int code = run(cmd, err, sizeof err);
+            lines++;
+            check(code == 0, "README: %s -> exit %d %.*s", line, code, code ? (int)strcspn(err, "\n") : 0, err);
+            ok = code == 0;
+        }
+        line = nl ? nl + 1 : line + strlen(line);
+    }
+    check(lines >= 4, "the README's Training block has its %d commands", lines);
+    free(readme);
+}
+
 /* The training CLI end to end on the built-in model's config: a few steps from random weights,
  * the checkpoint runs as a normal model, the CSV and SVG appear, and training resumes. */
 static void test_train_cli(void) {
@@ -1734,6 +1777,7 @@ int main(int argc, char **argv) {
         test_regex_bounded();
         test_chat();
         test_export_reliability();
+        test_readme_training();
         test_train_cli();
     }
     char cmd[512];
