@@ -17,9 +17,9 @@ dsv2: dsv2.c
 test_all: test_all.c dsv2.c
 	$(CC) $(WARN) -Wno-unused-function $(CFLAGS) $(OMP) -o $@ test_all.c -lm
 
+# tests/setup.sh finds (or, as root, installs) a python3 with numpy for export.py.
 test: dsv2 test_all
-	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy (apt-get install -y python3-numpy)"; exit 1; }
-	PYTHON=$(PYTHON) ./test_all
+	@PYTHON=$$(tests/setup.sh) && echo "PYTHON=$$PYTHON ./test_all" && PYTHON=$$PYTHON ./test_all
 
 # The same suite with AddressSanitizer and UndefinedBehaviorSanitizer in both binaries.
 dsv2_asan: dsv2.c
@@ -27,7 +27,7 @@ dsv2_asan: dsv2.c
 test_all_asan: test_all.c dsv2.c
 	$(CC) $(WARN) -Wno-unused-function $(SAN) $(OMP) -o $@ test_all.c -lm
 test-asan: dsv2_asan test_all_asan
-	PYTHON=$(PYTHON) DSV2_BIN=./dsv2_asan ./test_all_asan
+	@PYTHON=$$(tests/setup.sh) && PYTHON=$$PYTHON DSV2_BIN=./dsv2_asan ./test_all_asan
 
 # The GPU build: dsv2.c as the host program (-DDSV2_CUDA) linked with dsv2.cu. Warnings are errors.
 NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)

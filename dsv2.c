@@ -1228,8 +1228,11 @@ static void usage(void) {
             "  -m MODE    generate (default) | chat | logits | encode | decode | train | layout\n"
             "  -i TEXT    the prompt (text, or whitespace-separated ids for a model without a "
             "tokenizer)\n"
-            "  -f FILE    read the prompt (or the text to encode, the ids to decode) from a file\n"
-            "  -o FILE    logits: output file (float32 [T][vocab]); decode: output file (default "
+            "  -f FILE    the prompt (or the text to encode, the ids to decode: default stdin) "
+            "from FILE\n"
+            "  -o FILE    logits: output file (float32 [T][vocab]; the prompt is text as for "
+            "generate);\n"
+            "             decode: output file (default "
             "stdout)\n"
             "  -y TEXT    chat: system prompt\n"
             "  -n N       tokens to generate (default 256)\n"
@@ -1328,9 +1331,11 @@ static Options parse_options(int argc, char **argv) {
     return o;
 }
 
-/* The text of -i or -f (NULL when neither was given). */
+/* The text of -i or -f (NULL when neither was given; encode and decode then read stdin). */
 static char *read_input(const Options *o, size_t *len) {
     if (o->prompt_file) return read_file(o->prompt_file, len);
+    if (!o->prompt && (o->mode == MODE_ENCODE || o->mode == MODE_DECODE))
+        return read_file("/dev/stdin", len);
     if (!o->prompt) return NULL;
     *len = strlen(o->prompt);
     return strdup(o->prompt);
@@ -1388,7 +1393,7 @@ static void run_model(const Options *o, const Weights *w, Tokenizer *tok, const 
             "(tokenizer_config.json "
             "with its chat_template), such as the chat models' or models/tiny/model.bin",
             o->path);
-    int text_prompt = tok && o->mode == MODE_GENERATE;
+    int text_prompt = tok && o->mode != MODE_CHAT;  /* with a tokenizer, prompts are text */
     IdList ids = {0};
     if (o->mode != MODE_CHAT) {
         ids = prompt_ids(c, tok, text_prompt, input, len);
@@ -3955,7 +3960,29 @@ static double validation_loss(const Params *p, TrainState *ts, RunState *rs, con
 }
 
 /* The loss curve as a small SVG: train loss (line) and validation loss (dots). */
-static void write_loss_svg(const char *path, const float *train, const float *val, int n) {
+/* The loss curve of a training CSV (every row, so a resumed run's too) as a small SVG: train
+ * loss (line) and validation loss (dots). */
+static void write_loss_svg(const char *path, const char *csv_path) {
+    char *text = read_file(csv_path, NULL);
+    int n = 0, cap = 256, first_step = 0;
+    float *train = floats(cap), *val = floats(cap);
+    for (char *line = strchr(text, '\n'); line && line[1]; line = strchr(line + 1, '\n')) {
+        int step, fields = 0;
+        float loss, ce;
+        if (sscanf(line + 1, "%d,%f,%f,", &step, &loss, &ce) != 3) continue;
+        if (n == cap) {
+            cap *= 2;
+            train = realloc(train, cap * sizeof(float));
+            val = realloc(val, cap * sizeof(float));
+            if (!train || !val) die("out of memory");
+        }
+        const char *v = line + 1;  /* the validation field: after the third comma */
+        while (*v && *v != '\n' && fields < 3) fields += *v++ == ',';
+        if (!n) first_step = step;
+        train[n] = loss;
+        val[n++] = *v == ',' || *v == '\n' || !*v ? NAN : strtof(v, NULL);
+    }
+    free(text);
     OutputFile out;
     output_open(&out, path);
     FILE *f = out.f;
@@ -3972,8 +3999,8 @@ static void write_loss_svg(const char *path, const float *train, const float *va
             W, Hh);
     fprintf(f,
             "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n<text x=\"%d\" y=\"20\">loss "
-            "(nats/token): train (line), validation (dots); step 1..%d</text>\n",
-            m, n);
+            "(nats/token): train (line), validation (dots); step %d..%d</text>\n",
+            m, first_step, first_step + n - 1);
     fprintf(f, "<text x=\"5\" y=\"%d\">%.2f</text><text x=\"5\" y=\"%d\">%.2f</text>\n", m, hi,
             Hh - m, lo);
     fprintf(f, "<polyline fill=\"none\" stroke=\"steelblue\" stroke-width=\"1.5\" points=\"");
@@ -3988,34 +4015,43 @@ static void write_loss_svg(const char *path, const float *train, const float *va
                     m + (Hh - 2.0 * m) * (hi - val[i]) / (hi - lo));
     fprintf(f, "</svg>\n");
     output_close(&out);
+    free(train);
+    free(val);
 }
 
 /* Adam's moments and step beside a checkpoint (OUT.adam), so training can resume from it. */
-static int adam_state_load(const char *model_path, float *m, float *v, size_t n, int *step) {
+/* OUT.adam: u64 parameter count, i32 steps done, i32 steps of the learning-rate schedule,
+ * then the first and second moments, float32 each in the checkpoint's layout. */
+static int adam_state_load(const char *model_path, float *m, float *v, size_t n, int *step,
+                           int *total) {
     char path[4096];
     snprintf(path, sizeof path, "%s.adam", model_path);
     FILE *f = fopen(path, "rb");
     if (!f) return 0;
     uint64_t count = 0;
-    int32_t s = 0;
-    int ok = fread(&count, 8, 1, f) == 1 && count == n && fread(&s, 4, 1, f) == 1 &&
-             fread(m, 4, n, f) == n && fread(v, 4, n, f) == n;
+    int32_t s[2] = {0, 0};
+    int ok = fread(&count, 8, 1, f) == 1 && count == n && fread(s, 4, 2, f) == 2 &&
+            fread(m, 4, n, f) == n && fread(v, 4, n, f) == n && fgetc(f) == EOF && s[0] >= 1 &&
+            s[1] >= 1;
     fclose(f);
-    if (!ok) die("%s does not match %s (another model's optimizer state?)", path, model_path);
-    *step = s;
+    if (!ok)
+        die("%s does not match %s (another model's or an older dsv2's optimizer state?)", path,
+            model_path);
+    *step = s[0];
+    *total = s[1];
     return 1;
 }
 
 static void adam_state_save(const char *model_path, const float *m, const float *v, size_t n,
-                            int step) {
+                            int step, int total) {
     char path[4096];
     snprintf(path, sizeof path, "%s.adam", model_path);
     OutputFile out;
     output_open(&out, path);
     uint64_t count = n;
-    int32_t s = step;
+    int32_t s[2] = {step, total};
     fwrite(&count, 8, 1, out.f);
-    fwrite(&s, 4, 1, out.f);
+    fwrite(s, 4, 2, out.f);
     fwrite(m, 4, n, out.f);
     fwrite(v, 4, n, out.f);
     output_close(&out);
@@ -4034,9 +4070,11 @@ static void encode_corpus(Tokenizer *tok, const char *path, IdList *train_ids, I
     free(text);
 }
 
-/* Warmup over the first 5% of the steps, then a cosine down to 10% of the peak. */
+/* Warmup over the first 5% of the schedule's steps, then a cosine down to 10% of the peak. A
+ * resumed run continues the schedule it started with. */
 static float learning_rate(float peak, int step, int total_steps) {
     int warmup = total_steps / 20 + 1;
+    if (step > total_steps) return 0.1f * peak;  /* a resumed run past the schedule: its floor */
     if (step <= warmup) return peak * step / warmup;
     return peak *
             (0.1f +
@@ -4078,7 +4116,6 @@ typedef struct {
     IdList train_ids, val_ids;
     float *m, *v;                 /* Adam's moments */
     int *inputs, *targets;
-    float *train_curve, *val_curve;
 } Trainer;
 
 static void trainer_open(Trainer *tr, const char *init_path, const TrainOptions *o) {
@@ -4108,13 +4145,10 @@ static void trainer_open(Trainer *tr, const char *init_path, const TrainOptions 
     tr->v = floats(n);
     tr->inputs = xcalloc((size_t)B * T, sizeof(int));
     tr->targets = xcalloc((size_t)B * T, sizeof(int));
-    tr->train_curve = floats(o->steps);
-    tr->val_curve = floats(o->steps);
 }
 
 static void trainer_close(Trainer *tr) {
-    void *bufs[] = {tr->m,           tr->v,         tr->inputs,        tr->targets,
-                    tr->train_curve, tr->val_curve, tr->train_ids.ids, tr->val_ids.ids};
+    void *bufs[] = {tr->m, tr->v, tr->inputs, tr->targets, tr->train_ids.ids, tr->val_ids.ids};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free_run_state(&tr->rs);
     train_state_free(&tr->ts, &tr->p.cfg);
@@ -4129,20 +4163,23 @@ static void train(const char *init_path, const TrainOptions *o) {
     trainer_open(&tr, init_path, o);
     const Config *c = &tr.p.cfg;
     size_t n = params_count(&tr.p);
-    int done = 0, B = o->batch, T = o->seq_len;
-    if (adam_state_load(init_path, tr.m, tr.v, n, &done))
-        fprintf(stderr, "resuming after step %d (%s.adam)\n", done, init_path);
+    int done = 0, total = o->steps, B = o->batch, T = o->seq_len;
+    if (adam_state_load(init_path, tr.m, tr.v, n, &done, &total))
+        fprintf(stderr, "resuming after step %d of a %d-step schedule (%s.adam)\n", done, total,
+                init_path);
     AdamW opt = {o->lr, 0.9f, 0.95f, 1e-8f, 0.1f};
     char csv_path[4096], svg_path[4096];
     snprintf(csv_path, sizeof csv_path, "%s.csv", o->out);
     snprintf(svg_path, sizeof svg_path, "%s.svg", o->out);
-    FILE *csv = fopen(csv_path, "w");
-    if (!csv) die("cannot write %s", csv_path);
-    fprintf(csv, "step,loss,cross_entropy,validation,lr,tokens_per_s\n");
+    FILE *csv = done && access(csv_path, F_OK) == 0 ? fopen(csv_path, "a") : NULL; /* resumed: add
+                                                                                      rows */
+    if (!csv && (csv = fopen(csv_path, "w")) != NULL)
+        fprintf(csv, "step,loss,cross_entropy,validation,lr,tokens_per_s\n");
+    if (!csv) die("cannot write %s: %s", csv_path, strerror(errno));
     uint64_t rng = (uint64_t)o->seed * 0x9E3779B97F4A7C15ull + 7;
     for (int s = 0; s < o->steps; s++) {
         int step = done + s + 1, last = s == o->steps - 1;
-        opt.lr = learning_rate(o->lr, step, done + o->steps);
+        opt.lr = learning_rate(o->lr, step, total);
         double t0 = now_seconds();
         sample_batch(tr.train_ids.ids, tr.train_ids.n, B, T, tr.inputs, tr.targets, &rng);
         double loss = train_forward(&tr.p, &tr.ts, &tr.rs, tr.inputs, tr.targets);
@@ -4156,20 +4193,21 @@ static void train(const char *init_path, const TrainOptions *o) {
         if ((s + 1) % o->eval_every == 0 || last)
             val = (float)validation_loss(&tr.p, &tr.ts, &tr.rs, tr.val_ids.ids, tr.val_ids.n,
                                          tr.inputs, tr.targets);
-        tr.train_curve[s] = (float)loss;
-        tr.val_curve[s] = val;
         if (isnan(val)) fprintf(csv, "%d,%.5f,%.5f,,%.3g,%.0f\n", step, loss, ce, opt.lr, tps);
         else fprintf(csv, "%d,%.5f,%.5f,%.5f,%.3g,%.0f\n", step, loss, ce, val, opt.lr, tps);
+        if (fflush(csv) != 0)
+            die("cannot write %s: %s", csv_path, strerror(errno)); /* a stopped run keeps its rows
+                                                                    */
         if (s % 10 == 0 || last || !isnan(val))
             log_step(&tr.p, &tr.ts, step, loss, opt.lr, tps, val);
         if (!isnan(val) || last) {  /* checkpoint: the normal model format, plus Adam's state */
             params_save(&tr.p, o->out, (const char *)tr.view.map + c->tokenizer_offset,
                         c->tokenizer_size);
-            adam_state_save(o->out, tr.m, tr.v, n, step);
+            adam_state_save(o->out, tr.m, tr.v, n, step, total);
+            write_loss_svg(svg_path, csv_path);  /* the whole curve so far, resumed runs too */
         }
     }
     if ((ferror(csv) | fclose(csv)) != 0) die("cannot write %s", csv_path);
-    write_loss_svg(svg_path, tr.train_curve, tr.val_curve, o->steps);
     fprintf(stderr, "wrote %s, %s, %s\n", o->out, csv_path, svg_path);
     trainer_close(&tr);
 }

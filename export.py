@@ -24,11 +24,17 @@ import json
 import os
 import struct
 import sys
+import time
 
 try:
     import numpy as np
-except ImportError:
-    sys.exit("export.py: error: numpy is missing (Debian: apt-get install -y python3-numpy, then use /usr/bin/python3)")
+except ImportError:  # only the weights need numpy: --tokenizer and --train-tokenizer read and write JSON
+    np = None
+
+
+def need_numpy():
+    if np is None:
+        sys.exit("export.py: error: numpy is missing (Debian: apt-get install -y python3-numpy, then use /usr/bin/python3)")
 
 MAGIC = b"DSV2"
 VERSION = 1
@@ -785,7 +791,7 @@ def read_tokenizer(path):
         text = a["content"].encode("utf-8")
         out.append(struct.pack("<II", a["id"], len(text)) + text)
     out.append(struct.pack("<I", len(merges)))
-    out.append(np.array(merges, dtype="<u4").tobytes())
+    out.append(struct.pack(f"<{3 * len(merges)}I", *(i for m in merges for i in m)))
     out.append(struct.pack("<I", len(patterns)))
     for p in patterns:
         raw = p.encode("utf-8")
@@ -794,7 +800,7 @@ def read_tokenizer(path):
     out.append(struct.pack("<I", len(props)))
     for name, ranges in props.items():
         out.append(struct.pack("<I", len(name)) + name.encode() + struct.pack("<I", len(ranges)))
-        out.append(np.array(ranges, dtype="<u4").tobytes())
+        out.append(struct.pack(f"<{2 * len(ranges)}I", *(x for r in ranges for x in r)))
     return b"".join(out), n_ids, chat
 
 
@@ -809,6 +815,8 @@ class Writer:
         self.path, self.tmp = path, path + ".tmp"
         self.config = config
         self.layout = []  # (offset, bytes, name, shape, storage) of every block written
+        self.expected = expected_bytes(config)
+        self.started = self.reported = time.time()
         try:
             self.f = open(self.tmp, "wb")
         except OSError as e:
@@ -838,6 +846,13 @@ class Writer:
         except OSError as e:
             fail(f"cannot write {self.path}: {e}")
         self.layout.append((start, self.f.tell() - start, name, shape, storage))
+        now = time.time()
+        if now - self.reported >= 5:  # a real checkpoint takes minutes: say how far, how fast
+            done, rate = self.f.tell(), self.f.tell() / max(now - self.started, 1e-9)
+            left = (self.expected - done) / max(rate, 1)
+            print(f"export.py: {done / 1e9:.2f} of {self.expected / 1e9:.2f} GB ({100 * done / self.expected:.0f}%), "
+                  f"{rate / 1e6:.0f} MB/s, about {left / 60:.1f} min left ({name})", file=sys.stderr)
+            self.reported = now
 
     def finish(self, tokenizer=b""):
         tok_offset = 0
@@ -890,6 +905,16 @@ def finish(w, tokenizer, show_layout, summary):
             print(f"{offset} {nbytes} {name}")
         else:
             print(f"{offset} {nbytes} {name} {'x'.join(str(d) for d in shape)} {storage}")
+
+
+def expected_bytes(c):
+    """The size of the tensors part of the file, for the progress report."""
+    elem = {DTYPES["f32"]: 4, DTYPES["bf16"]: 2, DTYPES["q8"]: 1}[c["dtype"]]
+    total = HEADER_SIZE
+    for _, shape, is_matrix in tensor_plan(c):
+        n = shape[0] * (shape[1] if len(shape) > 1 else 1)
+        total += n * (elem if is_matrix else 4) + (4 * n // c["q8_group"] if is_matrix and c["q8_group"] else 0)
+    return max(total, 1)
 
 
 def check_tokenizer_fits(blob, config, tok_path):
@@ -1100,7 +1125,23 @@ def export_tokenizer(path, out):
     print(f"wrote {out}: tokenizer with {n_ids} ids, chat template {chat}")
 
 
+USAGE = """usage: python3 export.py HF_DIR OUT.bin [--dtype f32|bf16|q8] [--print-layout]
+       python3 export.py --random lite|v2|tiny|CONFIG.json OUT.bin [--layers N] [--dtype f32|bf16|q8] [--seed S]
+       python3 export.py --tokenizer tokenizer.json OUT.tok
+       python3 export.py --train-tokenizer CORPUS.txt VOCAB_SIZE OUT_DIR
+HF_DIR: a Hugging Face DeepSeek-V2 folder (config.json, safetensors, tokenizer.json). --dtype: bf16 stays
+bf16, anything else becomes f32 unless given. --random: random weights of a released shape, of the built-in
+model's (tiny), or of a config.json (with the tokenizer beside it). --train-tokenizer: a byte-level BPE
+tokenizer of VOCAB_SIZE tokens trained on any UTF-8 text, and a starting config.json in OUT_DIR.
+--print-layout: every block written, as `./dsv2 OUT.bin -m layout` prints it."""
+
+
 def main(argv):
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        sys.exit(0 if argv else 1)
+    if "--tokenizer" not in argv and "--train-tokenizer" not in argv:
+        need_numpy()
     args, dtype, tokenizer, random_preset, layers, seed, show_layout = [], None, None, None, None, 0, False
     i = 0
     while i < len(argv):
@@ -1150,18 +1191,16 @@ def main(argv):
             i += 1
     if random_preset is not None:
         if len(args) != 1:
-            sys.exit("usage: python3 export.py --random lite|v2 OUT.bin [--layers N] [--dtype f32|bf16|q8] [--seed S]")
+            sys.exit(USAGE)
         export_random(random_preset, args[0], dtype, layers, seed, show_layout)
         return
     if tokenizer is not None:
         if len(args) != 1:
-            sys.exit("usage: python3 export.py --tokenizer tokenizer.json OUT.tok")
+            sys.exit(USAGE)
         export_tokenizer(tokenizer, args[0])
         return
     if len(args) != 2:
-        sys.exit("usage: python3 export.py HF_DIR OUT.bin [--dtype f32|bf16|q8]\n"
-                 "       python3 export.py --random lite|v2 OUT.bin [--layers N] [--dtype f32|bf16|q8] [--seed S]\n"
-                 "       python3 export.py --tokenizer tokenizer.json OUT.tok")
+        sys.exit(USAGE)
     export_model(args[0], args[1], dtype, show_layout)
 
 
@@ -1170,5 +1209,8 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except KeyboardInterrupt:
         fail("interrupted")
+    except BrokenPipeError:  # the reader went away (export.py --help | head): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except Exception as e:  # one line, never a traceback: an input this file did not foresee
         fail(f"unexpected {type(e).__name__}: {e}")

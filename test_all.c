@@ -1685,6 +1685,27 @@ static void test_train_cli(void) {
     snprintf(cmd, sizeof cmd, "%s %s -m train -f %s -o %s.2 -n 2 -b 2 -c 32 -e 10", dsv2_bin, out, corpus, out);
     code = run(cmd, err, sizeof err);
     check(code == 0 && strstr(err, "resuming after step 6"), "training resumes from a checkpoint and its Adam state");
+    /* resumed into the same file: the CSV keeps its rows and grows, the schedule goes on where it
+     * was (past its 6 steps: the floor, 10% of -r), and the SVG draws all of it */
+    snprintf(cmd, sizeof cmd, "%s %s -m train -f %s -o %s -n 3 -b 2 -c 32 -e 10 -r 0.01 -s 2", dsv2_bin, out, corpus, out);
+    code = run(cmd, err, sizeof err);
+    snprintf(cmd, sizeof cmd, "%s.csv", out);
+    csv_text = code == 0 ? read_file(cmd, NULL) : NULL;
+    int rows = csv_text ? count_lines(csv_text) - 1 : 0;
+    char *row7 = csv_text ? strstr(csv_text, "\n7,") : NULL;
+    double lr7 = -1;
+    if (row7) {  /* step,loss,cross_entropy,validation,lr,... */
+        const char *p = row7 + 1;
+        for (int k = 0; k < 4 && p; k++) p = strchr(p, ',') ? strchr(p, ',') + 1 : NULL;
+        if (p) lr7 = atof(p);
+    }
+    snprintf(cmd, sizeof cmd, "%s.svg", out);
+    char *svg = access(cmd, R_OK) == 0 ? read_file(cmd, NULL) : NULL;
+    check(code == 0 && rows == 9 && fabs(lr7 - 0.001) < 1e-6 && svg && strstr(svg, "step 1..9"),
+          "resumed training appends to the CSV (%d rows), continues the schedule (lr at step 7: %g) and redraws the SVG",
+          rows, lr7);
+    free(csv_text);
+    free(svg);
     snprintf(cmd, sizeof cmd, "%s tests/fixtures/lite/model.safetensors -m train -f %s -o %s.3", dsv2_bin, corpus, out);
     expect_clean_error("training from a file that is not a checkpoint", cmd, "magic");
 }
