@@ -816,6 +816,7 @@ class Writer:
         self.config = config
         self.layout = []  # (offset, bytes, name, shape, storage) of every block written
         self.expected = expected_bytes(config)
+        self.n_tensors = sum(1 for _ in tensor_plan(config))
         self.started = self.reported = time.time()
         try:
             self.f = open(self.tmp, "wb")
@@ -847,11 +848,15 @@ class Writer:
             fail(f"cannot write {self.path}: {e}")
         self.layout.append((start, self.f.tell() - start, name, shape, storage))
         now = time.time()
-        if now - self.reported >= 5:  # a real checkpoint takes minutes: say how far, how fast
+        if now - self.reported >= 2:  # a real checkpoint takes minutes: say how far, how fast
             done, rate = self.f.tell(), self.f.tell() / max(now - self.started, 1e-9)
             left = (self.expected - done) / max(rate, 1)
-            print(f"export.py: {done / 1e9:.2f} of {self.expected / 1e9:.2f} GB ({100 * done / self.expected:.0f}%), "
-                  f"{rate / 1e6:.0f} MB/s, about {left / 60:.1f} min left ({name})", file=sys.stderr)
+            tensors = len({n for _, _, n, s, _ in self.layout if s is not None})
+            tty = sys.stderr.isatty()  # on a terminal one line that updates; in a log, a line each
+            start = "\r" if tty else ""
+            print(f"{start}export.py: tensor {tensors} of {self.n_tensors}, {done / 1e9:.2f} of "
+                  f"{self.expected / 1e9:.2f} GB, {rate / 1e6:.0f} MB/s, about {left / 60:.1f} min left",
+                  end="" if tty else "\n", file=sys.stderr, flush=True)
             self.reported = now
 
     def finish(self, tokenizer=b""):
@@ -861,6 +866,8 @@ class Writer:
             tok_offset = self.f.tell()
             self.f.write(tokenizer)
         size = self.f.tell()
+        if sys.stderr.isatty() and self.reported > self.started:
+            print(file=sys.stderr)  # end the updating progress line
         if tokenizer:
             self.layout.append((tok_offset, len(tokenizer), "tokenizer", None, None))
         self.f.seek(0)

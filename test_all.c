@@ -57,7 +57,7 @@ static char tmp_dir[256];
 static int run(const char *cmd, char *err_out, size_t err_size) {
     char full[8192], err_path[512];
     snprintf(err_path, sizeof err_path, "%s/stderr.txt", tmp_dir);
-    snprintf(full, sizeof full, "%s >%s/stdout.txt 2>%s", cmd, tmp_dir, err_path);
+    snprintf(full, sizeof full, "( %s\n) </dev/null >%s/stdout.txt 2>%s", cmd, tmp_dir, err_path);
     int status = system(full);
     if (err_out) {
         err_out[0] = '\0';
@@ -1588,6 +1588,22 @@ static void test_export_reliability(void) {
     while (len && summary[len - 1] == '\n') summary[--len] = '\0';
     check(code == 0, "%s", strrchr(summary, '\n') ? strrchr(summary, '\n') + 1 : summary);
     free(summary);
+    /* transformers v5 writes rope_parameters: the same model as its rope_scaling twin, byte for byte */
+    static const char *twins[][2] = {
+        {"c['rope_parameters'] = dict(c.pop('rope_scaling'), rope_theta=c.pop('rope_theta', 10000))", "pass"},
+        {"c.pop('rope_scaling'); c['rope_parameters'] = {'rope_type': 'default', 'rope_theta': 10000}",
+         "c['rope_scaling'] = None"},
+    };
+    for (int i = 0; i < 2; i++) {
+        char a[600], b[600];
+        snprintf(a, sizeof a, "%s/twin-a.bin", tmp_dir);
+        snprintf(b, sizeof b, "%s/twin-b.bin", tmp_dir);
+        snprintf(cmd, sizeof cmd, "%s tests/mutate_hf.py tests/fixtures/lite %s config \"%s\" && %s export.py %s %s --dtype f32 && "
+                 "%s tests/mutate_hf.py tests/fixtures/lite %s config \"%s\" && %s export.py %s %s --dtype f32 && cmp %s %s",
+                 python, dir, twins[i][0], python, dir, a, python, dir, twins[i][1], python, dir, b, a, b);
+        int same = run(cmd, err, sizeof err) == 0;
+        check(same, "a rope_parameters config (%s) exports like its rope_scaling twin", i ? "rope_type default" : "yarn");
+    }
     char tok_dir[512], tok_out[512];
     snprintf(tok_dir, sizeof tok_dir, "%s/mutated-tok", tmp_dir);
     snprintf(tok_out, sizeof tok_out, "%s/mutated.tok", tmp_dir);
@@ -1706,6 +1722,25 @@ static void test_train_cli(void) {
           rows, lr7);
     free(csv_text);
     free(svg);
+    /* killed mid-way (SIGKILL, no chance to clean up): the CSV has whole rows, the SVG is whole */
+    snprintf(cmd, sizeof cmd, "rm -f %s.4.csv %s.4.svg; timeout -s KILL 4 %s %s -m train -f %s -o %s.4 -n 100000 -b 2 -c 32 -e 3",
+             out, out, dsv2_bin, init, corpus, out);
+    run(cmd, NULL, 0);
+    snprintf(cmd, sizeof cmd, "%s.4.csv", out);
+    char *killed = access(cmd, R_OK) == 0 ? read_file(cmd, NULL) : NULL;
+    int whole = killed && strlen(killed) > 0 && killed[strlen(killed) - 1] == '\n', killed_rows = 0;
+    for (char *p = killed; whole && p && *p; p = strchr(p, '\n') ? strchr(p, '\n') + 1 : NULL) {
+        int commas = 0;
+        for (char *q = p; *q && *q != '\n'; q++) commas += *q == ',';
+        whole = commas == 5;
+        killed_rows++;
+    }
+    snprintf(cmd, sizeof cmd, "%s.4.svg", out);
+    char *killed_svg = access(cmd, R_OK) == 0 ? read_file(cmd, NULL) : NULL;
+    check(whole && killed_rows > 3 && killed_svg && strstr(killed_svg, "</svg>\n"),
+          "a training run killed mid-way leaves a whole CSV (%d lines) and a whole SVG", killed_rows);
+    free(killed);
+    free(killed_svg);
     snprintf(cmd, sizeof cmd, "%s tests/fixtures/lite/model.safetensors -m train -f %s -o %s.3", dsv2_bin, corpus, out);
     expect_clean_error("training from a file that is not a checkpoint", cmd, "magic");
 }
