@@ -1997,32 +1997,41 @@ static void check_real(const char *name, double v, double lo, double hi) {
     if (!(v >= lo && v <= hi)) die("config %s = %g is out of range [%g, %g]", name, v, lo, hi);
 }
 
+/* The integer fields whose range does not depend on another field. */
+static const struct { const char *name; size_t offset; int lo, hi; } header_ints[] = {
+    {"vocab_size", offsetof(Config, vocab_size), 1, 1 << 24},
+    {"hidden_size", offsetof(Config, hidden_size), 1, 1 << 16},
+    {"num_hidden_layers", offsetof(Config, num_hidden_layers), 1, 1024},
+    {"num_attention_heads", offsetof(Config, num_attention_heads), 1, 1024},
+    {"q_lora_rank", offsetof(Config, q_lora_rank), 0, 1 << 16},
+    {"kv_lora_rank", offsetof(Config, kv_lora_rank), 1, 1 << 16},
+    {"qk_nope_head_dim", offsetof(Config, qk_nope_head_dim), 0, 4096},
+    {"qk_rope_head_dim", offsetof(Config, qk_rope_head_dim), 2, 4096},
+    {"v_head_dim", offsetof(Config, v_head_dim), 1, 4096},
+    {"intermediate_size", offsetof(Config, intermediate_size), 0, 1 << 20},
+    {"moe_intermediate_size", offsetof(Config, moe_intermediate_size), 0, 1 << 20},
+    {"max_position_embeddings", offsetof(Config, max_position_embeddings), 1, 1 << 24},
+    {"n_routed_experts", offsetof(Config, n_routed_experts), 0, 1 << 16},
+    {"n_shared_experts", offsetof(Config, n_shared_experts), 0, 4096},
+    {"num_experts_per_tok", offsetof(Config, num_experts_per_tok), 0, 4096},
+    {"n_group", offsetof(Config, n_group), 0, 1 << 16},
+    {"topk_group", offsetof(Config, topk_group), 0, 1 << 16},
+    {"first_k_dense_replace", offsetof(Config, first_k_dense_replace), 0, 1024},
+    {"moe_layer_freq", offsetof(Config, moe_layer_freq), 1, 1024},
+    {"norm_topk_prob", offsetof(Config, norm_topk_prob), 0, 1},
+    {"seq_aux", offsetof(Config, seq_aux), 0, 1},
+};
+
 static void validate_sizes(const Config *c) {
-    check_range("vocab_size", c->vocab_size, 1, 1 << 24);
-    check_range("hidden_size", c->hidden_size, 1, 1 << 16);
-    check_range("num_hidden_layers", c->num_hidden_layers, 1, 1024);
-    check_range("num_attention_heads", c->num_attention_heads, 1, 1024);
-    check_range("q_lora_rank", c->q_lora_rank, 0, 1 << 16);
-    check_range("kv_lora_rank", c->kv_lora_rank, 1, 1 << 16);
-    check_range("qk_nope_head_dim", c->qk_nope_head_dim, 0, 4096);
-    check_range("qk_rope_head_dim", c->qk_rope_head_dim, 2, 4096);
+    for (size_t i = 0; i < sizeof header_ints / sizeof header_ints[0]; i++) {
+        int32_t v;
+        memcpy(&v, (const char *)c + header_ints[i].offset, sizeof v);
+        check_range(header_ints[i].name, v, header_ints[i].lo, header_ints[i].hi);
+    }
     if (c->qk_rope_head_dim % 2)
         die("config qk_rope_head_dim = %d must be even", c->qk_rope_head_dim);
-    check_range("v_head_dim", c->v_head_dim, 1, 4096);
-    check_range("intermediate_size", c->intermediate_size, 0, 1 << 20);
-    check_range("moe_intermediate_size", c->moe_intermediate_size, 0, 1 << 20);
-    check_range("max_position_embeddings", c->max_position_embeddings, 1, 1 << 24);
-    check_range("n_routed_experts", c->n_routed_experts, 0, 1 << 16);
-    check_range("n_shared_experts", c->n_shared_experts, 0, 4096);
-    check_range("num_experts_per_tok", c->num_experts_per_tok, 0, 4096);
-    check_range("n_group", c->n_group, 0, 1 << 16);
-    check_range("topk_group", c->topk_group, 0, 1 << 16);
-    check_range("first_k_dense_replace", c->first_k_dense_replace, 0, 1024);
-    check_range("moe_layer_freq", c->moe_layer_freq, 1, 1024);
     check_range("bos_token_id", c->bos_token_id, -1, c->vocab_size - 1);
     check_range("eos_token_id", c->eos_token_id, -1, c->vocab_size - 1);
-    check_range("norm_topk_prob", c->norm_topk_prob, 0, 1);
-    check_range("seq_aux", c->seq_aux, 0, 1);
     check_range("q8_group", c->q8_group, c->dtype == DTYPE_Q8 ? 1 : 0,
                 c->dtype == DTYPE_Q8 ? 4096 : 0);
     long long H = c->num_attention_heads,
