@@ -2329,7 +2329,7 @@ typedef struct {
 
 typedef struct {
     ReInst *code;
-    int n_code;
+    int n_code, cap_code;
     CharClass *classes;
     int n_classes;
 } Regex;
@@ -2605,10 +2605,19 @@ static int node_nullable(const ReParser *ps, int i) {
     }
 }
 
+/* The most instructions a pattern may compile to: repeats are unrolled, so a{1000}{1000} would
+ * be a million (found by the fuzzer); real pre-tokenizers need a few hundred. */
+#define REGEX_MAX_CODE 100000
+
 static int emit(ReParser *ps, int op, int x, int y) {
     Regex *re = ps->re;
-    re->code = realloc(re->code, (size_t)(re->n_code + 1) * sizeof(ReInst));
-    if (!re->code) die("out of memory");
+    if (re->n_code >= REGEX_MAX_CODE)
+        regex_fail(ps, "too large once its repeats are unrolled (over 100000 steps)");
+    if (re->n_code == re->cap_code) {  /* doubling: unrolled repeats emit many */
+        re->cap_code = re->cap_code ? 2 * re->cap_code : 64;
+        re->code = realloc(re->code, (size_t)re->cap_code * sizeof(ReInst));
+        if (!re->code) die("out of memory");
+    }
     re->code[re->n_code] = (ReInst){op, x, y};
     return re->n_code++;
 }

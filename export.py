@@ -565,7 +565,8 @@ def check_token_ids(vocab, added, path):
 class RegexSyntax:
     """The subset of regex syntax dsv2.c's engine runs, checked by the rules of its parser
     (parse_alternation and below in dsv2.c): a pattern it would refuse is refused here first.
-    check() returns whether the (sub)pattern can match the empty string."""
+    Each method returns (nullable, size): whether the (sub)pattern can match the empty string, and
+    how many instructions dsv2.c compiles it to (repeats unrolled; at most REGEX_MAX_CODE)."""
 
     def __init__(self, pattern, props, path):
         self.p, self.at, self.props, self.path = pattern, 0, props, path
@@ -581,22 +582,26 @@ class RegexSyntax:
         return self.p[self.at - 1]
 
     def check(self):
-        self.alternation()
+        _, size = self.alternation()
         if self.at < len(self.p):
             self.fail("unbalanced )")
+        if size + 1 > 100000:  # + MATCH; dsv2.c: REGEX_MAX_CODE
+            self.fail("too large once its repeats are unrolled (over 100000 steps)")
 
     def alternation(self):
-        nullable = self.concat()
+        nullable, size = self.concat()
         while self.peek() == "|":
             self.at += 1
-            nullable = self.concat() or nullable
-        return nullable
+            right, right_size = self.concat()
+            nullable, size = right or nullable, size + right_size + 2  # split, jump
+        return nullable, size
 
     def concat(self):
-        nullable = True
+        nullable, size = True, 0
         while self.at < len(self.p) and self.peek() not in "|)":
-            nullable = self.repeat() and nullable
-        return nullable
+            n, s = self.repeat()
+            nullable, size = n and nullable, size + s
+        return nullable, size
 
     def number(self):
         v, digits = 0, 0
@@ -605,7 +610,7 @@ class RegexSyntax:
         return v if digits else -1
 
     def repeat(self):
-        nullable = self.atom()
+        nullable, size = self.atom()
         while self.peek() and self.peek() in "?*+{":
             q = self.take()
             lo, hi = {"?": (0, 1), "*": (0, -1), "+": (1, -1)}.get(q, (None, None))
@@ -624,7 +629,10 @@ class RegexSyntax:
             elif self.peek() == "+":
                 self.fail("possessive quantifiers are not supported")
             nullable = lo == 0 or nullable
-        return nullable
+            size = lo * size + (size + 2 if hi < 0 else (hi - lo) * (size + 1))
+            if size > 100000:
+                self.fail("too large once its repeats are unrolled (over 100000 steps)")
+        return nullable, size
 
     def atom(self):
         ch = self.take()
@@ -636,22 +644,22 @@ class RegexSyntax:
                 if kind not in "!=:" or not kind:
                     self.fail("unsupported group type")
                 look = kind != ":"
-            nullable = self.alternation()
+            nullable, size = self.alternation()
             if self.peek() != ")":
                 self.fail("missing )")
             self.at += 1
-            return True if look else nullable
+            return (True, size + 2) if look else (nullable, size)
         if ch == "[":
             self.bracket()
-            return False
+            return False, 1
         if ch in "$^":
-            return True
+            return True, 1
         if ch == "\\":
             self.escape([0])
-            return False
+            return False, 1
         if ch in ")|*+?{":
             self.fail("unexpected operator")
-        return False
+        return False, 1
 
     def escape(self, n_props):
         """After a backslash; returns the literal it denotes, or None for a class escape."""
