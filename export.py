@@ -48,6 +48,7 @@ V2_CHAT_TEMPLATE = "{% if not add_generation_prompt is defined %}{% set add_gene
 
 
 def fail(msg):
+    msg = str(msg).replace("\n", "\\n").replace("\r", "\\r")  # one line, whatever the input held
     print(f"export.py: error: {msg}", file=sys.stderr)
     sys.exit(1)
 
@@ -162,7 +163,8 @@ def read_config(path, hf=None):
 
         def field(key, default, kind=float):
             v = rs.get(key, default)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
+            whole = isinstance(v, int) or (isinstance(v, float) and v == v and abs(v) != float("inf") and v == int(v))
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not whole):
                 fail(f"{path}: rope_scaling.{key} must be a number, got {v!r}")
             return kind(v)
         c.update(rope_scaling=1, rope_factor=field("factor", 1.0),
@@ -351,7 +353,8 @@ class SafeTensors:
                     weight_map = json.load(f)["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as e:
                 fail(f"cannot read {index}: {e}")
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v and "/" not in v and v != ".."
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v.endswith(".safetensors")
+                                                           and "/" not in v and v.isprintable()
                                                            for v in weight_map.values()):
                 fail(f"{index}: weight_map must map tensor names to shard file names")
             files = sorted(set(weight_map.values()))
