@@ -2708,7 +2708,7 @@ static void regex_free(Regex *re) {
  * spaces) and are undone when an attempt succeeds, since the states on its path did not fail.
  * Marking starts after REGEX_MEMO_AFTER steps of an attempt: most attempts are shorter.
  * A step budget backs this up: a pass of a regex over a piece may take REGEX_STEPS_PER_STATE
- * steps per (instruction, character) plus a constant; the real tokenizers need under 2. */
+ * branch steps per (instruction, character) plus a constant; the real tokenizers need under 2. */
 typedef struct {
     int *pc_pos;
     int n, cap;
@@ -2770,42 +2770,50 @@ static int regex_run(const Regex *re, int pc, const uint32_t *s, int pos, int n,
                      BacktrackStack *st) {
     int base = st->n;
     size_t mark = st->n_touched;
-    long long memo_from = st->steps + REGEX_MEMO_AFTER;  /* short attempts (most) skip the marks */
+    long long steps = st->steps, memo_from = steps + REGEX_MEMO_AFTER; /* short attempts skip marks
+                                                                        */
     stack_push(st, pc, pos);
     while (st->n > base) {
         pos = st->pc_pos[--st->n];
         pc = st->pc_pos[--st->n];
         for (;;) {
             const ReInst *in = &re->code[pc];
-            if (++st->steps > st->budget)
-                die("the tokenizer's pre-tokenizer regex backtracks too much on this input (over "
-                    "%lld steps; nested quantifiers such as (a+)+ do that)", st->budget);
             if (in->op == OP_CLASS) {
                 if (pos < n && class_has(&re->classes[in->x], s[pos])) { pc++; pos++; continue; }
                 break;
-            } else if (in->op == OP_SPLIT) {
-                if (st->steps > memo_from && !visit(st, pc, pos)) break; /* reached before: fails */
+            } else if (in->op == OP_SPLIT) { /* the steps counted: branches (between them, < n_code)
+                                              */
+                if (++steps > st->budget)
+                    die("the tokenizer's pre-tokenizer regex backtracks too much on this input "
+                        "(over "
+                        "%lld steps; nested quantifiers such as (a+)+ do that)",
+                        st->budget);
+                if (steps > memo_from && !visit(st, pc, pos)) break; /* reached before: fails */
                 stack_push(st, in->y, pos);
                 pc = in->x;
             } else if (in->op == OP_JMP) {
                 pc = in->x;
             } else if (in->op == OP_MATCH) {
                 st->n = base;
+                st->steps = steps;
                 unvisit_since(st, mark);
                 return pos;
-            } else if (in->op == OP_EOL) {  /* Ruby-syntax $: end of input or before a newline */
+            } else if (in->op == OP_EOL) { /* Ruby-syntax $: end of input or before a newline */
                 if (pos == n || s[pos] == '\n') pc++;
                 else break;
             } else if (in->op == OP_BOL) {
                 if (pos == 0 || s[pos - 1] == '\n') pc++;
                 else break;
-            } else {  /* OP_LOOKAHEAD */
+            } else { /* OP_LOOKAHEAD */
+                st->steps = steps;
                 int matched = regex_run(re, pc + 1, s, pos, n, st) >= 0;
+                steps = st->steps;
                 if (matched == !in->x) pc = in->y;
                 else break;
             }
         }
     }
+    st->steps = steps;
     return -1;
 }
 
