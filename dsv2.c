@@ -393,14 +393,25 @@ typedef struct {
     RouterScratch router;
     MatmulScratch *matmul;
     float *logits;                    /* [V] of the batch's last token */
+    float *all_logits;                /* -m eval: [n][V] of every token of the batch, or NULL */
     float *cache;                     /* [L][context][cache_width] */
     size_t cache_width;               /* floats per token per layer */
     void *gpu;                        /* the GPU build: the model on the GPU, or NULL */
-    /* Optional taps (NULL = off), filled by forward() for the batch's last token, for inspection
-     * and tests: the residual stream after each layer [L][D], each MoE layer's routing [L][K]. */
-    float *tap_hidden, *tap_route_weight;
-    int *tap_route_idx;
+    struct Trace *trace;              /* -m trace and the tests: what each layer did, or NULL */
 } RunState;
+
+/* What -m trace watches (and the tests check): each layer's work on the last token of a forward
+ * call, filled by trace_layer() when RunState.trace is set. */
+typedef struct Trace {
+    float *hidden;                    /* the residual stream h after each layer [L][D] */
+    int *route_idx;                   /* MoE layers: the chosen experts, ascending [L][K] */
+    float *route_weight;              /* their gate values g_i,t [L][K] */
+    unsigned char *groups_kept;       /* device-limited routing: the M groups kept [L][n_group] */
+    float *shared_norm, *routed_norm; /* |shared experts' output|, |sum_i g_i FFN_i| [L] */
+    float *shared;                    /* scratch: the shared experts' output [D] */
+    float *attention;                 /* each head's probabilities over positions [L][H][context] */
+    int context;
+} Trace;
 
 /* Floats per token per layer: the latent (absorb) or full per-head keys and values (naive). */
 static size_t kv_cache_width(const Config *c, int attn_mode) {
@@ -468,7 +479,8 @@ static void free_run_state(RunState *s) {
                     s->scores, s->head_out, s->hidden, s->hidden2, s->expert_in, s->expert_out,
                     s->expert_tokens, s->router_probs, s->topk_idx, s->topk_weight,
                     s->router.masked, s->router.group_score, s->router.taken,
-                    s->router.group_taken, s->products, s->head_mats, s->logits, s->cache};
+                    s->router.group_taken, s->products, s->head_mats, s->logits, s->all_logits,
+                    s->cache};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     matmul_scratch_free(s->matmul);
 }
@@ -771,6 +783,7 @@ static void moe(RunState *s, const Config *c, const Layer *L, int n) {
     if (L->has_mlp) p[count++] = (Product){s->branch, &L->mlp_down, shared_gate, n};
     else memset(s->branch, 0, (size_t)n * D * sizeof(float));
     matmul_many(p, count, s->matmul);
+    if (s->trace) memcpy(s->trace->shared, s->branch + (size_t)(n - 1) * D, D * sizeof(float));
     for (int j = 0; j < rows; j++) {  /* eq. 20: shared + sum_i g_i,t FFN^(r)_i(u_t) */
         int t = s->expert_tokens[j] / K;
         float g = s->topk_weight[s->expert_tokens[j]];
@@ -800,6 +813,55 @@ static double balance_loss(const float *scores, const int *idx, int B, int T, co
     return c->aux_loss_alpha * loss / groups;                    /* eq. 23: alpha_1, per sequence */
 }
 
+/* -m trace: copies what layer l did for the batch's last token (t = n-1) into s->trace. The
+ * attention probabilities are still in s->scores, the routing in s->topk_*, the FFN's output in
+ * s->branch (moe() saved its shared part). */
+static void trace_layer(RunState *s, const Layer *L, int l, int n) {
+    const Config *c = s->cfg;
+    Trace *tr = s->trace;
+    int D = c->hidden_size, K = c->num_experts_per_tok, G = c->n_group;
+    int H = c->num_attention_heads, t = n - 1;
+    memcpy(tr->hidden + (size_t)l * D, s->x + (size_t)t * D, D * sizeof(float));
+    for (int h = 0; h < H; h++)
+        memcpy(tr->attention + ((size_t)l * H + h) * tr->context,
+               s->scores + (size_t)h * s->context, (size_t)tr->context * sizeof(float));
+    if (!L->is_moe) return;
+    memcpy(tr->route_idx + (size_t)l * K, s->topk_idx + (size_t)t * K, K * sizeof(int));
+    memcpy(tr->route_weight + (size_t)l * K, s->topk_weight + (size_t)t * K, K * sizeof(float));
+    memcpy(tr->groups_kept + (size_t)l * G, s->router.group_taken, G);
+    double shared = 0, routed = 0;
+    for (int i = 0; i < D; i++) {
+        float sh = tr->shared[i], ro = s->branch[(size_t)t * D + i] - sh;
+        shared += (double)sh * sh;
+        routed += (double)ro * ro;
+    }
+    tr->shared_norm[l] = (float)sqrt(shared);
+    tr->routed_norm[l] = (float)sqrt(routed);
+}
+
+static Trace *trace_new(const Config *c, int context) {
+    int L = c->num_hidden_layers, K = c->num_experts_per_tok;
+    Trace *tr = xcalloc(1, sizeof *tr);
+    tr->context = context;
+    tr->hidden = floats((size_t)L * c->hidden_size);
+    tr->route_idx = xcalloc((size_t)L * K, sizeof(int));
+    tr->route_weight = floats((size_t)L * K);
+    tr->groups_kept = xcalloc((size_t)L * c->n_group, 1);
+    tr->shared_norm = floats(L);
+    tr->routed_norm = floats(L);
+    tr->shared = floats(c->hidden_size);
+    tr->attention = floats((size_t)L * c->num_attention_heads * context);
+    return tr;
+}
+
+static void trace_free(Trace *tr) {
+    if (!tr) return;
+    void *bufs[] = {tr->hidden,      tr->route_idx,   tr->route_weight, tr->groups_kept,
+                    tr->shared_norm, tr->routed_norm, tr->shared,       tr->attention};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+    free(tr);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Forward: n tokens at positions pos.. through every layer, extending the KV cache. Decoding  */
 /* is n = 1; a prompt goes through as a matrix, in chunks. Returns the last token's logits.    */
@@ -807,7 +869,7 @@ static double balance_loss(const float *scores, const int *idx, int B, int T, co
 
 static float *forward_batch(const Weights *w, RunState *s, const int *tokens, int n, int pos) {
     const Config *c = &w->cfg;
-    int D = c->hidden_size, K = c->num_experts_per_tok;
+    int D = c->hidden_size;
     for (int t = 0; t < n; t++) mat_row_to_f32(s->x + (size_t)t * D, &w->embed, tokens[t]);
     for (int l = 0; l < c->num_hidden_layers; l++) {
         const Layer *L = &w->layers[l];
@@ -821,19 +883,15 @@ static float *forward_batch(const Weights *w, RunState *s, const int *tokens, in
         if (L->is_moe) moe(s, c, L, n);
         else swiglu_mlp(s, s->branch, s->xn, n, &L->mlp_gate, &L->mlp_up, &L->mlp_down);
         for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->branch[i];  /* eq. 20: u + ... */
-        if (s->tap_hidden)
-            memcpy(s->tap_hidden + (size_t)l * D, s->x + (size_t)(n - 1) * D, D * sizeof(float));
-        if (s->tap_route_idx && L->is_moe) {
-            memcpy(s->tap_route_idx + (size_t)l * K, s->topk_idx + (size_t)(n - 1) * K,
-                   K * sizeof(int));
-            memcpy(s->tap_route_weight + (size_t)l * K, s->topk_weight + (size_t)(n - 1) * K,
-                   K * sizeof(float));
-        }
+        if (s->trace) trace_layer(s, L, l, n);  /* -m trace: what this layer did */
     }
-    float *last = s->x + (size_t)(n - 1) * D;
-    rmsnorm(last, last, w->final_norm, D, c->rms_norm_eps);
-    matmul(s->logits, &w->lm_head, last, 1, s->matmul);
-    return s->logits;
+    int first = s->all_logits ? 0 : n - 1;  /* -m eval scores every token, decoding the last */
+    for (int t = first; t < n; t++)
+        rmsnorm(s->x + (size_t)t * D, s->x + (size_t)t * D, w->final_norm, D, c->rms_norm_eps);
+    if (s->all_logits)
+        matmul(s->all_logits, &w->lm_head, s->x, n, s->matmul);
+    else matmul(s->logits, &w->lm_head, s->x + (size_t)first * D, 1, s->matmul);
+    return s->all_logits ? s->all_logits + (size_t)(n - 1) * c->vocab_size : s->logits;
 }
 
 /* Any number of tokens: in chunks of MAX_BATCH (or on the GPU, in the CUDA build). */
@@ -1179,6 +1237,288 @@ static void print_kv_cache_sizes(const Config *c, int context, int attn_mode) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* Watching the model: -m trace (what each layer does to each token) and -m eval (how well it  */
+/* predicts a text, and how far it is from another model)                                     */
+/* ------------------------------------------------------------------------------------------ */
+
+/* From Part 2: a token as printable text, and the pictures (standalone SVG). */
+static void token_text(const Tokenizer *t, int id, char *out, size_t size);
+static void svg_routing_map(const char *path, const Config *c, const int *top1,
+                            const float *weight, int n_tokens);
+static void svg_expert_load(const char *path, const Config *c, const int *load, int n_tokens);
+static void svg_attention(const char *path, const float *probs, int n, int layer, int head);
+static void svg_kv_cache(const char *path, const Config *c);
+
+/* KV cache bytes per token per layer (f32) for the three ways of caching (the paper's Table 1):
+ * MLA absorbed keeps c^KV and k^R; MLA naive keeps every head's k and v; standard MHA with
+ * head size dn keeps 2 H dn. */
+static void kv_bytes_per_token(const Config *c, double bytes[3]) {
+    bytes[0] = (double)kv_cache_width(c, ATTN_ABSORB) * sizeof(float);
+    bytes[1] = (double)kv_cache_width(c, ATTN_NAIVE) * sizeof(float);
+    bytes[2] = 2.0 * c->num_attention_heads * c->qk_nope_head_dim * sizeof(float);
+}
+
+/* The entropy (nats) of probs[0..n) and its 5 largest entries, largest first. */
+static double attention_summary(const float *probs, int n, int top[5], float top_p[5]) {
+    double entropy = 0;
+    for (int k = 0; k < 5; k++) { top[k] = -1; top_p[k] = -1.0f; }
+    for (int j = 0; j < n; j++) {
+        if (probs[j] > 0) entropy -= probs[j] * log(probs[j]);
+        for (int k = 0; k < 5; k++)
+            if (probs[j] > top_p[k]) {  /* insert at k, shifting the rest down */
+                memmove(top + k + 1, top + k, (4 - k) * sizeof(int));
+                memmove(top_p + k + 1, top_p + k, (4 - k) * sizeof(float));
+                top[k] = j;
+                top_p[k] = probs[j];
+                break;
+            }
+    }
+    return entropy;
+}
+
+/* The gate values' order, largest first: rank[k] of choice k. */
+static void rank_by_weight(const float *weight, int K, int *rank) {
+    for (int k = 0; k < K; k++) {
+        rank[k] = 0;
+        for (int j = 0; j < K; j++)
+            rank[k] += weight[j] > weight[k] || (weight[j] == weight[k] && j < k);
+    }
+}
+
+/* One token's trace: human-readable to stdout, tidy rows to csv (NULL: none). Columns:
+ * position,token,text,layer,kind,head,rank,index,value; kinds: expert (index = expert id, rank
+ * by gate value, value = g), group (a group kept, index = group), shared_norm, routed_norm,
+ * shared_share, attention (head, rank, index = key position, value = probability), entropy
+ * (head, value in nats), kv_absorbed / kv_naive / kv_mha (layer -1, value = bytes). */
+static void trace_token(const Config *c, const Trace *tr, FILE *csv, int pos, int id,
+                        const char *text) {
+    int L = c->num_hidden_layers, H = c->num_attention_heads, K = c->num_experts_per_tok;
+    int G = c->n_group, rank[K], top[5];
+    float top_p[5];
+    char row[700];
+    snprintf(row, sizeof row, "%d,%d,\"%s\"", pos, id, text);
+    printf("position %d  token %d \"%s\"\n", pos, id, text);
+    for (int l = 0; l < L; l++) {
+        const float *att = tr->attention + (size_t)l * H * tr->context;
+        for (int h = 0; h < H; h++) {
+            double entropy = attention_summary(att + (size_t)h * tr->context, pos + 1, top, top_p);
+            printf("  layer %d head %d  attention entropy %.3f nats, top:", l, h, entropy);
+            for (int k = 0; k < 5 && top[k] >= 0; k++) {
+                printf(" %d (%.3f)", top[k], top_p[k]);
+                if (csv) fprintf(csv, "%s,%d,attention,%d,%d,%d,%.6g\n", row, l, h, k, top[k],
+                                 top_p[k]);
+            }
+            printf("\n");
+            if (csv) fprintf(csv, "%s,%d,entropy,%d,,,%.6g\n", row, l, h, entropy);
+        }
+        if (!is_moe_layer(c, l)) continue;
+        const int *idx = tr->route_idx + (size_t)l * K;
+        const float *g = tr->route_weight + (size_t)l * K;
+        rank_by_weight(g, K, rank);
+        printf("  layer %d experts:", l);
+        for (int r = 0; r < K; r++)
+            for (int k = 0; k < K; k++)
+                if (rank[k] == r) printf(" %d (%.4f)", idx[k], g[k]);
+        for (int k = 0; k < K && csv; k++)
+            fprintf(csv, "%s,%d,expert,,%d,%d,%.8g\n", row, l, rank[k], idx[k], g[k]);
+        if (c->topk_method == TOPK_GROUP_LIMITED_GREEDY) {
+            printf("  groups kept:");
+            for (int i = 0; i < G; i++)
+                if (tr->groups_kept[(size_t)l * G + i]) {
+                    printf(" %d", i);
+                    if (csv) fprintf(csv, "%s,%d,group,,,%d,1\n", row, l, i);
+                }
+        }
+        float shared = tr->shared_norm[l], routed = tr->routed_norm[l];
+        float share = shared + routed > 0 ? shared / (shared + routed) : 0;
+        if (c->n_shared_experts > 0)
+            printf("  shared experts %.0f%% of the FFN output norm (%.3g vs routed %.3g)",
+                   100 * share, shared, routed);
+        printf("\n");
+        if (csv)
+            fprintf(csv, "%s,%d,shared_norm,,,,%.6g\n%s,%d,routed_norm,,,,%.6g\n"
+                         "%s,%d,shared_share,,,,%.6g\n",
+                    row, l, shared, row, l, routed, row, l, share);
+    }
+    double per_token[3];
+    kv_bytes_per_token(c, per_token);
+    static const char *const kind[3] = {"kv_absorbed", "kv_naive", "kv_mha"};
+    char b[3][32];
+    for (int i = 0; i < 3; i++) {
+        double bytes = per_token[i] * L * (pos + 1);
+        human_bytes(bytes, b[i], sizeof b[i]);
+        if (csv) fprintf(csv, "%s,-1,%s,,,,%.0f\n", row, kind[i], bytes);
+    }
+    printf("  KV cache after %d tokens: MLA absorbed %s, MLA naive %s, standard MHA %s\n", pos + 1,
+           b[0], b[1], b[2]);
+}
+
+/* Tokens shown in the routing map and the attention heatmap (a lecture slide's worth). */
+#define PICTURE_TOKENS 64
+
+/* -m trace: the prompt one token at a time (a text longer than the context in windows of it),
+ * each token's trace printed, with -o also a CSV and four SVGs beside it (OUT without .csv, then
+ * .routing.svg, .load.svg, .attention.svg, .kv.svg). The heatmap shows layer/head -l L,H. */
+static void run_trace(const Weights *w, RunState *s, const Tokenizer *tok, const IdList *ids,
+                      const char *out_path, int heat_layer, int heat_head) {
+    const Config *c = &w->cfg;
+    int L = c->num_hidden_layers, E = c->n_routed_experts, K = c->num_experts_per_tok;
+    if (heat_layer < 0) heat_layer = L - 1;
+    if (heat_layer >= L || heat_head >= c->num_attention_heads)
+        die("-l %d,%d: this model has layers 0..%d and heads 0..%d", heat_layer, heat_head, L - 1,
+            c->num_attention_heads - 1);
+    if (s->gpu) die("-m trace runs on the CPU (./dsv2)");
+    s->trace = trace_new(c, s->context);
+    int shown = ids->n < PICTURE_TOKENS ? ids->n : PICTURE_TOKENS;
+    int *load = xcalloc((size_t)L * E, sizeof(int)),
+        *top1 = xcalloc((size_t)shown * L, sizeof(int));
+    float *top1_w = floats((size_t)shown * L), *heat = floats((size_t)shown * shown);
+    OutputFile csv = {0};
+    if (out_path) {
+        output_open(&csv, out_path);
+        fprintf(csv.f, "position,token,text,layer,kind,head,rank,index,value\n");
+    }
+    for (int i = 0; i < ids->n; i++) {
+        int pos = i % s->context, id = ids->ids[i];
+        forward_checked(w, s, &id, 1, pos);
+        char text[256];
+        if (tok) token_text(tok, id, text, sizeof text);
+        else snprintf(text, sizeof text, "%d", id);
+        trace_token(c, s->trace, csv.f, pos, id, text);
+        for (int l = 0; l < L; l++) {
+            if (!is_moe_layer(c, l)) continue;
+            const int *idx = s->trace->route_idx + (size_t)l * K;
+            const float *g = s->trace->route_weight + (size_t)l * K;
+            int best = 0;
+            for (int k = 0; k < K; k++) {
+                load[(size_t)l * E + idx[k]]++;
+                if (g[k] > g[best]) best = k;
+            }
+            if (i < shown) { top1[i * L + l] = idx[best]; top1_w[i * L + l] = g[best]; }
+        }
+        if (i < shown) {
+            const float *att = s->trace->attention +
+                    ((size_t)heat_layer * c->num_attention_heads + heat_head) * s->context;
+            memcpy(heat + (size_t)i * shown, att, (size_t)(pos + 1) * sizeof(float));
+        }
+    }
+    if (out_path) {
+        output_close(&csv);
+        char base[4000], path[4096];
+        size_t len = strlen(out_path);
+        snprintf(base, sizeof base, "%.*s",
+                 (int)(len > 4 && !strcmp(out_path + len - 4, ".csv") ? len - 4 : len), out_path);
+        static const char *const kinds[] = {"routing", "load", "attention", "kv"};
+        for (int k = 0; k < 4; k++) {
+            snprintf(path, sizeof path, "%s.%s.svg", base, kinds[k]);
+            if (k == 0) svg_routing_map(path, c, top1, top1_w, shown);
+            if (k == 1) svg_expert_load(path, c, load, ids->n);
+            if (k == 2) svg_attention(path, heat, shown, heat_layer, heat_head);
+            if (k == 3) svg_kv_cache(path, c);
+            fprintf(stderr, "wrote %s\n", path);
+        }
+        fprintf(stderr, "wrote %s\n", out_path);
+    }
+    free(load); free(top1); free(top1_w); free(heat);
+    trace_free(s->trace);
+    s->trace = NULL;
+}
+
+/* log softmax(logits)[i] for every i, in double (an eval sums thousands of these). */
+static void log_probs(const float *logits, int V, double *out) {
+    double max = logits[0], sum = 0;
+    for (int i = 1; i < V; i++) max = fmax(max, logits[i]);
+    for (int i = 0; i < V; i++) sum += exp(logits[i] - max);
+    double log_sum = max + log(sum);
+    for (int i = 0; i < V; i++) out[i] = logits[i] - log_sum;
+}
+
+/* Every position's logits [n][V] for n <= MAX_BATCH tokens at pos.. (-m eval): one batched pass
+ * on the CPU, token by token on the GPU. A NaN or infinity is an error, as for forward_checked. */
+static const float *forward_every(const Weights *w, RunState *s, const int *tokens, int n,
+                                  int pos) {
+    size_t V = (size_t)w->cfg.vocab_size;
+    if (!s->all_logits) s->all_logits = floats((size_t)MAX_BATCH * V);
+    if (s->gpu) {
+        float *keep = s->all_logits;
+        for (int t = 0; t < n; t++)
+            memcpy(keep + t * V, forward_checked(w, s, &tokens[t], 1, pos + t), V * sizeof(float));
+        return keep;
+    }
+    forward_batch(w, s, tokens, n, pos);
+    for (size_t i = 0; i < (size_t)n * V; i++)
+        if (!isfinite(s->all_logits[i]))
+            die("the logits at position %d are not finite (%g at id %d): the weights or the config "
+                "overflow", pos + (int)(i / V), s->all_logits[i], (int)(i % V));
+    return s->all_logits;
+}
+
+/* What -m eval adds up over the scored tokens. */
+typedef struct {
+    double nll, ref_nll, kl_ref_this, kl_this_ref, kl_max, max_delta;
+    int agree, n;
+} EvalSums;
+
+/* One scored token: this model's logits p and the reference's q (or NULL), the true next id. */
+static void eval_token(EvalSums *e, const float *p, const float *q, int V, int next, double *lp,
+                       double *lq) {
+    log_probs(p, V, lp);
+    e->nll -= lp[next];
+    e->n++;
+    if (!q) return;
+    log_probs(q, V, lq);
+    e->ref_nll -= lq[next];
+    double rt = 0, tr = 0;
+    for (int v = 0; v < V; v++) {
+        rt += exp(lq[v]) * (lq[v] - lp[v]);  /* KL(reference || this) */
+        tr += exp(lp[v]) * (lp[v] - lq[v]);  /* KL(this || reference) */
+        e->max_delta = fmax(e->max_delta, fabs(p[v] - q[v]));
+    }
+    e->kl_ref_this += rt;
+    e->kl_this_ref += tr;
+    e->kl_max = fmax(e->kl_max, rt);
+    e->agree += argmax(p, V) == argmax(q, V);
+}
+
+/* -m eval: the mean negative log-likelihood of each next token of the text and its perplexity;
+ * with another model (-r), also the KL divergence between their next-token distributions, how
+ * often their top-1 agree, and the largest logit difference. A text longer than the context
+ * goes in windows of it, each starting afresh; within a window, in batches of MAX_BATCH. */
+static void run_eval(const Weights *w, RunState *s, const Weights *ref, RunState *ref_state,
+                     const IdList *ids) {
+    int V = w->cfg.vocab_size, n = ids->n;
+    if (n < 2) die("-m eval needs at least 2 tokens of text (it scores each next token)");
+    if (ref && ref->cfg.vocab_size != V)
+        die("the two models have different vocabularies (%d and %d ids)", V, ref->cfg.vocab_size);
+    double *lp = xcalloc(V, sizeof(double)), *lq = xcalloc(V, sizeof(double));
+    EvalSums e = {0};
+    for (int i = 0; i + 1 < n;) {
+        int pos = i % s->context, chunk = n - 1 - i;  /* the last token predicts nothing */
+        chunk = chunk < MAX_BATCH ? chunk : MAX_BATCH;
+        chunk = chunk < s->context - pos ? chunk : s->context - pos;  /* not past the window */
+        const float *p = forward_every(w, s, &ids->ids[i], chunk, pos);
+        const float *q = ref ? forward_every(ref, ref_state, &ids->ids[i], chunk, pos) : NULL;
+        for (int t = 0; t < chunk; t++)
+            eval_token(&e, p + (size_t)t * V, q ? q + (size_t)t * V : NULL, V, ids->ids[i + t + 1],
+                       lp, lq);
+        i += chunk;
+    }
+    printf("tokens scored: %d (of %d, windows of %d)\n", e.n, n, s->context);
+    printf("mean NLL %.6f nats/token, perplexity %.6f\n", e.nll / e.n, exp(e.nll / e.n));
+    if (ref) {
+        printf("reference: mean NLL %.6f nats/token, perplexity %.6f\n", e.ref_nll / e.n,
+               exp(e.ref_nll / e.n));
+        printf("KL(reference || this) mean %.6g nats/token (max %.6g); KL(this || reference) mean "
+               "%.6g\n",
+               e.kl_ref_this / e.n, e.kl_max, e.kl_this_ref / e.n);
+        printf("top-1 agreement %.2f%% (%d of %d); max |delta logit| %.6g\n", 100.0 * e.agree / e.n,
+               e.agree, e.n, e.max_delta);
+    }
+    free(lp);
+    free(lq);
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* CLI: one function per mode                                                                  */
 /* ------------------------------------------------------------------------------------------ */
 
@@ -1206,16 +1546,19 @@ enum {
     MODE_DECODE,
     MODE_TRAIN,
     MODE_LAYOUT,
+    MODE_TRACE,
+    MODE_EVAL,
     N_MODES
 };
-static const char *const mode_names[N_MODES] = {"generate", "chat", "logits", "encode", "decode",
-                                                "train", "layout"};
+static const char *const mode_names[N_MODES] = {"generate", "chat",   "logits", "encode", "decode",
+                                                "train",    "layout", "trace",  "eval"};
 
 typedef struct {
     const char *path;                 /* the model, or a tokenizer for encode/decode */
-    int mode, attn_mode, weights_mode;
+    int mode, attn_mode, weights_mode, ref_attn_mode;
     const char *prompt, *prompt_file, *out_path, *system, *gpus;
-    int steps, context, batch, eval_every;
+    const char *ref_path;             /* eval: the model to compare with (-r) */
+    int steps, context, batch, eval_every, heat_layer, heat_head;
     float temperature, topp, lr;
     uint64_t seed;
 } Options;
@@ -1226,6 +1569,7 @@ static void usage(void) {
             "usage: ./dsv2 FILE [options]     FILE: a model (.bin) or, for encode/decode, a "
             "tokenizer (.tok)\n"
             "  -m MODE    generate (default) | chat | logits | encode | decode | train | layout\n"
+            "             | trace | eval\n"
             "  -i TEXT    the prompt (text, or whitespace-separated ids for a model without a "
             "tokenizer)\n"
             "  -f FILE    the prompt (or the text to encode, the ids to decode: default stdin) "
@@ -1246,6 +1590,13 @@ static void usage(void) {
             "  -g LIST    (the CUDA build, ./dsv2cu; also --gpus LIST) GPUs for the layers: 0, 0,1 "
             "or 0,0\n"
             "layout: every tensor of the file with its offset, bytes, shape and storage\n"
+            "trace: per token and layer the experts and gate values, the groups kept, the shared\n"
+            "  experts' share, each head's top-5 positions and entropy, the KV cache bytes;\n"
+            "  -o trace.csv also writes trace.routing/load/attention/kv.svg\n"
+            "  -l L,H     the layer and head of the attention heatmap (default: last layer, 0)\n"
+            "eval: mean NLL per token and perplexity of the text of -f/-i\n"
+            "  -r OTHER   also KL divergence, top-1 agreement, max |delta logit| against OTHER\n"
+            "  -A MODE    OTHER's attention form (default: that of -a)\n"
             "training (-m train, an f32 model with a tokenizer): -f corpus.txt -o out.bin -n steps "
             "(256)\n"
             "  -b N       sequences per batch (default 8); -c N: tokens per sequence (default "
@@ -1299,7 +1650,10 @@ static Options parse_options(int argc, char **argv) {
                  .temperature = 1.0f,
                  .topp = 0.9f,
                  .lr = 3e-3f,
+                 .ref_attn_mode = -1,
+                 .heat_layer = -1,
                  .seed = (uint64_t)time(NULL)};
+    const char *r_value = NULL;  /* -r: train's learning rate or eval's reference model */
     for (int i = 2; i < argc; i += 2) {
         const char *flag = strcmp(argv[i], "--gpus") ? argv[i] : "-g"; /* as multi-GPU tools spell
                                                                           it */
@@ -1317,7 +1671,13 @@ static Options parse_options(int argc, char **argv) {
         case 'n': o.steps = (int)parse_int_arg("-n", v, 0, 1 << 24); break;
         case 'b': o.batch = (int)parse_int_arg("-b", v, 1, 4096); break;
         case 'e': o.eval_every = (int)parse_int_arg("-e", v, 1, 1 << 24); break;
-        case 'r': o.lr = parse_float_arg("-r", v, 0, 1); break;
+        case 'r': r_value = v; break;
+        case 'A': o.ref_attn_mode = parse_choice("-A", v, attn_names, 2); break;
+        case 'l':
+            if (sscanf(v, "%d,%d", &o.heat_layer, &o.heat_head) != 2 || o.heat_layer < 0 ||
+                o.heat_head < 0)
+                die("-l expects LAYER,HEAD (two integers >= 0), got \"%s\"", v);
+            break;
         case 't': o.temperature = parse_float_arg("-t", v, 0, 100); break;
         case 'p': o.topp = parse_float_arg("-p", v, 0, 1); break;
         case 's': o.seed = (uint64_t)parse_int_arg("-s", v, 0, 0x7fffffffL); break;
@@ -1328,6 +1688,10 @@ static Options parse_options(int argc, char **argv) {
         }
     }
     if (o.prompt && o.prompt_file) die("give the prompt with -i or -f, not both");
+    if (r_value && o.mode == MODE_TRAIN) o.lr = parse_float_arg("-r", r_value, 0, 1);
+    else if (r_value && o.mode == MODE_EVAL) o.ref_path = r_value;
+    else if (r_value) die("-r is for -m train (learning rate) or -m eval (a model to compare)");
+    if (o.ref_attn_mode < 0) o.ref_attn_mode = o.attn_mode;
     return o;
 }
 
@@ -1376,7 +1740,24 @@ static IdList prompt_ids(const Config *c, Tokenizer *tok, int text_prompt, const
     return ids;
 }
 
-/* generate, chat, logits: the model on a prompt. */
+/* -m eval, with the -r model loaded beside this one when given. */
+static void run_eval_against(const Options *o, const Weights *w, RunState *s, const IdList *ids,
+                             int context) {
+    if (!o->ref_path) { run_eval(w, s, NULL, NULL, ids); return; }
+    Weights ref;
+    RunState ref_state;
+    memset(&ref, 0, sizeof ref);
+    load_weights(&ref, o->ref_path, o->weights_mode);
+    if (context > ref.cfg.max_position_embeddings)
+        die("-c %d exceeds %s's max_position_embeddings %d", context, o->ref_path,
+            ref.cfg.max_position_embeddings);
+    init_run_state(&ref_state, &ref.cfg, o->ref_attn_mode, context);
+    run_eval(w, s, &ref, &ref_state, ids);
+    free_run_state(&ref_state);
+    free_weights(&ref);
+}
+
+/* generate, chat, logits, trace, eval: the model on a prompt. */
 static void run_model(const Options *o, const Weights *w, Tokenizer *tok, const char *input,
                       size_t len) {
     const Config *c = &w->cfg;
@@ -1398,12 +1779,12 @@ static void run_model(const Options *o, const Weights *w, Tokenizer *tok, const 
     if (o->mode != MODE_CHAT) {
         ids = prompt_ids(c, tok, text_prompt, input, len);
         if (ids.n < 1) die("no tokens to run: the prompt is empty");
-        check_context(ids.n, context);
+        if (o->mode != MODE_TRACE && o->mode != MODE_EVAL) check_context(ids.n, context);
     }
     RunState s;
     init_run_state(&s, c, o->attn_mode, context);
 #ifdef DSV2_CUDA
-    s.gpu = gpu_model_create(w, &s, o->gpus ? o->gpus : "0");
+    if (o->mode != MODE_TRACE) s.gpu = gpu_model_create(w, &s, o->gpus ? o->gpus : "0");
 #else
     if (o->gpus) die("-g needs the CUDA build (make cuda, then ./dsv2cu)");
 #endif
@@ -1420,6 +1801,9 @@ static void run_model(const Options *o, const Weights *w, Tokenizer *tok, const 
     Sampler sp = {c->vocab_size, o->temperature, o->topp, o->seed * 0x9E3779B97F4A7C15ull + 1,
                   xcalloc(c->vocab_size, sizeof(ProbIndex))};
     if (o->mode == MODE_LOGITS) write_logits(w, &s, ids.ids, ids.n, o->out_path);
+    else if (o->mode == MODE_TRACE)
+        run_trace(w, &s, text_prompt ? tok : NULL, &ids, o->out_path, o->heat_layer, o->heat_head);
+    else if (o->mode == MODE_EVAL) run_eval_against(o, w, &s, &ids, context);
     else if (o->mode == MODE_CHAT) chat(w, &s, &sp, tok, o->system, input, o->steps);
     else {  /* with a tokenizer, generation is text and stops at EOS; without, ids in and out */
         int pos = 0;
@@ -3189,6 +3573,21 @@ static void decode_token(const Tokenizer *t, TextSink *o, int id, int skip_speci
     sink_bytes(o, t->bytes[id], t->len[id]);
 }
 
+/* One id's bytes as printable text for a trace, safe inside a quoted CSV field: newline as \n,
+ * control bytes, the quote and the backslash as \xNN, other bytes as they are. */
+static void token_text(const Tokenizer *t, int id, char *out, size_t size) {
+    size_t n = 0;
+    out[0] = '\0';
+    if (id < 0 || id >= t->n_ids || t->kind[id] == TOKEN_UNUSED) return;
+    for (uint32_t i = 0; i < t->len[id] && n + 5 < size; i++) {
+        unsigned char b = t->bytes[id][i];
+        if (b == '\n') n += snprintf(out + n, size - n, "\\n");
+        else if (b < 32 || b == 127 || b == '"' || b == '\\')
+            n += snprintf(out + n, size - n, "\\x%02x", b);
+        else out[n++] = (char)b, out[n] = '\0';
+    }
+}
+
 /* One chat turn as text, with the model's template (tokenizer_config.json's chat_template):
  *   DeepSeek-V2: <bos>{system}\n\nUser: {user}\n\nAssistant:      (no space after "Assistant:")
  *   DeepSeek-V3: <bos>{system}<｜User｜>{user}<｜Assistant｜>
@@ -3262,6 +3661,354 @@ static int is_tokenizer_file(const char *path) {
     size_t got = fread(magic, 1, 4, f);
     fclose(f);
     return got == 4 && !memcmp(magic, TOKENIZER_MAGIC, 4);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Pictures: standalone SVG with axes, ticks, labels and a legend (no dependencies). One       */
+/* helper draws them all: -m trace's routing map, expert load, attention heatmap and KV cache */
+/* chart, and training's loss curve.                                                          */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    OutputFile out;
+    FILE *f;
+    double x0, x1, y0, y1;            /* the data range shown */
+    int log_x, log_y;                 /* log axes */
+    int flip_y;                       /* y grows downwards (row 0 at the top) */
+    double left, top, width, height;  /* the plot area, pixels */
+} Plot;
+
+static void svg_open(Plot *p, const char *path, int W, int H, const char *title) {
+    memset(p, 0, sizeof *p);
+    output_open(&p->out, path);
+    p->f = p->out.f;
+    fprintf(p->f,
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" "
+            "viewBox=\"0 0 %d %d\" font-family=\"sans-serif\" font-size=\"12\">\n"
+            "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n"
+            "<text x=\"%d\" y=\"22\" font-size=\"15\" text-anchor=\"middle\">%s</text>\n",
+            W, H, W, H, W / 2, title);
+}
+
+static void svg_close(Plot *p) {
+    fprintf(p->f, "</svg>\n");
+    output_close(&p->out);
+}
+
+/* The plot area and its data range. */
+static void plot_area(Plot *p, double left, double top, double width, double height, double x0,
+                      double x1, double y0, double y1) {
+    p->left = left; p->top = top; p->width = width; p->height = height;
+    p->x0 = x0; p->x1 = x1 > x0 ? x1 : x0 + 1; p->y0 = y0; p->y1 = y1 > y0 ? y1 : y0 + 1;
+}
+
+static double plot_px(const Plot *p, double x) {
+    double u = p->log_x ? (log10(x) - log10(p->x0)) / (log10(p->x1) - log10(p->x0))
+                        : (x - p->x0) / (p->x1 - p->x0);
+    return p->left + u * p->width;
+}
+
+static double plot_py(const Plot *p, double y) {
+    double u = p->log_y ? (log10(y) - log10(p->y0)) / (log10(p->y1) - log10(p->y0))
+                        : (y - p->y0) / (p->y1 - p->y0);
+    return p->top + (p->flip_y ? u : 1 - u) * p->height;
+}
+
+/* A round tick step for a linear axis over [lo, hi]: 1, 2 or 5 times a power of ten. */
+static double nice_step(double lo, double hi, int max_ticks) {
+    double raw = (hi - lo) / max_ticks, mag = pow(10, floor(log10(raw)));
+    return raw <= mag ? mag : raw <= 2 * mag ? 2 * mag : raw <= 5 * mag ? 5 * mag : 10 * mag;
+}
+
+typedef const char *(*TickLabel)(double v, char *buf, size_t size);
+
+static const char *tick_number(double v, char *buf, size_t size) {
+    snprintf(buf, size, "%g", fabs(v) < 1e-12 ? 0.0 : v);
+    return buf;
+}
+
+static const char *tick_bytes(double v, char *buf, size_t size) {
+    const char *unit[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+    int u = 0;
+    while (v >= 1024 && u < 5) { v /= 1024; u++; }
+    snprintf(buf, size, "%g %s", v, unit[u]);
+    return buf;
+}
+
+static const char *tick_tokens(double v, char *buf, size_t size) {
+    if (v >= 1024) snprintf(buf, size, "%gK", v / 1024);
+    else snprintf(buf, size, "%g", v);
+    return buf;
+}
+
+/* One axis's ticks: linear at a round step, log at the powers of `base` in range. */
+static int axis_ticks(double lo, double hi, int log_axis, double base, double *ticks) {
+    int n = 0;
+    if (log_axis) {
+        for (double v = pow(base, ceil(log(lo) / log(base) - 1e-9)); v <= hi * (1 + 1e-9) && n < 32;
+             v *= base)
+            ticks[n++] = v;
+        return n;
+    }
+    double step = nice_step(lo, hi, 6);
+    for (double v = ceil(lo / step - 1e-9) * step; v <= hi + step * 1e-9 && n < 32; v += step)
+        ticks[n++] = v;
+    return n;
+}
+
+/* The frame, the ticks with their labels, and the axis labels. x_base, y_base: the factor
+ * between ticks of a log axis (10; 2 for token counts, 4 for bytes). */
+static void plot_axes(Plot *p, const char *x_label, const char *y_label, TickLabel x_fmt,
+                      TickLabel y_fmt, double x_base, double y_base) {
+    FILE *f = p->f;
+    double ticks[32], bottom = p->top + p->height;
+    char buf[32];
+    fprintf(f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" "
+               "stroke=\"black\"/>\n", p->left, p->top, p->width, p->height);
+    int n = axis_ticks(p->x0, p->x1, p->log_x, x_base, ticks);
+    for (int i = 0; i < n; i++) {
+        double x = plot_px(p, ticks[i]);
+        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"black\"/>"
+                   "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%s</text>\n",
+                x, bottom, x, bottom + 5, x, bottom + 18, x_fmt(ticks[i], buf, sizeof buf));
+    }
+    n = axis_ticks(p->y0, p->y1, p->log_y, y_base, ticks);
+    for (int i = 0; i < n; i++) {
+        double y = plot_py(p, ticks[i]);
+        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"black\"/>"
+                   "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>"
+                   "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%s</text>\n",
+                p->left - 5, y, p->left, y, p->left, y, p->left + p->width, y, p->left - 8, y + 4,
+                y_fmt(ticks[i], buf, sizeof buf));
+    }
+    fprintf(f, "<text class=\"axis-label\" x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%s"
+               "</text>\n", p->left + p->width / 2, bottom + 38, x_label);
+    fprintf(f, "<text class=\"axis-label\" transform=\"translate(%.1f,%.1f) rotate(-90)\" "
+               "text-anchor=\"middle\">%s</text>\n", p->left - 70, p->top + p->height / 2, y_label);
+}
+
+/* A line through n points; dash "" for solid. */
+static void plot_line(Plot *p, const double *x, const double *y, int n, const char *color,
+                      const char *dash, double stroke_width) {
+    fprintf(p->f, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"%.1f\"%s%s%s points=\"",
+            color, stroke_width, *dash ? " stroke-dasharray=\"" : "", dash, *dash ? "\"" : "");
+    for (int i = 0; i < n; i++) fprintf(p->f, "%.1f,%.1f ", plot_px(p, x[i]), plot_py(p, y[i]));
+    fprintf(p->f, "\"/>\n");
+}
+
+/* The legend: one entry per line, a swatch (a line, dashed or not, or a dot) and its label, in
+ * a box at the plot's top right (or at x, y when x >= 0). */
+typedef struct { const char *label, *color, *dash; int dot; } LegendEntry;  /* dot 2: a square */
+
+static void plot_legend(Plot *p, const LegendEntry *e, int n, double x, double y) {
+    int widest = 0;
+    for (int i = 0; i < n; i++) widest = max_int(widest, (int)strlen(e[i].label));
+    double w = 40 + 6.5 * widest, h = 8 + 16 * n;
+    if (x < 0) { x = p->left + p->width - w - 8; y = p->top + 8; }
+    fprintf(p->f,
+            "<g class=\"legend\">\n<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" "
+            "fill=\"white\" "
+            "fill-opacity=\"0.9\" stroke=\"#999\"/>\n",
+            x, y, w, h);
+    for (int i = 0; i < n; i++) {
+        double cy = y + 12 + 16 * i;
+        if (e[i].dot == 2)
+            fprintf(p->f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"10\" height=\"10\" "
+                          "fill=\"%s\"/>\n", x + 13, cy - 5, e[i].color);
+        else if (e[i].dot)
+            fprintf(p->f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"4\" fill=\"%s\"/>\n", x + 18, cy,
+                    e[i].color);
+        else
+            fprintf(p->f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" "
+                          "stroke-width=\"2\" stroke-dasharray=\"%s\"/>\n",
+                    x + 6, cy, x + 30, cy, e[i].color, e[i].dash ? e[i].dash : "");
+        fprintf(p->f, "<text x=\"%.1f\" y=\"%.1f\">%s</text>\n", x + 36, cy + 4, e[i].label);
+    }
+    fprintf(p->f, "</g>\n");
+}
+
+/* Colours: expert e of E by hue (HSV, full saturation), and a white-to-blue scale for [0, 1]. */
+static void expert_color(int e, int E, char *buf, size_t size) {
+    double h = 6.0 * e / (E > 0 ? E : 1), x = 1 - fabs(fmod(h, 2) - 1);
+    double rgb[6][3] = {{1, x, 0}, {x, 1, 0}, {0, 1, x}, {0, x, 1}, {x, 0, 1}, {1, 0, x}};
+    int s = (int)h % 6;
+    snprintf(buf, size, "#%02x%02x%02x", (int)(200 * rgb[s][0]), (int)(200 * rgb[s][1]),
+             (int)(200 * rgb[s][2]));
+}
+
+static void scale_color(double u, char *buf, size_t size) {
+    u = u < 0 ? 0 : u > 1 ? 1 : u;
+    snprintf(buf, size, "#%02x%02x%02x", (int)(255 - 247 * u), (int)(255 - 207 * u),
+             (int)(255 - 148 * u));
+}
+
+/* A vertical colour bar from 0 to max beside the plot, its label above it. */
+static void plot_colorbar(Plot *p, double max, const char *label) {
+    double x = p->left + p->width + 20, h = p->height, steps = 32;
+    char color[16], buf[32];
+    fprintf(p->f, "<g class=\"colorbar\">\n");
+    for (int i = 0; i < steps; i++) {
+        scale_color((i + 0.5) / steps, color, sizeof color);
+        fprintf(p->f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"14\" height=\"%.2f\" fill=\"%s\"/>\n",
+                x, p->top + h * (1 - (i + 1) / steps), h / steps + 0.5, color);
+    }
+    fprintf(p->f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"14\" height=\"%.1f\" fill=\"none\" "
+                  "stroke=\"black\"/>\n<text x=\"%.1f\" y=\"%.1f\">%s</text>"
+                  "<text x=\"%.1f\" y=\"%.1f\">0</text><text x=\"%.1f\" y=\"%.1f\">%s</text>\n",
+            x, p->top, h, x - 10, p->top - 8, label, x + 18, p->top + h, x + 18, p->top + 10,
+            tick_number(max, buf, sizeof buf));
+    fprintf(p->f, "</g>\n");
+}
+
+/* A filled cell of data size 1 x 1 centred on (x, y). */
+static void plot_cell(Plot *p, double x, double y, const char *color, double opacity) {
+    double px = plot_px(p, x - 0.5), py0 = plot_py(p, y - 0.5), py1 = plot_py(p, y + 0.5);
+    fprintf(p->f, "<rect x=\"%.2f\" y=\"%.2f\" width=\"%.2f\" height=\"%.2f\" fill=\"%s\" "
+                  "fill-opacity=\"%.3f\"/>\n",
+            px, fmin(py0, py1), plot_px(p, x + 0.5) - px, fabs(py1 - py0), color, opacity);
+}
+
+/* -m trace: tokens x layers, each cell the token's top expert (colour) and its gate value
+ * (intensity, relative to the largest); dense layers grey. */
+static void svg_routing_map(const char *path, const Config *c, const int *top1,
+                            const float *weight, int n_tokens) {
+    int L = c->num_hidden_layers, E = c->n_routed_experts;
+    Plot p;
+    double row = L < 12 ? 24 : 14;
+    svg_open(&p, path, 900, 160 + row * L + 18 * 3, "Routing map: each token's top-1 "
+             "routed expert per layer (colour), its gate value (intensity)");
+    p.flip_y = 1;
+    plot_area(&p, 90, 40, 760, row * L, -0.5, n_tokens - 0.5, -0.5, L - 0.5);
+    float max_w = 1e-30f;
+    for (int i = 0; i < n_tokens * L; i++) max_w = fmaxf(max_w, weight[i]);
+    char color[16];
+    for (int t = 0; t < n_tokens; t++)
+        for (int l = 0; l < L; l++) {
+            if (!is_moe_layer(c, l)) { plot_cell(&p, t, l, "#bbb", 1); continue; }
+            expert_color(top1[t * L + l], E, color, sizeof color);
+            plot_cell(&p, t, l, color, 0.25 + 0.75 * weight[t * L + l] / max_w);
+        }
+    plot_axes(&p, "token position", "layer", tick_number, tick_number, 10, 10);
+    int step = E > 32 ? (E + 31) / 32 : 1, shown = 0;  /* at most 33 legend entries */
+    fprintf(p.f, "<g class=\"legend\">\n");
+    for (int i = 0; i <= E; i = i < E && i + step > E ? E : i + step, shown++) {
+        double x = 80 + 70.0 * (shown % 11), y = p.top + p.height + 52 + 18.0 * (shown / 11);
+        char name[24];
+        if (i < E) expert_color(i, E, color, sizeof color);
+        snprintf(name, sizeof name, i < E ? "expert %d" : "dense", i);
+        fprintf(p.f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"5\" fill=\"%s\"/>"
+                     "<text x=\"%.1f\" y=\"%.1f\">%s</text>\n",
+                x, y, i < E ? color : "#bbb", x + 8, y + 4, name);
+        if (i == E) break;
+    }
+    fprintf(p.f, "</g>\n");
+    svg_close(&p);
+}
+
+/* -m trace -f text: how many tokens each routed expert got, one bar chart per MoE layer, with
+ * the even load n K / E as a dashed line. */
+static void svg_expert_load(const char *path, const Config *c, const int *load, int n_tokens) {
+    int L = c->num_hidden_layers, E = c->n_routed_experts, moe_layers = 0, max_load = 1;
+    for (int l = 0; l < L; l++)
+        if (is_moe_layer(c, l)) {
+            moe_layers++;
+            for (int e = 0; e < E; e++) max_load = max_int(max_load, load[(size_t)l * E + e]);
+        }
+    char title[160];
+    snprintf(title, sizeof title, "Expert load over %d tokens: tokens routed to each expert, per "
+             "MoE layer", n_tokens);
+    Plot p;
+    svg_open(&p, path, 900, 80 + 130 * max_int(moe_layers, 1), title);
+    double even = (double)n_tokens * c->num_experts_per_tok / E;
+    int row = 0;
+    for (int l = 0; l < L; l++) {
+        if (!is_moe_layer(c, l)) continue;
+        plot_area(&p, 90, 70 + 130.0 * row++, 760, 80, -0.5, E - 0.5, 0,
+                  fmax(max_load, even) * 1.05);
+        for (int e = 0; e < E; e++) {
+            double x = plot_px(&p, e - 0.4), x2 = plot_px(&p, e + 0.4);
+            double y = plot_py(&p, load[(size_t)l * E + e]);
+            fprintf(p.f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" "
+                         "fill=\"steelblue\"/>\n", x, y, x2 - x, p.top + p.height - y);
+        }
+        double xs[2] = {-0.5, E - 0.5}, ys[2] = {even, even};
+        plot_line(&p, xs, ys, 2, "darkorange", "6,4", 1.5);
+        char label[32];
+        snprintf(label, sizeof label, "tokens, layer %d", l);
+        plot_axes(&p, "routed expert", label, tick_number, tick_number, 10, 10);
+        if (row == 1) {
+            LegendEntry e[2] = {{"tokens routed to the expert", "steelblue", NULL, 2},
+                                {"even load n K / E", "darkorange", "6,4", 0}};
+            plot_legend(&p, e, 2, p.left + p.width - 250, 28);
+        }
+    }
+    svg_close(&p);
+}
+
+/* -m trace: one head's attention probabilities, query position (rows) x key position. */
+static void svg_attention(const char *path, const float *probs, int n, int layer, int head) {
+    char title[128], color[16];
+    snprintf(title, sizeof title, "Attention of layer %d, head %d: P(query attends to key)", layer,
+             head);
+    Plot p;
+    svg_open(&p, path, 720, 680, title);
+    p.flip_y = 1;
+    plot_area(&p, 80, 50, 540, 540, -0.5, n - 0.5, -0.5, n - 0.5);
+    for (int q = 0; q < n; q++)
+        for (int k = 0; k <= q; k++) {
+            scale_color(probs[(size_t)q * n + k], color, sizeof color);
+            plot_cell(&p, k, q, color, 1);
+        }
+    plot_axes(&p, "key position", "query position", tick_number, tick_number, 10, 10);
+    plot_colorbar(&p, 1, "probability");
+    svg_close(&p);
+}
+
+/* KV cache bytes (f32, all layers) against context length for MLA absorbed, MLA naive and
+ * standard MHA: the loaded model, DeepSeek-V2-Lite and DeepSeek-V2 (their released configs). */
+static void svg_kv_cache(const char *path, const Config *c) {
+    Config lite = {.num_hidden_layers = 27, .num_attention_heads = 16, .kv_lora_rank = 512,
+                   .qk_nope_head_dim = 128, .qk_rope_head_dim = 64, .v_head_dim = 128};
+    Config v2 = lite;
+    v2.num_hidden_layers = 60;
+    v2.num_attention_heads = 128;
+    const Config *models[3] = {c, &lite, &v2};
+    static const char *const model_names[3] = {"this model", "DeepSeek-V2-Lite", "DeepSeek-V2"};
+    static const char *const colors[3] = {"black", "steelblue", "firebrick"};
+    static const char *const forms[3] = {"MLA absorbed", "MLA naive", "MHA"},
+                             *const dashes[3] = {"", "8,4", "2,3"};
+    double lo = 1e300, hi = 0, x[8], y[8];
+    for (int m = 0; m < 3; m++) {
+        double b[3];
+        kv_bytes_per_token(models[m], b);
+        for (int k = 0; k < 3; k++) {
+            lo = fmin(lo, b[k] * models[m]->num_hidden_layers * 1024);
+            hi = fmax(hi, b[k] * models[m]->num_hidden_layers * 131072);
+        }
+    }
+    Plot p;
+    svg_open(&p, path, 820, 560, "KV cache size (f32, all layers) against context length");
+    p.log_x = p.log_y = 1;
+    plot_area(&p, 110, 45, 670, 420, 1024, 131072, pow(4, floor(log(lo) / log(4))),
+              pow(4, ceil(log(hi) / log(4))));
+    LegendEntry legend[9];
+    char labels[9][64];
+    for (int m = 0; m < 3; m++) {
+        double b[3];
+        kv_bytes_per_token(models[m], b);
+        for (int k = 0; k < 3; k++) {
+            for (int i = 0; i < 8; i++) {
+                x[i] = 1024.0 * (1 << i);
+                y[i] = b[k] * models[m]->num_hidden_layers * x[i];
+            }
+            plot_line(&p, x, y, 8, colors[m], dashes[k], 2);
+            snprintf(labels[m * 3 + k], sizeof labels[0], "%s, %s", model_names[m], forms[k]);
+            legend[m * 3 + k] = (LegendEntry){labels[m * 3 + k], colors[m], dashes[k], 0};
+        }
+    }
+    plot_axes(&p, "context length (tokens)", "KV cache bytes", tick_tokens, tick_bytes, 2, 4);
+    plot_legend(&p, legend, 9, p.left + 10, p.top + 8);
+    svg_close(&p);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -3985,64 +4732,60 @@ static double validation_loss(const Params *p, TrainState *ts, RunState *rs, con
     return windows ? sum / windows : NAN;
 }
 
-/* The loss curve as a small SVG: train loss (line) and validation loss (dots). */
-/* The loss curve of a training CSV (every row, so a resumed run's too) as a small SVG: train
- * loss (line) and validation loss (dots). */
+/* The loss curve of a training CSV (every row, so a resumed run's too): train loss per step,
+ * its moving average, and the validation loss (dots). */
 static void write_loss_svg(const char *path, const char *csv_path) {
     char *text = read_file(csv_path, NULL);
-    int n = 0, cap = 256, first_step = 0;
-    float *train = floats(cap), *val = floats(cap);
+    int n = 0, cap = 256;
+    double *step = xcalloc(cap, sizeof(double)), *train = xcalloc(cap, sizeof(double));
+    double *val = xcalloc(cap, sizeof(double));
     for (char *line = strchr(text, '\n'); line && line[1]; line = strchr(line + 1, '\n')) {
-        int step, fields = 0;
+        int s, fields = 0;
         float loss, ce;
-        if (sscanf(line + 1, "%d,%f,%f,", &step, &loss, &ce) != 3) continue;
+        if (sscanf(line + 1, "%d,%f,%f,", &s, &loss, &ce) != 3) continue;
         if (n == cap) {
             cap *= 2;
-            train = realloc(train, cap * sizeof(float));
-            val = realloc(val, cap * sizeof(float));
-            if (!train || !val) die("out of memory");
+            step = realloc(step, cap * sizeof(double));
+            train = realloc(train, cap * sizeof(double));
+            val = realloc(val, cap * sizeof(double));
+            if (!step || !train || !val) die("out of memory");
         }
         const char *v = line + 1;  /* the validation field: after the third comma */
         while (*v && *v != '\n' && fields < 3) fields += *v++ == ',';
-        if (!n) first_step = step;
+        step[n] = s;
         train[n] = loss;
-        val[n++] = *v == ',' || *v == '\n' || !*v ? NAN : strtof(v, NULL);
+        val[n++] = *v == ',' || *v == '\n' || !*v ? NAN : strtod(v, NULL);
     }
     free(text);
-    OutputFile out;
-    output_open(&out, path);
-    FILE *f = out.f;
-    float lo = 1e9f, hi = -1e9f;
+    double lo = 1e300, hi = -1e300, *smooth = xcalloc(n + 1, sizeof(double)), dots_x[n + 1],
+           dots_y[n + 1];
+    int dots = 0;
     for (int i = 0; i < n; i++) {
-        lo = fminf(lo, train[i]); hi = fmaxf(hi, train[i]);
-        if (!isnan(val[i])) { lo = fminf(lo, val[i]); hi = fmaxf(hi, val[i]); }
+        lo = fmin(lo, train[i]);
+        hi = fmax(hi, train[i]);
+        smooth[i] = i ? 0.9 * smooth[i - 1] + 0.1 * train[i] : train[i];  /* moving average */
+        if (!isnan(val[i])) { dots_x[dots] = step[i]; dots_y[dots++] = val[i]; }
     }
-    if (hi <= lo) hi = lo + 1;
-    const int W = 640, Hh = 400, m = 50;
-    fprintf(f,
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" "
-            "font-family=\"sans-serif\" font-size=\"12\">\n",
-            W, Hh);
-    fprintf(f,
-            "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n<text x=\"%d\" y=\"20\">loss "
-            "(nats/token): train (line), validation (dots); step %d..%d</text>\n",
-            m, first_step, first_step + n - 1);
-    fprintf(f, "<text x=\"5\" y=\"%d\">%.2f</text><text x=\"5\" y=\"%d\">%.2f</text>\n", m, hi,
-            Hh - m, lo);
-    fprintf(f, "<polyline fill=\"none\" stroke=\"steelblue\" stroke-width=\"1.5\" points=\"");
-    for (int i = 0; i < n; i++)
-        fprintf(f, "%.1f,%.1f ", m + (W - 2.0 * m) * i / (n > 1 ? n - 1 : 1),
-                m + (Hh - 2.0 * m) * (hi - train[i]) / (hi - lo));
-    fprintf(f, "\"/>\n");
-    for (int i = 0; i < n; i++)
-        if (!isnan(val[i]))
-            fprintf(f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3\" fill=\"darkorange\"/>\n",
-                    m + (W - 2.0 * m) * i / (n > 1 ? n - 1 : 1),
-                    m + (Hh - 2.0 * m) * (hi - val[i]) / (hi - lo));
-    fprintf(f, "</svg>\n");
-    output_close(&out);
-    free(train);
-    free(val);
+    for (int i = 0; i < dots; i++) { lo = fmin(lo, dots_y[i]); hi = fmax(hi, dots_y[i]); }
+    Plot p;
+    char title[96];
+    snprintf(title, sizeof title, "Training loss, steps %d..%d", n ? (int)step[0] : 0,
+             n ? (int)step[n - 1] : 0);
+    svg_open(&p, path, 720, 460, title);
+    plot_area(&p, 90, 40, 590, 340, n ? step[0] : 0, n ? step[n - 1] : 1, n ? floor(lo) : 0,
+              n ? ceil(hi) : 1);
+    plot_line(&p, step, train, n, "#9ecae1", "", 1);
+    plot_line(&p, step, smooth, n, "steelblue", "", 2);
+    for (int i = 0; i < dots; i++)
+        fprintf(p.f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3.5\" fill=\"darkorange\"/>\n",
+                plot_px(&p, dots_x[i]), plot_py(&p, dots_y[i]));
+    plot_axes(&p, "step", "loss (nats/token)", tick_number, tick_number, 10, 10);
+    LegendEntry e[3] = {{"train loss, each step", "#9ecae1", NULL, 0},
+                        {"train loss, moving average", "steelblue", NULL, 0},
+                        {"validation loss", "darkorange", NULL, 1}};
+    plot_legend(&p, e, 3, -1, 0);
+    svg_close(&p);
+    free(step); free(train); free(val); free(smooth);
 }
 
 /* Adam's moments and step beside a checkpoint (OUT.adam), so training can resume from it. */

@@ -2,6 +2,7 @@
 """Convert a Hugging Face DeepSeek-V2 checkpoint folder into one dsv2 file.
 
     python3 export.py HF_DIR OUT.bin [--dtype f32|bf16|q8]
+    python3 export.py MODEL.bin OUT.bin --dtype q8          (a dsv2 f32/bf16 file, e.g. a trained one, into q8)
     python3 export.py --tokenizer tokenizer.json OUT.tok
     python3 export.py --random lite|v2 OUT.bin [--layers N] [--dtype f32|bf16|q8]   (random weights, real shapes)
     --print-layout: instead of a summary, every block written (offset, bytes, name, shape, storage),
@@ -956,6 +957,54 @@ def export_model(folder, out, dtype_name, show_layout=False):
               "(token ids in and out)", file=sys.stderr)
 
 
+def export_dsv2(path, out, dtype_name, show_layout=False):
+    """A dsv2 file of ours (f32 or bf16, e.g. one `./dsv2 -m train` wrote) into another dtype,
+    the tokenizer kept: how the built-in model gets its q8 twin for `-m eval -r`."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER_SIZE)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        fail(f"cannot read {path}: {e}")
+    if len(head) < HEADER_SIZE or head[:4] != MAGIC:
+        fail(f"{path} is not a dsv2 file (no DSV2 magic)")
+    fields = struct.unpack_from("<I32i16d4Q", head, 4)
+    if fields[0] != VERSION:
+        fail(f"{path}: version {fields[0]}, this export.py reads version {VERSION}")
+    config = dict(zip(INT_FIELDS, fields[1:33]))
+    config.update(zip(FLOAT_FIELDS, fields[33:49]))
+    tok_offset, tok_size, file_size = fields[49:52]
+    check_header(config, path)
+    source = {v: k for k, v in DTYPES.items()}[config["dtype"]]
+    if source == "q8":
+        fail(f"{path} is q8 already: convert from its f32 or bf16 source")
+    if file_size != size or tok_offset + tok_size > size:
+        fail(f"{path}: the header says {file_size} bytes, the file has {size}")
+    dtype_name = dtype_name or source
+    elem, src_dtype = (4, "F32") if source == "f32" else (2, "BF16")
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    offset, plan = HEADER_SIZE, list(tensor_plan(config))
+
+    def chunks(shape, is_matrix):
+        nonlocal offset
+        offset += -offset % ALIGN
+        n = shape[0] * (shape[1] if len(shape) > 1 else 1)
+        width = elem if is_matrix else 4
+        if offset + n * width > size:
+            fail(f"{path} is truncated: it ends inside its tensors")
+        raw = data[offset:offset + n * width]
+        offset += n * width
+        yield (raw.view(np.float32) if width == 4 else raw.view(np.uint16)), (src_dtype if is_matrix else "F32")
+
+    tokenizer = bytes(data[tok_offset:tok_offset + tok_size]) if tok_size else b""
+    config["dtype"] = DTYPES[dtype_name]
+    config["q8_group"] = q8_group_size(config) if dtype_name == "q8" else 0
+    with Writer(out, config) as w:
+        for name, shape, is_matrix in plan:
+            write_tensor(w, name, shape, chunks(shape, is_matrix), is_matrix, dtype_name, config["q8_group"])
+        finish(w, tokenizer, show_layout, f"wrote {out}: {len(plan)} tensors from {path}, {dtype_name}, {{mib:.1f}} MiB")
+
+
 # --------------------------------------------------------------------------- random checkpoints
 
 PRESETS = {  # the released config.json values (shared/docs/architecture.md section 10)
@@ -1131,6 +1180,7 @@ def export_tokenizer(path, out):
 
 
 USAGE = """usage: python3 export.py HF_DIR OUT.bin [--dtype f32|bf16|q8] [--print-layout]
+       python3 export.py MODEL.bin OUT.bin --dtype f32|bf16|q8      (a dsv2 f32/bf16 file into another dtype)
        python3 export.py --random lite|v2|tiny|CONFIG.json OUT.bin [--layers N] [--dtype f32|bf16|q8] [--seed S]
        python3 export.py --tokenizer tokenizer.json OUT.tok
        python3 export.py --train-tokenizer CORPUS.txt VOCAB_SIZE OUT_DIR
@@ -1206,6 +1256,9 @@ def main(argv):
         return
     if len(args) != 2:
         sys.exit(USAGE)
+    if os.path.isfile(args[0]):  # one of our own files, into another dtype
+        export_dsv2(args[0], args[1], dtype, show_layout)
+        return
     export_model(args[0], args[1], dtype, show_layout)
 
 

@@ -540,12 +540,14 @@ static void check_internals(const char *dir, const char *model_path) {
     free(cos_ref);
     float *hidden = xcalloc((size_t)T * L * D, sizeof(float)), *rw = xcalloc((size_t)T * L * K, sizeof(float));
     int *ri = xcalloc((size_t)T * L * K, sizeof(int));
+    s.trace = trace_new(c, s.context);
     for (int pos = 0; pos < T; pos++) {
-        s.tap_hidden = hidden + (size_t)pos * L * D;
-        s.tap_route_idx = ri + (size_t)pos * L * K;
-        s.tap_route_weight = rw + (size_t)pos * L * K;
         forward(&w, &s, &prompt[pos], 1, pos);
+        memcpy(hidden + (size_t)pos * L * D, s.trace->hidden, (size_t)L * D * sizeof(float));
+        memcpy(ri + (size_t)pos * L * K, s.trace->route_idx, (size_t)L * K * sizeof(int));
+        memcpy(rw + (size_t)pos * L * K, s.trace->route_weight, (size_t)L * K * sizeof(float));
     }
+    trace_free(s.trace);
     for (int l = 0; l < L; l++) {
         char name[64];
         snprintf(name, sizeof name, "hidden.layer.%d", l);
@@ -638,8 +640,9 @@ static void check_cli(const char *dir, const char *model_path, const char *label
     free(all); free(prompt); free(gen); free(logits); free(gen_logits);
 }
 
-/* q8 through the CLI: prints max and mean |logit - reference| and top-1 agreement over every
- * position; checks them against loose bounds (quantization changes results by design). */
+/* q8 on a fixture through the CLI: top-1 agreement with the reference logits, max |dlogit|
+ * printed only: on tiny random models one routing flip moves a logit a lot (not a bug), so the
+ * quality of q8 is measured by KL on the trained built-in model (test_q8_quality). */
 static void check_q8(const char *dir, const char *model_path) {
     RefTensor tp, tl;
     int *prompt = load_ref(dir, "prompt_ids", &tp);
@@ -654,20 +657,156 @@ static void check_q8(const char *dir, const char *model_path) {
     size_t bytes = 0;
     float *got = run(cmd, NULL, 0) == 0 ? (float *)read_file(out_path, &bytes) : NULL;
     if (!got || bytes != (size_t)T * V * sizeof(float)) { check(0, "%s q8: logits mode", dir); free(got); free(prompt); free(logits); return; }
-    double max_err = 0, sum_err = 0, max_ref = 0;
+    double max_err = 0;
     int top1 = 0;
     for (int t = 0; t < T; t++) {
         top1 += argmax(got + (size_t)t * V, V) == argmax(logits + (size_t)t * V, V);
-        for (int v = 0; v < V; v++) {
-            double e = fabs(got[(size_t)t * V + v] - logits[(size_t)t * V + v]);
-            max_err = fmax(max_err, e);
-            sum_err += e;
-            max_ref = fmax(max_ref, fabs(logits[(size_t)t * V + v]));
-        }
+        for (int v = 0; v < V; v++) max_err = fmax(max_err, fabs(got[(size_t)t * V + v] - logits[(size_t)t * V + v]));
     }
-    check(max_err < 0.25 * max_ref && top1 >= T * 3 / 4, "%s q8: max |dlogit| %.4f, mean %.4f (logits up to %.2f), top-1 agreement %d/%d",
-          dir, max_err, sum_err / ((double)T * V), max_ref, top1, T);
+    check(top1 >= T / 2, "%s q8: top-1 agreement %d/%d (max |dlogit| %.3f, not a criterion)", dir, top1, T, max_err);
     free(got); free(prompt); free(logits);
+}
+
+/* -m trace through the CLI on a fixture's prompt: the CSV's expert rows are the official routing
+ * decisions at every position of every MoE layer (same experts, gate values within 1e-5), and
+ * the four SVGs are written with axes and a legend or colour bar. */
+static void check_trace(const char *dir, const char *model_path) {
+    RefTensor tp, t;
+    int *prompt = load_ref(dir, "prompt_ids", &tp);
+    if (!prompt) return;
+    int T = (int)tp.dims[0];
+    char ids_path[512], csv_path[600], cmd[2048];
+    snprintf(ids_path, sizeof ids_path, "%s/ids.txt", tmp_dir);
+    snprintf(csv_path, sizeof csv_path, "%s/trace.csv", tmp_dir);
+    write_ids(ids_path, prompt, T);
+    snprintf(cmd, sizeof cmd, "%s %s -m trace -f %s -o %s", dsv2_bin, model_path, ids_path, csv_path);
+    int code = run(cmd, NULL, 0);
+    char *csv = code == 0 ? read_file(csv_path, NULL) : NULL;
+    if (!csv) { check(0, "%s: -m trace exit %d", dir, code); free(prompt); return; }
+    int layers_checked = 0, all_same = 1;
+    float worst = 0;
+    for (int l = 0; l < 64; l++) {
+        char name[64];
+        snprintf(name, sizeof name, "route.%d.idx", l);
+        int *idx = load_ref(dir, name, &t);
+        snprintf(name, sizeof name, "route.%d.weight", l);
+        float *wt = load_ref(dir, name, &t);
+        if (!idx || !wt) { free(idx); free(wt); continue; }
+        int K = (int)t.dims[1], found = 0;
+        for (char *line = strchr(csv, '\n'); line && line[1]; line = strchr(line + 1, '\n')) {
+            int pos, token, layer, rank, expert;
+            float g;
+            char *q = strchr(line + 1, '"'), *q2 = q ? strchr(q + 1, '"') : NULL;  /* skip the text */
+            if (sscanf(line + 1, "%d,%d,", &pos, &token) != 2 || !q2 ||
+                sscanf(q2 + 1, ",%d,expert,,%d,%d,%f", &layer, &rank, &expert, &g) != 4 || layer != l || pos >= T)
+                continue;
+            int k = 0;
+            while (k < K && idx[pos * K + k] != expert) k++;
+            if (k == K) { all_same = 0; continue; }
+            found++;
+            worst = fmaxf(worst, fabsf(g - wt[pos * K + k]) / fmaxf(1.0f, fabsf(wt[pos * K + k])));
+        }
+        all_same &= found == T * K;
+        layers_checked++;
+        free(idx); free(wt);
+    }
+    check(layers_checked > 0 && all_same && worst <= 1e-5f, "%s: -m trace routing = the official decisions at all %d positions of %d MoE layers (gate values within %.1e, relative above 1)",
+          dir, T, layers_checked, worst);
+    static const char *const kinds[] = {"routing", "load", "attention", "kv"};
+    int svg_ok = 1;
+    for (int k = 0; k < 4; k++) {
+        char path[700];
+        snprintf(path, sizeof path, "%s/trace.%s.svg", tmp_dir, kinds[k]);
+        char *svg = access(path, R_OK) == 0 ? read_file(path, NULL) : NULL;
+        int ticks = 0;
+        for (const char *p = svg; p && (p = strstr(p, "<line")); p++) ticks++;
+        svg_ok &= svg && !strncmp(svg, "<svg", 4) && strstr(svg, "</svg>") && ticks >= 4 &&
+                  strstr(svg, "class=\"axis-label\"") && (strstr(svg, "class=\"legend\"") || strstr(svg, "class=\"colorbar\""));
+        free(svg);
+    }
+    check(svg_ok, "%s: -m trace -o wrote 4 SVGs, each with ticks, axis labels and a legend or colour bar", dir);
+    free(csv); free(prompt);
+}
+
+/* -m eval's perplexity is exp(mean NLL) of the next tokens under -m logits' distributions. */
+static void check_eval(const char *dir, const char *model_path) {
+    RefTensor tp;
+    int *prompt = load_ref(dir, "prompt_ids", &tp);
+    if (!prompt) return;
+    int T = (int)tp.dims[0];
+    char ids_path[512], out_path[512], cmd[2048];
+    snprintf(ids_path, sizeof ids_path, "%s/ids.txt", tmp_dir);
+    snprintf(out_path, sizeof out_path, "%s/logits.bin", tmp_dir);
+    write_ids(ids_path, prompt, T);
+    snprintf(cmd, sizeof cmd, "%s %s -m logits -f %s -o %s", dsv2_bin, model_path, ids_path, out_path);
+    size_t bytes = 0;
+    float *logits = run(cmd, NULL, 0) == 0 ? (float *)read_file(out_path, &bytes) : NULL;
+    snprintf(cmd, sizeof cmd, "%s %s -m eval -f %s", dsv2_bin, model_path, ids_path);
+    int code = run(cmd, NULL, 0);
+    char *text = stdout_text(), *at = strstr(text, "mean NLL ");
+    double nll = NAN, ppl = NAN;
+    if (at) sscanf(at, "mean NLL %lf nats/token, perplexity %lf", &nll, &ppl);
+    int V = logits ? (int)(bytes / sizeof(float) / T) : 0;
+    double sum = 0;
+    for (int t = 0; logits && t + 1 < T; t++) {
+        double lp[V];
+        log_probs(logits + (size_t)t * V, V, lp);
+        sum -= lp[prompt[t + 1]];
+    }
+    double mean = sum / (T - 1);
+    check(code == 0 && logits && fabs(nll - mean) < 1e-5 && fabs(ppl - exp(mean)) < 1e-5 * exp(mean),
+          "%s: -m eval perplexity %.6f = exp(mean NLL %.6f) from -m logits (%.6f)", dir, ppl, nll, mean);
+    free(logits); free(text); free(prompt);
+}
+
+/* tests/reference.py, the float64 numpy transcription: against the official references of a
+ * fixture (both MLA forms, <= 1e-6), then as a fixture maker for configs no official fixture has
+ * (the JSON files in tests/configs), whose folders go through every check ./test_all DIR runs. */
+static void test_fixture_dir(const char *dir);
+
+static void test_reference(void) {
+    printf("tests/reference.py\n");
+    const char *sets[] = {"tests/fixtures/lite", "tests/fixtures/v2", "tests/fixtures/v2-bf16-sharded"};
+    for (int i = 0; i < 3; i++) {
+        char cmd[1024];
+        snprintf(cmd, sizeof cmd, "%s tests/reference.py --check %s", python, sets[i]);
+        int code = run(cmd, NULL, 0);
+        char *text = stdout_text();
+        text[strcspn(text, "\n")] = '\0';
+        check(code == 0, "reference.py = the official code (logits <= 1e-6, naive and absorbed): %s", text);
+        free(text);
+    }
+    const char *configs[] = {"tests/configs/unseen-groups.json", "tests/configs/unseen-sparse.json"};
+    for (int i = 0; i < 2; i++) {
+        char dir[512], cmd[2048], err[4096];
+        snprintf(dir, sizeof dir, "%s/fixture-%d", tmp_dir, i);
+        snprintf(cmd, sizeof cmd, "%s tests/reference.py %s %s", python, configs[i], dir);
+        int code = run(cmd, err, sizeof err);
+        check(code == 0, "reference.py %s makes a fixture (exit %d) %.*s", configs[i], code, code ? (int)strcspn(err, "\n") : 0, err);
+        if (code == 0) test_fixture_dir(dir);
+    }
+}
+
+/* q8 quality where it means something: the trained built-in model, q8 (export.py from the f32
+ * file) against f32, over held-out text it never trained on (Revelation, tests/heldout.txt). */
+static void test_q8_quality(void) {
+    char q8[512], cmd[2048], err[4096];
+    snprintf(q8, sizeof q8, "%s/tiny-q8.bin", tmp_dir);
+    snprintf(cmd, sizeof cmd, "%s export.py models/tiny/model.bin %s --dtype q8", python, q8);
+    int code = run(cmd, err, sizeof err);
+    check(code == 0, "export.py models/tiny/model.bin --dtype q8 (a dsv2 file into q8): exit %d %.*s", code, code ? (int)strcspn(err, "\n") : 0, err);
+    snprintf(cmd, sizeof cmd, "%s %s -m eval -f tests/heldout.txt -r models/tiny/model.bin", dsv2_bin, q8);
+    code = run(cmd, NULL, 0);
+    char *text = stdout_text(), *kl_at = strstr(text, "KL(reference || this) mean "), *top_at = strstr(text, "top-1 agreement ");
+    double kl = NAN, agree = NAN, ppl = NAN, ref_ppl = NAN;
+    if (kl_at) sscanf(kl_at, "KL(reference || this) mean %lf", &kl);
+    if (top_at) sscanf(top_at, "top-1 agreement %lf", &agree);
+    char *p = strstr(text, "perplexity "), *r = strstr(text, "reference: mean NLL");
+    if (p) sscanf(p, "perplexity %lf", &ppl);
+    if (r && (r = strstr(r, "perplexity "))) sscanf(r, "perplexity %lf", &ref_ppl);
+    check(code == 0 && kl < 0.005 && agree >= 95.0, "built-in model, q8 vs f32 on held-out text: KL(f32 || q8) %.2e nats/token, top-1 agreement %.2f%%, "
+          "perplexity %.3f vs %.3f", kl, agree, ppl, ref_ppl);
+    free(text);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -879,7 +1018,12 @@ static void test_fixture_dir(const char *dir) {
         load_weights(&w, model, WEIGHTS_MMAP);
         const char *label = w.cfg.dtype == DTYPE_BF16 ? "bf16" : "f32";
         free_weights(&w);
-        if (i == 0) { check_internals(dir, model); check_training(dir, model); }
+        if (i == 0) {
+            check_internals(dir, model);
+            check_training(dir, model);
+            check_trace(dir, model);
+            check_eval(dir, model);
+        }
         check_cli(dir, model, label);
     }
     if (export_model(dir, model, "--dtype q8")) check_q8(dir, model);
@@ -1717,7 +1861,7 @@ static void test_train_cli(void) {
     }
     snprintf(cmd, sizeof cmd, "%s.svg", out);
     char *svg = access(cmd, R_OK) == 0 ? read_file(cmd, NULL) : NULL;
-    check(code == 0 && rows == 9 && fabs(lr7 - 0.001) < 1e-6 && svg && strstr(svg, "step 1..9"),
+    check(code == 0 && rows == 9 && fabs(lr7 - 0.001) < 1e-6 && svg && strstr(svg, "steps 1..9"),
           "resumed training appends to the CSV (%d rows), continues the schedule (lr at step 7: %g) and redraws the SVG",
           rows, lr7);
     free(csv_text);
@@ -1836,6 +1980,9 @@ int main(int argc, char **argv) {
         test_export_reliability();
         test_readme_training();
         test_train_cli();
+        printf("watching the model\n");
+        test_q8_quality();
+        test_reference();
     }
     char cmd[512];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmp_dir);
