@@ -7,7 +7,7 @@ OMP = -fopenmp
 PYTHON ?= $(shell for p in python3 /usr/bin/python3; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
 SAN = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-.PHONY: all test test-asan clean run bench bench-full cuda test-cuda fuzz fuzz-smoke fuzz-long
+.PHONY: all test test-asan clean run class docs-check bench bench-full cuda test-cuda fuzz fuzz-smoke fuzz-long
 
 all: dsv2
 
@@ -61,6 +61,18 @@ clean:
 # Bible (models/tiny/README.md has the exact commands that reproduce it).
 run: dsv2
 	./dsv2 models/tiny/model.bin -i "And God said" -n 120 -t 0.8 -p 0.9 -s 42
+
+# The class model (models/class): DeepSeek-V2's 236B features at toy size (q LoRA, group-limited
+# routing), trained on Genesis in about 3 minutes on 2 cores, then a sample. docs/walkthrough.md.
+class: dsv2
+	@mkdir -p build
+	$(PYTHON) export.py --random models/class/config.json build/class-init.bin --dtype f32 --seed 1
+	./dsv2 build/class-init.bin -m train -f models/class/genesis.txt -o build/class.bin -n 400 -e 100 -s 1
+	./dsv2 build/class.bin -i "And God said" -n 60 -t 0.8 -s 42
+
+# Every command of docs/, the ones that need the class model too (make test runs the others).
+docs-check: class test_all
+	PYTHON=$(PYTHON) SLOW=1 tests/docs.sh
 
 # Speed on random weights of real shapes: V2-Lite at 8 layers (quick); bench-full: all 27, and
 # 2 of the 60 layers of the 236B DeepSeek-V2.

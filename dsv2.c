@@ -1285,6 +1285,56 @@ static void rank_by_weight(const float *weight, int K, int *rank) {
     }
 }
 
+static void trace_ffn(const Config *c, const Trace *tr, FILE *csv, const char *row, int l) {
+    int K = c->num_experts_per_tok, G = c->n_group, rank[K];
+    if (!is_moe_layer(c, l)) { printf("  layer %d  dense FFN\n", l); return; }
+    const int *idx = tr->route_idx + (size_t)l * K;
+    const float *g = tr->route_weight + (size_t)l * K;
+    rank_by_weight(g, K, rank);
+    printf("  layer %d  experts", l);
+    for (int r = 0; r < K; r++)
+        for (int k = 0; k < K; k++)
+            if (rank[k] == r) printf(" %d (%.4f)", idx[k], g[k]);
+    for (int k = 0; k < K && csv; k++)
+        fprintf(csv, "%s,%d,expert,,%d,%d,%.8g\n", row, l, rank[k], idx[k], g[k]);
+    if (c->topk_method == TOPK_GROUP_LIMITED_GREEDY) {
+        printf("  groups kept");
+        for (int i = 0; i < G; i++)
+            if (tr->groups_kept[(size_t)l * G + i]) {
+                printf(" %d", i);
+                if (csv) fprintf(csv, "%s,%d,group,,,%d,1\n", row, l, i);
+            }
+    }
+    float shared = tr->shared_norm[l], routed = tr->routed_norm[l];
+    float share = shared + routed > 0 ? shared / (shared + routed) : 0;
+    if (c->n_shared_experts > 0)
+        printf("  shared experts %.0f%% of the FFN output norm (%.3g vs routed %.3g)", 100 * share,
+               shared, routed);
+    printf("\n");
+    if (csv)
+        fprintf(csv, "%s,%d,shared_norm,,,,%.6g\n%s,%d,routed_norm,,,,%.6g\n"
+                     "%s,%d,shared_share,,,,%.6g\n",
+                row, l, shared, row, l, routed, row, l, share);
+}
+
+static void trace_attention(const Config *c, const Trace *tr, FILE *csv, const char *row, int l,
+                            int pos) {
+    int H = c->num_attention_heads, top[5];
+    float top_p[5];
+    const float *att = tr->attention + (size_t)l * H * tr->context;
+    for (int h = 0; h < H; h++) {
+        double entropy = attention_summary(att + (size_t)h * tr->context, pos + 1, top, top_p);
+        printf("    head %d  entropy %.3f nats  top", h, entropy);
+        for (int k = 0; k < 5 && top[k] >= 0; k++) {
+            printf(" %d (%.3f)", top[k], top_p[k]);
+            if (csv)
+                fprintf(csv, "%s,%d,attention,%d,%d,%d,%.6g\n", row, l, h, k, top[k], top_p[k]);
+        }
+        printf("\n");
+        if (csv) fprintf(csv, "%s,%d,entropy,%d,,,%.6g\n", row, l, h, entropy);
+    }
+}
+
 /* One token's trace: human-readable to stdout, tidy rows to csv (NULL: none). Columns:
  * position,token,text,layer,kind,head,rank,index,value; kinds: expert (index = expert id, rank
  * by gate value, value = g), group (a group kept, index = group), shared_norm, routed_norm,
@@ -1292,53 +1342,13 @@ static void rank_by_weight(const float *weight, int K, int *rank) {
  * (head, value in nats), kv_absorbed / kv_naive / kv_mha (layer -1, value = bytes). */
 static void trace_token(const Config *c, const Trace *tr, FILE *csv, int pos, int id,
                         const char *text) {
-    int L = c->num_hidden_layers, H = c->num_attention_heads, K = c->num_experts_per_tok;
-    int G = c->n_group, rank[K], top[5];
-    float top_p[5];
+    int L = c->num_hidden_layers;
     char row[700];
     snprintf(row, sizeof row, "%d,%d,\"%s\"", pos, id, text);
     printf("position %d  token %d \"%s\"\n", pos, id, text);
     for (int l = 0; l < L; l++) {
-        const float *att = tr->attention + (size_t)l * H * tr->context;
-        for (int h = 0; h < H; h++) {
-            double entropy = attention_summary(att + (size_t)h * tr->context, pos + 1, top, top_p);
-            printf("  layer %d head %d  attention entropy %.3f nats, top:", l, h, entropy);
-            for (int k = 0; k < 5 && top[k] >= 0; k++) {
-                printf(" %d (%.3f)", top[k], top_p[k]);
-                if (csv) fprintf(csv, "%s,%d,attention,%d,%d,%d,%.6g\n", row, l, h, k, top[k],
-                                 top_p[k]);
-            }
-            printf("\n");
-            if (csv) fprintf(csv, "%s,%d,entropy,%d,,,%.6g\n", row, l, h, entropy);
-        }
-        if (!is_moe_layer(c, l)) continue;
-        const int *idx = tr->route_idx + (size_t)l * K;
-        const float *g = tr->route_weight + (size_t)l * K;
-        rank_by_weight(g, K, rank);
-        printf("  layer %d experts:", l);
-        for (int r = 0; r < K; r++)
-            for (int k = 0; k < K; k++)
-                if (rank[k] == r) printf(" %d (%.4f)", idx[k], g[k]);
-        for (int k = 0; k < K && csv; k++)
-            fprintf(csv, "%s,%d,expert,,%d,%d,%.8g\n", row, l, rank[k], idx[k], g[k]);
-        if (c->topk_method == TOPK_GROUP_LIMITED_GREEDY) {
-            printf("  groups kept:");
-            for (int i = 0; i < G; i++)
-                if (tr->groups_kept[(size_t)l * G + i]) {
-                    printf(" %d", i);
-                    if (csv) fprintf(csv, "%s,%d,group,,,%d,1\n", row, l, i);
-                }
-        }
-        float shared = tr->shared_norm[l], routed = tr->routed_norm[l];
-        float share = shared + routed > 0 ? shared / (shared + routed) : 0;
-        if (c->n_shared_experts > 0)
-            printf("  shared experts %.0f%% of the FFN output norm (%.3g vs routed %.3g)",
-                   100 * share, shared, routed);
-        printf("\n");
-        if (csv)
-            fprintf(csv, "%s,%d,shared_norm,,,,%.6g\n%s,%d,routed_norm,,,,%.6g\n"
-                         "%s,%d,shared_share,,,,%.6g\n",
-                    row, l, shared, row, l, routed, row, l, share);
+        trace_ffn(c, tr, csv, row, l);
+        trace_attention(c, tr, csv, row, l, pos);
     }
     double per_token[3];
     kv_bytes_per_token(c, per_token);
@@ -4763,10 +4773,14 @@ static void write_loss_svg(const char *path, const char *csv_path) {
     for (int i = 0; i < n; i++) {
         lo = fmin(lo, train[i]);
         hi = fmax(hi, train[i]);
-        smooth[i] = i ? 0.9 * smooth[i - 1] + 0.1 * train[i] : train[i];  /* moving average */
         if (!isnan(val[i])) { dots_x[dots] = step[i]; dots_y[dots++] = val[i]; }
     }
     for (int i = 0; i < dots; i++) { lo = fmin(lo, dots_y[i]); hi = fmax(hi, dots_y[i]); }
+    int half = n / 40 > 1 ? n / 40 : 1;  /* a centred moving average over 2 half + 1 steps */
+    for (int i = 0; i < n; i++) {
+        int a = i - half > 0 ? i - half : 0, b = i + half < n - 1 ? i + half : n - 1;
+        for (int j = a; j <= b; j++) smooth[i] += train[j] / (b - a + 1);
+    }
     Plot p;
     char title[96];
     snprintf(title, sizeof title, "Training loss, steps %d..%d", n ? (int)step[0] : 0,

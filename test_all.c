@@ -787,6 +787,20 @@ static void test_reference(void) {
     }
 }
 
+/* A script whose lines are "ok    ..." or "FAIL  ...": each line one check. */
+static void script_checks(const char *script, const char *label) {
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "PYTHON=%s DSV2_BIN=%s %s", python, dsv2_bin, script);
+    int code = run(cmd, NULL, 0), lines = 0;
+    char *text = stdout_text();
+    for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
+        int ok = !strncmp(line, "ok    ", 6), failed = !strncmp(line, "FAIL  ", 6);
+        if (ok || failed) { check(ok, "%s", line + 6); lines++; }
+    }
+    check(code == 0 && lines > 0, "%s: %d checks, exit %d", label, lines, code);
+    free(text);
+}
+
 /* q8 quality where it means something: the trained built-in model, q8 (export.py from the f32
  * file) against f32, over held-out text it never trained on (Revelation, tests/heldout.txt). */
 static void test_q8_quality(void) {
@@ -1983,6 +1997,9 @@ int main(int argc, char **argv) {
         printf("watching the model\n");
         test_q8_quality();
         test_reference();
+        printf("docs\n");
+        script_checks("tests/docs.sh", "every sh block of docs/walkthrough.md and docs/exercises.md");
+        script_checks("tests/exercises.sh", "each exercise's check fails on a wrong answer");
     }
     char cmd[512];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmp_dir);

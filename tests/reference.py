@@ -8,6 +8,8 @@ and to make fixtures for configs no official fixture covers.
         weights when given a config.json; the folder's own weights when given a HF folder),
         manifest.txt and forward.bin with logits at every position, a greedy continuation, the
         hidden state after every layer, the latent cache, the RoPE tables and the routing
+    python3 tests/reference.py --route-example [SEED]
+        device-limited routing worked through on DeepSeek-V2's real config (docs/walkthrough.md)
     python3 tests/reference.py --check FIXTURE_DIR
         this transcription against a fixture's references (the official code's outputs), in both
         MLA forms: prints the largest differences, exits 1 if any logit differs by more than 1e-6
@@ -481,9 +483,37 @@ def check_fixture(folder):
     sys.exit(0 if ok else 1)
 
 
+def route_example(seed):
+    """Device-limited routing step by step on DeepSeek-V2's released config (160 experts in 8
+    groups of 20, keep 3 groups, then the top 6 experts, gates times routed_scaling_factor 16)."""
+    c = dict(n_routed_experts=160, num_experts_per_tok=6, topk_method="group_limited_greedy", n_group=8,
+             topk_group=3, norm_topk_prob=False, routed_scaling_factor=16.0)
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1.5, (1, 160))  # one token's router logits u_t . e_i
+    scores = softmax(logits)[0]
+    best = scores.reshape(8, 20).max(axis=1)
+    kept = sorted(np.argsort(-best, kind="stable")[:3])
+    plain = sorted(np.argsort(-scores, kind="stable")[:6])
+    _, idx, weight = route(c, logits, np.eye(160))
+    print("s_i,t = softmax over all 160 experts; the scores sum to %.6f" % scores.sum())
+    for g in range(8):
+        top = 20 * g + int(np.argmax(scores[20 * g:20 * g + 20]))
+        print(f"group {g} (experts {20 * g:3d}-{20 * g + 19:3d}): best expert {top:3d}, score {best[g]:.4f}"
+              + ("  <- kept" if g in kept else ""))
+    print("kept groups:", " ".join(map(str, kept)))
+    print("top-6 of the kept groups' experts:", " ".join(f"{e} ({scores[e]:.4f})" for e in idx[0]))
+    print("top-6 without the group limit:     ", " ".join(f"{e} ({scores[e]:.4f})" for e in plain),
+          f"-> groups {sorted({e // 20 for e in plain})}")
+    print("gate values g_i,t = s_i,t * 16:", " ".join(f"{g:.4f}" for g in weight[0]),
+          f"(sum {weight[0].sum():.4f})")
+
+
 def main(argv):
     if len(argv) == 2 and argv[0] == "--check":
         check_fixture(argv[1])
+        return
+    if argv and argv[0] == "--route-example":
+        route_example(int(argv[1]) if len(argv) > 1 else 7)
         return
     args, opts = [], {"--seed": 1, "--prompt": 24, "--gen": 8}
     i = 0
