@@ -1103,6 +1103,16 @@ static void check_context(int n_tokens, int context) {
             n_tokens, context);
 }
 
+/* From Part 2: threads that survive a busy machine (ThreadTuner, how it works: there). */
+typedef struct {
+    int max, n, trial, steps, trial_steps, usual_steps;
+    double start, usual, trial_time;
+} ThreadTuner;
+static void tuner_init(ThreadTuner *t);
+static void tuner_begin(ThreadTuner *t);
+static void tuner_end(ThreadTuner *t);
+static void tuner_done(ThreadTuner *t);
+
 /* Feeds prompt[0..n) at positions *pos onwards, then samples up to max_new tokens, streaming each
  * (as text through the tokenizer, or as ids without one) and feeding it back. The last sampled
  * token is returned, not fed: chat feeds it with the next turn. stop_at_eos ends at EOS. */
@@ -1116,13 +1126,17 @@ static int generate(const Weights *w, RunState *s, Sampler *sp, const Tokenizer 
     *pos += n_prompt;
     double t1 = now_seconds();
     int generated = 0, next = -1;
+    ThreadTuner threads;
+    tuner_init(&threads);
     while (generated < max_new) {
         if (generated > 0) {
             if (*pos >= s->context) {
                 fprintf(stderr, "\n[context of %d positions is full]\n", s->context);
                 break;
             }
+            tuner_begin(&threads);
             logits = forward_checked(w, s, &next, 1, (*pos)++);  /* one token at a time */
+            tuner_end(&threads);
         }
         next = sample(sp, logits);
         generated++;
@@ -1133,6 +1147,7 @@ static int generate(const Weights *w, RunState *s, Sampler *sp, const Tokenizer 
     }
     if (tok) sink_flush(sink);
     else printf("\n");
+    tuner_done(&threads);
     double t2 = now_seconds();
     fprintf(stderr, "\nprompt: %d tokens, %.1f tok/s | generation: %d tokens, %.1f tok/s\n",
             n_prompt, n_prompt / fmax(t1 - t0, 1e-9), generated,
@@ -1181,9 +1196,15 @@ static void write_logits(const Weights *w, RunState *s, const int *ids, int n,
     FILE *out = fopen(out_path, "wb");
     if (!out) die("cannot open %s for writing: %s", out_path, strerror(errno));
     size_t V = (size_t)w->cfg.vocab_size;
-    for (int pos = 0; pos < n; pos++)
+    ThreadTuner threads;
+    tuner_init(&threads);
+    for (int pos = 0; pos < n; pos++) {
+        tuner_begin(&threads);
         if (fwrite(forward_checked(w, s, &ids[pos], 1, pos), sizeof(float), V, out) != V)
             die("cannot write %s", out_path);
+        tuner_end(&threads);
+    }
+    tuner_done(&threads);
     if (fclose(out) != 0) die("cannot write %s", out_path);
 }
 
@@ -1388,9 +1409,13 @@ static void run_trace(const Weights *w, RunState *s, const Tokenizer *tok, const
         output_open(&csv, out_path);
         fprintf(csv.f, "position,token,text,layer,kind,head,rank,index,value\n");
     }
+    ThreadTuner threads;
+    tuner_init(&threads);
     for (int i = 0; i < ids->n; i++) {
         int pos = i % s->context, id = ids->ids[i];
+        tuner_begin(&threads);
         forward_checked(w, s, &id, 1, pos);
+        tuner_end(&threads);
         char text[256];
         if (tok) token_text(tok, id, text, sizeof text);
         else snprintf(text, sizeof text, "%d", id);
@@ -1412,6 +1437,7 @@ static void run_trace(const Weights *w, RunState *s, const Tokenizer *tok, const
             memcpy(heat + (size_t)i * shown, att, (size_t)(pos + 1) * sizeof(float));
         }
     }
+    tuner_done(&threads);
     if (out_path) {
         output_close(&csv);
         char base[4000], path[4096];
@@ -2183,6 +2209,71 @@ static void mat_row_to_f32(float *out, const Mat *W, int r) {
     else memcpy(out, (const float *)W->data + at, (size_t)W->cols * sizeof(float));
 }
 
+
+/* ------------------------------------------------------------------------------------------ */
+/* Threads that survive a busy machine. OpenMP's threads meet at a barrier after every        */
+/* parallel loop. When another process takes a core, a thread often waits there for one that  */
+/* is not running: measured on 2 cores with a busy loop on one, decoding fell to 25% of its    */
+/* idle speed with 2 threads, and 1 thread kept 50%. Passive waiting does not fix it for small */
+/* models (their loops are microseconds: the built-in model fell from 3,980 to 740 tok/s idle). */
+/* So each decode step (or training step) is timed, and every TUNE_PERIOD steps the tuner      */
+/* tries one thread fewer and one more for a few steps each, and keeps the fastest.            */
+/* OMP_NUM_THREADS sets the most it uses.                                                     */
+/* ------------------------------------------------------------------------------------------ */
+
+#define TUNE_PERIOD 16
+#define TUNE_TRIAL 3  /* steps per trial; the first is not counted (the thread pool settles) */
+
+static void tuner_init(ThreadTuner *t) {
+    memset(t, 0, sizeof *t);
+    t->max = 1;
+#ifdef _OPENMP
+    t->max = omp_get_max_threads();
+#endif
+    t->n = t->max;
+}
+
+/* The threads for this step: the current count, or a neighbour on trial. */
+static void tuner_begin(ThreadTuner *t) {
+    int phase = t->steps % TUNE_PERIOD, first = TUNE_PERIOD - 2 * TUNE_TRIAL;
+    int candidate = phase < first ? 0 : phase < first + TUNE_TRIAL ? t->n - 1 : t->n + 1;
+    if (phase == 0) t->usual = t->usual_steps = 0;
+    if (phase == first || phase == first + TUNE_TRIAL) t->trial_time = t->trial_steps = 0;
+    t->trial = t->usual_steps > 0 && candidate >= 1 && candidate <= t->max ? candidate : 0;
+#ifdef _OPENMP
+    omp_set_num_threads(t->trial ? t->trial : t->n);
+#endif
+    t->start = now_seconds();
+}
+
+/* The step's time: into this period's usual sum, or the trial's. A trial whose mean step is
+ * 10% faster than this period's usual mean becomes the usual count. Means, not medians: the
+ * rare step that waits milliseconds for a descheduled thread is what a busy machine costs. */
+static void tuner_end(ThreadTuner *t) {
+    double dt = now_seconds() - t->start;
+    t->steps++;
+    if (!t->trial) {
+        t->usual += dt;
+        t->usual_steps++;
+        return;
+    }
+    if (t->trial_steps++ == 0) return;  /* the first step of a trial is not counted */
+    t->trial_time += dt;
+    if (t->trial_steps < TUNE_TRIAL) return;
+    double mean = t->trial_time / (TUNE_TRIAL - 1);
+    if (mean < 0.9 * t->usual / t->usual_steps) {  /* the winner is the next trial's baseline */
+        t->n = t->trial;
+        t->usual = mean * t->usual_steps;
+    }
+}
+
+/* Back to every thread for whatever runs next. */
+static void tuner_done(ThreadTuner *t) {
+#ifdef _OPENMP
+    omp_set_num_threads(t->max);
+#endif
+    (void)t;
+}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Loading: the file layout, checks, mmap and huge pages                                       */
@@ -4960,10 +5051,13 @@ static void train(const char *init_path, const TrainOptions *o) {
         fprintf(csv, "step,loss,cross_entropy,validation,lr,tokens_per_s\n");
     if (!csv) die("cannot write %s: %s", csv_path, strerror(errno));
     uint64_t rng = (uint64_t)o->seed * 0x9E3779B97F4A7C15ull + 7;
+    ThreadTuner threads;
+    tuner_init(&threads);
     for (int s = 0; s < o->steps; s++) {
         int step = done + s + 1, last = s == o->steps - 1;
         opt.lr = learning_rate(o->lr, step, total);
         double t0 = now_seconds();
+        tuner_begin(&threads);
         sample_batch(tr.train_ids.ids, tr.train_ids.n, B, T, tr.inputs, tr.targets, &rng);
         double loss = train_forward(&tr.p, &tr.ts, &tr.rs, tr.inputs, tr.targets);
         if (!isfinite(loss))
@@ -4971,6 +5065,7 @@ static void train(const char *init_path, const TrainOptions *o) {
         zero(params_data(&tr.g), n);
         train_backward(&tr.p, &tr.g, &tr.ts, &tr.rs, tr.inputs, tr.targets);
         adamw_step(&tr.p, &tr.g, tr.m, tr.v, &opt, step);
+        tuner_end(&threads);
         double tps = B * T / (now_seconds() - t0), ce = tr.ts.ce;
         float val = NAN;
         if ((s + 1) % o->eval_every == 0 || last)
@@ -4990,6 +5085,7 @@ static void train(const char *init_path, const TrainOptions *o) {
             write_loss_svg(svg_path, csv_path);  /* the whole curve so far, resumed runs too */
         }
     }
+    tuner_done(&threads);
     if ((ferror(csv) | fclose(csv)) != 0) die("cannot write %s", csv_path);
     fprintf(stderr, "wrote %s, %s, %s\n", o->out, csv_path, svg_path);
     trainer_close(&tr);

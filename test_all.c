@@ -787,6 +787,26 @@ static void test_reference(void) {
     }
 }
 
+/* The thread tuner moves to the fastest thread count: a fake step costs 1 ms per thread away
+ * from 2 (plus 1 ms), so from 4 threads it must settle on 2, and stay there. */
+static void test_thread_tuner(void) {
+    ThreadTuner t;
+    tuner_init(&t);
+    t.max = t.n = 4;
+    int visited = 0;
+    for (int step = 0; step < 8 * TUNE_PERIOD; step++) {
+        tuner_begin(&t);
+        int used = t.trial ? t.trial : t.n;
+        visited |= 1 << used;
+        struct timespec d = {0, 1000000L * (1 + abs(used - 2))};
+        nanosleep(&d, NULL);
+        tuner_end(&t);
+    }
+    tuner_done(&t);
+    check(t.n == 2 && (visited & (1 << 1)) && (visited & (1 << 3)),
+          "thread tuner: from 4 threads it settles on the fastest count (2) and keeps trying 1 and 3 (now %d)", t.n);
+}
+
 /* A script whose lines are "ok    ..." or "FAIL  ...": each line one check. */
 static void script_checks(const char *script, const char *label) {
     char cmd[1024];
@@ -1977,6 +1997,7 @@ int main(int argc, char **argv) {
         test_wide_latent();
         test_sampler_edges();
         test_quantize_edges();
+        test_thread_tuner();
         const char *fixtures[] = {"tests/fixtures/lite", "tests/fixtures/v2", "tests/fixtures/v2-bf16-sharded",
                                   "tests/fixtures/tokenizer", "tests/fixtures/tokenizer/deepseek-v3"};
         for (int i = 0; i < 5; i++) test_fixture_dir(fixtures[i]);

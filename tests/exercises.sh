@@ -50,8 +50,16 @@ mutate ex2 '        scale *= m * m;' '        (void)m;'
 first=$(fixture_check ex2 tests/fixtures/lite)
 report "$([[ $first == *"hidden state after layer 0"* ]] && echo 1)" "exercise 2: without mscale^2, ./test_all tests/fixtures/lite fails: ${first#*FAIL  }"
 
+# 4: the cache line of -m trace for r = 12 (448 B per token); the unchanged config (r = 48) fails it
+mkdir -p $out/ex4 && cp models/class/tokenizer.json models/class/tokenizer_config.json $out/ex4/
+sed 's/"kv_lora_rank": 48/"kv_lora_rank": 12/' models/class/config.json > $out/ex4/config.json
+$PYTHON export.py --random $out/ex4/config.json $out/ex4-init.bin --dtype f32 --seed 1 >/dev/null
+$PYTHON export.py --random models/class/config.json $out/class-init.bin --dtype f32 --seed 1 >/dev/null
+narrow=$(./dsv2 $out/ex4-init.bin -m trace -i "And" 2>/dev/null | grep -c "KV cache after 1 tokens: MLA absorbed 448.0 B")
+wide=$(./dsv2 $out/class-init.bin -m trace -i "And" 2>/dev/null | grep -c "KV cache after 1 tokens: MLA absorbed 448.0 B")
+report "$([[ $narrow -ge 1 && $wide = 0 ]] && echo 1)" "exercise 4: the 448 B cache check holds for r = 12 and fails for the unchanged r = 48"
+
 # 5: the q8 check against an unrelated model fails (KL above 1)
-$PYTHON export.py --random models/class/config.json $out/class-init.bin --dtype f32 --seed 1 >/dev/null &&
 $PYTHON export.py models/tiny/model.bin $out/tiny-q8.bin --dtype q8 >/dev/null
 kl=$(./dsv2 $out/tiny-q8.bin -m eval -f tests/heldout.txt -r $out/class-init.bin -c 256 2>/dev/null | kl_of)
 report "$(awk -v k="${kl:-0}" 'BEGIN {print (k > 1) ? 1 : 0}')" "exercise 5: q8 against an unrelated model: KL $kl (the check wants < 0.005)"
