@@ -1306,7 +1306,8 @@ static void rank_by_weight(const float *weight, int K, int *rank) {
     }
 }
 
-static void trace_ffn(const Config *c, const Trace *tr, FILE *csv, const char *row, int l) {
+static void trace_ffn(const Config *c, const Trace *tr, FILE *csv, const char *row,
+                      const char *text, int l) {
     int K = c->num_experts_per_tok, G = c->n_group, rank[K];
     if (!is_moe_layer(c, l)) { printf("  layer %d  dense FFN\n", l); return; }
     const int *idx = tr->route_idx + (size_t)l * K;
@@ -1317,13 +1318,13 @@ static void trace_ffn(const Config *c, const Trace *tr, FILE *csv, const char *r
         for (int k = 0; k < K; k++)
             if (rank[k] == r) printf(" %d (%.4f)", idx[k], g[k]);
     for (int k = 0; k < K && csv; k++)
-        fprintf(csv, "%s,%d,expert,,%d,%d,%.8g\n", row, l, rank[k], idx[k], g[k]);
+        fprintf(csv, "%s,%d,expert,,%d,%d,%.8g,%s\n", row, l, rank[k], idx[k], g[k], text);
     if (c->topk_method == TOPK_GROUP_LIMITED_GREEDY) {
         printf("  groups kept");
         for (int i = 0; i < G; i++)
             if (tr->groups_kept[(size_t)l * G + i]) {
                 printf(" %d", i);
-                if (csv) fprintf(csv, "%s,%d,group,,,%d,1\n", row, l, i);
+                if (csv) fprintf(csv, "%s,%d,group,,,%d,1,%s\n", row, l, i, text);
             }
     }
     float shared = tr->shared_norm[l], routed = tr->routed_norm[l];
@@ -1333,13 +1334,13 @@ static void trace_ffn(const Config *c, const Trace *tr, FILE *csv, const char *r
                shared, routed);
     printf("\n");
     if (csv)
-        fprintf(csv, "%s,%d,shared_norm,,,,%.6g\n%s,%d,routed_norm,,,,%.6g\n"
-                     "%s,%d,shared_share,,,,%.6g\n",
-                row, l, shared, row, l, routed, row, l, share);
+        fprintf(csv, "%s,%d,shared_norm,,,,%.6g,%s\n%s,%d,routed_norm,,,,%.6g,%s\n"
+                     "%s,%d,shared_share,,,,%.6g,%s\n",
+                row, l, shared, text, row, l, routed, text, row, l, share, text);
 }
 
-static void trace_attention(const Config *c, const Trace *tr, FILE *csv, const char *row, int l,
-                            int pos) {
+static void trace_attention(const Config *c, const Trace *tr, FILE *csv, const char *row,
+                            const char *text, int l, int pos) {
     int H = c->num_attention_heads, top[5];
     float top_p[5];
     const float *att = tr->attention + (size_t)l * H * tr->context;
@@ -1349,27 +1350,31 @@ static void trace_attention(const Config *c, const Trace *tr, FILE *csv, const c
         for (int k = 0; k < 5 && top[k] >= 0; k++) {
             printf(" %d (%.3f)", top[k], top_p[k]);
             if (csv)
-                fprintf(csv, "%s,%d,attention,%d,%d,%d,%.6g\n", row, l, h, k, top[k], top_p[k]);
+                fprintf(csv, "%s,%d,attention,%d,%d,%d,%.6g,%s\n", row, l, h, k, top[k], top_p[k],
+                        text);
         }
         printf("\n");
-        if (csv) fprintf(csv, "%s,%d,entropy,%d,,,%.6g\n", row, l, h, entropy);
+        if (csv) fprintf(csv, "%s,%d,entropy,%d,,,%.6g,%s\n", row, l, h, entropy, text);
     }
 }
 
 /* One token's trace: human-readable to stdout, tidy rows to csv (NULL: none). Columns:
- * position,token,text,layer,kind,head,rank,index,value; kinds: expert (index = expert id, rank
- * by gate value, value = g), group (a group kept, index = group), shared_norm, routed_norm,
- * shared_share, attention (head, rank, index = key position, value = probability), entropy
- * (head, value in nats), kv_absorbed / kv_naive / kv_mha (layer -1, value = bytes). */
+ * position,token,layer,kind,head,rank,index,value,text (last: it may hold commas); kinds: expert
+ * (index = expert id, rank by gate value, value = g), group (a group kept, index = group),
+ * shared_norm, routed_norm, shared_share, attention (head, rank, index = key position, value =
+ * probability), entropy (head, value in nats), kv_absorbed / kv_naive / kv_mha (layer -1, value =
+ * bytes). */
 static void trace_token(const Config *c, const Trace *tr, FILE *csv, int pos, int id,
                         const char *text) {
     int L = c->num_hidden_layers;
     char row[700];
-    snprintf(row, sizeof row, "%d,%d,\"%s\"", pos, id, text);
+    char quoted[300];  /* the text last, so that the numeric columns never move */
+    snprintf(row, sizeof row, "%d,%d", pos, id);
+    snprintf(quoted, sizeof quoted, "\"%s\"", text);
     printf("position %d  token %d \"%s\"\n", pos, id, text);
     for (int l = 0; l < L; l++) {
-        trace_ffn(c, tr, csv, row, l);
-        trace_attention(c, tr, csv, row, l, pos);
+        trace_ffn(c, tr, csv, row, quoted, l);
+        trace_attention(c, tr, csv, row, quoted, l, pos);
     }
     double per_token[3];
     kv_bytes_per_token(c, per_token);
@@ -1378,7 +1383,7 @@ static void trace_token(const Config *c, const Trace *tr, FILE *csv, int pos, in
     for (int i = 0; i < 3; i++) {
         double bytes = per_token[i] * L * (pos + 1);
         human_bytes(bytes, b[i], sizeof b[i]);
-        if (csv) fprintf(csv, "%s,-1,%s,,,,%.0f\n", row, kind[i], bytes);
+        if (csv) fprintf(csv, "%s,-1,%s,,,,%.0f,%s\n", row, kind[i], bytes, quoted);
     }
     printf("  KV cache after %d tokens: MLA absorbed %s, MLA naive %s, standard MHA %s\n", pos + 1,
            b[0], b[1], b[2]);
@@ -1407,7 +1412,7 @@ static void run_trace(const Weights *w, RunState *s, const Tokenizer *tok, const
     OutputFile csv = {0};
     if (out_path) {
         output_open(&csv, out_path);
-        fprintf(csv.f, "position,token,text,layer,kind,head,rank,index,value\n");
+        fprintf(csv.f, "position,token,layer,kind,head,rank,index,value,text\n");
     }
     ThreadTuner threads;
     tuner_init(&threads);
