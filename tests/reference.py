@@ -5,7 +5,8 @@ and to make fixtures for configs no official fixture covers.
 
     python3 tests/reference.py CONFIG.json|HF_DIR OUT_DIR [--seed S] [--prompt N] [--gen N]
         a fixture folder for ./test_all OUT_DIR: config.json, model.safetensors (random float32
-        weights when given a config.json; the folder's own weights when given a HF folder),
+        weights when given a config.json; the folder's own weights when given a HF folder, and
+        an official fixture's prompt when the folder is one),
         manifest.txt and forward.bin with logits at every position, a greedy continuation, the
         hidden state after every layer, the latent cache, the RoPE tables and the routing
     python3 tests/reference.py --route-example [SEED]
@@ -456,13 +457,18 @@ def make_fixture(source, out_dir, seed, n_prompt, n_gen):
             f.write(config_text)
     n_prompt = min(n_prompt, c["max_position_embeddings"] - n_gen)
     prompt = [int(t) for t in rng.integers(0, c["vocab_size"], n_prompt)]
+    if os.path.isdir(source) and os.path.exists(os.path.join(source, "manifest.txt")):
+        refs = read_manifest(source)  # an official fixture: the same prompt, comparable outputs
+        if "prompt_ids" in refs:
+            prompt = [int(t) for t in refs["prompt_ids"]]
+            n_gen = len(refs["gen_ids"]) if "gen_ids" in refs else n_gen
     out = run_all(c, w, prompt, n_gen)
     absorbed = out["model"].decode_absorbed(prompt, out["cos"], out["sin"])
     agree = np.abs(absorbed - out["logits"]).max()
     if agree > 1e-9:
         sys.exit(f"reference.py: naive and absorbed logits differ by {agree:.2e}")
     write_fixture(out, c, out_dir, prompt)
-    print(f"wrote {out_dir}: {n_prompt} prompt + {n_gen} generated tokens, {c['num_hidden_layers']} layers; "
+    print(f"wrote {out_dir}: {len(prompt)} prompt + {n_gen} generated tokens, {c['num_hidden_layers']} layers; "
           f"naive vs absorbed max |dlogit| {agree:.1e}")
 
 
