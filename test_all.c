@@ -640,19 +640,28 @@ static void check_cli(const char *dir, const char *model_path, const char *label
     free(all); free(prompt); free(gen); free(logits); free(gen_logits);
 }
 
+/* A fixture's prompt ids, also written to ids_path (TMP/ids.txt) for the CLI; NULL if none. */
+static int *fixture_prompt(const char *dir, char *ids_path, size_t size, int *T) {
+    RefTensor tp;
+    int *prompt = load_ref(dir, "prompt_ids", &tp);
+    if (!prompt) return NULL;
+    *T = (int)tp.dims[0];
+    snprintf(ids_path, size, "%s/ids.txt", tmp_dir);
+    write_ids(ids_path, prompt, *T);
+    return prompt;
+}
+
 /* q8 on a fixture through the CLI: top-1 agreement with the reference logits, max |dlogit|
  * printed only: on tiny random models one routing flip moves a logit a lot (not a bug), so the
  * quality of q8 is measured by KL on the trained built-in model (test_q8_quality). */
 static void check_q8(const char *dir, const char *model_path) {
-    RefTensor tp, tl;
-    int *prompt = load_ref(dir, "prompt_ids", &tp);
+    RefTensor tl;
+    char ids_path[512], out_path[512], cmd[2048];
+    int T = 0, *prompt = fixture_prompt(dir, ids_path, sizeof ids_path, &T);
     float *logits = load_ref(dir, "logits", &tl);
     if (!prompt || !logits) { free(prompt); free(logits); return; }
-    int T = (int)tp.dims[0], V = (int)tl.dims[1];
-    char ids_path[512], out_path[512], cmd[2048];
-    snprintf(ids_path, sizeof ids_path, "%s/ids.txt", tmp_dir);
+    int V = (int)tl.dims[1];
     snprintf(out_path, sizeof out_path, "%s/logits.bin", tmp_dir);
-    write_ids(ids_path, prompt, T);
     snprintf(cmd, sizeof cmd, "%s %s -m logits -f %s -o %s", dsv2_bin, model_path, ids_path, out_path);
     size_t bytes = 0;
     float *got = run(cmd, NULL, 0) == 0 ? (float *)read_file(out_path, &bytes) : NULL;
@@ -671,14 +680,11 @@ static void check_q8(const char *dir, const char *model_path) {
  * decisions at every position of every MoE layer (same experts, gate values within 1e-5), and
  * the four SVGs are written with axes and a legend or colour bar. */
 static void check_trace(const char *dir, const char *model_path) {
-    RefTensor tp, t;
-    int *prompt = load_ref(dir, "prompt_ids", &tp);
-    if (!prompt) return;
-    int T = (int)tp.dims[0];
+    RefTensor t;
     char ids_path[512], csv_path[600], cmd[2048];
-    snprintf(ids_path, sizeof ids_path, "%s/ids.txt", tmp_dir);
+    int T, *prompt = fixture_prompt(dir, ids_path, sizeof ids_path, &T);
+    if (!prompt) return;
     snprintf(csv_path, sizeof csv_path, "%s/trace.csv", tmp_dir);
-    write_ids(ids_path, prompt, T);
     snprintf(cmd, sizeof cmd, "%s %s -m trace -f %s -o %s", dsv2_bin, model_path, ids_path, csv_path);
     int code = run(cmd, NULL, 0);
     char *csv = code == 0 ? read_file(csv_path, NULL) : NULL;
@@ -729,14 +735,10 @@ static void check_trace(const char *dir, const char *model_path) {
 
 /* -m eval's perplexity is exp(mean NLL) of the next tokens under -m logits' distributions. */
 static void check_eval(const char *dir, const char *model_path) {
-    RefTensor tp;
-    int *prompt = load_ref(dir, "prompt_ids", &tp);
-    if (!prompt) return;
-    int T = (int)tp.dims[0];
     char ids_path[512], out_path[512], cmd[2048];
-    snprintf(ids_path, sizeof ids_path, "%s/ids.txt", tmp_dir);
+    int T, *prompt = fixture_prompt(dir, ids_path, sizeof ids_path, &T);
+    if (!prompt) return;
     snprintf(out_path, sizeof out_path, "%s/logits.bin", tmp_dir);
-    write_ids(ids_path, prompt, T);
     snprintf(cmd, sizeof cmd, "%s %s -m logits -f %s -o %s", dsv2_bin, model_path, ids_path, out_path);
     size_t bytes = 0;
     float *logits = run(cmd, NULL, 0) == 0 ? (float *)read_file(out_path, &bytes) : NULL;
@@ -774,6 +776,18 @@ static void test_reference(void) {
         text[strcspn(text, "\n")] = '\0';
         check(code == 0, "reference.py = the official code (logits <= 1e-6, naive and absorbed): %s", text);
         free(text);
+    }
+    {  /* given an official fixture's folder, it writes that fixture's references again */
+        char dir[512], cmd[2048];
+        snprintf(dir, sizeof dir, "%s/fixture-again", tmp_dir);
+        snprintf(cmd, sizeof cmd, "%s tests/reference.py tests/fixtures/v2 %s", python, dir);
+        int code = run(cmd, NULL, 0);
+        RefTensor a, b;
+        float *mine = code == 0 ? load_ref(dir, "logits", &a) : NULL, *theirs = load_ref("tests/fixtures/v2", "logits", &b);
+        float d = mine && theirs && ref_count(&a) == ref_count(&b) ? max_abs_diff(mine, theirs, ref_count(&a)) : INFINITY;
+        check(d <= 1e-6f, "reference.py tests/fixtures/v2 DIR writes the official logits again (max diff %.1e)", d);
+        free(mine);
+        free(theirs);
     }
     const char *configs[] = {"tests/configs/unseen-groups.json", "tests/configs/unseen-sparse.json"};
     for (int i = 0; i < 2; i++) {
