@@ -1982,9 +1982,11 @@ static inline void dot4_q8_portable(const Mat *W, const size_t row[4], const int
  * weight load serves every token of a prefill batch. vpdpbusd multiplies unsigned by signed
  * bytes, so the weights are read as w + 128 (one xor) and each token's 128 * sum(x) comes off
  * again: it starts the int32 sum, so every (row, token) pair costs one vpdpbusd. The tests run
- * both this and dot4_q8_portable above (MatmulScratch.portable forces the portable one). */
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+ * both this and dot4_q8_portable above (MatmulScratch.kernel chooses). */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) || defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 static inline void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4],
                                           const int8_t *const xq[4], const float *const xs[4],
                                           int nt, float out[4][4]) {
@@ -2037,6 +2039,50 @@ static inline void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4],
 }
 #endif
 
+/* Intrinsics, AVX2 + FMA (most x86 laptops and desktops): the same four rows by up to four
+ * tokens. There is no int8 x int8 instruction, so as llama.cpp does: |w| (unsigned) times x with
+ * w's sign (vpsignb), pairs summed into int16 (vpmaddubsw: at most 2 x 128 x 127, no
+ * saturation), then into int32 (vpmaddwd by ones), then scaled and summed in float per group. */
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float hsum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
+static inline void dot4x4_q8_group32_avx2(const Mat *W, const size_t row[4],
+                                          const int8_t *const xq[4], const float *const xs[4],
+                                          int nt, float out[4][4]) {
+    int groups = W->cols / 32;
+    const int8_t *w[4];
+    const float *ws[4];
+    __m256 acc[4][4];
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int k = 0; k < 4; k++) {
+        w[k] = (const int8_t *)W->data + row[k];
+        ws[k] = W->scale + row[k] / 32;
+        for (int t = 0; t < 4; t++) acc[k][t] = _mm256_setzero_ps();
+    }
+    for (int g = 0; g < groups; g++) {
+        __m256i wv[4], w_abs[4];
+        for (int k = 0; k < 4; k++) {
+            wv[k] = _mm256_loadu_si256((const __m256i *)(w[k] + (size_t)g * 32));
+            w_abs[k] = _mm256_sign_epi8(wv[k], wv[k]);  /* -128 stays 0x80: 128 unsigned */
+        }
+        for (int t = 0; t < nt; t++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t] + (size_t)g * 32));
+            for (int k = 0; k < 4; k++) {
+                __m256i pairs = _mm256_maddubs_epi16(w_abs[k], _mm256_sign_epi8(xv, wv[k]));
+                __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                acc[k][t] = _mm256_fmadd_ps(dot, _mm256_set1_ps(ws[k][g] * xs[t][g]), acc[k][t]);
+            }
+        }
+    }
+    for (int k = 0; k < 4; k++)
+        for (int t = 0; t < nt; t++) out[t][k] = hsum_avx2(acc[k][t]);
+}
+#endif
+
 /* Four rows of W (row[k]: element offsets) dotted with one token. x is the token's activations;
  * xq/xs their int8 form for q8 weights. */
 static void dot4_rows(const Mat *W, const size_t row[4], const float *x, const int8_t *xq,
@@ -2071,6 +2117,9 @@ static void dot4_rows(const Mat *W, const size_t row[4], const float *x, const i
     out[0] = a; out[1] = b; out[2] = c; out[3] = d;
 }
 
+/* The q8 kernels: the best one built for this CPU, or (tests) a given one. */
+enum { KERNEL_BEST = 0, KERNEL_PORTABLE = 1, KERNEL_AVX2 = 2 };
+
 /* Scratch for quantized activations, sized once by init_run_state (q8 models only): q and
  * scale hold the int8 inputs of several products; at[i] is where product i's begin. */
 struct MatmulScratch {
@@ -2078,7 +2127,7 @@ struct MatmulScratch {
     float *scale;
     size_t capacity, *at;
     int max_products;
-    int portable;  /* tests: 1 runs the portable C kernel where an intrinsics one exists */
+    int kernel;    /* KERNEL_BEST; the tests also force each of the others */
 };
 
 static MatmulScratch *matmul_scratch_new(const Config *c, int max_products, size_t max_inputs) {
@@ -2097,22 +2146,36 @@ static void matmul_scratch_free(MatmulScratch *s) {
     free(s->q); free(s->scale); free(s->at); free(s);
 }
 
+/* One of the 4-row x 4-token q8 kernels above (groups of 32), or NULL when the portable C path
+ * is to run: AVX-512 VNNI where built, else AVX2. */
+typedef void (*Dot4x4)(const Mat *, const size_t[4], const int8_t *const[4], const float *const[4],
+                       int, float[4][4]);
+static Dot4x4 q8_kernel(const Mat *W, int kernel) {
+    if (W->dtype != DTYPE_Q8 || W->group != 32 || kernel == KERNEL_PORTABLE) return NULL;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (kernel == KERNEL_BEST) return dot4x4_q8_group32_vnni;
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    return dot4x4_q8_group32_avx2;
+#endif
+    return NULL;
+}
+
 /* Block b of product p against every token: rows b, b + Q, b + 2Q, b + 3Q (Q: the number of
  * blocks), read from memory once and reused from cache for up to four tokens per kernel call.
- * xq/xs: the int8 tokens for q8 weights. With AVX-512 VNNI and groups of 32 one kernel call
- * shares each weight load among the tokens. */
-static void matmul_block(const Product *p, int b, const int8_t *xq, const float *xs, int portable) {
-    (void)portable;  /* read only where an intrinsics kernel is built */
+ * xq/xs: the int8 tokens for q8 weights; with a SIMD q8 kernel one call shares each weight
+ * load among the tokens. */
+static void matmul_block(const Product *p, int b, const int8_t *xq, const float *xs, int kernel) {
     const Mat *W = p->W;
     int rows = W->rows, cols = W->cols, groups = cols / W->group, blocks = (rows + 3) / 4;
     size_t row[4];  /* rows past the end repeat the last and are not stored */
     for (int k = 0; k < 4; k++)
         row[k] = (size_t)(b + k * blocks < rows ? b + k * blocks : rows - 1) * cols;
+    Dot4x4 simd = q8_kernel(W, kernel);
     for (int t0 = 0; t0 < p->n; t0 += 4) {
         float out[4][4];
         int tokens = p->n - t0 < 4 ? p->n - t0 : 4;
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-        if (!portable && W->dtype == DTYPE_Q8 && W->group == 32) {
+        if (simd) {
             const int8_t *tq[4];
             const float *ts[4];
             for (int tt = 0; tt < 4; tt++) {
@@ -2120,14 +2183,8 @@ static void matmul_block(const Product *p, int b, const int8_t *xq, const float 
                 tq[tt] = xq + (size_t)t * cols;
                 ts[tt] = xs + (size_t)t * groups;
             }
-            switch (tokens) {  /* a constant count each, so every loop unrolls */
-            case 1: dot4x4_q8_group32_vnni(W, row, tq, ts, 1, out); break;
-            case 2: dot4x4_q8_group32_vnni(W, row, tq, ts, 2, out); break;
-            case 3: dot4x4_q8_group32_vnni(W, row, tq, ts, 3, out); break;
-            default: dot4x4_q8_group32_vnni(W, row, tq, ts, 4, out);
-            }
+            simd(W, row, tq, ts, tokens, out);
         } else
-#endif
             for (int tt = 0; tt < tokens; tt++) {
                 size_t t = (size_t)t0 + tt;
                 dot4_rows(W, row, p->x + t * cols, xq ? xq + t * cols : NULL,
@@ -2192,7 +2249,7 @@ static void matmul_many(const Product *p, int count, MatmulScratch *act) {
             const int8_t *xq = W->dtype == DTYPE_Q8 ? act->q + act->at[i] : NULL;
             const float *xs = W->dtype == DTYPE_Q8 ? act->scale + act->at[i] / W->group : NULL;
             for (long long b = lo; b < (hi < blocks ? hi : blocks); b++)
-                matmul_block(&p[i], (int)b, xq, xs, act ? act->portable : 0);
+                matmul_block(&p[i], (int)b, xq, xs, act ? act->kernel : KERNEL_BEST);
             before += blocks * cost;
         }
     }

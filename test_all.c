@@ -3,6 +3,7 @@
  *
  *   ./test_all            unit tests, then every fixture folder under tests/fixtures
  *   ./test_all DIR...     every check that applies to each fixture folder given
+ *   ./test_all --units    the unit tests of the building blocks alone
  *
  * Unit tests call dsv2.c's functions directly (it is included below). End-to-end
  * checks go through what users run: the real export.py and the real ./dsv2 binary.
@@ -318,7 +319,7 @@ static void test_bf16(void) {
 
 /* matmul for every weight type against a double-precision reference; q8 within its rounding. */
 static void test_matmul_dtypes(void) {
-    enum { ROWS = 37, COLS = 64, N = 3, G = 32 };
+    enum { ROWS = 37, COLS = 64, N = 5, G = 32 };
     float w[ROWS * COLS], x[N * COLS], y[N * ROWS], wq_scale[ROWS * COLS / 16];
     int8_t wq[ROWS * COLS], xq[N * COLS];
     float xs[N * COLS / 16];
@@ -336,21 +337,36 @@ static void test_matmul_dtypes(void) {
     matmul(y, &W, x, N, NULL);
     double err = 0;
     for (int i = 0; i < N * ROWS; i++) err = fmax(err, fabs(y[i] - ref[i]));
-    check(err < 1e-4, "f32 matmul of 3 tokens, 37 rows (blocks of 4 with a ragged end): max err %.1e", err);
+    check(err < 1e-4, "f32 matmul of 5 tokens, 37 rows (blocks of 4 with a ragged end): max err %.1e", err);
     quantize_activations(wq, wq_scale, w, ROWS * COLS, G);  /* the same symmetric scheme as export.py */
     size_t at[1];
     MatmulScratch act = {xq, xs, N * COLS, at, 1, 0};
     Mat Q = {wq, wq_scale, DTYPE_Q8, ROWS, COLS, G};
     float y_simd[N * ROWS];
-    for (int simd = 1; simd >= 0; simd--) {  /* the intrinsics kernel (where built) and the portable one */
-        act.portable = !simd;
-        matmul(simd ? y_simd : y, &Q, x, N, &act);
-    }
-    act.portable = 0;
+    act.kernel = KERNEL_PORTABLE;
+    matmul(y, &Q, x, N, &act);
     err = 0;
     for (int i = 0; i < N * ROWS; i++) err = fmax(err, fabs(y[i] - ref[i]));
     check(err < 0.02 * max_ref, "q8 matmul (int8 weights and activations, groups of 32) within 2%% of the max: %.1e of %.1f", err, max_ref);
-    check(max_abs_diff(y, y_simd, N * ROWS) < 1e-4f, "q8: the SIMD kernel and the portable C kernel agree (%.1e)", max_abs_diff(y, y_simd, N * ROWS));
+    /* every SIMD kernel built for this CPU against the portable one, 1 to 4 tokens per call */
+    const char *built = "portable C only";
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    built = "AVX-512 VNNI and AVX2";
+#elif defined(__AVX2__) && defined(__FMA__)
+    built = "AVX2";
+#endif
+    int kernels[] = {KERNEL_BEST, KERNEL_AVX2};
+    for (int k = 0; k < 2; k++) {
+        act.kernel = kernels[k];
+        float worst = 0;
+        for (int n = 1; n <= N; n++) {  /* 1 to 4 tokens per kernel call, and 4 + 1 */
+            matmul(y_simd, &Q, x, n, &act);
+            worst = fmaxf(worst, max_abs_diff(y, y_simd, (size_t)n * ROWS));
+        }
+        check(worst < 1e-4f, "q8 kernel %s (built: %s) agrees with the portable C kernel on 1-5 tokens (%.1e)",
+              k == 0 ? "best" : "AVX2", built, worst);
+    }
+    act.kernel = KERNEL_BEST;
     Mat Q16 = {wq, wq_scale, DTYPE_Q8, ROWS, COLS, 16};  /* other group sizes take the generic path */
     quantize_activations(wq, wq_scale, w, ROWS * COLS, 16);
     matmul(y, &Q16, x, N, &act);
@@ -1989,7 +2005,8 @@ int main(int argc, char **argv) {
     snprintf(tmp_dir, sizeof tmp_dir, "/tmp/dsv2_test_XXXXXX");
     if (!mkdtemp(tmp_dir)) die("cannot create a temporary directory");
 
-    if (argc > 1) {
+    int units_only = argc == 2 && !strcmp(argv[1], "--units");  /* the building blocks alone */
+    if (argc > 1 && !units_only) {
         for (int i = 1; i < argc; i++) test_fixture_dir(argv[i]);
     } else {
         printf("building blocks\n");
@@ -2011,6 +2028,7 @@ int main(int argc, char **argv) {
         test_sampler_edges();
         test_quantize_edges();
         test_thread_tuner();
+        if (units_only) goto done;
         const char *fixtures[] = {"tests/fixtures/lite", "tests/fixtures/v2", "tests/fixtures/v2-bf16-sharded",
                                   "tests/fixtures/tokenizer", "tests/fixtures/tokenizer/deepseek-v3"};
         for (int i = 0; i < 5; i++) test_fixture_dir(fixtures[i]);
@@ -2037,6 +2055,7 @@ int main(int argc, char **argv) {
             script_checks("tests/exercises.sh", "each exercise's check fails on a wrong answer");
         }
     }
+done:;
     char cmd[512];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmp_dir);
     if (system(cmd) != 0) fprintf(stderr, "warning: could not remove %s\n", tmp_dir);
