@@ -7,7 +7,7 @@ OMP = -fopenmp
 PYTHON ?= $(shell for p in python3 /usr/bin/python3; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
 SAN = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-.PHONY: all test test-asan clean run class docs-check bench bench-full cuda test-cuda fuzz fuzz-smoke fuzz-long
+.PHONY: all test test-asan test-arm clean run class docs-check bench bench-full cuda test-cuda fuzz fuzz-smoke fuzz-long
 
 all: dsv2
 
@@ -28,6 +28,10 @@ test_all_asan: test_all.c dsv2.c
 	$(CC) $(WARN) -Wno-unused-function $(SAN) $(OMP) -o $@ test_all.c -lm
 test-asan: dsv2_asan test_all_asan
 	@PYTHON=$$(tests/setup.sh) && PYTHON=$$PYTHON DSV2_BIN=./dsv2_asan DSV2_SKIP_DOCS=1 ./test_all_asan
+
+# ARM64 (NEON + dot product) cross-compiled and run under qemu-user: correctness, not speed.
+test-arm:
+	PYTHON=$(PYTHON) tests/arm.sh
 
 # The GPU build: dsv2.c as the host program (-DDSV2_CUDA) linked with dsv2.cu. Warnings are errors.
 NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)

@@ -2083,6 +2083,44 @@ static inline void dot4x4_q8_group32_avx2(const Mat *W, const size_t row[4],
 }
 #endif
 
+/* Intrinsics, ARM NEON with the dot-product extension (Apple M-series, Graviton 2+; build with
+ * -march=native or -march=armv8.2-a+dotprod): sdot sums four int8 products into each int32 lane,
+ * so a group of 32 is two sdot per (row, token). Checked under qemu-user (tests/arm.sh); its
+ * speed has not been measured. */
+#if defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
+#include <arm_neon.h>
+static inline void dot4x4_q8_group32_neon(const Mat *W, const size_t row[4],
+                                          const int8_t *const xq[4], const float *const xs[4],
+                                          int nt, float out[4][4]) {
+    int groups = W->cols / 32;
+    const int8_t *w[4];
+    const float *ws[4];
+    float32x4_t acc[4][4];
+    for (int k = 0; k < 4; k++) {
+        w[k] = (const int8_t *)W->data + row[k];
+        ws[k] = W->scale + row[k] / 32;
+        for (int t = 0; t < 4; t++) acc[k][t] = vdupq_n_f32(0.0f);
+    }
+    for (int g = 0; g < groups; g++) {
+        int8x16_t lo[4], hi[4];
+        for (int k = 0; k < 4; k++) {
+            lo[k] = vld1q_s8(w[k] + (size_t)g * 32);
+            hi[k] = vld1q_s8(w[k] + (size_t)g * 32 + 16);
+        }
+        for (int t = 0; t < nt; t++) {
+            int8x16_t x_lo = vld1q_s8(xq[t] + (size_t)g * 32),
+                      x_hi = vld1q_s8(xq[t] + (size_t)g * 32 + 16);
+            for (int k = 0; k < 4; k++) {
+                int32x4_t dot = vdotq_s32(vdotq_s32(vdupq_n_s32(0), lo[k], x_lo), hi[k], x_hi);
+                acc[k][t] = vfmaq_n_f32(acc[k][t], vcvtq_f32_s32(dot), ws[k][g] * xs[t][g]);
+            }
+        }
+    }
+    for (int k = 0; k < 4; k++)
+        for (int t = 0; t < nt; t++) out[t][k] = vaddvq_f32(acc[k][t]);
+}
+#endif
+
 /* Four rows of W (row[k]: element offsets) dotted with one token. x is the token's activations;
  * xq/xs their int8 form for q8 weights. */
 static void dot4_rows(const Mat *W, const size_t row[4], const float *x, const int8_t *xq,
@@ -2118,7 +2156,7 @@ static void dot4_rows(const Mat *W, const size_t row[4], const float *x, const i
 }
 
 /* The q8 kernels: the best one built for this CPU, or (tests) a given one. */
-enum { KERNEL_BEST = 0, KERNEL_PORTABLE = 1, KERNEL_AVX2 = 2 };
+enum { KERNEL_BEST = 0, KERNEL_PORTABLE = 1, KERNEL_NO_VNNI = 2 };  /* NO_VNNI: AVX2 or NEON */
 
 /* Scratch for quantized activations, sized once by init_run_state (q8 models only): q and
  * scale hold the int8 inputs of several products; at[i] is where product i's begin. */
@@ -2147,7 +2185,7 @@ static void matmul_scratch_free(MatmulScratch *s) {
 }
 
 /* One of the 4-row x 4-token q8 kernels above (groups of 32), or NULL when the portable C path
- * is to run: AVX-512 VNNI where built, else AVX2. */
+ * is to run: AVX-512 VNNI where built, else AVX2, else NEON with sdot. */
 typedef void (*Dot4x4)(const Mat *, const size_t[4], const int8_t *const[4], const float *const[4],
                        int, float[4][4]);
 static Dot4x4 q8_kernel(const Mat *W, int kernel) {
@@ -2157,6 +2195,9 @@ static Dot4x4 q8_kernel(const Mat *W, int kernel) {
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
     return dot4x4_q8_group32_avx2;
+#endif
+#if defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
+    return dot4x4_q8_group32_neon;
 #endif
     return NULL;
 }
