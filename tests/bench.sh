@@ -12,7 +12,9 @@ threads=${OMP_NUM_THREADS:-$(nproc)}
 cpu=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
 prompt=$(seq -s' ' 1000 1127)   # 128 token ids
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-echo "CPU: $cpu, $threads threads"
+isa=$(grep -m1 -o -w -E 'avx512_vnni' /proc/cpuinfo || grep -m1 -o -w -E 'avx2' /proc/cpuinfo || grep -m1 -o -w asimddp /proc/cpuinfo || echo "none of avx512_vnni, avx2, asimddp")
+kernel=$(case $isa in avx512_vnni) echo "AVX-512 VNNI";; avx2) echo AVX2;; asimddp) echo "NEON sdot";; *) echo "portable C";; esac)
+echo "CPU: $cpu, $threads threads, instruction set: $isa (q8 kernel: $kernel)"
 echo
 echo "| $([ "$SHAPE" = lite ] && echo V2-Lite || echo V2) shape | prefill pp128 tok/s | decode tg64 tok/s | peak RSS | weights read per token | read bandwidth | decode roofline | fraction reached |"
 echo "|---|---|---|---|---|---|---|---|"
