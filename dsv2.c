@@ -1105,7 +1105,7 @@ static void check_context(int n_tokens, int context) {
 
 /* From Part 2: threads that survive a busy machine (ThreadTuner, how it works: there). */
 typedef struct {
-    int max, n, trial, steps, trial_steps, usual_steps;
+    int max, n, trial, steps, trial_steps, usual_steps, period, won;
     double start, usual, trial_time;
 } ThreadTuner;
 static void tuner_init(ThreadTuner *t);
@@ -1643,7 +1643,10 @@ static void usage(void) {
             "  -b N       sequences per batch (default 8); -c N: tokens per sequence (default "
             "128)\n"
             "  -r LR      peak learning rate (default 3e-3); -e N: validate, checkpoint every N "
-            "(100)\n");
+            "(100)\n"
+            "OMP_NUM_THREADS=N: at most N threads (default: every core; while decoding and "
+            "training,\n  dsv2 tries one fewer every 16 steps and keeps it when faster, as on a "
+            "busy machine)\n");
     exit(1);
 }
 
@@ -2320,12 +2323,14 @@ static void mat_row_to_f32(float *out, const Mat *W, int r) {
 /* idle speed with 2 threads, and 1 thread kept 50%. Passive waiting does not fix it for small */
 /* models (their loops are microseconds: the built-in model fell from 3,980 to 740 tok/s idle). */
 /* So each decode step (or training step) is timed, and every TUNE_PERIOD steps the tuner      */
-/* tries one thread fewer and one more for a few steps each, and keeps the fastest.            */
+/* tries one thread fewer and one more for a few steps each, and keeps the fastest; trials     */
+/* that lose come less and less often, so an idle machine hardly pays for them.                */
 /* OMP_NUM_THREADS sets the most it uses.                                                     */
 /* ------------------------------------------------------------------------------------------ */
 
-#define TUNE_PERIOD 16
-#define TUNE_TRIAL 3  /* steps per trial; the first is not counted (the thread pool settles) */
+#define TUNE_PERIOD 16     /* steps between trials at first, and after a trial that won */
+#define TUNE_PERIOD_MAX 512 /* a trial that loses doubles the period, up to this: idle, trials */
+#define TUNE_TRIAL 3        /* cost next to nothing. Steps per trial; the first is not counted */
 
 static void tuner_init(ThreadTuner *t) {
     memset(t, 0, sizeof *t);
@@ -2334,13 +2339,14 @@ static void tuner_init(ThreadTuner *t) {
     t->max = omp_get_max_threads();
 #endif
     t->n = t->max;
+    t->period = TUNE_PERIOD;
 }
 
 /* The threads for this step: the current count, or a neighbour on trial. */
 static void tuner_begin(ThreadTuner *t) {
-    int phase = t->steps % TUNE_PERIOD, first = TUNE_PERIOD - 2 * TUNE_TRIAL;
+    int phase = t->steps, first = t->period - 2 * TUNE_TRIAL;
     int candidate = phase < first ? 0 : phase < first + TUNE_TRIAL ? t->n - 1 : t->n + 1;
-    if (phase == 0) t->usual = t->usual_steps = 0;
+    if (phase == 0) t->usual = t->usual_steps = t->won = 0;
     if (phase == first || phase == first + TUNE_TRIAL) t->trial_time = t->trial_steps = 0;
     t->trial = t->usual_steps > 0 && candidate >= 1 && candidate <= t->max ? candidate : 0;
 #ifdef _OPENMP
@@ -2354,7 +2360,11 @@ static void tuner_begin(ThreadTuner *t) {
  * rare step that waits milliseconds for a descheduled thread is what a busy machine costs. */
 static void tuner_end(ThreadTuner *t) {
     double dt = now_seconds() - t->start;
-    t->steps++;
+    if (++t->steps == t->period) {  /* the period's end: trials again soon only if one won */
+        t->period = t->won ? TUNE_PERIOD : t->period * 2 < TUNE_PERIOD_MAX ? t->period * 2
+                                                                         : TUNE_PERIOD_MAX;
+        t->steps = 0;
+    }
     if (!t->trial) {
         t->usual += dt;
         t->usual_steps++;
@@ -2367,6 +2377,7 @@ static void tuner_end(ThreadTuner *t) {
     if (mean < 0.9 * t->usual / t->usual_steps) {  /* the winner is the next trial's baseline */
         t->n = t->trial;
         t->usual = mean * t->usual_steps;
+        t->won = 1;
     }
 }
 

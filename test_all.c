@@ -825,7 +825,7 @@ static void test_thread_tuner(void) {
     tuner_init(&t);
     t.max = t.n = 4;
     int visited = 0;
-    for (int step = 0; step < 8 * TUNE_PERIOD; step++) {
+    for (int step = 0; step < 1500; step++) {
         tuner_begin(&t);
         int used = t.trial ? t.trial : t.n;
         visited |= 1 << used;
@@ -834,8 +834,9 @@ static void test_thread_tuner(void) {
         tuner_end(&t);
     }
     tuner_done(&t);
-    check(t.n == 2 && (visited & (1 << 1)) && (visited & (1 << 3)),
-          "thread tuner: from 4 threads it settles on the fastest count (2) and keeps trying 1 and 3 (now %d)", t.n);
+    check(t.n == 2 && (visited & (1 << 1)) && (visited & (1 << 3)) && t.period == TUNE_PERIOD_MAX,
+          "thread tuner: from 4 threads it settles on the fastest count (2), tries 1 and 3, less often as they lose (now %d, "
+          "every %d steps)", t.n, t.period);
 }
 
 /* A script whose lines are "ok    ..." or "FAIL  ...": each line one check. */
