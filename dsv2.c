@@ -816,15 +816,15 @@ static double balance_loss(const float *scores, const int *idx, int B, int T, co
 /* -m trace: copies what layer l did for the batch's last token (t = n-1) into s->trace. The
  * attention probabilities are still in s->scores, the routing in s->topk_*, the FFN's output in
  * s->branch (moe() saved its shared part). */
-static void trace_layer(RunState *s, const Layer *L, int l, int n) {
+static void trace_layer(RunState *s, const Layer *L, int l, int n, int pos) {
     const Config *c = s->cfg;
     Trace *tr = s->trace;
     int D = c->hidden_size, K = c->num_experts_per_tok, G = c->n_group;
     int H = c->num_attention_heads, t = n - 1;
     memcpy(tr->hidden + (size_t)l * D, s->x + (size_t)t * D, D * sizeof(float));
-    for (int h = 0; h < H; h++)
+    for (int h = 0; h < H; h++)  /* the positions attended, 0 .. pos + n - 1, not the context */
         memcpy(tr->attention + ((size_t)l * H + h) * tr->context,
-               s->scores + (size_t)h * s->context, (size_t)tr->context * sizeof(float));
+               s->scores + (size_t)h * s->context, (size_t)(pos + n) * sizeof(float));
     if (!L->is_moe) return;
     memcpy(tr->route_idx + (size_t)l * K, s->topk_idx + (size_t)t * K, K * sizeof(int));
     memcpy(tr->route_weight + (size_t)l * K, s->topk_weight + (size_t)t * K, K * sizeof(float));
@@ -883,7 +883,7 @@ static float *forward_batch(const Weights *w, RunState *s, const int *tokens, in
         if (L->is_moe) moe(s, c, L, n);
         else swiglu_mlp(s, s->branch, s->xn, n, &L->mlp_gate, &L->mlp_up, &L->mlp_down);
         for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->branch[i];  /* eq. 20: u + ... */
-        if (s->trace) trace_layer(s, L, l, n);  /* -m trace: what this layer did */
+        if (s->trace) trace_layer(s, L, l, n, pos);  /* -m trace: what this layer did */
     }
     int first = s->all_logits ? 0 : n - 1;  /* -m eval scores every token, decoding the last */
     for (int t = first; t < n; t++)
