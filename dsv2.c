@@ -203,7 +203,7 @@ typedef struct { float *y; const Mat *W; const float *x; int n; } Product;
 
 /* Scratch the products need (the int8 form of q8 inputs); NULL is fine for f32/bf16 weights. */
 typedef struct MatmulScratch MatmulScratch;
-static MatmulScratch *matmul_scratch_new(const Config *c, int max_products, size_t max_inputs);
+static MatmulScratch *matmul_scratch_new(int max_products, size_t max_inputs);
 static void matmul_scratch_free(MatmulScratch *scratch);
 
 /* Several independent products at once (the experts of a layer, the heads' W^UV); the same
@@ -216,8 +216,13 @@ static void matmul(float *y, const Mat *W, const float *x, int n, MatmulScratch 
     matmul_many(&p, 1, scratch);
 }
 
-/* Row r of W as floats: the embedding lookup, and the rows that W^UK^T sums. */
+/* Row r of W as floats: the embedding lookup, and the rows that W^UK^T sums; or count of its
+ * columns from col0 (a bf16 or q8 KV cache). */
 static void mat_row_to_f32(float *out, const Mat *W, int r);
+static void mat_cols_to_f32(float *out, const Mat *W, int r, int col0, int count);
+
+/* Rows row0.. of W overwritten by n rows of floats, rounded to W's type (the KV cache). */
+static void mat_store_rows(Mat *W, int row0, const float *x, int n);
 
 /* Rows [row0, row0 + rows) of W as a matrix of its own (one head's slice of kv_b_proj). */
 static size_t dtype_size(int dtype) { return dtype == DTYPE_Q8 ? 1 : dtype == DTYPE_BF16 ? 2 : 4; }
@@ -376,11 +381,11 @@ typedef struct {
     float *kv_a;                      /* [n][r+dr]: c^KV then k^R */
     float *kv_latent;                 /* naive: the normed c^KV alone [n][r] */
     float *kv;                        /* naive: k^C and v^C of every head [n][H*(dn+dv)] */
-    float *q_absorbed;                /* absorb: W^UK^T q^C per head [H][r] */
+    float *q_absorbed;                /* absorb: [W^UK^T q^C; q^R] per head [H][r+dr] */
     float *row;                       /* absorb: one weight row as floats [H][r] */
     float *latent_out;                /* absorb: sum_j P_j c_j per head [H][n][r] */
     float *head_tmp;                  /* absorb: W^UV of that [H][n][dv] */
-    float *scores;                    /* attention probabilities [H][context] */
+    float *scores;                    /* one token's probabilities [H][pos+1] (pos: its own) */
     float *head_out;                  /* o_{t,i} [n][H*dv] */
     float *hidden, *hidden2;          /* MLP: [n][I] dense; [n*K][Im] + [n][N_s*Im] MoE */
     float *expert_in, *expert_out;    /* the tokens of each expert, expert by expert [n*K][D] */
@@ -394,8 +399,10 @@ typedef struct {
     MatmulScratch *matmul;
     float *logits;                    /* [V] of the batch's last token */
     float *all_logits;                /* -m eval: [n][V] of every token of the batch, or NULL */
-    float *cache;                     /* [L][context][cache_width] */
-    size_t cache_width;               /* floats per token per layer */
+    void *cache;                      /* [L][context][cache_width] of cache_dtype */
+    float *cache_scale;               /* q8 cache: one scale per cache_group numbers */
+    size_t cache_width;               /* numbers per token per layer */
+    int cache_dtype, cache_group;     /* -k: DTYPE_F32 (default, exact), DTYPE_BF16, DTYPE_Q8 */
     void *gpu;                        /* the GPU build: the model on the GPU, or NULL */
     struct Trace *trace;              /* -m trace and the tests: what each layer did, or NULL */
 } RunState;
@@ -428,7 +435,8 @@ static void init_run_state(RunState *s, const Config *c, int attn_mode, int cont
     int dq = c->qk_nope_head_dim + dr, dv = c->v_head_dim;
     int moe_width = c->moe_intermediate_size * (K + c->n_shared_experts);  /* routed + shared */
     int mlp_width = max_int(c->intermediate_size, moe_width);
-    int widest = max_int(max_int(max_int(D * (K + 1), mlp_width), max_int(c->q_lora_rank, H * r)),
+    int widest = max_int(max_int(max_int(D * (K + 1), mlp_width),
+                                 max_int(c->q_lora_rank, H * (r + dr))),
                          H * dv);  /* the most input floats of one matmul_many */
     int max_products = max_int(2 * (E < B * K ? E : B * K) + 2, H);  /* gate, up per expert */
     memset(s, 0, sizeof *s);
@@ -447,7 +455,7 @@ static void init_run_state(RunState *s, const Config *c, int attn_mode, int cont
     s->kv_a = floats((size_t)B * (r + dr));
     s->kv_latent = floats((size_t)B * r);
     s->kv = floats((size_t)B * H * (c->qk_nope_head_dim + dv));
-    s->q_absorbed = floats((size_t)H * r);
+    s->q_absorbed = floats((size_t)H * (r + dr));
     s->row = floats((size_t)H * r);
     s->latent_out = floats((size_t)H * B * r);
     s->head_tmp = floats((size_t)H * B * dv);
@@ -467,10 +475,32 @@ static void init_run_state(RunState *s, const Config *c, int attn_mode, int cont
     s->router.group_score = floats(c->n_group);
     s->router.taken = xcalloc(E, 1);
     s->router.group_taken = xcalloc(c->n_group, 1);
-    s->matmul = matmul_scratch_new(c, max_products, (size_t)B * widest);
+    s->matmul = matmul_scratch_new(max_products, (size_t)B * widest);
     s->logits = floats(c->vocab_size);
     s->cache_width = kv_cache_width(c, attn_mode);
     s->cache = floats((size_t)c->num_hidden_layers * context * s->cache_width);
+    s->cache_dtype = DTYPE_F32;
+    s->cache_group = (int)s->cache_width;
+}
+
+/* -k: the absorbed cache in bf16, or in q8 (groups of 32 with a scale, as q8 weights), instead
+ * of f32: a half or about a quarter of the bytes that decoding reads per position. */
+static void set_cache_dtype(RunState *s, int dtype) {
+    if (dtype == s->cache_dtype) return;
+    if (s->attn_mode != ATTN_ABSORB)
+        die("-k bf16 and -k q8 need the absorbed attention (-a absorb)");
+    size_t n = (size_t)s->cfg->num_hidden_layers * s->context * s->cache_width;
+    free(s->cache);
+    free(s->cache_scale);
+    s->cache = xcalloc(n, dtype_size(dtype));
+    s->cache_scale = NULL;
+    s->cache_dtype = dtype;
+    s->cache_group = (int)s->cache_width;
+    if (dtype == DTYPE_Q8) {  /* groups of 32 take the SIMD kernels (the real models' 576) */
+        for (int g = 8; g <= 32; g *= 2)
+            if (s->cache_width % g == 0) s->cache_group = g;
+        s->cache_scale = floats(n / s->cache_group);
+    }
 }
 
 static void free_run_state(RunState *s) {
@@ -480,7 +510,7 @@ static void free_run_state(RunState *s) {
                     s->expert_tokens, s->router_probs, s->topk_idx, s->topk_weight,
                     s->router.masked, s->router.group_score, s->router.taken,
                     s->router.group_taken, s->products, s->head_mats, s->logits, s->all_logits,
-                    s->cache};
+                    s->cache, s->cache_scale};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     matmul_scratch_free(s->matmul);
 }
@@ -544,37 +574,78 @@ static void mla_latent(RunState *s, const Config *c, const Layer *L, int n, int 
     }
 }
 
-/* Absorbed attention over the latent cache, for every head and token of the batch. */
-static void mla_attend_absorbed(RunState *s, const Config *c, const Layer *L, float *layer_cache,
-                                int n, int pos) {
+/* The layer's cached rows 0..rows-1 as a matrix [rows][r + dr]: row j is [c^KV_j; k^R_j], in
+ * the cache's number type (-k: f32, bf16 or q8). Attention's products read it as weights. */
+static Mat cache_rows(const RunState *s, int layer, int rows) {
+    size_t row0 = (size_t)layer * s->context;
+    Mat m = {(const char *)s->cache + row0 * s->cache_width * dtype_size(s->cache_dtype),
+             s->cache_scale ? s->cache_scale + row0 * s->cache_width / s->cache_group : NULL,
+             s->cache_dtype, rows, (int)s->cache_width, s->cache_group};
+    return m;
+}
+
+/* Rows pos..pos+n-1 of the layer's cache: the n tokens' [c^KV; k^R], rounded to the cache type. */
+static void cache_store(RunState *s, int layer, int pos, const float *rows, int n) {
+    Mat all = cache_rows(s, layer, s->context);
+    mat_store_rows(&all, pos, rows, n);
+}
+
+/* u_h = sum_j P_h,j c_j for all H heads at once (eq. 18, absorbed). Each thread takes a slice of
+ * the r latent columns, so each cached row is read once per token, not once per head, and each
+ * sum runs in the same order whatever the number of threads. probs: [H][latents->rows]. */
+static void latent_weighted_sum(float *u, size_t u_stride, const float *probs, const Mat *latents,
+                                int H, int r) {
+    enum { SLICE = 64 };
+    int rows = latents->rows, slices = (r + SLICE - 1) / SLICE;
+#pragma omp parallel for schedule(static) if ((long long)rows * H * r > 32768)
+    for (int sl = 0; sl < slices; sl++) {
+        int c0 = sl * SLICE, count = r - c0 < SLICE ? r - c0 : SLICE;
+        float slice[SLICE];
+        for (int h = 0; h < H; h++) memset(u + h * u_stride + c0, 0, count * sizeof(float));
+        for (int j = 0; j < rows; j++) {
+            const float *cj = slice;
+            if (latents->dtype == DTYPE_F32)
+                cj = (const float *)latents->data + (size_t)j * latents->cols + c0;
+            else mat_cols_to_f32(slice, latents, j, c0, count);
+            for (int h = 0; h < H; h++) {
+                float p = probs[(size_t)h * rows + j], *uh = u + h * u_stride + c0;
+#pragma omp simd
+                for (int i = 0; i < count; i++) uh[i] += p * cj[i];
+            }
+        }
+    }
+}
+
+/* Absorbed attention over the latent cache, token by token with all heads at once: the scores
+ * of every head are one product against the cached rows, so each row is read once per token
+ * (reading it once per head made decoding slow down with context: 16x the reads for V2-Lite). */
+static void mla_attend_absorbed(RunState *s, const Config *c, const Layer *L, int layer, int n,
+                                int pos) {
     int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
     int dv = c->v_head_dim, r = c->kv_lora_rank, dq = dn + dr, kv_head_rows = dn + dv;
     size_t width = s->cache_width;
-    memcpy(layer_cache + (size_t)pos * width, s->kv_a, (size_t)n * width * sizeof(float));
+    cache_store(s, layer, pos, s->kv_a, n);                      /* [c^KV; k^R] of the n tokens */
+    for (int t = 0; t < n; t++) {
+        int rows = pos + t + 1;                                  /* causal: up to this token */
 #pragma omp parallel for schedule(static)
-    for (int h = 0; h < H; h++) {
-        float *q_abs = s->q_absorbed + (size_t)h * r, *att = s->scores + (size_t)h * s->context;
-        Mat w_uk = mat_rows(&L->kv_b_proj, h * kv_head_rows, dn);
-        for (int t = 0; t < n; t++) {
-            const float *q_nope = s->q + ((size_t)t * H + h) * dq, *q_pe = q_nope + dn;
-            float *u = s->latent_out + ((size_t)h * n + t) * r;
-            int last = pos + t;                                  /* causal: up to this token */
+        for (int h = 0; h < H; h++) {
+            const float *q_nope = s->q + ((size_t)t * H + h) * dq;
+            float *q_cat = s->q_absorbed + (size_t)h * width;   /* [W^UK^T q^C; q^R] */
+            Mat w_uk = mat_rows(&L->kv_b_proj, h * kv_head_rows, dn);
             /* eq. 10, absorbed: the query meets W^UK once, q_abs = W^UK^T q^C */
-            matvec_transposed(q_abs, &w_uk, q_nope, s->row + (size_t)h * r);
-            for (int j = 0; j <= last; j++) {  /* eq. 16-17: q.k = q^C.k^C + q^R.k^R, via eq. 10 */
-                const float *cj = layer_cache + (size_t)j * width;
-                att[j] = (float)s->softmax_scale *
-                        (dot_f32(q_abs, cj, r) + dot_f32(q_pe, cj + r, dr));
-            }
-            softmax(att, last + 1);                              /* eq. 18: softmax_j */
-            memset(u, 0, (size_t)r * sizeof(float));             /* u = sum_j P_j c_j */
-            for (int j = 0; j <= last; j++) {
-                const float *cj = layer_cache + (size_t)j * width;
-                float p = att[j];
-#pragma omp simd
-                for (int i = 0; i < r; i++) u[i] += p * cj[i];
-            }
+            matvec_transposed(q_cat, &w_uk, q_nope, s->row + (size_t)h * r);
+            memcpy(q_cat + r, q_nope + dn, dr * sizeof(float));
         }
+        Mat latents = cache_rows(s, layer, rows);
+        /* eq. 16-17: q.k = q_abs.c^KV_j + q^R.k^R_j, every head and position in one product */
+        matmul(s->scores, &latents, s->q_absorbed, H, s->matmul);
+        for (int h = 0; h < H; h++) {
+            float *att = s->scores + (size_t)h * rows;
+            for (int j = 0; j < rows; j++) att[j] *= (float)s->softmax_scale;
+            softmax(att, rows);                                  /* eq. 18: softmax_j */
+        }
+        latent_weighted_sum(s->latent_out + (size_t)t * r, (size_t)n * r, s->scores, &latents, H,
+                            r);                                  /* u_h = sum_j P_h,j c_j */
     }
     for (int h = 0; h < H; h++) {              /* eq. 11, 18: o = W^UV u, all heads in one pass */
         s->head_mats[h] = mat_rows(&L->kv_b_proj, h * kv_head_rows + dn, dv);
@@ -589,11 +660,12 @@ static void mla_attend_absorbed(RunState *s, const Config *c, const Layer *L, fl
 }
 
 /* Naive attention: decompress each token's per-head K and V, cache them, attend as in MHA. */
-static void mla_attend_naive(RunState *s, const Config *c, const Layer *L, float *layer_cache,
-                             int n, int pos) {
+static void mla_attend_naive(RunState *s, const Config *c, const Layer *L, int layer, int n,
+                             int pos) {
     int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
     int dv = c->v_head_dim, r = c->kv_lora_rank, dq = dn + dr, kv_head_rows = dn + dv;
     size_t width = s->cache_width, head_width = (size_t)dq + dv;
+    float *layer_cache = (float *)s->cache + (size_t)layer * s->context * width;
     for (int t = 0; t < n; t++)                                 /* kv_b_proj takes c^KV only */
         memcpy(s->kv_latent + (size_t)t * r, s->kv_a + (size_t)t * (r + dr), r * sizeof(float));
     matmul(s->kv, &L->kv_b_proj, s->kv_latent, n, s->matmul);  /* eq. 10-11: [k^C | v^C] */
@@ -607,19 +679,19 @@ static void mla_attend_naive(RunState *s, const Config *c, const Layer *L, float
             memcpy(k + dq, kv + (size_t)h * kv_head_rows + dn, dv * sizeof(float));
         }
     }
+    for (int t = 0; t < n; t++) {
+        int rows = pos + t + 1;
 #pragma omp parallel for schedule(static)
-    for (int h = 0; h < H; h++) {
-        float *att = s->scores + (size_t)h * s->context;
-        for (int t = 0; t < n; t++) {
+        for (int h = 0; h < H; h++) {
+            float *att = s->scores + (size_t)h * rows;
             const float *q = s->q + ((size_t)t * H + h) * dq;
             float *out = s->head_out + ((size_t)t * H + h) * dv;
-            int last = pos + t;
-            for (int j = 0; j <= last; j++)                     /* eq. 18: q . k / sqrt(dq) */
+            for (int j = 0; j < rows; j++)                      /* eq. 18: q . k / sqrt(dq) */
                 att[j] = (float)s->softmax_scale *
                         dot_f32(q, layer_cache + j * width + h * head_width, dq);
-            softmax(att, last + 1);
+            softmax(att, rows);
             memset(out, 0, dv * sizeof(float));                 /* eq. 18: sum_j P_j v_j */
-            for (int j = 0; j <= last; j++) {
+            for (int j = 0; j < rows; j++) {
                 const float *v = layer_cache + j * width + h * head_width + dq;
                 for (int i = 0; i < dv; i++) out[i] += att[j] * v[i];
             }
@@ -629,7 +701,6 @@ static void mla_attend_naive(RunState *s, const Config *c, const Layer *L, float
 
 /* MLA for n tokens at positions pos..: s->xn in, s->branch out. */
 static void mla(RunState *s, const Config *c, const Layer *L, int layer, int n, int pos) {
-    float *layer_cache = s->cache + (size_t)layer * s->context * s->cache_width;
     int lora = c->q_lora_rank > 0;  /* eq. 12 (or W^Q h) and eq. 9 + 15 read h: one pass */
     Product from_input[2] = {
             {lora ? s->q_latent : s->q, lora ? &L->q_a_proj : &L->q_proj, s->xn, n},
@@ -637,8 +708,8 @@ static void mla(RunState *s, const Config *c, const Layer *L, int layer, int n, 
     matmul_many(from_input, 2, s->matmul);
     mla_query(s, c, L, n, pos);
     mla_latent(s, c, L, n, pos);
-    if (s->attn_mode == ATTN_ABSORB) mla_attend_absorbed(s, c, L, layer_cache, n, pos);
-    else mla_attend_naive(s, c, L, layer_cache, n, pos);
+    if (s->attn_mode == ATTN_ABSORB) mla_attend_absorbed(s, c, L, layer, n, pos);
+    else mla_attend_naive(s, c, L, layer, n, pos);
     matmul(s->branch, &L->o_proj, s->head_out, n, s->matmul);  /* eq. 19: u = W^O [o_1; ...] */
 }
 
@@ -824,7 +895,7 @@ static void trace_layer(RunState *s, const Layer *L, int l, int n, int pos) {
     memcpy(tr->hidden + (size_t)l * D, s->x + (size_t)t * D, D * sizeof(float));
     for (int h = 0; h < H; h++)  /* the positions attended, 0 .. pos + n - 1, not the context */
         memcpy(tr->attention + ((size_t)l * H + h) * tr->context,
-               s->scores + (size_t)h * s->context, (size_t)(pos + n) * sizeof(float));
+               s->scores + (size_t)h * (pos + n), (size_t)(pos + n) * sizeof(float));
     if (!L->is_moe) return;
     memcpy(tr->route_idx + (size_t)l * K, s->topk_idx + (size_t)t * K, K * sizeof(int));
     memcpy(tr->route_weight + (size_t)l * K, s->topk_weight + (size_t)t * K, K * sizeof(float));
@@ -1596,7 +1667,7 @@ static const char *const mode_names[N_MODES] = {"generate", "chat",   "logits", 
 
 typedef struct {
     const char *path;                 /* the model, or a tokenizer for encode/decode */
-    int mode, attn_mode, weights_mode, ref_attn_mode;
+    int mode, attn_mode, weights_mode, ref_attn_mode, cache_dtype;
     const char *prompt, *prompt_file, *out_path, *system, *gpus;
     const char *ref_path;             /* eval: the model to compare with (-r) */
     int steps, context, batch, eval_every, heat_layer, heat_head;
@@ -1625,6 +1696,7 @@ static void usage(void) {
             "  -p P       top-p (default 0.9)\n"
             "  -s SEED    random seed (default: time)\n"
             "  -a MODE    attention: absorb (default, latent cache) | naive (per-head K/V cache)\n"
+            "  -k TYPE    KV cache numbers (absorb): f32 (default, exact) | bf16 | q8\n"
             "  -c N       context length (default min(max_position_embeddings, 4096))\n"
             "  -w MODE    weights: auto (default) | mmap (read in place) | load (into huge-page "
             "memory)\n"
@@ -1683,7 +1755,8 @@ static int parse_choice(const char *flag, const char *v, const char *const *name
 
 static Options parse_options(int argc, char **argv) {
     static const char *const attn_names[] = {"absorb", "naive"},
-                             *const weights_names[] = {"auto", "mmap", "load"};
+                             *const weights_names[] = {"auto", "mmap", "load"},
+                             *const cache_names[] = {"f32", "bf16", "q8"};  /* DTYPE_ order */
     Options o = {.path = argv[1],
                  .mode = MODE_GENERATE,
                  .attn_mode = ATTN_ABSORB,
@@ -1728,6 +1801,7 @@ static Options parse_options(int argc, char **argv) {
         case 'c': o.context = (int)parse_int_arg("-c", v, 1, 1 << 24); break;
         case 'w': o.weights_mode = parse_choice("-w", v, weights_names, 3); break;
         case 'a': o.attn_mode = parse_choice("-a", v, attn_names, 2); break;
+        case 'k': o.cache_dtype = parse_choice("-k", v, cache_names, 3); break;
         default: die("unknown option %s (run ./dsv2 for usage)", argv[i]);
         }
     }
@@ -1827,7 +1901,9 @@ static void run_model(const Options *o, const Weights *w, Tokenizer *tok, const 
     }
     RunState s;
     init_run_state(&s, c, o->attn_mode, context);
+    set_cache_dtype(&s, o->cache_dtype);
 #ifdef DSV2_CUDA
+    if (o->cache_dtype != DTYPE_F32) die("-k bf16 and -k q8 are for the CPU build");
     if (o->mode != MODE_TRACE) s.gpu = gpu_model_create(w, &s, o->gpus ? o->gpus : "0");
 #else
     if (o->gpus) die("-g needs the CUDA build (make cuda, then ./dsv2cu)");
@@ -1919,6 +1995,14 @@ static inline float bf16_to_f32(uint16_t b) {
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
+}
+
+/* float32 to bf16, rounding to nearest even (as torch and export.py do); NaN stays NaN. */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 }
 
 /* Activations for q8 weights: int8 per token, one scale per group (absmax / 127), so the
@@ -2171,8 +2255,7 @@ struct MatmulScratch {
     int kernel;    /* KERNEL_BEST; the tests also force each of the others */
 };
 
-static MatmulScratch *matmul_scratch_new(const Config *c, int max_products, size_t max_inputs) {
-    if (c->dtype != DTYPE_Q8) return NULL;  /* f32 and bf16 products need no scratch */
+static MatmulScratch *matmul_scratch_new(int max_products, size_t max_inputs) {
     MatmulScratch *s = xcalloc(1, sizeof *s);
     s->capacity = max_inputs;
     s->q = xcalloc(max_inputs, 1);
@@ -2302,17 +2385,31 @@ static void matmul_many(const Product *p, int count, MatmulScratch *act) {
 
 
 /* Row r of W as floats: embedding lookup, and the rows W_UK^T sums in the absorbed query. */
-static void mat_row_to_f32(float *out, const Mat *W, int r) {
-    size_t at = (size_t)r * W->cols;
+static void mat_cols_to_f32(float *out, const Mat *W, int r, int col0, int count) {
+    size_t at = (size_t)r * W->cols + col0;
     if (W->dtype == DTYPE_BF16)
-        for (int c = 0; c < W->cols; c++) out[c] = bf16_to_f32(((const uint16_t *)W->data)[at + c]);
-    else if (W->dtype == DTYPE_Q8)
-        for (int g = 0; g < W->cols / W->group; g++) {
-            float sc = W->scale[at / W->group + g];
-            for (int c = g * W->group; c < (g + 1) * W->group; c++)
-                out[c] = ((const int8_t *)W->data)[at + c] * sc;
+        for (int c = 0; c < count; c++) out[c] = bf16_to_f32(((const uint16_t *)W->data)[at + c]);
+    else if (W->dtype == DTYPE_Q8) {
+        const float *scale = W->scale + (size_t)r * (W->cols / W->group);
+        for (int c = 0; c < count;) {  /* group by group: one scale each */
+            int g = (col0 + c) / W->group, end = (g + 1) * W->group - col0;
+            float sc = scale[g];
+            for (; c < count && c < end; c++) out[c] = ((const int8_t *)W->data)[at + c] * sc;
         }
-    else memcpy(out, (const float *)W->data + at, (size_t)W->cols * sizeof(float));
+    } else memcpy(out, (const float *)W->data + at, (size_t)count * sizeof(float));
+}
+
+static void mat_row_to_f32(float *out, const Mat *W, int r) {
+    mat_cols_to_f32(out, W, r, 0, W->cols);
+}
+
+static void mat_store_rows(Mat *W, int row0, const float *x, int n) {
+    size_t at = (size_t)row0 * W->cols, count = (size_t)n * W->cols;
+    if (W->dtype == DTYPE_F32) memcpy((float *)W->data + at, x, count * sizeof(float));
+    else if (W->dtype == DTYPE_BF16)
+        for (size_t i = 0; i < count; i++) ((uint16_t *)W->data)[at + i] = f32_to_bf16(x[i]);
+    else quantize_activations((int8_t *)W->data + at, (float *)W->scale + at / W->group, x,
+                              (int)count, W->group);
 }
 
 

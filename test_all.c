@@ -582,7 +582,7 @@ static void check_internals(const char *dir, const char *model_path) {
         float *k_pe = load_ref(dir, name, &t);
         if (c_kv && k_pe) {
             worst = 0.0f;
-            const float *cache = s.cache + (size_t)l * s.context * s.cache_width;
+            const float *cache = (const float *)s.cache + (size_t)l * s.context * s.cache_width;
             for (int pos = 0; pos < T; pos++) {
                 worst = fmaxf(worst, max_abs_diff(cache + pos * s.cache_width, c_kv + (size_t)pos * c->kv_lora_rank, c->kv_lora_rank));
                 worst = fmaxf(worst, max_abs_diff(cache + pos * s.cache_width + c->kv_lora_rank, k_pe + (size_t)pos * c->qk_rope_head_dim, c->qk_rope_head_dim));
@@ -855,6 +855,21 @@ static void script_checks(const char *script, const char *label) {
 
 /* q8 quality where it means something: the trained built-in model, q8 (export.py from the f32
  * file) against f32, over held-out text it never trained on (Revelation, tests/heldout.txt). */
+/* Runs cmd (a -m eval -r ...) and reads its KL(reference || this), top-1 agreement and the two
+ * perplexities; returns the exit status. */
+static int eval_against(const char *cmd, double *kl, double *agree, double *ppl, double *ref_ppl) {
+    int code = run(cmd, NULL, 0);
+    char *text = stdout_text(), *kl_at = strstr(text, "KL(reference || this) mean "), *top_at = strstr(text, "top-1 agreement ");
+    *kl = *agree = *ppl = *ref_ppl = NAN;
+    if (kl_at) sscanf(kl_at, "KL(reference || this) mean %lf", kl);
+    if (top_at) sscanf(top_at, "top-1 agreement %lf", agree);
+    char *p = strstr(text, "perplexity "), *r = strstr(text, "reference: mean NLL");
+    if (p) sscanf(p, "perplexity %lf", ppl);
+    if (r && (r = strstr(r, "perplexity "))) sscanf(r, "perplexity %lf", ref_ppl);
+    free(text);
+    return code;
+}
+
 static void test_q8_quality(void) {
     char q8[512], cmd[2048], err[4096];
     snprintf(q8, sizeof q8, "%s/tiny-q8.bin", tmp_dir);
@@ -862,17 +877,40 @@ static void test_q8_quality(void) {
     int code = run(cmd, err, sizeof err);
     check(code == 0, "export.py models/tiny/model.bin --dtype q8 (a dsv2 file into q8): exit %d %.*s", code, code ? (int)strcspn(err, "\n") : 0, err);
     snprintf(cmd, sizeof cmd, "%s %s -m eval -f tests/heldout.txt -r models/tiny/model.bin", dsv2_bin, q8);
-    code = run(cmd, NULL, 0);
-    char *text = stdout_text(), *kl_at = strstr(text, "KL(reference || this) mean "), *top_at = strstr(text, "top-1 agreement ");
-    double kl = NAN, agree = NAN, ppl = NAN, ref_ppl = NAN;
-    if (kl_at) sscanf(kl_at, "KL(reference || this) mean %lf", &kl);
-    if (top_at) sscanf(top_at, "top-1 agreement %lf", &agree);
-    char *p = strstr(text, "perplexity "), *r = strstr(text, "reference: mean NLL");
-    if (p) sscanf(p, "perplexity %lf", &ppl);
-    if (r && (r = strstr(r, "perplexity "))) sscanf(r, "perplexity %lf", &ref_ppl);
+    double kl, agree, ppl, ref_ppl;
+    code = eval_against(cmd, &kl, &agree, &ppl, &ref_ppl);
     check(code == 0 && kl < 0.005 && agree >= 95.0, "built-in model, q8 vs f32 on held-out text: KL(f32 || q8) %.2e nats/token, top-1 agreement %.2f%%, "
           "perplexity %.3f vs %.3f", kl, agree, ppl, ref_ppl);
-    free(text);
+}
+
+/* -k: the latent cache in bf16 or q8 against the exact f32 cache, on the held-out text. The KL
+ * must be small and above 0 (the cache type changed something). */
+static void test_cache_types(void) {
+    const char *types[] = {"bf16", "q8"};
+    const double max_kl[] = {0.001, 0.002};
+    char cmd[2048], err[4096];
+    for (int k = 0; k < 2; k++) {
+        snprintf(cmd, sizeof cmd, "%s models/tiny/model.bin -m eval -f tests/heldout.txt -k %s -r models/tiny/model.bin", dsv2_bin, types[k]);
+        double kl, agree, ppl, ref_ppl;
+        int code = eval_against(cmd, &kl, &agree, &ppl, &ref_ppl);
+        check(code == 0 && kl > 0 && kl < max_kl[k] && agree >= 98.0, "built-in model, -k %s cache vs f32 on held-out text: KL %.2e nats/token (< %g), "
+              "top-1 agreement %.2f%%, perplexity %.3f vs %.3f", types[k], kl, max_kl[k], agree, ppl, ref_ppl);
+    }
+    snprintf(cmd, sizeof cmd, "%s models/tiny/model.bin -i hi -n 1 -k q8 -a naive", dsv2_bin);
+    int code = run(cmd, err, sizeof err);
+    check(code == 1 && strstr(err, "dsv2: error: -k") && !strchr(strchr(err, '\n') + 1, '\n'), "-k q8 with -a naive: exit %d, one error line", code);
+}
+
+/* bf16 rounds to nearest even, as torch and export.py do; NaN and infinities survive. */
+static void test_bf16_round_to_even(void) {
+    float in[] = {1.0f + 0x1p-8f, 1.0f + 3 * 0x1p-8f, -1.0f - 0x1p-9f, INFINITY, NAN, 3.0e38f};
+    uint16_t want[] = {0x3f80, 0x3f82, 0xbf80, 0x7f80, 0, 0x7f62};
+    int ok = 1;
+    for (int i = 0; i < 6; i++) {
+        uint16_t b = f32_to_bf16(in[i]);
+        ok &= isnan(in[i]) ? isnan(bf16_to_f32(b)) : b == want[i];
+    }
+    check(ok, "f32 -> bf16 rounds to nearest even (ties to even up and down), NaN stays NaN, inf stays inf");
 }
 
 /* ------------------------------------------------------------------------- */
@@ -2019,6 +2057,7 @@ int main(int argc, char **argv) {
         test_routing();
         test_bf16();
         test_matmul_dtypes();
+        test_bf16_round_to_even();
         test_matmul_many();
         test_batch_equals_single(ATTN_ABSORB, small_config(8), "small");
         test_batch_equals_single(ATTN_NAIVE, small_config(8), "small");
@@ -2051,6 +2090,7 @@ int main(int argc, char **argv) {
         test_train_cli();
         printf("watching the model\n");
         test_q8_quality();
+        test_cache_types();
         test_reference();
         if (!getenv("DSV2_SKIP_DOCS")) {  /* make test-asan skips these: they run ./dsv2 itself */
             printf("docs\n");
