@@ -2208,38 +2208,56 @@ static inline void dot4x4_q8_group32_neon(const Mat *W, const size_t row[4],
 }
 #endif
 
-/* Four rows of W (row[k]: element offsets) dotted with one token. x is the token's activations;
- * xq/xs their int8 form for q8 weights. */
-static void dot4_rows(const Mat *W, const size_t row[4], const float *x, const int8_t *xq,
-                      const float *xs, float out[4]) {
-    int cols = W->cols;
-    float a = 0, b = 0, c = 0, d = 0;
-    if (W->dtype == DTYPE_F32) {
-        const float *w0 = (const float *)W->data + row[0], *w1 = (const float *)W->data + row[1];
-        const float *w2 = (const float *)W->data + row[2], *w3 = (const float *)W->data + row[3];
+/* f32 weights (or bf16 rows widened to f32), four rows by up to four tokens over len columns:
+ * out[t][k] = w[k] . x[t]. The portable kernel; dot4x4_f32_avx2 below does the same with FMA. */
+static void dot4x4_f32_portable(const float *const w[4], const float *const x[4], int nt, int len,
+                                float out[4][4]) {
+    for (int t = 0; t < nt; t++) {
+        float a = 0, b = 0, c = 0, d = 0;
 #pragma omp simd reduction(+ : a, b, c, d)
-        for (int i = 0; i < cols; i++) {
-            a += w0[i] * x[i];
-            b += w1[i] * x[i];
-            c += w2[i] * x[i];
-            d += w3[i] * x[i];
+        for (int i = 0; i < len; i++) {
+            a += w[0][i] * x[t][i]; b += w[1][i] * x[t][i];
+            c += w[2][i] * x[t][i]; d += w[3][i] * x[t][i];
         }
-    } else if (W->dtype == DTYPE_BF16) {
-        const uint16_t *w0 = (const uint16_t *)W->data + row[0],
-                       *w1 = (const uint16_t *)W->data + row[1];
-        const uint16_t *w2 = (const uint16_t *)W->data + row[2],
-                       *w3 = (const uint16_t *)W->data + row[3];
-#pragma omp simd reduction(+ : a, b, c, d)
-        for (int i = 0; i < cols; i++) {
-            a += bf16_to_f32(w0[i]) * x[i]; b += bf16_to_f32(w1[i]) * x[i];
-            c += bf16_to_f32(w2[i]) * x[i]; d += bf16_to_f32(w3[i]) * x[i];
-        }
-    } else {  /* q8; a constant group of 32 (the real models) lets the compiler unroll it */
-        if (W->group == 32) dot4_q8_portable(W, row, xq, xs, 32, out);
-        else dot4_q8_portable(W, row, xq, xs, W->group, out);
-        return;
+        out[t][0] = a; out[t][1] = b; out[t][2] = c; out[t][3] = d;
     }
-    out[0] = a; out[1] = b; out[2] = c; out[3] = d;
+}
+
+/* Intrinsics, AVX2 + FMA: four rows by two tokens per pass, eight independent accumulators
+ * (FMA's latency hidden) and each 8-float weight load used for both tokens. */
+#if defined(__AVX2__) && defined(__FMA__)
+static void dot4x4_f32_avx2(const float *const w[4], const float *const x[4], int nt, int len,
+                            float out[4][4]) {
+    for (int t0 = 0; t0 < nt; t0 += 2) {
+        int pair = t0 + 1 < nt;
+        const float *xa = x[t0], *xb = x[pair ? t0 + 1 : t0];
+        __m256 acc[4][2];
+        for (int k = 0; k < 4; k++) acc[k][0] = acc[k][1] = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= len; i += 8) {
+            __m256 va = _mm256_loadu_ps(xa + i), vb = _mm256_loadu_ps(xb + i);
+            for (int k = 0; k < 4; k++) {
+                __m256 wv = _mm256_loadu_ps(w[k] + i);
+                acc[k][0] = _mm256_fmadd_ps(wv, va, acc[k][0]);
+                acc[k][1] = _mm256_fmadd_ps(wv, vb, acc[k][1]);
+            }
+        }
+        for (int k = 0; k < 4; k++) {
+            float sa = hsum_avx2(acc[k][0]), sb = hsum_avx2(acc[k][1]);
+            for (int j = i; j < len; j++) { sa += w[k][j] * xa[j]; sb += w[k][j] * xb[j]; }
+            out[t0][k] = sa;
+            if (pair) out[t0 + 1][k] = sb;
+        }
+    }
+}
+#endif
+
+/* Four q8 rows of W (row[k]: element offsets) dotted with one token's int8 form xq/xs. */
+static void dot4_rows_q8(const Mat *W, const size_t row[4], const int8_t *xq, const float *xs,
+                         float out[4]) {
+    /* a constant group of 32 (the real models) lets the compiler unroll it */
+    if (W->group == 32) dot4_q8_portable(W, row, xq, xs, 32, out);
+    else dot4_q8_portable(W, row, xq, xs, W->group, out);
 }
 
 /* The q8 kernels: the best one built for this CPU, or (tests) a given one. */
@@ -2288,6 +2306,49 @@ static Dot4x4 q8_kernel(const Mat *W, int kernel) {
     return NULL;
 }
 
+typedef void (*Dot4x4F32)(const float *const[4], const float *const[4], int, int, float[4][4]);
+static Dot4x4F32 f32_kernel(int kernel) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (kernel != KERNEL_PORTABLE) return dot4x4_f32_avx2;
+#endif
+    (void)kernel;
+    return dot4x4_f32_portable;
+}
+
+/* f32 and bf16 weights: the four rows in chunks of columns (bf16 widened once per chunk, then
+ * shared by every token), each chunk against all tokens, its partial sums added into y. */
+static void matmul_block_float(const Product *p, int b, const size_t row[4], int kernel) {
+    enum { CHUNK = 512 };
+    const Mat *W = p->W;
+    int rows = W->rows, cols = W->cols, blocks = (rows + 3) / 4;
+    Dot4x4F32 dot = f32_kernel(kernel);
+    float wide[4][CHUNK];
+    for (int c0 = 0; c0 < cols; c0 += CHUNK) {
+        int len = cols - c0 < CHUNK ? cols - c0 : CHUNK;
+        const float *w[4];
+        for (int k = 0; k < 4; k++) {
+            if (W->dtype == DTYPE_BF16) {
+                const uint16_t *src = (const uint16_t *)W->data + row[k] + c0;
+                for (int i = 0; i < len; i++) wide[k][i] = bf16_to_f32(src[i]);
+                w[k] = wide[k];
+            } else w[k] = (const float *)W->data + row[k] + c0;
+        }
+        for (int t0 = 0; t0 < p->n; t0 += 4) {
+            int tokens = p->n - t0 < 4 ? p->n - t0 : 4;
+            const float *x[4];
+            float out[4][4];
+            for (int tt = 0; tt < 4; tt++)
+                x[tt] = p->x + (size_t)(t0 + (tt < tokens ? tt : tokens - 1)) * cols + c0;
+            dot(w, x, tokens, len, out);
+            for (int tt = 0; tt < tokens; tt++)
+                for (int k = 0; k < 4 && b + k * blocks < rows; k++) {
+                    float *y = &p->y[(size_t)(t0 + tt) * rows + b + k * blocks];
+                    *y = c0 ? *y + out[tt][k] : out[tt][k];
+                }
+        }
+    }
+}
+
 /* Block b of product p against every token: rows b, b + Q, b + 2Q, b + 3Q (Q: the number of
  * blocks), read from memory once and reused from cache for up to four tokens per kernel call.
  * xq/xs: the int8 tokens for q8 weights; with a SIMD q8 kernel one call shares each weight
@@ -2298,6 +2359,10 @@ static void matmul_block(const Product *p, int b, const int8_t *xq, const float 
     size_t row[4];  /* rows past the end repeat the last and are not stored */
     for (int k = 0; k < 4; k++)
         row[k] = (size_t)(b + k * blocks < rows ? b + k * blocks : rows - 1) * cols;
+    if (W->dtype != DTYPE_Q8) {
+        matmul_block_float(p, b, row, kernel);
+        return;
+    }
     Dot4x4 simd = q8_kernel(W, kernel);
     for (int t0 = 0; t0 < p->n; t0 += 4) {
         float out[4][4];
@@ -2314,8 +2379,7 @@ static void matmul_block(const Product *p, int b, const int8_t *xq, const float 
         } else
             for (int tt = 0; tt < tokens; tt++) {
                 size_t t = (size_t)t0 + tt;
-                dot4_rows(W, row, p->x + t * cols, xq ? xq + t * cols : NULL,
-                          xs ? xs + t * groups : NULL, out[tt]);
+                dot4_rows_q8(W, row, xq + t * cols, xs + t * groups, out[tt]);
             }
         for (int tt = 0; tt < tokens; tt++)
             for (int k = 0; k < 4 && b + k * blocks < rows; k++)
