@@ -2208,48 +2208,87 @@ static inline void dot4x4_q8_group32_neon(const Mat *W, const size_t row[4],
 }
 #endif
 
-/* f32 weights (or bf16 rows widened to f32), four rows by up to four tokens over len columns:
- * out[t][k] = w[k] . x[t]. The portable kernel; dot4x4_f32_avx2 below does the same with FMA. */
-static void dot4x4_f32_portable(const float *const w[4], const float *const x[4], int nt, int len,
-                                float out[4][4]) {
+/* f32 or bf16 weights (bf16: the top half of an f32, widened on the fly), four rows by up to
+ * four tokens over len columns: out[t][k] = w[k] . x[t]. The portable kernel; the AVX2 and
+ * AVX-512 ones below do the same with FMA. */
+static inline float weight_at(const void *w, int bf16, int i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+}
+
+static inline void dot4x4_float_portable(const void *const w[4], int bf16, const float *const x[4],
+                                         int nt, int len, float out[4][4]) {
     for (int t = 0; t < nt; t++) {
         float a = 0, b = 0, c = 0, d = 0;
 #pragma omp simd reduction(+ : a, b, c, d)
         for (int i = 0; i < len; i++) {
-            a += w[0][i] * x[t][i]; b += w[1][i] * x[t][i];
-            c += w[2][i] * x[t][i]; d += w[3][i] * x[t][i];
+            a += weight_at(w[0], bf16, i) * x[t][i]; b += weight_at(w[1], bf16, i) * x[t][i];
+            c += weight_at(w[2], bf16, i) * x[t][i]; d += weight_at(w[3], bf16, i) * x[t][i];
         }
         out[t][0] = a; out[t][1] = b; out[t][2] = c; out[t][3] = d;
     }
 }
 
-/* Intrinsics, AVX2 + FMA: four rows by two tokens per pass, eight independent accumulators
- * (FMA's latency hidden) and each 8-float weight load used for both tokens. */
-#if defined(__AVX2__) && defined(__FMA__)
-static void dot4x4_f32_avx2(const float *const w[4], const float *const x[4], int nt, int len,
-                            float out[4][4]) {
-    for (int t0 = 0; t0 < nt; t0 += 2) {
-        int pair = t0 + 1 < nt;
-        const float *xa = x[t0], *xb = x[pair ? t0 + 1 : t0];
-        __m256 acc[4][2];
-        for (int k = 0; k < 4; k++) acc[k][0] = acc[k][1] = _mm256_setzero_ps();
-        int i = 0;
-        for (; i + 8 <= len; i += 8) {
-            __m256 va = _mm256_loadu_ps(xa + i), vb = _mm256_loadu_ps(xb + i);
-            for (int k = 0; k < 4; k++) {
-                __m256 wv = _mm256_loadu_ps(w[k] + i);
-                acc[k][0] = _mm256_fmadd_ps(wv, va, acc[k][0]);
-                acc[k][1] = _mm256_fmadd_ps(wv, vb, acc[k][1]);
-            }
-        }
-        for (int k = 0; k < 4; k++) {
-            float sa = hsum_avx2(acc[k][0]), sb = hsum_avx2(acc[k][1]);
-            for (int j = i; j < len; j++) { sa += w[k][j] * xa[j]; sb += w[k][j] * xb[j]; }
-            out[t0][k] = sa;
-            if (pair) out[t0 + 1][k] = sb;
-        }
+/* Intrinsics, AVX2 + FMA and AVX-512: four rows by PASS tokens at a time (2 in AVX2's 16
+ * registers, 4 in AVX-512's 32), 4 x PASS independent accumulators (FMA's latency hidden) and
+ * each weight load, widened once, used for all PASS tokens. LANES floats per vector; the columns
+ * past the last full vector run as in the portable kernel. */
+#define DOT4X4_FLOAT_SIMD(NAME, VEC, LANES, PASS, LOAD_F32, LOAD_BF16, ZERO, FMA, HSUM)            \
+    static inline void NAME(const void *const w[4], int bf16, const float *const x[4], int nt,    \
+                            int len, float out[4][4]) {                                          \
+        for (int t0 = 0; t0 < nt; t0 += PASS) {                                                  \
+            const float *xt[PASS];                                                               \
+            for (int t = 0; t < PASS; t++) xt[t] = x[t0 + t < nt ? t0 + t : nt - 1];             \
+            VEC acc[4][PASS];                                                                    \
+            for (int k = 0; k < 4; k++)                                                          \
+                for (int t = 0; t < PASS; t++) acc[k][t] = ZERO();                               \
+            int i = 0;                                                                           \
+            for (; i + LANES <= len; i += LANES) {                                               \
+                VEC xv[PASS];                                                                    \
+                for (int t = 0; t < PASS; t++) xv[t] = LOAD_F32(xt[t] + i);                      \
+                for (int k = 0; k < 4; k++) {                                                    \
+                    VEC wv = bf16 ? LOAD_BF16((const uint16_t *)w[k] + i)                        \
+                                  : LOAD_F32((const float *)w[k] + i);                           \
+                    for (int t = 0; t < PASS; t++) acc[k][t] = FMA(wv, xv[t], acc[k][t]);        \
+                }                                                                                \
+            }                                                                                    \
+            for (int k = 0; k < 4; k++)                                                          \
+                for (int t = 0; t < PASS && t0 + t < nt; t++) {                                  \
+                    float sum = HSUM(acc[k][t]);                                                 \
+                    for (int j = i; j < len; j++) sum += weight_at(w[k], bf16, j) * xt[t][j];    \
+                    out[t0 + t][k] = sum;                                                        \
+                }                                                                                \
+        }                                                                                        \
     }
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __m256 load8_bf16(const uint16_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+DOT4X4_FLOAT_SIMD(dot4x4_float_avx2, __m256, 8, 2, _mm256_loadu_ps, load8_bf16, _mm256_setzero_ps,
+                  _mm256_fmadd_ps, hsum_avx2)
+#endif
+#if defined(__AVX512F__)
+static inline __m512 load16_bf16(const uint16_t *p) {
+    __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+DOT4X4_FLOAT_SIMD(dot4x4_float_avx512, __m512, 16, 4, _mm512_loadu_ps, load16_bf16,
+                  _mm512_setzero_ps, _mm512_fmadd_ps, _mm512_reduce_add_ps)
+#endif
+
+/* Each kernel for f32 and for bf16 weights: bf16 constant inside, so its branch folds away. */
+typedef void (*Dot4x4Float)(const void *const[4], const float *const[4], int, int, float[4][4]);
+#define DOT4X4_FLOAT_TYPED(KERNEL)                                                               \
+    static void KERNEL##_f32(const void *const w[4], const float *const x[4], int nt, int len,  \
+                             float out[4][4]) { KERNEL(w, 0, x, nt, len, out); }                 \
+    static void KERNEL##_bf16(const void *const w[4], const float *const x[4], int nt, int len, \
+                              float out[4][4]) { KERNEL(w, 1, x, nt, len, out); }
+DOT4X4_FLOAT_TYPED(dot4x4_float_portable)
+#if defined(__AVX2__) && defined(__FMA__)
+DOT4X4_FLOAT_TYPED(dot4x4_float_avx2)
+#endif
+#if defined(__AVX512F__)
+DOT4X4_FLOAT_TYPED(dot4x4_float_avx512)
 #endif
 
 /* Four q8 rows of W (row[k]: element offsets) dotted with one token's int8 form xq/xs. */
@@ -2306,32 +2345,37 @@ static Dot4x4 q8_kernel(const Mat *W, int kernel) {
     return NULL;
 }
 
-typedef void (*Dot4x4F32)(const float *const[4], const float *const[4], int, int, float[4][4]);
-static Dot4x4F32 f32_kernel(int kernel) {
+/* The f32/bf16 kernel: AVX-512 where built, else AVX2 (KERNEL_NO_VNNI forces it), else C. */
+static Dot4x4Float float_kernel(int bf16, int kernel) {
+#if defined(__AVX512F__)
+    if (kernel == KERNEL_BEST) return bf16 ? dot4x4_float_avx512_bf16 : dot4x4_float_avx512_f32;
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
-    if (kernel != KERNEL_PORTABLE) return dot4x4_f32_avx2;
+    if (kernel != KERNEL_PORTABLE) return bf16 ? dot4x4_float_avx2_bf16 : dot4x4_float_avx2_f32;
 #endif
     (void)kernel;
-    return dot4x4_f32_portable;
+    return bf16 ? dot4x4_float_portable_bf16 : dot4x4_float_portable_f32;
 }
 
-/* f32 and bf16 weights: the four rows in chunks of columns (bf16 widened once per chunk, then
- * shared by every token), each chunk against all tokens, its partial sums added into y. */
+/* f32 and bf16 weights: the four rows in chunks of 512 columns (in L1 while every token passes),
+ * each chunk against all tokens, its partial sums added into y. With four tokens or more a bf16
+ * chunk is widened once into f32 and shared by all of them; with fewer, widened in registers. */
 static void matmul_block_float(const Product *p, int b, const size_t row[4], int kernel) {
     enum { CHUNK = 512 };
     const Mat *W = p->W;
-    int rows = W->rows, cols = W->cols, blocks = (rows + 3) / 4;
-    Dot4x4F32 dot = f32_kernel(kernel);
+    int rows = W->rows, cols = W->cols, blocks = (rows + 3) / 4, bf16 = W->dtype == DTYPE_BF16;
+    int widen = bf16 && p->n >= 4;
+    size_t size = bf16 ? sizeof(uint16_t) : sizeof(float);
+    Dot4x4Float dot = float_kernel(bf16 && !widen, kernel);
     float wide[4][CHUNK];
     for (int c0 = 0; c0 < cols; c0 += CHUNK) {
         int len = cols - c0 < CHUNK ? cols - c0 : CHUNK;
-        const float *w[4];
+        const void *w[4];
         for (int k = 0; k < 4; k++) {
-            if (W->dtype == DTYPE_BF16) {
-                const uint16_t *src = (const uint16_t *)W->data + row[k] + c0;
-                for (int i = 0; i < len; i++) wide[k][i] = bf16_to_f32(src[i]);
-                w[k] = wide[k];
-            } else w[k] = (const float *)W->data + row[k] + c0;
+            w[k] = (const char *)W->data + (row[k] + c0) * size;
+            if (!widen) continue;
+            for (int i = 0; i < len; i++) wide[k][i] = bf16_to_f32(((const uint16_t *)w[k])[i]);
+            w[k] = wide[k];
         }
         for (int t0 = 0; t0 < p->n; t0 += 4) {
             int tokens = p->n - t0 < 4 ? p->n - t0 : 4;
