@@ -35,15 +35,25 @@ test-arm:
 
 # The GPU build: dsv2.c as the host program (-DDSV2_CUDA) linked with dsv2.cu. Warnings are errors.
 NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
-CUDA_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
-cuda: dsv2cu
+# sm_80 (A100), sm_90 (H100/H200) machine code, and compute_90 PTX that newer GPUs compile at load.
+CUDA_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90
+NVFLAGS = -O3 -std=c++17 $(CUDA_ARCH) -Werror all-warnings -Xcompiler -Wall,-Wextra
+cuda: dsv2cu build/cuda_kernels
 dsv2cu: dsv2.c dsv2.cu
 	@mkdir -p build
 	$(CC) $(WARN) -Werror -O3 $(OMP) -DDSV2_CUDA -c dsv2.c -o build/dsv2_host.o
-	$(NVCC) -O3 -std=c++17 $(CUDA_ARCH) -Werror all-warnings -Xcompiler -Wall,-Wextra -c dsv2.cu -o build/dsv2_gpu.o
+	$(NVCC) $(NVFLAGS) -c dsv2.cu -o build/dsv2_gpu.o
 	$(NVCC) $(CUDA_ARCH) -o $@ build/dsv2_host.o build/dsv2_gpu.o -Xcompiler -fopenmp -lm
-# On a machine with a GPU: the fixtures through ./dsv2cu, and GPU vs CPU logits on a random V2-Lite shape.
-test-cuda: dsv2cu dsv2 test_all
+# Each GPU kernel against dsv2.c's function on the same inputs (llm.c's dev/cuda): error and GB/s.
+build/cuda_kernels: tests/cuda_kernels.cu tests/cuda_kernels_ref.c dsv2.c dsv2.cu
+	@mkdir -p build
+	$(CC) $(WARN) -Werror -Wno-unused-function -O3 $(OMP) -c tests/cuda_kernels_ref.c -o build/cuda_kernels_ref.o
+	$(NVCC) $(NVFLAGS) -c tests/cuda_kernels.cu -o build/cuda_kernels.o
+	$(NVCC) $(CUDA_ARCH) -o $@ build/cuda_kernels.o build/cuda_kernels_ref.o -Xcompiler -fopenmp -lm
+# On a machine with a GPU: the kernel checks, the fixtures through ./dsv2cu, GPU vs CPU layer by
+# layer on random V2-Lite and V2 shapes, -g 0,0 == -g 0, a 5,000-position run (tests/test_cuda.sh).
+# tests/gpu_check.sh: all of that plus GPU speed, into one report (the first GPU session's script).
+test-cuda: cuda dsv2 test_all
 	PYTHON=$(PYTHON) tests/test_cuda.sh
 
 # Fuzzing (tests/fuzz.c, tests/fuzz_export.py) under AFL++ (Debian: apt-get install -y afl++), with

@@ -149,6 +149,9 @@ void *cuda_create(const Weights *w, int context, const char *gpus, RouteFn route
                   const float *rope_cos, const float *rope_sin, float softmax_scale);
 float *cuda_forward(void *gpu, const int *tokens, int n, int pos);
 void cuda_destroy(void *gpu);
+/* -m layers on the GPU: after each layer of every later token, copy the hidden state [L][D], the
+ * cache row just written [L][r+dr] and the routing [L][K] into these host arrays (NULL: stop). */
+void cuda_tap(void *gpu, float *hidden, float *latent, int *route_idx, float *route_weight);
 
 #ifndef DSV2_TYPES_ONLY
 #include <errno.h>
@@ -1140,23 +1143,27 @@ static char *read_file(const char *path, size_t *size_out) {
 }
 
 /* An output file written whole or not at all: into PATH.tmp, renamed over PATH once complete.
- * On any write error the temporary is removed, PATH is left as it was, and dsv2 stops. */
-typedef struct { FILE *f; char tmp[4096]; const char *path; } OutputFile;
+ * On any write error the temporary is removed, PATH is left as it was, and dsv2 stops. A PATH
+ * that exists and is not a regular file (/dev/stdout, /dev/full, a pipe, a symbolic link) is
+ * written in place: renaming over it would replace the device or the link with a file. */
+typedef struct { FILE *f; char tmp[4096]; const char *path; int in_place; } OutputFile;
 
 static void output_open(OutputFile *o, const char *path) {
+    struct stat st;
     o->path = path;
+    o->in_place = lstat(path, &st) == 0 && !S_ISREG(st.st_mode);
     if (snprintf(o->tmp, sizeof o->tmp, "%s.tmp", path) >= (int)sizeof o->tmp)
         die("path too long: %s", path);
-    o->f = fopen(o->tmp, "wb");
-    if (!o->f) die("cannot write %s: %s", o->tmp, strerror(errno));
+    o->f = fopen(o->in_place ? path : o->tmp, "wb");
+    if (!o->f) die("cannot write %s: %s", o->in_place ? path : o->tmp, strerror(errno));
 }
 
 static void output_close(OutputFile *o) {
     int failed = ferror(o->f) != 0;
     if (fclose(o->f) != 0) failed = 1;
-    if (failed || rename(o->tmp, o->path) != 0) {
+    if (failed || (!o->in_place && rename(o->tmp, o->path) != 0)) {
         int err = errno;
-        remove(o->tmp);
+        if (!o->in_place) remove(o->tmp);
         die("cannot write %s: %s", o->path, strerror(err ? err : EIO));
     }
 }
@@ -1264,19 +1271,73 @@ static void chat(const Weights *w, RunState *s, Sampler *sp, Tokenizer *tok, con
 /* -m logits: every position's logits, float32 little-endian, [T][V], from the decode path. */
 static void write_logits(const Weights *w, RunState *s, const int *ids, int n,
                          const char *out_path) {
-    FILE *out = fopen(out_path, "wb");
-    if (!out) die("cannot open %s for writing: %s", out_path, strerror(errno));
+    OutputFile out;
+    output_open(&out, out_path);
     size_t V = (size_t)w->cfg.vocab_size;
     ThreadTuner threads;
     tuner_init(&threads);
     for (int pos = 0; pos < n; pos++) {
         tuner_begin(&threads);
-        if (fwrite(forward_checked(w, s, &ids[pos], 1, pos), sizeof(float), V, out) != V)
-            die("cannot write %s", out_path);
+        fwrite(forward_checked(w, s, &ids[pos], 1, pos), sizeof(float), V, out.f);
         tuner_end(&threads);
     }
     tuner_done(&threads);
-    if (fclose(out) != 0) die("cannot write %s", out_path);
+    output_close(&out);
+}
+
+/* -m layers: the prompt token by token, and after every layer what the tests check against the
+ * official fixtures (hidden state, latent cache row, routing), so that two builds (./dsv2 and
+ * ./dsv2cu) or two machines can be compared layer by layer: tests/compare_layers.py names the
+ * first position, layer and quantity that differ. The file, little-endian:
+ *
+ *   "DSV2LAYR" | T L D W K (int32: tokens, layers, hidden_size, r + dr, experts per token)
+ *   then for each token t < T, for each layer l < L, float32:
+ *     +---------------+------------------------+------------------+-----------------+
+ *     | hidden h [D]  | latent [c^KV; k^R] [W] | experts [K]      | gates g [K]     |
+ *     +---------------+------------------------+------------------+-----------------+
+ *   experts as floats, ascending; a dense layer has experts -1 and gates 0. */
+static void write_layers(const Weights *w, RunState *s, const int *ids, int n,
+                         const char *out_path) {
+    const Config *c = &w->cfg;
+    int L = c->num_hidden_layers, D = c->hidden_size, K = c->num_experts_per_tok;
+    int W = c->kv_lora_rank + c->qk_rope_head_dim;
+    if (s->attn_mode != ATTN_ABSORB || s->cache_dtype != DTYPE_F32)
+        die("-m layers reads the f32 latent cache: use -a absorb and -k f32 (the defaults)");
+    s->trace = trace_new(c, s->context);
+    float *latent = floats((size_t)L * W), *row = floats((size_t)2 * K);
+#ifdef DSV2_CUDA
+    if (s->gpu) cuda_tap(s->gpu, s->trace->hidden, latent, s->trace->route_idx,
+                         s->trace->route_weight);
+#endif
+    OutputFile out;
+    output_open(&out, out_path);
+    int32_t head[5] = {n, L, D, W, K};
+    fwrite("DSV2LAYR", 1, 8, out.f);
+    fwrite(head, sizeof head, 1, out.f);
+    for (int pos = 0; pos < n; pos++) {
+        forward_checked(w, s, &ids[pos], 1, pos);
+        for (int l = 0; l < L; l++) {
+            if (!s->gpu)  /* the CPU's cache row; the GPU's came with the tap */
+                memcpy(latent + (size_t)l * W,
+                       (const float *)cache_rows(s, l, pos + 1).data + (size_t)pos * W,
+                       W * sizeof(float));
+            for (int k = 0; k < K; k++) {
+                int moe_layer = is_moe_layer(c, l);
+                row[k] = moe_layer ? (float)s->trace->route_idx[(size_t)l * K + k] : -1.0f;
+                row[K + k] = moe_layer ? s->trace->route_weight[(size_t)l * K + k] : 0.0f;
+            }
+            fwrite(s->trace->hidden + (size_t)l * D, sizeof(float), D, out.f);
+            fwrite(latent + (size_t)l * W, sizeof(float), W, out.f);
+            fwrite(row, sizeof(float), 2 * (size_t)K, out.f);
+        }
+    }
+    output_close(&out);
+#ifdef DSV2_CUDA
+    if (s->gpu) cuda_tap(s->gpu, NULL, NULL, NULL, NULL);
+#endif
+    free(latent); free(row);
+    trace_free(s->trace);
+    s->trace = NULL;
 }
 
 /* Bytes in a human unit, into buf. */
@@ -1660,10 +1721,11 @@ enum {
     MODE_LAYOUT,
     MODE_TRACE,
     MODE_EVAL,
+    MODE_LAYERS,
     N_MODES
 };
 static const char *const mode_names[N_MODES] = {"generate", "chat",   "logits", "encode", "decode",
-                                                "train",    "layout", "trace",  "eval"};
+                                                "train",    "layout", "trace",  "eval",   "layers"};
 
 typedef struct {
     const char *path;                 /* the model, or a tokenizer for encode/decode */
@@ -1681,7 +1743,7 @@ static void usage(void) {
             "usage: ./dsv2 FILE [options]     FILE: a model (.bin) or, for encode/decode, a "
             "tokenizer (.tok)\n"
             "  -m MODE    generate (default) | chat | logits | encode | decode | train | layout\n"
-            "             | trace | eval\n"
+            "             | trace | eval | layers\n"
             "  -i TEXT    the prompt (text, or whitespace-separated ids for a model without a "
             "tokenizer)\n"
             "  -f FILE    the prompt (or the text to encode, the ids to decode: default stdin) "
@@ -1707,6 +1769,9 @@ static void usage(void) {
             "  experts' share, each head's top-5 positions and entropy, the KV cache bytes;\n"
             "  -o trace.csv also writes trace.routing/load/attention/kv.svg\n"
             "  -l L,H     the layer and head of the attention heatmap (default: last layer, 0)\n"
+            "layers: -o FILE, each token's state after every layer (hidden state, latent cache row,\n"
+            "  experts, gates) for tests/compare_layers.py: the first layer where two builds "
+            "differ\n"
             "eval: mean NLL per token and perplexity of the text of -f/-i\n"
             "  -r OTHER   also KL divergence, top-1 agreement, max |delta logit| against OTHER\n"
             "  -A MODE    OTHER's attention form (default: that of -a)\n"
@@ -1884,7 +1949,8 @@ static void run_model(const Options *o, const Weights *w, Tokenizer *tok, const 
                                                 : 4096;
     if (context > c->max_position_embeddings)
         die("-c %d exceeds max_position_embeddings %d", context, c->max_position_embeddings);
-    if (o->mode == MODE_LOGITS && !o->out_path) die("-m logits needs -o FILE");
+    if ((o->mode == MODE_LOGITS || o->mode == MODE_LAYERS) && !o->out_path)
+        die("-m %s needs -o FILE", mode_names[o->mode]);
     if (o->mode == MODE_CHAT && c->eos_token_id < 0)
         die("chat needs an eos_token_id in the model config");
     if (o->mode == MODE_CHAT && !tokenizer_can_chat(tok))
@@ -1904,6 +1970,8 @@ static void run_model(const Options *o, const Weights *w, Tokenizer *tok, const 
     set_cache_dtype(&s, o->cache_dtype);
 #ifdef DSV2_CUDA
     if (o->cache_dtype != DTYPE_F32) die("-k bf16 and -k q8 are for the CPU build");
+    if (o->attn_mode != ATTN_ABSORB && o->mode != MODE_TRACE)
+        die("-a naive is for the CPU build (./dsv2): the GPU runs absorbed MLA only");
     if (o->mode != MODE_TRACE) s.gpu = gpu_model_create(w, &s, o->gpus ? o->gpus : "0");
 #else
     if (o->gpus) die("-g needs the CUDA build (make cuda, then ./dsv2cu)");
@@ -1921,6 +1989,7 @@ static void run_model(const Options *o, const Weights *w, Tokenizer *tok, const 
     Sampler sp = {c->vocab_size, o->temperature, o->topp, o->seed * 0x9E3779B97F4A7C15ull + 1,
                   xcalloc(c->vocab_size, sizeof(ProbIndex))};
     if (o->mode == MODE_LOGITS) write_logits(w, &s, ids.ids, ids.n, o->out_path);
+    else if (o->mode == MODE_LAYERS) write_layers(w, &s, ids.ids, ids.n, o->out_path);
     else if (o->mode == MODE_TRACE)
         run_trace(w, &s, text_prompt ? tok : NULL, &ids, o->out_path, o->heat_layer, o->heat_head);
     else if (o->mode == MODE_EVAL) run_eval_against(o, w, &s, &ids, context);

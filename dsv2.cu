@@ -10,7 +10,14 @@
  * the chosen experts run. Several GPUs: -g 0,1 splits the layers by free memory and moves the
  * hidden state between devices; -g 0,0 runs the same split on one device (tests the split).
  *
- * Status: built for sm_80 and sm_90 with nvcc 13 (warnings are errors); not yet run on a GPU.
+ * Memory: plan_memory counts every byte per device (weights, latent caches for the context,
+ * scratch, embedding, lm_head) and refuses up front, with the figures, what will not fit.
+ * Checking: tests/cuda_kernels.cu runs each kernel against dsv2.c's function on the same inputs;
+ * -m layers copies every layer's state to the host (cuda_tap) so that tests/compare_layers.py
+ * names the first layer where GPU and CPU differ; tests/gpu_check.sh runs all of it.
+ *
+ * Status: built for sm_80 and sm_90 plus PTX (newer GPUs) with nvcc 13, warnings are errors;
+ * not yet run on a GPU.
  */
 #include <cuda_runtime.h>
 #include <math.h>
@@ -199,6 +206,7 @@ struct Gpu {
     std::vector<int> device_ids;
     std::vector<DevLayer> layers;
     std::vector<DevScratch> scratch;
+    std::vector<std::pair<int, void *>> allocations;  /* (device id, pointer): freed by cuda_destroy */
     DevMat embed, lm_head;
     const float *final_norm = nullptr;
     int embed_device = 0, head_device = 0;
@@ -208,6 +216,9 @@ struct Gpu {
     std::vector<float> host_logits, host_probs, host_x;
     std::vector<int> topk_idx;
     std::vector<float> topk_weight;
+    /* -m layers (cuda_tap): host arrays filled after each layer, or null */
+    float *tap_hidden = nullptr, *tap_latent = nullptr, *tap_route_weight = nullptr;
+    int *tap_route_idx = nullptr;
 };
 
 static size_t mat_data_bytes(const Mat &m) {
@@ -217,43 +228,81 @@ static size_t mat_data_bytes(const Mat &m) {
 static size_t mat_scale_bytes(const Mat &m) {
     return m.dtype == DTYPE_Q8 ? (size_t)m.rows * (m.cols / m.group) * sizeof(float) : 0;
 }
+static size_t mat_bytes(const Mat &m) { return m.data ? mat_data_bytes(m) + mat_scale_bytes(m) : 0; }
 
-static void *upload_bytes(const void *host, size_t bytes) {
-    void *dev;
-    CUDA_CHECK(cudaMalloc(&dev, bytes ? bytes : 1));
+/* Device memory on the current device, recorded so that cuda_destroy frees it. */
+static void *dev_malloc(Gpu *g, size_t bytes) {
+    void *p;
+    int device;
+    CUDA_CHECK(cudaGetDevice(&device));
+    CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 1));
+    g->allocations.push_back({device, p});
+    return p;
+}
+
+static void *upload_bytes(Gpu *g, const void *host, size_t bytes) {
+    void *dev = dev_malloc(g, bytes);
     CUDA_CHECK(cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice));
     return dev;
 }
 
 /* A weight matrix to the current device, as stored. */
-static DevMat upload(const Mat &m) {
+static DevMat upload(Gpu *g, const Mat &m) {
     DevMat d;
     d.dtype = m.dtype; d.rows = m.rows; d.cols = m.cols; d.group = m.group;
-    d.data = upload_bytes(m.data, mat_data_bytes(m));
-    if (m.dtype == DTYPE_Q8) d.scale = (const float *)upload_bytes(m.scale, mat_scale_bytes(m));
+    d.data = upload_bytes(g, m.data, mat_data_bytes(m));
+    if (m.dtype == DTYPE_Q8) d.scale = (const float *)upload_bytes(g, m.scale, mat_scale_bytes(m));
     return d;
 }
 
-static const float *upload_vec(const float *v, int n) { return (const float *)upload_bytes(v, (size_t)n * sizeof(float)); }
+static const float *upload_vec(Gpu *g, const float *v, int n) { return (const float *)upload_bytes(g, v, (size_t)n * sizeof(float)); }
 
-static float *dev_alloc(size_t floats) {
-    float *p;
-    CUDA_CHECK(cudaMalloc(&p, (floats ? floats : 1) * sizeof(float)));
+static float *dev_alloc(Gpu *g, size_t floats) {
+    float *p = (float *)dev_malloc(g, floats * sizeof(float));
     CUDA_CHECK(cudaMemset(p, 0, (floats ? floats : 1) * sizeof(float)));
     return p;
 }
 
-/* A layer's weight bytes, to split the layers by free memory on each device. */
+/* Every scratch buffer of a device with its size in floats: alloc_scratch allocates these and
+ * the memory plan counts the same list. */
+static std::vector<std::pair<float **, size_t>> scratch_buffers(const Config *c, int context, DevScratch &s) {
+    int H = c->num_attention_heads, D = c->hidden_size, E = c->n_routed_experts, r = c->kv_lora_rank, dr = c->qk_rope_head_dim;
+    size_t widest = (size_t)std::max(std::max(c->intermediate_size, c->moe_intermediate_size * std::max(c->n_shared_experts, 1)), D);
+    return {{&s.x, D}, {&s.xn, D}, {&s.branch, D}, {&s.q_latent, std::max(c->q_lora_rank, 1)},
+            {&s.q, (size_t)H * (c->qk_nope_head_dim + dr)}, {&s.kv_a, (size_t)r + dr}, {&s.q_abs, (size_t)H * r},
+            {&s.u, (size_t)H * r}, {&s.head_out, (size_t)H * c->v_head_dim}, {&s.scores, (size_t)H * context},
+            {&s.hidden, widest}, {&s.hidden2, widest}, {&s.expert, D}, {&s.probs, (size_t)std::max(E, 1)},
+            {&s.logits, c->vocab_size}, {&s.rope_cos, (size_t)context * dr / 2}, {&s.rope_sin, (size_t)context * dr / 2}};
+}
+
+static size_t scratch_bytes(const Config *c, int context) {
+    DevScratch s;
+    size_t floats = 0;
+    for (auto &b : scratch_buffers(c, context, s)) floats += b.second;
+    return floats * sizeof(float);
+}
+
+/* The RoPE/YaRN tables come from the host: the CPU's own numbers (dsv2.c: rope_tables). */
+static void alloc_scratch(Gpu *g, DevScratch &s, const float *rope_cos, const float *rope_sin) {
+    for (auto &b : scratch_buffers(&g->cfg, g->context, s)) *b.first = dev_alloc(g, b.second);
+    size_t n = (size_t)g->context * g->cfg.qk_rope_head_dim / 2;
+    CUDA_CHECK(cudaMemcpy(s.rope_cos, rope_cos, n * sizeof(float), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(s.rope_sin, rope_sin, n * sizeof(float), cudaMemcpyHostToDevice));
+}
+
+/* A layer's bytes on its device: its weights and norms, and its latent cache for the context. */
 static double layer_weight_bytes(const Layer &L, const Config *c) {
     const Mat *m[] = {&L.q_proj, &L.q_a_proj, &L.q_b_proj, &L.kv_a_proj, &L.kv_b_proj, &L.o_proj,
                       &L.mlp_gate, &L.mlp_up, &L.mlp_down, &L.router};
-    double b = 0;
-    for (const Mat *x : m) b += x->data ? mat_data_bytes(*x) + mat_scale_bytes(*x) : 0;
+    double b = (2.0 * c->hidden_size + c->kv_lora_rank + (c->q_lora_rank > 0 ? c->q_lora_rank : 0)) * sizeof(float);
+    for (const Mat *x : m) b += mat_bytes(*x);
     if (L.is_moe)
         for (int e = 0; e < c->n_routed_experts; e++)
-            for (const Mat *x : {&L.expert_gate[e], &L.expert_up[e], &L.expert_down[e]})
-                b += mat_data_bytes(*x) + mat_scale_bytes(*x);
+            for (const Mat *x : {&L.expert_gate[e], &L.expert_up[e], &L.expert_down[e]}) b += mat_bytes(*x);
     return b;
+}
+static double layer_cache_bytes(const Config *c, int context) {
+    return (double)context * (c->kv_lora_rank + c->qk_rope_head_dim) * sizeof(float);
 }
 
 static void matvec(float *y, const DevMat &W, const float *x, int accumulate = 0, float alpha = 1.0f) {
@@ -261,93 +310,106 @@ static void matvec(float *y, const DevMat &W, const float *x, int accumulate = 0
     matvec_kernel<<<(W.rows + warps - 1) / warps, 32 * warps>>>(y, W, x, W.rows, W.rows, 0, 0, 0, accumulate, alpha);
 }
 
-/* The RoPE/YaRN tables come from the host: the CPU's own numbers (dsv2.c: rope_tables). */
-static void upload_rope(Gpu *g, DevScratch &s, const float *cos_table, const float *sin_table) {
-    size_t n = (size_t)g->context * g->cfg.qk_rope_head_dim / 2;
-    s.rope_cos = dev_alloc(n);
-    s.rope_sin = dev_alloc(n);
-    CUDA_CHECK(cudaMemcpy(s.rope_cos, cos_table, n * sizeof(float), cudaMemcpyHostToDevice));
-    CUDA_CHECK(cudaMemcpy(s.rope_sin, sin_table, n * sizeof(float), cudaMemcpyHostToDevice));
-}
-
 /* "0", "0,1", "0,0": the devices to split the layers over. */
 static void parse_devices(Gpu *g, const char *gpus) {
     int available = 0;
     CUDA_CHECK(cudaGetDeviceCount(&available));
-    for (const char *p = gpus; *p;) {
+    const char *p = gpus;
+    do {
         char *end;
         long id = strtol(p, &end, 10);
-        if (end == p || id < 0 || id >= available) {
-            fprintf(stderr, "dsv2: error: -g %s: device ids must be in [0, %d)\n", gpus, available);
+        if (end == p || id < 0 || id >= available || (*end && *end != ',') || (*end == ',' && !end[1])) {
+            fprintf(stderr, "dsv2: error: -g \"%s\": expects device ids in [0, %d) separated by commas, like 0 or 0,1\n", gpus,
+                    available);
             exit(1);
         }
         g->device_ids.push_back((int)id);
         p = *end == ',' ? end + 1 : end;
-        if (*end && *end != ',') { fprintf(stderr, "dsv2: error: -g expects a list like 0,1\n"); exit(1); }
-    }
+    } while (*p);
     g->n_devices = (int)g->device_ids.size();
 }
 
-/* Split the layers so each device gets a share proportional to its free memory. */
-static void split_layers(Gpu *g, const Weights *w) {
+/* The memory plan: every byte the model takes on each device (its layers' weights and latent
+ * caches, its scratch and RoPE tables, the embedding on the first, the final norm and lm_head on
+ * the last), the layers split in proportion to what each device has free after its fixed part.
+ * A model that does not fit is refused here with the figures, before anything is uploaded. */
+static void plan_memory(Gpu *g, const Weights *w, const char *gpus) {
     const Config *c = &w->cfg;
-    int L = c->num_hidden_layers;
-    std::vector<double> free_bytes(g->n_devices);
-    double total_free = 0, total_layers = 0;
-    for (int l = 0; l < L; l++) total_layers += layer_weight_bytes(w->layers[l], c);
-    for (int d = 0; d < g->n_devices; d++) {
+    int L = c->num_hidden_layers, n = g->n_devices;
+    const double reserve = 512.0 * (1 << 20), GiB = 1024.0 * 1024 * 1024;  /* the CUDA context, kernel launches */
+    std::vector<double> free_bytes(n), fixed(n), layer_bytes(L), cache(n, 0), weights(n, 0);
+    double total_layers = 0, total_room = 0;
+    for (int l = 0; l < L; l++) total_layers += layer_bytes[l] = layer_weight_bytes(w->layers[l], c) + layer_cache_bytes(c, g->context);
+    for (int d = 0; d < n; d++) {
         size_t fr, tot;
         CUDA_CHECK(cudaSetDevice(g->device_ids[d]));
         CUDA_CHECK(cudaMemGetInfo(&fr, &tot));
         free_bytes[d] = (double)fr / std::count(g->device_ids.begin(), g->device_ids.end(), g->device_ids[d]);
-        total_free += free_bytes[d];
+        fixed[d] = scratch_bytes(c, g->context) + (d == 0 ? mat_bytes(w->embed) : 0) +
+                   (d == n - 1 ? mat_bytes(w->lm_head) + c->hidden_size * sizeof(float) : 0);
+        total_room += std::max(0.0, free_bytes[d] - reserve - fixed[d]);
     }
     g->layers.resize(L);
-    double done = 0, share = total_layers * free_bytes[0] / total_free;
     int device = 0;
+    auto room = [&](int d) { return std::max(0.0, free_bytes[d] - reserve - fixed[d]); };
+    double done = 0, share = total_room > 0 ? total_layers * room(0) / total_room : 0;
     for (int l = 0; l < L; l++) {
-        double b = layer_weight_bytes(w->layers[l], c);
-        if (done + b / 2 > share && device + 1 < g->n_devices) { device++; share += total_layers * free_bytes[device] / total_free; }
-        done += b;
+        while (total_room > 0 && done + layer_bytes[l] / 2 > share && device + 1 < n) {
+            device++;
+            share += total_layers * room(device) / total_room;
+        }
+        done += layer_bytes[l];
         g->layers[l].device = device;
+        weights[device] += layer_weight_bytes(w->layers[l], c);
+        cache[device] += layer_cache_bytes(c, g->context);
     }
-}
-
-static void alloc_scratch(Gpu *g, DevScratch &s, const float *rope_cos, const float *rope_sin) {
-    const Config *c = &g->cfg;
-    int H = c->num_attention_heads, D = c->hidden_size, E = c->n_routed_experts, r = c->kv_lora_rank, dr = c->qk_rope_head_dim;
-    int widest = std::max(std::max(c->intermediate_size, c->moe_intermediate_size * std::max(c->n_shared_experts, 1)), D);
-    s.x = dev_alloc(D); s.xn = dev_alloc(D); s.branch = dev_alloc(D); s.q_latent = dev_alloc(c->q_lora_rank);
-    s.q = dev_alloc((size_t)H * (c->qk_nope_head_dim + dr)); s.kv_a = dev_alloc(r + dr); s.q_abs = dev_alloc((size_t)H * r);
-    s.u = dev_alloc((size_t)H * r); s.head_out = dev_alloc((size_t)H * c->v_head_dim); s.scores = dev_alloc((size_t)H * g->context);
-    s.hidden = dev_alloc(widest); s.hidden2 = dev_alloc(widest); s.expert = dev_alloc(D); s.probs = dev_alloc(E);
-    s.logits = dev_alloc(c->vocab_size);
-    upload_rope(g, s, rope_cos, rope_sin);
+    char plan[4096] = "", over[2048] = "";
+    int n_over = 0;
+    for (int d = 0; d < n; d++) {
+        double need = weights[d] + cache[d] + fixed[d] + reserve;
+        int first = -1, last = -1;
+        for (int l = 0; l < L; l++)
+            if (g->layers[l].device == d) { if (first < 0) first = l; last = l; }
+        char one[512];
+        snprintf(one, sizeof one,
+                 "GPU %d%s: layers %d-%d, %.2f GiB (weights %.2f, KV cache %.2f, scratch/embedding/lm_head %.2f, reserve %.2f) of "
+                 "%.2f GiB free",
+                 g->device_ids[d], n > 1 ? (d ? " (next share)" : " (first share)") : "", first, last, need / GiB, weights[d] / GiB,
+                 cache[d] / GiB, fixed[d] / GiB, reserve / GiB, free_bytes[d] / GiB);
+        if (strlen(plan) + strlen(one) + 3 < sizeof plan) snprintf(plan + strlen(plan), sizeof plan - strlen(plan), "%s%s", d ? "; " : "", one);
+        if (need > free_bytes[d] && n_over++ < 3) snprintf(over + strlen(over), sizeof over - strlen(over), "%s%s", n_over > 1 ? "; " : "", one);
+    }
+    if (n_over) {
+        fprintf(stderr, "dsv2: error: the model does not fit on -g %s with context %d: %d of %d device shares are short: %s "
+                "(use a smaller -c, q8 weights or more GPUs)\n", gpus, g->context, n_over, n, over);
+        exit(1);
+    }
+    fprintf(stderr, "GPU plan (-g %s, context %d): %s\n", gpus, g->context, plan);
 }
 
 /* One layer's weights to its device, by name from the host's Weights, and its latent cache. */
 static void upload_layer(Gpu *g, DevLayer &dl, const Layer &L) {
     const Config *c = &g->cfg;
     CUDA_CHECK(cudaSetDevice(g->device_ids[dl.device]));
-    dl.input_norm = upload_vec(L.input_norm, c->hidden_size);
+    dl.input_norm = upload_vec(g, L.input_norm, c->hidden_size);
     if (c->q_lora_rank > 0) {
-        dl.q_a_proj = upload(L.q_a_proj); dl.q_a_norm = upload_vec(L.q_a_norm, c->q_lora_rank); dl.q_b_proj = upload(L.q_b_proj);
-    } else dl.q_proj = upload(L.q_proj);
-    dl.kv_a_proj = upload(L.kv_a_proj); dl.kv_a_norm = upload_vec(L.kv_a_norm, c->kv_lora_rank);
-    dl.kv_b_proj = upload(L.kv_b_proj); dl.o_proj = upload(L.o_proj);
-    dl.post_attention_norm = upload_vec(L.post_attention_norm, c->hidden_size);
+        dl.q_a_proj = upload(g, L.q_a_proj); dl.q_a_norm = upload_vec(g, L.q_a_norm, c->q_lora_rank); dl.q_b_proj = upload(g, L.q_b_proj);
+    } else dl.q_proj = upload(g, L.q_proj);
+    dl.kv_a_proj = upload(g, L.kv_a_proj); dl.kv_a_norm = upload_vec(g, L.kv_a_norm, c->kv_lora_rank);
+    dl.kv_b_proj = upload(g, L.kv_b_proj); dl.o_proj = upload(g, L.o_proj);
+    dl.post_attention_norm = upload_vec(g, L.post_attention_norm, c->hidden_size);
     dl.is_moe = L.is_moe;
     if (dl.is_moe) {
-        dl.router = upload(L.router);
+        dl.router = upload(g, L.router);
         for (int e = 0; e < c->n_routed_experts; e++) {
-            dl.expert_gate.push_back(upload(L.expert_gate[e]));
-            dl.expert_up.push_back(upload(L.expert_up[e]));
-            dl.expert_down.push_back(upload(L.expert_down[e]));
+            dl.expert_gate.push_back(upload(g, L.expert_gate[e]));
+            dl.expert_up.push_back(upload(g, L.expert_up[e]));
+            dl.expert_down.push_back(upload(g, L.expert_down[e]));
         }
     }
     dl.has_mlp = L.has_mlp;
-    if (dl.has_mlp) { dl.mlp_gate = upload(L.mlp_gate); dl.mlp_up = upload(L.mlp_up); dl.mlp_down = upload(L.mlp_down); }
-    dl.cache = dev_alloc((size_t)g->context * (c->kv_lora_rank + c->qk_rope_head_dim));
+    if (dl.has_mlp) { dl.mlp_gate = upload(g, L.mlp_gate); dl.mlp_up = upload(g, L.mlp_up); dl.mlp_down = upload(g, L.mlp_down); }
+    dl.cache = dev_alloc(g, (size_t)g->context * (c->kv_lora_rank + c->qk_rope_head_dim));
 }
 
 extern "C" void *cuda_create(const Weights *w, int context, const char *gpus, RouteFn route, void *route_ctx,
@@ -360,7 +422,7 @@ extern "C" void *cuda_create(const Weights *w, int context, const char *gpus, Ro
     g->route_ctx = route_ctx;
     g->softmax_scale = softmax_scale;
     parse_devices(g, gpus);
-    split_layers(g, w);
+    plan_memory(g, w, gpus);
     g->scratch.resize(g->n_devices);
     for (int d = 0; d < g->n_devices; d++) {
         CUDA_CHECK(cudaSetDevice(g->device_ids[d]));
@@ -369,20 +431,17 @@ extern "C" void *cuda_create(const Weights *w, int context, const char *gpus, Ro
     int L = c->num_hidden_layers;
     for (int l = 0; l < L; l++) upload_layer(g, g->layers[l], w->layers[l]);
     g->embed_device = 0;
-    g->head_device = g->layers[L - 1].device;
+    g->head_device = g->n_devices - 1;
     CUDA_CHECK(cudaSetDevice(g->device_ids[g->embed_device]));
-    g->embed = upload(w->embed);
+    g->embed = upload(g, w->embed);
     CUDA_CHECK(cudaSetDevice(g->device_ids[g->head_device]));
-    g->final_norm = upload_vec(w->final_norm, c->hidden_size);
-    g->lm_head = upload(w->lm_head);
+    g->final_norm = upload_vec(g, w->final_norm, c->hidden_size);
+    g->lm_head = upload(g, w->lm_head);
     g->host_logits.resize(c->vocab_size);
-    g->host_probs.resize(c->n_routed_experts);
+    g->host_probs.resize(std::max(c->n_routed_experts, 1));
     g->host_x.resize(c->hidden_size);
-    g->topk_idx.resize(c->num_experts_per_tok);
-    g->topk_weight.resize(c->num_experts_per_tok);
-    fprintf(stderr, "GPU split (-g %s): the device of each layer:", gpus);
-    for (int l = 0; l < L; l++) fprintf(stderr, " %d", g->device_ids[g->layers[l].device]);
-    fprintf(stderr, "\n");
+    g->topk_idx.resize(std::max(c->num_experts_per_tok, 1));
+    g->topk_weight.resize(std::max(c->num_experts_per_tok, 1));
     return g;
 }
 
@@ -394,6 +453,27 @@ static void swiglu(DevScratch &s, float *out, const float *x, const DevMat &gate
     matvec(out, down, s.hidden, accumulate, alpha);
 }
 
+/* Absorbed MLA for one token at position pos (dsv2.c: mla_attend_absorbed): s.q (rotated) and
+ * the cache rows 0..pos in, s.head_out [H][dv] out. */
+static void attend_absorbed(const Config *c, DevScratch &s, const DevMat &kv_b_proj, const float *cache, int pos, int context,
+                            float softmax_scale) {
+    int H = c->num_attention_heads, nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim, r = c->kv_lora_rank;
+    int dv = c->v_head_dim, q_head_dim = nope + rope, kv_head_rows = nope + dv;
+    absorb_query_kernel<<<dim3((r + 127) / 128, H), 128>>>(s.q_abs, kv_b_proj, s.q, r, nope, q_head_dim, kv_head_rows);
+    latent_scores_kernel<<<dim3((pos + 1 + 7) / 8, H), 256>>>(s.scores, s.q_abs, s.q, cache, pos + 1, r, rope, nope, q_head_dim,
+                                                               context, softmax_scale);
+    softmax_kernel<<<H, 256>>>(s.scores, pos + 1, context);
+    latent_sum_kernel<<<dim3((r + 127) / 128, H), 128>>>(s.u, s.scores, cache, pos + 1, r, rope, context);
+    /* o[h] = W_UV[h] u[h]: kv_b_proj rows h*(nope+v)+nope.. of each head, x = u[h] */
+    matvec_kernel<<<(H * dv + 7) / 8, 256>>>(s.head_out, kv_b_proj, s.u, H * dv, dv, kv_head_rows, nope, r, 0, 1.0f);
+}
+
+/* The router's probabilities s_i,t (dsv2.c: router_forward before route_tokens) into s.probs. */
+static void router_probs(DevScratch &s, const DevMat &router, const float *xn) {
+    matvec(s.probs, router, xn);
+    softmax_kernel<<<1, 256>>>(s.probs, router.rows, router.rows);
+}
+
 /* Moves the hidden state to another device (a peer copy, or a plain copy on the same device). */
 static void move_hidden(Gpu *g, int from, int to) {
     if (from == to) return;
@@ -401,13 +481,25 @@ static void move_hidden(Gpu *g, int from, int to) {
     CUDA_CHECK(cudaMemcpyPeer(g->scratch[to].x, g->device_ids[to], g->scratch[from].x, g->device_ids[from], D * sizeof(float)));
 }
 
+/* -m layers: what layer l left for this token, copied to the host (a synchronous copy per layer:
+ * slow, for tests only). */
+static void tap_layer(Gpu *g, DevScratch &s, const DevLayer &L, int l, int pos) {
+    const Config *c = &g->cfg;
+    int D = c->hidden_size, W = c->kv_lora_rank + c->qk_rope_head_dim, K = c->num_experts_per_tok;
+    CUDA_CHECK(cudaMemcpy(g->tap_hidden + (size_t)l * D, s.x, D * sizeof(float), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(g->tap_latent + (size_t)l * W, L.cache + (size_t)pos * W, W * sizeof(float), cudaMemcpyDeviceToHost));
+    if (L.is_moe) {
+        memcpy(g->tap_route_idx + (size_t)l * K, g->topk_idx.data(), K * sizeof(int));
+        memcpy(g->tap_route_weight + (size_t)l * K, g->topk_weight.data(), K * sizeof(float));
+    }
+}
+
 /* One token at position pos (dsv2.c: forward_batch with n = 1). */
 static float *forward_token(Gpu *g, int token, int pos) {
     const Config *c = &g->cfg;
     int H = c->num_attention_heads, D = c->hidden_size, nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim;
-    int r = c->kv_lora_rank, dv = c->v_head_dim, q_head_dim = nope + rope, kv_head_rows = nope + dv, half = rope / 2;
-    int K = c->num_experts_per_tok, E = c->n_routed_experts;
-    float softmax_scale = g->softmax_scale;
+    int r = c->kv_lora_rank, q_head_dim = nope + rope, half = rope / 2;
+    int K = c->num_experts_per_tok;
     int dev = g->embed_device;
     CUDA_CHECK(cudaSetDevice(g->device_ids[dev]));
     embed_kernel<<<(D + 255) / 256, 256>>>(g->scratch[dev].x, g->embed, token);
@@ -427,22 +519,15 @@ static float *forward_token(Gpu *g, int token, int pos) {
         rmsnorm_kernel<<<1, 256>>>(s.kv_a, s.kv_a, L.kv_a_norm, r, 1e-6f);
         rope_kernel<<<1, half>>>(s.kv_a + r, 1, rope, cos_row, sin_row, half);
         CUDA_CHECK(cudaMemcpyAsync(L.cache + (size_t)pos * (r + rope), s.kv_a, (r + rope) * sizeof(float), cudaMemcpyDeviceToDevice));
-        absorb_query_kernel<<<dim3((r + 127) / 128, H), 128>>>(s.q_abs, L.kv_b_proj, s.q, r, nope, q_head_dim, kv_head_rows);
-        latent_scores_kernel<<<dim3((pos + 1 + 7) / 8, H), 256>>>(s.scores, s.q_abs, s.q, L.cache, pos + 1, r, rope, nope, q_head_dim,
-                                                                   g->context, softmax_scale);
-        softmax_kernel<<<H, 256>>>(s.scores, pos + 1, g->context);
-        latent_sum_kernel<<<dim3((r + 127) / 128, H), 128>>>(s.u, s.scores, L.cache, pos + 1, r, rope, g->context);
-        /* o[h] = W_UV[h] u[h]: kv_b_proj rows h*(nope+v)+nope.. of each head, x = u[h] */
-        matvec_kernel<<<(H * dv + 7) / 8, 256>>>(s.head_out, L.kv_b_proj, s.u, H * dv, dv, kv_head_rows, nope, r, 0, 1.0f);
+        attend_absorbed(c, s, L.kv_b_proj, L.cache, pos, g->context, g->softmax_scale);
         matvec(s.branch, L.o_proj, s.head_out);
         add_kernel<<<(D + 255) / 256, 256>>>(s.x, s.branch, D);
         rmsnorm_kernel<<<1, 256>>>(s.xn, s.x, L.post_attention_norm, D, (float)c->rms_norm_eps);
         if (L.has_mlp) swiglu(s, s.branch, s.xn, L.mlp_gate, L.mlp_up, L.mlp_down, 0, 1.0f);
         else CUDA_CHECK(cudaMemset(s.branch, 0, D * sizeof(float)));
         if (L.is_moe) {  /* router on the GPU, the choice on the host (dsv2.c's route_tokens) */
-            matvec(s.probs, L.router, s.xn);
-            softmax_kernel<<<1, 256>>>(s.probs, E, E);
-            CUDA_CHECK(cudaMemcpy(g->host_probs.data(), s.probs, E * sizeof(float), cudaMemcpyDeviceToHost));
+            router_probs(s, L.router, s.xn);
+            CUDA_CHECK(cudaMemcpy(g->host_probs.data(), s.probs, c->n_routed_experts * sizeof(float), cudaMemcpyDeviceToHost));
             g->route(g->route_ctx, g->host_probs.data(), g->topk_idx.data(), g->topk_weight.data());
             for (int k = 0; k < K; k++) {
                 int e = g->topk_idx[k];
@@ -450,6 +535,7 @@ static float *forward_token(Gpu *g, int token, int pos) {
             }
         }
         add_kernel<<<(D + 255) / 256, 256>>>(s.x, s.branch, D);
+        if (g->tap_hidden) tap_layer(g, s, L, l, pos);
     }
     if (dev != g->head_device) { move_hidden(g, dev, g->head_device); dev = g->head_device; CUDA_CHECK(cudaSetDevice(g->device_ids[dev])); }
     DevScratch &s = g->scratch[dev];
@@ -466,7 +552,17 @@ extern "C" float *cuda_forward(void *gpu, const int *tokens, int n, int pos) {
     return logits;
 }
 
+extern "C" void cuda_tap(void *gpu, float *hidden, float *latent, int *route_idx, float *route_weight) {
+    Gpu *g = (Gpu *)gpu;
+    g->tap_hidden = hidden; g->tap_latent = latent; g->tap_route_idx = route_idx; g->tap_route_weight = route_weight;
+}
+
 extern "C" void cuda_destroy(void *gpu) {
-    /* Device memory goes with the process; the host side is freed here. */
-    delete (Gpu *)gpu;
+    Gpu *g = (Gpu *)gpu;
+    if (!g) return;
+    for (auto &a : g->allocations) {
+        CUDA_CHECK(cudaSetDevice(a.first));
+        CUDA_CHECK(cudaFree(a.second));
+    }
+    delete g;
 }

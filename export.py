@@ -3,6 +3,7 @@
 
     python3 export.py HF_DIR OUT.bin [--dtype f32|bf16|q8]
     python3 export.py MODEL.bin OUT.bin --dtype q8          (a dsv2 f32/bf16 file, e.g. a trained one, into q8)
+    python3 export.py MODEL.bin OUT.bin --dtype f32         (a q8 file dequantized: the GPU's q8 checked exactly)
     python3 export.py --tokenizer tokenizer.json OUT.tok
     python3 export.py --random lite|v2 OUT.bin [--layers N] [--dtype f32|bf16|q8]   (random weights, real shapes)
     --print-layout: instead of a summary, every block written (offset, bytes, name, shape, storage),
@@ -976,25 +977,36 @@ def export_dsv2(path, out, dtype_name, show_layout=False):
     tok_offset, tok_size, file_size = fields[49:52]
     check_header(config, path)
     source = {v: k for k, v in DTYPES.items()}[config["dtype"]]
-    if source == "q8":
-        fail(f"{path} is q8 already: convert from its f32 or bf16 source")
+    if source == "q8" and dtype_name in (None, "q8"):
+        fail(f"{path} is q8 already: convert from its f32 or bf16 source (or to f32: its weights dequantized)")
     if file_size != size or tok_offset + tok_size > size:
         fail(f"{path}: the header says {file_size} bytes, the file has {size}")
     dtype_name = dtype_name or source
-    elem, src_dtype = (4, "F32") if source == "f32" else (2, "BF16")
+    elem, src_dtype = {"f32": (4, "F32"), "bf16": (2, "BF16"), "q8": (1, "Q8")}[source]
+    group = config["q8_group"]
     data = np.memmap(path, dtype=np.uint8, mode="r")
     offset, plan = HEADER_SIZE, list(tensor_plan(config))
 
-    def chunks(shape, is_matrix):
+    def block(n, width):  # the next aligned block of n numbers, width bytes each
         nonlocal offset
         offset += -offset % ALIGN
-        n = shape[0] * (shape[1] if len(shape) > 1 else 1)
-        width = elem if is_matrix else 4
         if offset + n * width > size:
             fail(f"{path} is truncated: it ends inside its tensors")
         raw = data[offset:offset + n * width]
         offset += n * width
-        yield (raw.view(np.float32) if width == 4 else raw.view(np.uint16)), (src_dtype if is_matrix else "F32")
+        return raw
+
+    def chunks(shape, is_matrix):
+        n = shape[0] * (shape[1] if len(shape) > 1 else 1)
+        if not is_matrix:
+            yield block(n, 4).view(np.float32), "F32"
+        elif source == "q8":  # int8 rows, then the scales: dequantized exactly (int8 * f32 scale)
+            q = block(n, 1).view(np.int8)
+            scale = block(n // group, 4).view(np.float32)
+            yield (q.reshape(-1, group).astype(np.float32) * scale[:, None]).reshape(-1), "F32"
+        else:
+            raw = block(n, elem)
+            yield (raw.view(np.float32) if elem == 4 else raw.view(np.uint16)), src_dtype
 
     tokenizer = bytes(data[tok_offset:tok_offset + tok_size]) if tok_size else b""
     config["dtype"] = DTYPES[dtype_name]
@@ -1180,7 +1192,7 @@ def export_tokenizer(path, out):
 
 
 USAGE = """usage: python3 export.py HF_DIR OUT.bin [--dtype f32|bf16|q8] [--print-layout]
-       python3 export.py MODEL.bin OUT.bin --dtype f32|bf16|q8      (a dsv2 f32/bf16 file into another dtype)
+       python3 export.py MODEL.bin OUT.bin --dtype f32|bf16|q8      (a dsv2 file into another dtype; q8 only to f32/bf16)
        python3 export.py --random lite|v2|tiny|CONFIG.json OUT.bin [--layers N] [--dtype f32|bf16|q8] [--seed S]
        python3 export.py --tokenizer tokenizer.json OUT.tok
        python3 export.py --train-tokenizer CORPUS.txt VOCAB_SIZE OUT_DIR

@@ -7,7 +7,8 @@
  *
  * Unit tests call dsv2.c's functions directly (it is included below). End-to-end
  * checks go through what users run: the real export.py and the real ./dsv2 binary.
- * Environment: PYTHON (default python3), DSV2_BIN (default ./dsv2).
+ * Environment: PYTHON (default python3), DSV2_BIN (default ./dsv2), DSV2_GPU_BUILD (set: DSV2_BIN
+ * is the GPU build, which refuses -a naive, so the CLI checks run absorbed attention only).
  * Ends with the line "N passed, N failed"; exits non-zero if anything failed.
  */
 #define DSV2_NO_MAIN
@@ -676,8 +677,10 @@ static void check_cli(const char *dir, const char *model_path, const char *label
     snprintf(out_path, sizeof out_path, "%s/logits.bin", tmp_dir);
     write_ids(ids_path, all, T + N - 1);  /* the last generated token is never fed back */
     const char *modes[] = {"naive", "absorb"};
-    for (int m = 0; m < 2; m++) {
+    /* the GPU build (DSV2_GPU_BUILD=1, from tests/test_cuda.sh) runs absorbed attention only */
+    for (int m = getenv("DSV2_GPU_BUILD") ? 1 : 0; m < 2; m++) {
         snprintf(cmd, sizeof cmd, "%s %s -m logits -f %s -o %s -a %s", dsv2_bin, model_path, ids_path, out_path, modes[m]);
+        unlink(out_path);  /* a crashed run must not leave the previous run's logits to compare */
         int code = run(cmd, NULL, 0);
         size_t bytes = 0;
         float *got = code == 0 ? (float *)read_file(out_path, &bytes) : NULL;
@@ -739,6 +742,30 @@ static void check_q8(const char *dir, const char *model_path) {
     }
     check(top1 >= T / 2, "%s q8: top-1 agreement %d/%d (max |dlogit| %.3f, not a criterion)", dir, top1, T, max_err);
     free(got); free(prompt); free(logits);
+}
+
+/* -m layers through the CLI on a fixture's prompt, compared with the official hidden states,
+ * latent cache and routing by tests/compare_layers.py (what test_cuda.sh runs on ./dsv2cu
+ * against ./dsv2): the exported model agrees; its q8 twin must be named as different from the
+ * first layer on. */
+static void check_layers(const char *dir, const char *model_path, int expect_same) {
+    char ids_path[512], out_path[600], cmd[2048];
+    int T, *prompt = fixture_prompt(dir, ids_path, sizeof ids_path, &T);
+    if (!prompt) return;
+    snprintf(out_path, sizeof out_path, "%s/run.layers", tmp_dir);
+    snprintf(cmd, sizeof cmd, "%s %s -m layers -f %s -o %s && %s tests/compare_layers.py %s %s", dsv2_bin, model_path, ids_path,
+             out_path, python, out_path, dir);
+    int code = run(cmd, NULL, 0);
+    char *text = stdout_text();
+    const char *first = text ? strstr(text, "first difference: ") : NULL;
+    if (expect_same)
+        check(code == 0 && text && strstr(text, "experts identical"), "%s: -m layers = the official hidden states, latent cache and routing at all %d positions (compare_layers.py exit %d)",
+              dir, T, code);
+    else
+        check(code == 1 && first && strstr(first, "layer 0,"), "%s q8: compare_layers.py names the first difference: %.*s", dir,
+              first ? (int)strcspn(first, "\n") : 0, first ? first : "");
+    free(text);
+    free(prompt);
 }
 
 /* -m trace through the CLI on a fixture's prompt: the CSV's expert rows are the official routing
@@ -928,6 +955,37 @@ static void test_q8_quality(void) {
     code = eval_against(cmd, &kl, &agree, &ppl, &ref_ppl);
     check(code == 0 && kl < 0.005 && agree >= 95.0, "built-in model, q8 vs f32 on held-out text: KL(f32 || q8) %.2e nats/token, top-1 agreement %.2f%%, "
           "perplexity %.3f vs %.3f", kl, agree, ppl, ref_ppl);
+}
+
+/* export.py q8 -> f32 (what the GPU's q8 is checked against: the q8 weights' exact values, with
+ * float activations): every weight of every matrix equals int8 x its group's scale, bit for bit. */
+static void test_q8_dequantized(void) {
+    char q8[512], f32[512], cmd[2048], err[4096];
+    snprintf(q8, sizeof q8, "%s/tiny-q8.bin", tmp_dir);
+    snprintf(f32, sizeof f32, "%s/tiny-q8-dequantized.bin", tmp_dir);
+    snprintf(cmd, sizeof cmd, "%s export.py %s %s --dtype f32", python, q8, f32);
+    int code = run(cmd, err, sizeof err);
+    check(code == 0, "export.py Q8.bin OUT --dtype f32 (q8 dequantized): exit %d %.*s", code, code ? (int)strcspn(err, "\n") : 0, err);
+    if (code) return;
+    Weights a, b;
+    memset(&a, 0, sizeof a); memset(&b, 0, sizeof b);
+    load_weights(&a, q8, WEIGHTS_MMAP);
+    load_weights(&b, f32, WEIGHTS_MMAP);
+    size_t differ = 0, total = 0;
+    const Mat *pairs[][2] = {{&a.embed, &b.embed}, {&a.lm_head, &b.lm_head}, {&a.layers[1].expert_down[3], &b.layers[1].expert_down[3]},
+                             {&a.layers[0].kv_b_proj, &b.layers[0].kv_b_proj}, {&a.layers[1].mlp_up, &b.layers[1].mlp_up}};
+    for (size_t m = 0; m < sizeof pairs / sizeof *pairs; m++) {
+        const Mat *Q = pairs[m][0], *F = pairs[m][1];
+        for (size_t i = 0; i < (size_t)Q->rows * Q->cols; i++, total++)
+            differ += ((const float *)F->data)[i] != ((const int8_t *)Q->data)[i] * Q->scale[i / Q->group];
+    }
+    check(total > 0 && differ == 0 && b.cfg.dtype == DTYPE_F32, "q8 dequantized to f32: %zu of %zu weights (embedding, lm_head, an expert, kv_b, shared experts) differ from int8 x scale",
+          differ, total);
+    free_weights(&a);
+    free_weights(&b);
+    snprintf(cmd, sizeof cmd, "%s export.py %s %s.again --dtype q8", python, q8, q8);
+    code = run(cmd, err, sizeof err);
+    check(code == 1 && strstr(err, "is q8 already"), "export.py Q8.bin OUT --dtype q8: refused, exit %d", code);
 }
 
 /* -k: the latent cache in bf16 or q8 against the exact f32 cache, on the held-out text. The KL
@@ -1180,10 +1238,14 @@ static void test_fixture_dir(const char *dir) {
             check_training(dir, model);
             check_trace(dir, model);
             check_eval(dir, model);
+            check_layers(dir, model, 1);
         }
         check_cli(dir, model, label);
     }
-    if (export_model(dir, model, "--dtype q8")) check_q8(dir, model);
+    if (export_model(dir, model, "--dtype q8")) {
+        check_q8(dir, model);
+        check_layers(dir, model, 0);
+    }
 }
 
 /* ------------------------------------------------------------------------- */
@@ -1695,6 +1757,27 @@ static void test_reliability(const char *fixture) {
     free(greedy); free(tiny);
     snprintf(cmd, sizeof cmd, "(%s %s -i \"1 2 3\" -n 4 > /dev/full)", dsv2_bin, model);  /* D9 */
     expect_runtime_error("D9 generate to a full disk (/dev/full)", cmd, "cannot write");
+    /* -o onto a device: written in place, never renamed over (which replaced /dev/full with a
+     * regular file when run as root); a full device is an error, /dev/stdout a pipe's input */
+    const char *modes[] = {"logits", "layers", "trace"};
+    for (int m = 0; m < 3; m++) {
+        snprintf(cmd, sizeof cmd, "%s %s -m %s -i \"1 2 3\" -o /dev/full", dsv2_bin, model, modes[m]);
+        struct stat st;
+        expect_runtime_error(modes[m], cmd, "cannot write /dev/full");
+        check(stat("/dev/full", &st) == 0 && S_ISCHR(st.st_mode), "-m %s -o /dev/full: /dev/full is still a character device", modes[m]);
+    }
+    Weights w;
+    memset(&w, 0, sizeof w);
+    load_weights(&w, model, WEIGHTS_MMAP);
+    long vocab = w.cfg.vocab_size;
+    free_weights(&w);
+    snprintf(cmd, sizeof cmd, "%s %s -m logits -i \"1 2 3\" -o /dev/stdout | wc -c", dsv2_bin, model);
+    code = run(cmd, NULL, 0);
+    char *bytes = stdout_text();
+    struct stat st;
+    check(code == 0 && bytes && atol(bytes) == 3L * 4 * vocab && lstat("/dev/stdout", &st) == 0 && !S_ISREG(st.st_mode),
+          "-m logits -o /dev/stdout into a pipe: %s bytes, /dev/stdout not replaced", bytes ? strtok(bytes, "\n") : "no");
+    free(bytes);
 }
 
 /* D8: tokenizers whose pre-tokenizer regex has nested quantifiers, and the real V2 tokenizer on
@@ -2144,6 +2227,7 @@ int main(int argc, char **argv) {
         test_train_cli();
         printf("watching the model\n");
         test_q8_quality();
+        test_q8_dequantized();
         test_cache_types();
         test_reference();
         if (!getenv("DSV2_SKIP_DOCS")) {  /* make test-asan skips these: they run ./dsv2 itself */
