@@ -39,6 +39,7 @@ NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
 CUDA_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90
 NVFLAGS = -O3 -std=c++17 $(CUDA_ARCH) -Werror all-warnings -Xcompiler -Wall,-Wextra
 cuda: dsv2cu build/cuda_kernels
+	@for f in tests/test_cuda.sh tests/gpu_check.sh; do bash -n $$f || exit 1; done
 dsv2cu: dsv2.c dsv2.cu
 	@mkdir -p build
 	$(CC) $(WARN) -Werror -O3 $(OMP) -DDSV2_CUDA -c dsv2.c -o build/dsv2_host.o

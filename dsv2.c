@@ -43,7 +43,7 @@
 #define HEADER_SIZE 512
 #define TENSOR_ALIGN 64
 
-enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_Q8 = 2 };
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_Q8 = 2, DTYPE_Q4 = 3 };
 enum { TOPK_GREEDY = 0, TOPK_GROUP_LIMITED_GREEDY = 1 };
 enum { ROPE_PLAIN = 0, ROPE_YARN = 1 };
 
@@ -77,7 +77,7 @@ typedef struct {
     int32_t rope_scaling;           /* ROPE_PLAIN or ROPE_YARN */
     int32_t original_max_position_embeddings;  /* YaRN: the context RoPE was trained for */
     int32_t seq_aux;                /* balance loss per sequence (1) or per batch (0) */
-    int32_t q8_group;               /* q8 files: weights per scale, along the input dimension */
+    int32_t q8_group;               /* q8 and q4 files: weights per scale, along the input dim */
     int32_t reserved_int[4];
     double rms_norm_eps;            /* epsilon of the layer norms (the latent norms: 1e-6) */
     double rope_theta;              /* RoPE base */
@@ -228,10 +228,18 @@ static void mat_cols_to_f32(float *out, const Mat *W, int r, int col0, int count
 static void mat_store_rows(Mat *W, int row0, const float *x, int n);
 
 /* Rows [row0, row0 + rows) of W as a matrix of its own (one head's slice of kv_b_proj). */
-static size_t dtype_size(int dtype) { return dtype == DTYPE_Q8 ? 1 : dtype == DTYPE_BF16 ? 2 : 4; }
+/* Bytes of n numbers of a dtype (q4: two to a byte; n is even wherever q4 is stored). */
+static size_t dtype_bytes(int dtype, size_t n) {
+    return dtype == DTYPE_Q4 ? n / 2 : n * (dtype == DTYPE_Q8 ? 1 : dtype == DTYPE_BF16 ? 2 : 4);
+}
+static const char *storage_name(int dtype) {
+    static const char *const names[] = {"f32", "bf16", "q8", "q4"};  /* DTYPE_ order */
+    return names[dtype];
+}
+
 static Mat mat_rows(const Mat *W, int row0, int rows) {
     Mat m = *W;
-    m.data = (const char *)W->data + (size_t)row0 * W->cols * dtype_size(W->dtype);
+    m.data = (const char *)W->data + dtype_bytes(W->dtype, (size_t)row0 * W->cols);
     if (W->scale) m.scale = W->scale + (size_t)row0 * (W->cols / W->group);
     m.rows = rows;
     return m;
@@ -495,7 +503,7 @@ static void set_cache_dtype(RunState *s, int dtype) {
     size_t n = (size_t)s->cfg->num_hidden_layers * s->context * s->cache_width;
     free(s->cache);
     free(s->cache_scale);
-    s->cache = xcalloc(n, dtype_size(dtype));
+    s->cache = xcalloc(dtype_bytes(dtype, n), 1);
     s->cache_scale = NULL;
     s->cache_dtype = dtype;
     s->cache_group = (int)s->cache_width;
@@ -581,7 +589,7 @@ static void mla_latent(RunState *s, const Config *c, const Layer *L, int n, int 
  * the cache's number type (-k: f32, bf16 or q8). Attention's products read it as weights. */
 static Mat cache_rows(const RunState *s, int layer, int rows) {
     size_t row0 = (size_t)layer * s->context;
-    Mat m = {(const char *)s->cache + row0 * s->cache_width * dtype_size(s->cache_dtype),
+    Mat m = {(const char *)s->cache + dtype_bytes(s->cache_dtype, row0 * s->cache_width),
              s->cache_scale ? s->cache_scale + row0 * s->cache_width / s->cache_group : NULL,
              s->cache_dtype, rows, (int)s->cache_width, s->cache_group};
     return m;
@@ -1352,7 +1360,7 @@ static const char *human_bytes(double bytes, char *buf, size_t size) {
 static double mat_bytes(const Mat *m) {
     if (!m->data) return 0;
     double scales = m->scale ? (double)m->rows * (m->cols / m->group) * sizeof(float) : 0;
-    return (double)m->rows * m->cols * dtype_size(m->dtype) + scales;
+    return (double)dtype_bytes(m->dtype, (size_t)m->rows * m->cols) + scales;
 }
 
 /* Weight bytes one decoded token reads: attention, dense MLPs, the router, the shared experts,
@@ -1769,9 +1777,8 @@ static void usage(void) {
             "  experts' share, each head's top-5 positions and entropy, the KV cache bytes;\n"
             "  -o trace.csv also writes trace.routing/load/attention/kv.svg\n"
             "  -l L,H     the layer and head of the attention heatmap (default: last layer, 0)\n"
-            "layers: -o FILE, each token's state after every layer (hidden state, latent cache row,\n"
-            "  experts, gates) for tests/compare_layers.py: the first layer where two builds "
-            "differ\n"
+            "layers: -o FILE, each token's state after every layer (hidden state, latent cache\n"
+            "  row, experts, gates) for tests/compare_layers.py: where two builds first differ\n"
             "eval: mean NLL per token and perplexity of the text of -f/-i\n"
             "  -r OTHER   also KL divergence, top-1 agreement, max |delta logit| against OTHER\n"
             "  -A MODE    OTHER's attention form (default: that of -a)\n"
@@ -1970,6 +1977,7 @@ static void run_model(const Options *o, const Weights *w, Tokenizer *tok, const 
     set_cache_dtype(&s, o->cache_dtype);
 #ifdef DSV2_CUDA
     if (o->cache_dtype != DTYPE_F32) die("-k bf16 and -k q8 are for the CPU build");
+    if (c->dtype == DTYPE_Q4) die("q4 weights are for the CPU build: use q8 or bf16 with ./dsv2cu");
     if (o->attn_mode != ATTN_ABSORB && o->mode != MODE_TRACE)
         die("-a naive is for the CPU build (./dsv2): the GPU runs absorbed MLA only");
     if (o->mode != MODE_TRACE) s.gpu = gpu_model_create(w, &s, o->gpus ? o->gpus : "0");
@@ -1982,9 +1990,7 @@ static void run_model(const Options *o, const Weights *w, Tokenizer *tok, const 
     threads = omp_get_max_threads();
 #endif
     fprintf(stderr, "weights: %s, %.3f GB read per decoded token, %d threads\n",
-            c->dtype == DTYPE_Q8             ? "q8"
-                    : c->dtype == DTYPE_BF16 ? "bf16"
-                                             : "f32",
+            storage_name(c->dtype),
             decode_bytes_per_token(w) / 1e9, threads);
     Sampler sp = {c->vocab_size, o->temperature, o->topp, o->seed * 0x9E3779B97F4A7C15ull + 1,
                   xcalloc(c->vocab_size, sizeof(ProbIndex))};
@@ -2104,6 +2110,31 @@ static void quantize_activations(int8_t *q, float *scale, const float *x, int n,
         for (int i = 0; i < group; i++)
             q[(size_t)g * group + i] = (int8_t)(int)rintf(xg[i] * inv); /* ties to even */
     }
+}
+
+/* q4 weights (export.py's quantize_q4, llama.cpp Q4_0's rule): a group of G weights is G/2
+ * bytes, byte j holding weight j in its low nibble and weight j + G/2 in its high one, each as
+ * q + 8 with q in [-8, 7]; one float32 scale per group, as for q8.
+ *
+ *   group of G = 32:  byte  0   1  ...  15
+ *                     low   w0  w1 ...  w15
+ *                     high  w16 w17 ... w31
+ *
+ * Weight i of a row-major matrix (i: its element index), as the integer q. */
+static inline int q4_at(const void *data, size_t i, int group) {
+    size_t in_group = i % group, half = group / 2;
+    uint8_t b = ((const uint8_t *)data)[(i - in_group) / 2 + in_group % half];
+    return (in_group < half ? b & 15 : b >> 4) - 8;
+}
+
+/* n q4 weights (whole groups) as int8: q4 products then run on the q8 kernels. */
+static void unpack_q4(int8_t *out, const uint8_t *in, int n, int group) {
+    int half = group / 2;
+    for (int g = 0; g < n; g += group, in += half, out += group)
+        for (int j = 0; j < half; j++) {
+            out[j] = (int8_t)((in[j] & 15) - 8);
+            out[j + half] = (int8_t)((in[j] >> 4) - 8);
+        }
 }
 
 /* q8 x q8, four rows: an int32 sum per group (int8 products; the compiler vectorizes it), then
@@ -2462,20 +2493,13 @@ static void matmul_block_float(const Product *p, int b, const size_t row[4], int
     }
 }
 
-/* Block b of product p against every token: rows b, b + Q, b + 2Q, b + 3Q (Q: the number of
- * blocks), read from memory once and reused from cache for up to four tokens per kernel call.
- * xq/xs: the int8 tokens for q8 weights; with a SIMD q8 kernel one call shares each weight
- * load among the tokens. */
-static void matmul_block(const Product *p, int b, const int8_t *xq, const float *xs, int kernel) {
-    const Mat *W = p->W;
-    int rows = W->rows, cols = W->cols, groups = cols / W->group, blocks = (rows + 3) / 4;
-    size_t row[4];  /* rows past the end repeat the last and are not stored */
-    for (int k = 0; k < 4; k++)
-        row[k] = (size_t)(b + k * blocks < rows ? b + k * blocks : rows - 1) * cols;
-    if (W->dtype != DTYPE_Q8) {
-        matmul_block_float(p, b, row, kernel);
-        return;
-    }
+/* Four rows of a q8 matrix W (row[k]: element offsets) against every token of p, the int8
+ * tokens xq/xs (x_stride, s_stride apart): into y, or added to it (accumulate). With a SIMD q8
+ * kernel one call shares each weight load among up to four tokens. */
+static void q8_rows_times_tokens(const Product *p, const Mat *W, const size_t row[4], int b,
+                                 const int8_t *xq, const float *xs, int x_stride, int s_stride,
+                                 int accumulate, int kernel) {
+    int rows = p->W->rows, blocks = (rows + 3) / 4;
     Dot4x4 simd = q8_kernel(W, kernel);
     for (int t0 = 0; t0 < p->n; t0 += 4) {
         float out[4][4];
@@ -2485,19 +2509,59 @@ static void matmul_block(const Product *p, int b, const int8_t *xq, const float 
             const float *ts[4];
             for (int tt = 0; tt < 4; tt++) {
                 int t = t0 + (tt < tokens ? tt : tokens - 1);
-                tq[tt] = xq + (size_t)t * cols;
-                ts[tt] = xs + (size_t)t * groups;
+                tq[tt] = xq + (size_t)t * x_stride;
+                ts[tt] = xs + (size_t)t * s_stride;
             }
             simd(W, row, tq, ts, tokens, out);
         } else
             for (int tt = 0; tt < tokens; tt++) {
                 size_t t = (size_t)t0 + tt;
-                dot4_rows_q8(W, row, xq + t * cols, xs + t * groups, out[tt]);
+                dot4_rows_q8(W, row, xq + t * x_stride, xs + t * s_stride, out[tt]);
             }
         for (int tt = 0; tt < tokens; tt++)
-            for (int k = 0; k < 4 && b + k * blocks < rows; k++)
-                p->y[(size_t)(t0 + tt) * rows + b + k * blocks] = out[tt][k];
+            for (int k = 0; k < 4 && b + k * blocks < rows; k++) {
+                float *y = &p->y[(size_t)(t0 + tt) * rows + b + k * blocks];
+                *y = accumulate ? *y + out[tt][k] : out[tt][k];
+            }
     }
+}
+
+/* q4 weights: the four rows a chunk of columns at a time, unpacked to int8 with their scales
+ * (a 4-row q8 matrix in L1), then the q8 kernels: memory reads 4-bit weights, the SIMD units
+ * multiply 8-bit ones. */
+static void matmul_block_q4(const Product *p, int b, const size_t row[4], const int8_t *xq,
+                            const float *xs, int kernel) {
+    enum { CHUNK = 1024 };
+    const Mat *W = p->W;
+    int cols = W->cols, group = W->group, chunk = CHUNK / group * group;
+    int8_t q[4 * CHUNK];
+    float scale[4 * CHUNK / 2];
+    for (int c0 = 0; c0 < cols; c0 += chunk) {
+        int len = cols - c0 < chunk ? cols - c0 : chunk, groups = len / group;
+        for (int k = 0; k < 4; k++) {
+            unpack_q4(q + k * len, (const uint8_t *)W->data + (row[k] + c0) / 2, len, group);
+            memcpy(scale + k * groups, W->scale + (row[k] + c0) / group, groups * sizeof(float));
+        }
+        Mat part = {q, scale, DTYPE_Q8, 4, len, group};
+        size_t part_row[4] = {0, (size_t)len, 2 * (size_t)len, 3 * (size_t)len};
+        q8_rows_times_tokens(p, &part, part_row, b, xq + c0, xs + c0 / group, cols, cols / group,
+                             c0 > 0, kernel);
+    }
+}
+
+/* Block b of product p against every token: rows b, b + Q, b + 2Q, b + 3Q (Q: the number of
+ * blocks), read from memory once and reused from cache for up to four tokens per kernel call.
+ * xq/xs: the int8 tokens for q8 and q4 weights. */
+static void matmul_block(const Product *p, int b, const int8_t *xq, const float *xs, int kernel) {
+    const Mat *W = p->W;
+    int rows = W->rows, cols = W->cols, blocks = (rows + 3) / 4;
+    size_t row[4];  /* rows past the end repeat the last and are not stored */
+    for (int k = 0; k < 4; k++)
+        row[k] = (size_t)(b + k * blocks < rows ? b + k * blocks : rows - 1) * cols;
+    if (W->dtype == DTYPE_Q8)
+        q8_rows_times_tokens(p, W, row, b, xq, xs, cols, cols / W->group, 0, kernel);
+    else if (W->dtype == DTYPE_Q4) matmul_block_q4(p, b, row, xq, xs, kernel);
+    else matmul_block_float(p, b, row, kernel);
 }
 
 /* Several independent products in one parallel pass (e.g. every expert's gate and up): the
@@ -2505,9 +2569,12 @@ static void matmul_block(const Product *p, int b, const int8_t *xq, const float 
  * weights (more reads in flight than one stream, which decoding, bound by memory, needs:
  * tests/bandwidth.c) and waits for the others once, not once per product. Consecutive products
  * with the same input share its int8 form. act may be NULL when no weight is q8. */
+/* q8 and q4 weights meet int8 activations. */
+static int int8_input(const Mat *W) { return W->dtype == DTYPE_Q8 || W->dtype == DTYPE_Q4; }
+
 /* Product i reads the same int8 input as product i - 1 (e.g. an expert's up after its gate). */
 static int shares_previous_input(const Product *p, int i) {
-    return i > 0 && p[i].W->dtype == DTYPE_Q8 && p[i - 1].W->dtype == DTYPE_Q8 &&
+    return i > 0 && int8_input(p[i].W) && int8_input(p[i - 1].W) &&
             p[i].x == p[i - 1].x && p[i].n == p[i - 1].n && p[i].W->cols == p[i - 1].W->cols &&
             p[i].W->group == p[i - 1].W->group;
 }
@@ -2518,7 +2585,7 @@ static void matmul_many(const Product *p, int count, MatmulScratch *act) {
     for (int i = 0; i < count; i++) {
         const Mat *W = p[i].W;
         work += (long long)(W->rows + 3) / 4 * W->cols * p[i].n;
-        if (W->dtype != DTYPE_Q8) continue;
+        if (!int8_input(W)) continue;
         if (!act || count > act->max_products)
             die("internal: activation scratch missing or too small");
         if (shares_previous_input(p, i)) act->at[i] = act->at[i - 1];
@@ -2535,7 +2602,7 @@ static void matmul_many(const Product *p, int count, MatmulScratch *act) {
         int job = 0;  /* quantize the inputs, one token per job, round robin */
         for (int i = 0; i < count; i++) {
             const Mat *W = p[i].W;
-            if (W->dtype != DTYPE_Q8 || shares_previous_input(p, i)) continue;
+            if (!int8_input(W) || shares_previous_input(p, i)) continue;
             for (int t = 0; t < p[i].n; t++, job++)
                 if (job % threads == id)
                     quantize_activations(act->q + act->at[i] + (size_t)t * W->cols,
@@ -2550,8 +2617,8 @@ static void matmul_many(const Product *p, int count, MatmulScratch *act) {
             long long cost = (long long)W->cols * p[i].n, blocks = (W->rows + 3) / 4;
             long long lo = begin > before ? (begin - before + cost - 1) / cost : 0,
                       hi = end > before ? (end - before + cost - 1) / cost : 0;
-            const int8_t *xq = W->dtype == DTYPE_Q8 ? act->q + act->at[i] : NULL;
-            const float *xs = W->dtype == DTYPE_Q8 ? act->scale + act->at[i] / W->group : NULL;
+            const int8_t *xq = int8_input(W) ? act->q + act->at[i] : NULL;
+            const float *xs = int8_input(W) ? act->scale + act->at[i] / W->group : NULL;
             for (long long b = lo; b < (hi < blocks ? hi : blocks); b++)
                 matmul_block(&p[i], (int)b, xq, xs, act ? act->kernel : KERNEL_BEST);
             before += blocks * cost;
@@ -2566,12 +2633,14 @@ static void mat_cols_to_f32(float *out, const Mat *W, int r, int col0, int count
     size_t at = (size_t)r * W->cols + col0;
     if (W->dtype == DTYPE_BF16)
         for (int c = 0; c < count; c++) out[c] = bf16_to_f32(((const uint16_t *)W->data)[at + c]);
-    else if (W->dtype == DTYPE_Q8) {
+    else if (W->dtype == DTYPE_Q8 || W->dtype == DTYPE_Q4) {
         const float *scale = W->scale + (size_t)r * (W->cols / W->group);
         for (int c = 0; c < count;) {  /* group by group: one scale each */
             int g = (col0 + c) / W->group, end = (g + 1) * W->group - col0;
             float sc = scale[g];
-            for (; c < count && c < end; c++) out[c] = ((const int8_t *)W->data)[at + c] * sc;
+            for (; c < count && c < end; c++)
+                out[c] = (W->dtype == DTYPE_Q8 ? ((const int8_t *)W->data)[at + c]
+                                               : q4_at(W->data, at + c, W->group)) * sc;
         }
     } else memcpy(out, (const float *)W->data + at, (size_t)count * sizeof(float));
 }
@@ -2585,8 +2654,10 @@ static void mat_store_rows(Mat *W, int row0, const float *x, int n) {
     if (W->dtype == DTYPE_F32) memcpy((float *)W->data + at, x, count * sizeof(float));
     else if (W->dtype == DTYPE_BF16)
         for (size_t i = 0; i < count; i++) ((uint16_t *)W->data)[at + i] = f32_to_bf16(x[i]);
-    else quantize_activations((int8_t *)W->data + at, (float *)W->scale + at / W->group, x,
-                              (int)count, W->group);
+    else if (W->dtype == DTYPE_Q8)  /* the cache's types: f32, bf16, q8 (-k) */
+        quantize_activations((int8_t *)W->data + at, (float *)W->scale + at / W->group, x,
+                             (int)count, W->group);
+    else die("internal: no %s cache", storage_name(W->dtype));
 }
 
 
@@ -2703,10 +2774,6 @@ typedef struct {
     const char *prefix;   /* the name of the block being taken: prefix + name */
 } Cursor;
 
-static const char *storage_name(int dtype) {
-    return dtype == DTYPE_Q8 ? "q8" : dtype == DTYPE_BF16 ? "bf16" : "f32";
-}
-
 static const void *take(Cursor *cur, const char *name, int rows, int cols, const char *storage,
                         size_t bytes) {
     if (bytes > ((size_t)1 << 50) || cur->offset > ((size_t)1 << 50))
@@ -2729,12 +2796,14 @@ static const void *take(Cursor *cur, const char *name, int rows, int cols, const
 }
 
 static Mat take_mat(Cursor *cur, const char *name, int rows, int cols, int dtype) {
-    Mat m = {NULL, NULL, dtype, rows, cols, dtype == DTYPE_Q8 ? cur->q8_group : cols};
-    if (cols % m.group) die("q8 group %d does not divide a matrix width %d", m.group, cols);
+    int quantized = dtype == DTYPE_Q8 || dtype == DTYPE_Q4;
+    Mat m = {NULL, NULL, dtype, rows, cols, quantized ? cur->q8_group : cols};
+    if (cols % m.group) die("q8/q4 group %d does not divide a matrix width %d", m.group, cols);
     m.data = take(cur, name, rows, cols, storage_name(dtype),
-                  (size_t)rows * cols * dtype_size(dtype));
-    if (dtype == DTYPE_Q8)
-        m.scale = take(cur, name, rows, cols / m.group, "q8-scales",
+                  dtype_bytes(dtype, (size_t)rows * cols));
+    if (quantized)
+        m.scale = take(cur, name, rows, cols / m.group,
+                       dtype == DTYPE_Q8 ? "q8-scales" : "q4-scales",
                        (size_t)rows * (cols / m.group) * sizeof(float));
     return m;
 }
@@ -2905,8 +2974,10 @@ static void validate_sizes(const Config *c) {
         die("config qk_rope_head_dim = %d must be even", c->qk_rope_head_dim);
     check_range("bos_token_id", c->bos_token_id, -1, c->vocab_size - 1);
     check_range("eos_token_id", c->eos_token_id, -1, c->vocab_size - 1);
-    check_range("q8_group", c->q8_group, c->dtype == DTYPE_Q8 ? 1 : 0,
-                c->dtype == DTYPE_Q8 ? 4096 : 0);
+    int q4 = c->dtype == DTYPE_Q4;  /* q4: two weights a byte, so even groups; at most 256 */
+    check_range("q8_group", c->q8_group, q4 ? 2 : c->dtype == DTYPE_Q8 ? 1 : 0,
+                q4 ? 256 : c->dtype == DTYPE_Q8 ? 4096 : 0);
+    if (q4 && c->q8_group % 2) die("config q8_group = %d: q4 groups must be even", c->q8_group);
     long long H = c->num_attention_heads,
               per_head = c->qk_nope_head_dim + c->qk_rope_head_dim + c->v_head_dim;
     long long moe_width =
@@ -2946,8 +3017,7 @@ static void validate_routing(const Config *c) {
 }
 
 static void validate_config(const Config *c) {
-    if (c->dtype != DTYPE_F32 && c->dtype != DTYPE_BF16 && c->dtype != DTYPE_Q8)
-        die("unknown weight dtype %d", c->dtype);
+    if (c->dtype < DTYPE_F32 || c->dtype > DTYPE_Q4) die("unknown weight dtype %d", c->dtype);
     validate_sizes(c);
     validate_routing(c);
     if (c->rope_scaling != ROPE_PLAIN && c->rope_scaling != ROPE_YARN)

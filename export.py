@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Convert a Hugging Face DeepSeek-V2 checkpoint folder into one dsv2 file.
 
-    python3 export.py HF_DIR OUT.bin [--dtype f32|bf16|q8]
+    python3 export.py HF_DIR OUT.bin [--dtype f32|bf16|q8|q4]
     python3 export.py MODEL.bin OUT.bin --dtype q8          (a dsv2 f32/bf16 file, e.g. a trained one, into q8)
     python3 export.py MODEL.bin OUT.bin --dtype f32         (a q8 file dequantized: the GPU's q8 checked exactly)
     python3 export.py --tokenizer tokenizer.json OUT.tok
-    python3 export.py --random lite|v2 OUT.bin [--layers N] [--dtype f32|bf16|q8]   (random weights, real shapes)
+    python3 export.py --random lite|v2 OUT.bin [--layers N] [--dtype f32|bf16|q8|q4]   (random weights, real shapes)
     --print-layout: instead of a summary, every block written (offset, bytes, name, shape, storage),
     the same lines `./dsv2 OUT.bin -m layout` prints from the file: the two must agree (make test)
 
@@ -18,7 +18,8 @@ File layout (dsv2.c reads it with mmap; keep the two in step):
   [0, 512)   header: magic "DSV2", version, every hyper-parameter (struct Config in dsv2.c)
   tensors    in the order of tensor_plan() below (dsv2.c: layout_weights), each 64-byte aligned. Weight matrices
              are stored in the chosen dtype ([out, in] row-major, as nn.Linear); q8 is int8
-             followed by a second block of float32 scales, one per q8_group weights of a row.
+             followed by a second block of float32 scales, one per q8_group weights of a row;
+             q4 is 4-bit (q + 8 in nibbles, quantize_q4) with the same scales block after it.
              Norms and the MoE router are always float32 (tiny, and the router decides).
   tokenizer  optional (header.tokenizer_offset), the same blob a standalone .tok file holds
 """
@@ -42,7 +43,7 @@ MAGIC = b"DSV2"
 VERSION = 1
 HEADER_SIZE = 512
 ALIGN = 64
-DTYPES = {"f32": 0, "bf16": 1, "q8": 2}
+DTYPES = {"f32": 0, "bf16": 1, "q8": 2, "q4": 3}
 TOPK_METHODS = {"greedy": 0, "group_limited_greedy": 1}
 CHUNK_BYTES = 64 << 20  # conversion works through tensors this many bytes at a time
 # DeepSeek-V2-Chat's chat template, as its tokenizer_config.json has it: what --train-tokenizer writes
@@ -208,7 +209,7 @@ def check_header(c, path):
             fail(f"{path}: {key} = {v!r} is out of range [{lo:g}, {hi:g}]")
     if c["dtype"] not in DTYPES.values():
         fail(f"{path}: unknown dtype {c['dtype']}")
-    q8 = c["dtype"] == DTYPES["q8"]
+    q8, q4 = c["dtype"] == DTYPES["q8"], c["dtype"] == DTYPES["q4"]
     for key, lo, hi in (("vocab_size", 1, 1 << 24), ("hidden_size", 1, 1 << 16), ("num_hidden_layers", 1, 1024),
                         ("num_attention_heads", 1, 1024), ("q_lora_rank", 0, 1 << 16), ("kv_lora_rank", 1, 1 << 16),
                         ("qk_nope_head_dim", 0, 4096), ("qk_rope_head_dim", 2, 4096), ("v_head_dim", 1, 4096),
@@ -217,8 +218,10 @@ def check_header(c, path):
                         ("n_shared_experts", 0, 4096), ("num_experts_per_tok", 0, 4096), ("n_group", 0, 1 << 16),
                         ("topk_group", 0, 1 << 16), ("first_k_dense_replace", 0, 1024), ("moe_layer_freq", 1, 1024),
                         ("bos_token_id", -1, c["vocab_size"] - 1), ("eos_token_id", -1, c["vocab_size"] - 1),
-                        ("norm_topk_prob", 0, 1), ("seq_aux", 0, 1), ("q8_group", 1 if q8 else 0, 4096 if q8 else 0)):
+                        ("norm_topk_prob", 0, 1), ("seq_aux", 0, 1), ("q8_group", 2 if q4 else 1 if q8 else 0, 256 if q4 else 4096 if q8 else 0)):
         rng(key, lo, hi)
+    if q4 and c["q8_group"] % 2:
+        fail(f"{path}: q4 groups must hold an even number of weights (two per byte), not {c['q8_group']}")
     if c["qk_rope_head_dim"] % 2:
         fail(f"{path}: qk_rope_head_dim = {c['qk_rope_head_dim']} must be even")
     H, per_head = c["num_attention_heads"], c["qk_nope_head_dim"] + c["qk_rope_head_dim"] + c["v_head_dim"]
@@ -264,11 +267,33 @@ def check_header(c, path):
 
 
 def q8_group_size(c):
-    """Weights per q8 scale: 32, or the largest power of two dividing every matrix width (tiny models)."""
+    """Weights per q8 or q4 scale: 32, or the largest power of two dividing every matrix width (tiny models)."""
     group = 32
     while any(shape[-1] % group for _, shape, is_matrix in tensor_plan(c) if is_matrix):
         group //= 2
+    if c["dtype"] == DTYPES["q4"] and group < 2:
+        fail("q4 needs every matrix width to be even")
     return group
+
+
+def quantize_q4(a, group):
+    """4-bit signed weights in groups along each row, llama.cpp Q4_0's rule with a float32 scale: the
+    group's largest-magnitude weight m maps to -8, so scale = m / -8 and q = clamp(round(w / scale), -8, 7).
+    Stored as q + 8 in nibbles, group/2 bytes a group: byte j holds weight j (low) and weight j + group/2."""
+    g = a.reshape(-1, group)
+    m = g[np.arange(g.shape[0]), np.abs(g).argmax(axis=1)]
+    scale = (m / -8.0).astype(np.float32)
+    q = np.clip(np.rint(g / np.where(scale != 0, scale, 1.0)[:, None]), -8, 7).astype(np.int16) + 8
+    half = group // 2
+    packed = (q[:, :half] | (q[:, half:] << 4)).astype(np.uint8)
+    return packed.reshape(-1), scale
+
+
+def dequantize_q4(packed, scale, group):
+    """The exact float32 weights of q4 blocks: (nibble - 8) x the group's scale."""
+    b = packed.reshape(-1, group // 2)
+    q = np.concatenate([(b & 15).astype(np.int16), (b >> 4).astype(np.int16)], axis=1) - 8
+    return (q.astype(np.float32) * scale[:, None]).reshape(-1)
 
 
 def quantize_q8(a, group):
@@ -885,16 +910,17 @@ def write_tensor(w, name, shape, chunks, is_matrix, dtype_name, group):
     if not is_matrix:  # norms and router: f32 (at bf16 precision in a bf16 file: exactly the bf16 model)
         w.tensor((to_f32(to_bf16(a, dt), "BF16") if dtype_name == "bf16" else to_f32(a, dt) for a, dt in chunks),
                  name, shape, "f32")
-    elif dtype_name == "q8":  # int8 rows, then all the scales as a second aligned block
+    elif dtype_name in ("q8", "q4"):  # int8 (or packed 4-bit) rows, then all the scales as a second block
         scales = []
+        quantize = quantize_q8 if dtype_name == "q8" else quantize_q4
 
         def data():
             for a, dt in chunks:
-                q, sc = quantize_q8(to_f32(a, dt), group)
+                q, sc = quantize(to_f32(a, dt), group)
                 scales.append(sc)
                 yield q
-        w.tensor(data(), name, shape, "q8")
-        w.tensor(scales, name, (shape[0], shape[1] // group), "q8-scales")
+        w.tensor(data(), name, shape, dtype_name)
+        w.tensor(scales, name, (shape[0], shape[1] // group), f"{dtype_name}-scales")
     else:
         convert = to_bf16 if dtype_name == "bf16" else to_f32
         w.tensor((convert(a, dt) for a, dt in chunks), name, shape, dtype_name)
@@ -916,11 +942,11 @@ def finish(w, tokenizer, show_layout, summary):
 
 def expected_bytes(c):
     """The size of the tensors part of the file, for the progress report."""
-    elem = {DTYPES["f32"]: 4, DTYPES["bf16"]: 2, DTYPES["q8"]: 1}[c["dtype"]]
+    elem = {DTYPES["f32"]: 4, DTYPES["bf16"]: 2, DTYPES["q8"]: 1, DTYPES["q4"]: 0.5}[c["dtype"]]
     total = HEADER_SIZE
     for _, shape, is_matrix in tensor_plan(c):
         n = shape[0] * (shape[1] if len(shape) > 1 else 1)
-        total += n * (elem if is_matrix else 4) + (4 * n // c["q8_group"] if is_matrix and c["q8_group"] else 0)
+        total += int(n * (elem if is_matrix else 4)) + (4 * n // c["q8_group"] if is_matrix and c["q8_group"] else 0)
     return max(total, 1)
 
 
@@ -941,7 +967,7 @@ def export_model(folder, out, dtype_name, show_layout=False):
         kinds = {source.tensors[n][1] for n in source.tensors}
         dtype_name = "bf16" if kinds == {"BF16"} else "f32"
     config["dtype"] = DTYPES[dtype_name]
-    config["q8_group"] = q8_group_size(config) if dtype_name == "q8" else 0
+    config["q8_group"] = q8_group_size(config) if dtype_name in ("q8", "q4") else 0
     tok_path = os.path.join(folder, "tokenizer.json")
     tokenizer = b""
     if os.path.exists(tok_path):
@@ -977,12 +1003,12 @@ def export_dsv2(path, out, dtype_name, show_layout=False):
     tok_offset, tok_size, file_size = fields[49:52]
     check_header(config, path)
     source = {v: k for k, v in DTYPES.items()}[config["dtype"]]
-    if source == "q8" and dtype_name in (None, "q8"):
-        fail(f"{path} is q8 already: convert from its f32 or bf16 source (or to f32: its weights dequantized)")
+    if source in ("q8", "q4") and dtype_name in (None, "q8", "q4"):
+        fail(f"{path} is {source} already: convert from its f32 or bf16 source (or to f32: its weights dequantized)")
     if file_size != size or tok_offset + tok_size > size:
         fail(f"{path}: the header says {file_size} bytes, the file has {size}")
     dtype_name = dtype_name or source
-    elem, src_dtype = {"f32": (4, "F32"), "bf16": (2, "BF16"), "q8": (1, "Q8")}[source]
+    elem, src_dtype = {"f32": (4, "F32"), "bf16": (2, "BF16"), "q8": (1, "Q8"), "q4": (0.5, "Q4")}[source]
     group = config["q8_group"]
     data = np.memmap(path, dtype=np.uint8, mode="r")
     offset, plan = HEADER_SIZE, list(tensor_plan(config))
@@ -990,10 +1016,11 @@ def export_dsv2(path, out, dtype_name, show_layout=False):
     def block(n, width):  # the next aligned block of n numbers, width bytes each
         nonlocal offset
         offset += -offset % ALIGN
-        if offset + n * width > size:
+        nbytes = int(n * width)
+        if offset + nbytes > size:
             fail(f"{path} is truncated: it ends inside its tensors")
-        raw = data[offset:offset + n * width]
-        offset += n * width
+        raw = data[offset:offset + nbytes]
+        offset += nbytes
         return raw
 
     def chunks(shape, is_matrix):
@@ -1004,13 +1031,17 @@ def export_dsv2(path, out, dtype_name, show_layout=False):
             q = block(n, 1).view(np.int8)
             scale = block(n // group, 4).view(np.float32)
             yield (q.reshape(-1, group).astype(np.float32) * scale[:, None]).reshape(-1), "F32"
+        elif source == "q4":  # packed nibbles, then the scales: dequantized exactly
+            packed = block(n, 0.5)
+            scale = block(n // group, 4).view(np.float32)
+            yield dequantize_q4(packed, scale, group), "F32"
         else:
             raw = block(n, elem)
             yield (raw.view(np.float32) if elem == 4 else raw.view(np.uint16)), src_dtype
 
     tokenizer = bytes(data[tok_offset:tok_offset + tok_size]) if tok_size else b""
     config["dtype"] = DTYPES[dtype_name]
-    config["q8_group"] = q8_group_size(config) if dtype_name == "q8" else 0
+    config["q8_group"] = q8_group_size(config) if dtype_name in ("q8", "q4") else 0
     with Writer(out, config) as w:
         for name, shape, is_matrix in plan:
             write_tensor(w, name, shape, chunks(shape, is_matrix), is_matrix, dtype_name, config["q8_group"])
@@ -1075,7 +1106,7 @@ def export_random(preset, out, dtype_name, layers, seed, show_layout=False):
         fail(f"--random expects one of {', '.join(PRESETS)} or a config.json")
     dtype_name = dtype_name or "bf16"
     config["dtype"] = DTYPES[dtype_name]
-    config["q8_group"] = q8_group_size(config) if dtype_name == "q8" else 0
+    config["q8_group"] = q8_group_size(config) if dtype_name in ("q8", "q4") else 0
     rng = np.random.default_rng(seed)
     half_width = 0.02 * 3 ** 0.5  # uniform(-a, a) has std a / sqrt(3)
 
@@ -1191,9 +1222,9 @@ def export_tokenizer(path, out):
     print(f"wrote {out}: tokenizer with {n_ids} ids, chat template {chat}")
 
 
-USAGE = """usage: python3 export.py HF_DIR OUT.bin [--dtype f32|bf16|q8] [--print-layout]
-       python3 export.py MODEL.bin OUT.bin --dtype f32|bf16|q8      (a dsv2 file into another dtype; q8 only to f32/bf16)
-       python3 export.py --random lite|v2|tiny|CONFIG.json OUT.bin [--layers N] [--dtype f32|bf16|q8] [--seed S]
+USAGE = """usage: python3 export.py HF_DIR OUT.bin [--dtype f32|bf16|q8|q4] [--print-layout]
+       python3 export.py MODEL.bin OUT.bin --dtype f32|bf16|q8|q4   (a dsv2 file into another dtype; q8/q4 only to f32/bf16)
+       python3 export.py --random lite|v2|tiny|CONFIG.json OUT.bin [--layers N] [--dtype f32|bf16|q8|q4] [--seed S]
        python3 export.py --tokenizer tokenizer.json OUT.tok
        python3 export.py --train-tokenizer CORPUS.txt VOCAB_SIZE OUT_DIR
 HF_DIR: a Hugging Face DeepSeek-V2 folder (config.json, safetensors, tokenizer.json). --dtype: bf16 stays

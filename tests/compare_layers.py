@@ -16,6 +16,9 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reference import read_manifest  # noqa: E402  (the fixtures' manifest.txt, one reader)
+
 QUANTITIES = ("latent", "experts", "gates", "hidden")
 
 
@@ -35,17 +38,7 @@ def read_layers(path):
 
 
 def read_fixture(folder):
-    tensors = {}
-    for line in open(os.path.join(folder, "manifest.txt")):
-        if line.startswith("#") or not line.strip():
-            continue
-        parts = line.split()
-        name, dtype, ndim = parts[0], parts[1], int(parts[2])
-        dims = [int(d) for d in parts[3:3 + ndim]]
-        file, offset = parts[3 + ndim], int(parts[4 + ndim])
-        count = int(np.prod(dims))
-        a = np.fromfile(os.path.join(folder, file), "<f4" if dtype == "f32" else "<i4", count, offset=offset)
-        tensors[name] = a.reshape(dims)
+    tensors = read_manifest(folder)
     L = sum(1 for n in tensors if n.startswith("hidden.layer."))
     T, D = tensors["hidden.layer.0"].shape
     K = next((tensors[n].shape[1] for n in tensors if n.endswith(".idx")), 1)
