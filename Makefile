@@ -90,9 +90,10 @@ docs-check: class test_all
 	PYTHON=$(PYTHON) SLOW=1 tests/docs.sh
 
 # Speed on random weights of real shapes: V2-Lite at 8 layers (quick); bench-full: all 27, and
-# 2 of the 60 layers of the 236B DeepSeek-V2.
+# 2 of the 60 layers of the 236B DeepSeek-V2. Each prints the CPU, its measured peak, a table,
+# then decode speed against context length.
 bench: dsv2
-	PYTHON=$(PYTHON) tests/bench.sh 8 "q8 bf16" 5
+	PYTHON=$(PYTHON) tests/bench.sh 8 "q8 q4 bf16" 5 lite "2048 8192"
 bench-full: dsv2
-	PYTHON=$(PYTHON) tests/bench.sh 27 "q8" 3
-	PYTHON=$(PYTHON) tests/bench.sh 2 "q8" 3 v2
+	PYTHON=$(PYTHON) tests/bench.sh 27 "q8 q4" 3 lite "2048 8192 32768"
+	PYTHON=$(PYTHON) tests/bench.sh 2 "q8" 3 v2 ""

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # make bench: prefill and decode speed, peak RSS and the decode roofline on random weights of
 # a real shape, DeepSeek-V2-Lite or DeepSeek-V2 (python3 export.py --random SHAPE --layers N --dtype D).
-#   tests/bench.sh [LAYERS] [DTYPES] [RUNS] [SHAPE]     defaults: 8 "q8 bf16" 5 lite
+#   tests/bench.sh [LAYERS] [DTYPES] [RUNS] [SHAPE] [DEPTHS]   defaults: 8 "q8 bf16" 5 lite "2048 8192"
+# DEPTHS: after the table, decode speed after a context of each depth (one run each), against
+# depth 0: what attention over a long latent cache costs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LAYERS=${1:-8}; DTYPES=${2:-q8 bf16}; RUNS=${3:-5}; SHAPE=${4:-lite}
+LAYERS=${1:-8}; DTYPES=${2:-q8 bf16}; RUNS=${3:-5}; SHAPE=${4:-lite}; DEPTHS=${5-2048 8192}
 PYTHON=${PYTHON:-python3}
 mkdir -p build
 cc -O3 -march=native -fopenmp -o build/bandwidth tests/bandwidth.c
@@ -15,6 +17,8 @@ median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+
 isa=$(grep -m1 -o -w -E 'avx512_vnni' /proc/cpuinfo || grep -m1 -o -w -E 'avx2' /proc/cpuinfo || grep -m1 -o -w asimddp /proc/cpuinfo || echo "none of avx512_vnni, avx2, asimddp")
 kernel=$(case $isa in avx512_vnni) echo "AVX-512 VNNI";; avx2) echo AVX2;; asimddp) echo "NEON sdot";; *) echo "portable C";; esac)
 echo "CPU: $cpu, $threads threads, instruction set: $isa (q8 kernel: $kernel)"
+cc -O3 -march=native -fopenmp -o build/peak tests/peak.c
+echo "arithmetic peak (tests/peak.c): $(build/peak | sed 's/^[0-9]* threads: //')"
 echo
 echo "| $([ "$SHAPE" = lite ] && echo V2-Lite || echo V2) shape | prefill pp128 tok/s | decode tg64 tok/s | peak RSS | weights read per token | read bandwidth | decode roofline | fraction reached |"
 echo "|---|---|---|---|---|---|---|---|"
@@ -41,3 +45,23 @@ echo
 echo "medians of $RUNS runs; peak RSS is the largest; each run: a 128-token prompt (batched prefill), then 64 greedy"
 echo "tokens. Read bandwidth: tests/bandwidth.c (4 streams per thread, huge pages) just before each run; roofline ="
 echo "bandwidth / weights read per token; fraction reached: decode tok/s over that run's roofline."
+[ -n "$DEPTHS" ] || exit 0
+echo
+echo "| decode after a context of | $(for d in $DTYPES; do printf '%s tok/s | %s vs depth 0 | ' "$d" "$d"; done)"
+echo "|---|$(for d in $DTYPES; do printf -- '---|---|'; done)"
+declare -A base
+for depth in 0 $DEPTHS; do
+  row="| $depth tokens |"
+  for dtype in $DTYPES; do
+    model=build/${SHAPE}-${LAYERS}layers-${dtype}.bin
+    n=$((depth > 0 ? depth : 4))
+    seq -s' ' 1000 $((999 + n)) > build/bench_ids.txt
+    tg=$(./dsv2 "$model" -f build/bench_ids.txt -n 32 -t 0 -c $((n + 40)) 2>&1 >/dev/null |
+         sed -n 's/.*generation: [0-9]* tokens, \([0-9.]*\) tok\/s.*/\1/p')
+    [ "$depth" = 0 ] && base[$dtype]=$tg
+    row="$row $tg | $(awk -v a="$tg" -v b="${base[$dtype]}" 'BEGIN { printf "%.0f%%", 100 * a / b }') |"
+  done
+  echo "$row"
+done
+echo
+echo "one run each: the context is prefilled as one prompt (ids 1000..), then 32 greedy tokens are timed."
