@@ -310,23 +310,28 @@ static void matvec(float *y, const DevMat &W, const float *x, int accumulate = 0
     matvec_kernel<<<(W.rows + warps - 1) / warps, 32 * warps>>>(y, W, x, W.rows, W.rows, 0, 0, 0, accumulate, alpha);
 }
 
-/* "0", "0,1", "0,0": the devices to split the layers over. */
+/* "0", "0,1", "0,0": the devices to split the layers over. The list is read before any device
+ * is asked about, so a malformed one is named as such on any machine. */
 static void parse_devices(Gpu *g, const char *gpus) {
-    int available = 0;
-    CUDA_CHECK(cudaGetDeviceCount(&available));
     const char *p = gpus;
     do {
         char *end;
         long id = strtol(p, &end, 10);
-        if (end == p || id < 0 || id >= available || (*end && *end != ',') || (*end == ',' && !end[1])) {
-            fprintf(stderr, "dsv2: error: -g \"%s\": expects device ids in [0, %d) separated by commas, like 0 or 0,1\n", gpus,
-                    available);
+        if (end == p || id < 0 || id > 4096 || (*end && *end != ',') || (*end == ',' && !end[1])) {
+            fprintf(stderr, "dsv2: error: -g \"%s\": expects device ids separated by commas, like 0 or 0,1\n", gpus);
             exit(1);
         }
         g->device_ids.push_back((int)id);
         p = *end == ',' ? end + 1 : end;
     } while (*p);
     g->n_devices = (int)g->device_ids.size();
+    int available = 0;
+    CUDA_CHECK(cudaGetDeviceCount(&available));
+    for (int id : g->device_ids)
+        if (id >= available) {
+            fprintf(stderr, "dsv2: error: -g %s: device %d does not exist (this machine has %d)\n", gpus, id, available);
+            exit(1);
+        }
 }
 
 /* The memory plan: every byte the model takes on each device (its layers' weights and latent

@@ -34,6 +34,14 @@ export_random() {  # export_random SHAPE DTYPE -> prints the path (made once)
   echo "$out"
 }
 
+echo "0. malformed -g lists are refused in one line"
+for g in "" "0," ",0" "a" "0,,1" "0,99999"; do
+  run bad_g ./dsv2cu models/tiny/model.bin -i hi -n 1 -g "$g"
+  code=$?
+  [ "$code" = 1 ] && [ "$(grep -c 'dsv2: error: -g' "$work/bad_g.err")" = 1 ]
+  result $? "-g \"$g\": exit $code, $(tail -1 "$work/bad_g.err")"
+done
+
 echo "1. kernels"
 build/cuda_kernels | tee "$work/kernels.log"
 result "${PIPESTATUS[0]}" "build/cuda_kernels: $(tail -1 "$work/kernels.log")"
