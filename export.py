@@ -278,14 +278,16 @@ def q8_group_size(c):
 
 def quantize_q4(a, group):
     """4-bit signed weights in groups along each row, llama.cpp Q4_0's rule with a float32 scale: the
-    group's largest-magnitude weight m maps to -8, so scale = m / -8 and q = clamp(round(w / scale), -8, 7).
+    group's largest-magnitude weight m (the positive one on a tie) maps to -8, so scale = m / -8 and
+    q = clamp(round(w / scale), -8, 7).
     Stored as q + 8 in nibbles, group/2 bytes a group: byte j holds weight j (low) and weight j + group/2."""
     g = a.reshape(-1, group)
-    m = g[np.arange(g.shape[0]), np.abs(g).argmax(axis=1)]
-    scale = (m / -8.0).astype(np.float32)
-    q = np.clip(np.rint(g / np.where(scale != 0, scale, 1.0)[:, None]), -8, 7).astype(np.int16) + 8
+    hi, lo = g.max(axis=1), g.min(axis=1)
+    scale = (np.where(hi >= -lo, hi, lo) / np.float32(-8.0)).astype(np.float32)  # a tie takes the positive one
+    q = np.rint(g / np.where(scale != 0, scale, np.float32(1.0))[:, None])
+    q = (np.clip(q, -8, 7) + 8).astype(np.uint8)
     half = group // 2
-    packed = (q[:, :half] | (q[:, half:] << 4)).astype(np.uint8)
+    packed = q[:, :half] | (q[:, half:] << 4)
     return packed.reshape(-1), scale
 
 
