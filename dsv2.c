@@ -1329,8 +1329,8 @@ static void write_layers(const Weights *w, RunState *s, const int *ids, int n,
                 memcpy(latent + (size_t)l * W,
                        (const float *)cache_rows(s, l, pos + 1).data + (size_t)pos * W,
                        W * sizeof(float));
+            int moe_layer = is_moe_layer(c, l);
             for (int k = 0; k < K; k++) {
-                int moe_layer = is_moe_layer(c, l);
                 row[k] = moe_layer ? (float)s->trace->route_idx[(size_t)l * K + k] : -1.0f;
                 row[K + k] = moe_layer ? s->trace->route_weight[(size_t)l * K + k] : 0.0f;
             }

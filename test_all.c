@@ -777,7 +777,7 @@ static int *fixture_prompt(const char *dir, char *ids_path, size_t size, int *T)
 
 /* q8 on a fixture through the CLI: top-1 agreement with the reference logits, max |dlogit|
  * printed only: on tiny random models one routing flip moves a logit a lot (not a bug), so the
- * quality of q8 is measured by KL on the trained built-in model (test_q8_quality). */
+ * quality of q8 is measured by KL on the trained built-in model (test_quantized_quality). */
 static void check_q8(const char *dir, const char *model_path) {
     RefTensor tl;
     char ids_path[512], out_path[512], cmd[2048];
@@ -1000,33 +1000,22 @@ static int eval_against(const char *cmd, double *kl, double *agree, double *ppl,
     return code;
 }
 
-static void test_q8_quality(void) {
-    char q8[512], cmd[2048], err[4096];
-    snprintf(q8, sizeof q8, "%s/tiny-q8.bin", tmp_dir);
-    snprintf(cmd, sizeof cmd, "%s export.py models/tiny/model.bin %s --dtype q8", python, q8);
+/* A quantized twin of the built-in model against its f32 original on the held-out text: KL and
+ * top-1 within bounds. Measured when written: q8 KL 3.1e-4, top-1 99.1%; q4 (llama.cpp Q4_0's
+ * rule, float32 scales) KL 0.0132, top-1 92.3%; the bounds leave room for another CPU's kernel,
+ * not for a wrong one. */
+static void test_quantized_quality(const char *dtype, double max_kl, double min_agree) {
+    char path[512], cmd[2048], err[4096];
+    snprintf(path, sizeof path, "%s/tiny-%s.bin", tmp_dir, dtype);
+    snprintf(cmd, sizeof cmd, "%s export.py models/tiny/model.bin %s --dtype %s", python, path, dtype);
     int code = run(cmd, err, sizeof err);
-    check(code == 0, "export.py models/tiny/model.bin --dtype q8 (a dsv2 file into q8): exit %d %.*s", code, code ? (int)strcspn(err, "\n") : 0, err);
-    snprintf(cmd, sizeof cmd, "%s %s -m eval -f tests/heldout.txt -r models/tiny/model.bin", dsv2_bin, q8);
+    check(code == 0, "export.py models/tiny/model.bin --dtype %s (a dsv2 file into %s): exit %d %.*s", dtype, dtype, code,
+          code ? (int)strcspn(err, "\n") : 0, err);
+    snprintf(cmd, sizeof cmd, "%s %s -m eval -f tests/heldout.txt -r models/tiny/model.bin", dsv2_bin, path);
     double kl, agree, ppl, ref_ppl;
     code = eval_against(cmd, &kl, &agree, &ppl, &ref_ppl);
-    check(code == 0 && kl < 0.005 && agree >= 95.0, "built-in model, q8 vs f32 on held-out text: KL(f32 || q8) %.2e nats/token, top-1 agreement %.2f%%, "
-          "perplexity %.3f vs %.3f", kl, agree, ppl, ref_ppl);
-}
-
-/* q4 (llama.cpp Q4_0's rule, float32 scales) of the built-in model against its f32 original on
- * the held-out text. Measured when written: KL 0.0132 nats/token, top-1 92.3% (q8: 3.1e-4,
- * 99.1%); the bounds leave room for another CPU's kernel, not for a wrong one. */
-static void test_q4_quality(void) {
-    char q4[512], cmd[2048], err[4096];
-    snprintf(q4, sizeof q4, "%s/tiny-q4.bin", tmp_dir);
-    snprintf(cmd, sizeof cmd, "%s export.py models/tiny/model.bin %s --dtype q4", python, q4);
-    int code = run(cmd, err, sizeof err);
-    check(code == 0, "export.py models/tiny/model.bin --dtype q4: exit %d %.*s", code, code ? (int)strcspn(err, "\n") : 0, err);
-    snprintf(cmd, sizeof cmd, "%s %s -m eval -f tests/heldout.txt -r models/tiny/model.bin", dsv2_bin, q4);
-    double kl, agree, ppl, ref_ppl;
-    code = eval_against(cmd, &kl, &agree, &ppl, &ref_ppl);
-    check(code == 0 && kl < 0.03 && agree >= 90.0, "built-in model, q4 vs f32 on held-out text: KL(f32 || q4) %.2e nats/token, top-1 agreement %.2f%%, "
-          "perplexity %.3f vs %.3f", kl, agree, ppl, ref_ppl);
+    check(code == 0 && kl < max_kl && agree >= min_agree, "built-in model, %s vs f32 on held-out text: KL(f32 || %s) %.2e nats/token, top-1 agreement %.2f%%, "
+          "perplexity %.3f vs %.3f", dtype, dtype, kl, agree, ppl, ref_ppl);
 }
 
 /* export.py q8 or q4 -> f32 (for q8 what the GPU's q8 is checked against: the weights' exact
@@ -2311,9 +2300,9 @@ int main(int argc, char **argv) {
         test_readme_training();
         test_train_cli();
         printf("watching the model\n");
-        test_q8_quality();
+        test_quantized_quality("q8", 0.005, 95.0);
         test_dequantized("q8");
-        test_q4_quality();
+        test_quantized_quality("q4", 0.03, 90.0);
         test_dequantized("q4");
         test_cache_types();
         test_reference();
