@@ -191,6 +191,18 @@ static void *xcalloc(size_t n, size_t size) {
 
 static int max_int(int a, int b) { return a > b ? a : b; }
 
+/* A zeroed buffer that is read through every token (the KV cache), in huge pages where the OS
+ * allows, as the weights are: in 4 KiB pages, walking 8K cached rows missed the TLB per row. */
+static void *xcalloc_huge(size_t bytes) {
+    void *p = xcalloc(bytes, 1);  /* big callocs are fresh mappings, not yet touched */
+#ifdef MADV_HUGEPAGE
+    uintptr_t page = 4096, start = ((uintptr_t)p + page - 1) & ~(page - 1);
+    uintptr_t end = ((uintptr_t)p + bytes) & ~(page - 1);
+    if (end > start + (2u << 20)) madvise((void *)start, end - start, MADV_HUGEPAGE);
+#endif
+    return p;
+}
+
 /* A layer is MoE iff experts exist, it is past the dense prefix, and on the frequency grid. */
 static int is_moe_layer(const Config *c, int l) {
     return c->n_routed_experts > 0 && l >= c->first_k_dense_replace && l % c->moe_layer_freq == 0;
@@ -218,6 +230,15 @@ static void matmul(float *y, const Mat *W, const float *x, int n, MatmulScratch 
     Product p = {y, W, x, n};
     matmul_many(&p, 1, scratch);
 }
+
+/* Absorbed attention's two products against the cached latents W [rows][r + dr], for all H
+ * heads at once so that each cached row is read once per token, not once per head; each sum
+ * runs in the same order whatever the number of threads.
+ *   S[h][j] = Q[h] . W[j]                  Q: [H][W->cols], S: [H][W->rows]   (scores)
+ *   u[h]    = sum_j P[h][j] W[j][0..count)  P: [H][W->rows], u: H rows u_stride apart */
+static void dot_rows(float *S, const float *Q, const Mat *W, int H);
+static void weighted_rows_sum(float *u, size_t u_stride, const float *P, const Mat *W, int H,
+                              int count);
 
 /* Row r of W as floats: the embedding lookup, and the rows that W^UK^T sums; or count of its
  * columns from col0 (a bf16 or q8 KV cache). */
@@ -489,7 +510,7 @@ static void init_run_state(RunState *s, const Config *c, int attn_mode, int cont
     s->matmul = matmul_scratch_new(max_products, (size_t)B * widest);
     s->logits = floats(c->vocab_size);
     s->cache_width = kv_cache_width(c, attn_mode);
-    s->cache = floats((size_t)c->num_hidden_layers * context * s->cache_width);
+    s->cache = xcalloc_huge((size_t)c->num_hidden_layers * context * s->cache_width * 4);
     s->cache_dtype = DTYPE_F32;
     s->cache_group = (int)s->cache_width;
 }
@@ -503,7 +524,7 @@ static void set_cache_dtype(RunState *s, int dtype) {
     size_t n = (size_t)s->cfg->num_hidden_layers * s->context * s->cache_width;
     free(s->cache);
     free(s->cache_scale);
-    s->cache = xcalloc(dtype_bytes(dtype, n), 1);
+    s->cache = xcalloc_huge(dtype_bytes(dtype, n));
     s->cache_scale = NULL;
     s->cache_dtype = dtype;
     s->cache_group = (int)s->cache_width;
@@ -601,32 +622,6 @@ static void cache_store(RunState *s, int layer, int pos, const float *rows, int 
     mat_store_rows(&all, pos, rows, n);
 }
 
-/* u_h = sum_j P_h,j c_j for all H heads at once (eq. 18, absorbed). Each thread takes a slice of
- * the r latent columns, so each cached row is read once per token, not once per head, and each
- * sum runs in the same order whatever the number of threads. probs: [H][latents->rows]. */
-static void latent_weighted_sum(float *u, size_t u_stride, const float *probs, const Mat *latents,
-                                int H, int r) {
-    enum { SLICE = 64 };
-    int rows = latents->rows, slices = (r + SLICE - 1) / SLICE;
-#pragma omp parallel for schedule(static) if ((long long)rows * H * r > 32768)
-    for (int sl = 0; sl < slices; sl++) {
-        int c0 = sl * SLICE, count = r - c0 < SLICE ? r - c0 : SLICE;
-        float slice[SLICE];
-        for (int h = 0; h < H; h++) memset(u + h * u_stride + c0, 0, count * sizeof(float));
-        for (int j = 0; j < rows; j++) {
-            const float *cj = slice;
-            if (latents->dtype == DTYPE_F32)
-                cj = (const float *)latents->data + (size_t)j * latents->cols + c0;
-            else mat_cols_to_f32(slice, latents, j, c0, count);
-            for (int h = 0; h < H; h++) {
-                float p = probs[(size_t)h * rows + j], *uh = u + h * u_stride + c0;
-#pragma omp simd
-                for (int i = 0; i < count; i++) uh[i] += p * cj[i];
-            }
-        }
-    }
-}
-
 /* Absorbed attention over the latent cache, token by token with all heads at once: the scores
  * of every head are one product against the cached rows, so each row is read once per token
  * (reading it once per head made decoding slow down with context: 16x the reads for V2-Lite). */
@@ -649,14 +644,14 @@ static void mla_attend_absorbed(RunState *s, const Config *c, const Layer *L, in
         }
         Mat latents = cache_rows(s, layer, rows);
         /* eq. 16-17: q.k = q_abs.c^KV_j + q^R.k^R_j, every head and position in one product */
-        matmul(s->scores, &latents, s->q_absorbed, H, s->matmul);
+        dot_rows(s->scores, s->q_absorbed, &latents, H);
         for (int h = 0; h < H; h++) {
             float *att = s->scores + (size_t)h * rows;
             for (int j = 0; j < rows; j++) att[j] *= (float)s->softmax_scale;
             softmax(att, rows);                                  /* eq. 18: softmax_j */
         }
-        latent_weighted_sum(s->latent_out + (size_t)t * r, (size_t)n * r, s->scores, &latents, H,
-                            r);                                  /* u_h = sum_j P_h,j c_j */
+        weighted_rows_sum(s->latent_out + (size_t)t * r, (size_t)n * r, s->scores, &latents, H,
+                          r);                                    /* u_h = sum_j P_h,j c_j */
     }
     for (int h = 0; h < H; h++) {              /* eq. 11, 18: o = W^UV u, all heads in one pass */
         s->head_mats[h] = mat_rows(&L->kv_b_proj, h * kv_head_rows + dn, dv);
@@ -2683,6 +2678,132 @@ static void mat_store_rows(Mat *W, int row0, const float *x, int n) {
     else die("internal: no %s cache", storage_name(W->dtype));
 }
 
+
+/* Attention's kernels, dot_rows and weighted_rows_sum: plain C that the compiler turns into
+ * vectors of VEC_FLOATS, with ATT_HEADS heads' sums held in registers at a time (16 of
+ * AVX-512's 32 registers, 8 of AVX2's 16, 16 of NEON's 32) while rows of W, hot in L1, stream
+ * past. Each thread takes a contiguous range of rows (scores) or of columns (weighted sums). */
+#if defined(__AVX512F__)
+enum { VEC_FLOATS = 16, ATT_HEADS = 8 };
+#elif defined(__AVX__)
+enum { VEC_FLOATS = 8, ATT_HEADS = 4 };
+#elif defined(__aarch64__)
+enum { VEC_FLOATS = 4, ATT_HEADS = 8 };
+#else
+enum { VEC_FLOATS = 4, ATT_HEADS = 4 };
+#endif
+enum { WSUM_COLS = 2 * VEC_FLOATS, ATT_ROWS = 64 };
+
+/* a * b + acc, one rounding where the CPU has FMA (without it, fmaf is a slow library call). */
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#define MULADD(a, b, acc) fmaf(a, b, acc)
+#else
+#define MULADD(a, b, acc) ((acc) + (a) * (b))
+#endif
+
+/* Rows j0..j0+n-1 of W, columns c0..c0+cols-1, as floats: in place for f32, else converted into
+ * block (stride cols); returns the rows and sets *stride. */
+static const float *rows_as_f32(const Mat *W, int j0, int n, int c0, int cols, float *block,
+                                size_t *stride) {
+    if (W->dtype == DTYPE_F32) {
+        *stride = W->cols;
+        return (const float *)W->data + (size_t)j0 * W->cols + c0;
+    }
+    for (int j = 0; j < n; j++) mat_cols_to_f32(block + (size_t)j * cols, W, j0 + j, c0, cols);
+    *stride = cols;
+    return block;
+}
+
+/* Scores by the matmul's 4-row x 4-token float kernels (rows: cached positions, tokens: heads),
+ * each over the whole row and on rows side by side, as no weight matrix is walked. bf16 rows
+ * go in as they are (the kernels widen them), q8 rows as floats a tile at a time. */
+static void dot_rows_with(float *S, const float *Q, const Mat *W, int H, int kernel) {
+    int rows = W->rows, len = W->cols, tiles = (rows + ATT_ROWS - 1) / ATT_ROWS;
+    int bf16 = W->dtype == DTYPE_BF16;
+    Dot4x4Float dot = float_kernel(bf16, kernel);
+#pragma omp parallel if ((long long)rows * H * len > 32768)
+    {
+        float *block = W->dtype == DTYPE_Q8 ? xcalloc((size_t)ATT_ROWS * len, sizeof(float)) : NULL;
+#pragma omp for schedule(static)
+        for (int tile = 0; tile < tiles; tile++) {
+            int j0 = tile * ATT_ROWS, n = rows - j0 < ATT_ROWS ? rows - j0 : ATT_ROWS;
+            size_t stride = W->cols, size = bf16 ? sizeof(uint16_t) : sizeof(float);
+            const char *c = (const char *)W->data + dtype_bytes(W->dtype, (size_t)j0 * stride);
+            if (block) c = (const char *)rows_as_f32(W, j0, n, 0, len, block, &stride);
+            for (int j = 0; j < n; j += 4)
+                for (int h0 = 0; h0 < H; h0 += 4) {
+                    const void *w[4];
+                    const float *x[4];
+                    float out[4][4];
+                    for (int k = 0; k < 4; k++) {  /* past the edges: repeat the last row, head */
+                        w[k] = c + (size_t)(j + k < n ? j + k : n - 1) * stride * size;
+                        x[k] = Q + (size_t)(h0 + k < H ? h0 + k : H - 1) * len;
+                    }
+                    dot(w, x, H - h0 < 4 ? H - h0 : 4, len, out);
+                    for (int t = 0; t < 4 && h0 + t < H; t++)
+                        for (int k = 0; k < 4 && j + k < n; k++)
+                            S[(size_t)(h0 + t) * rows + j0 + j + k] = out[t][k];
+                }
+        }
+        free(block);
+    }
+}
+
+static void dot_rows(float *S, const float *Q, const Mat *W, int H) {
+    dot_rows_with(S, Q, W, H, KERNEL_BEST);
+}
+
+/* u[h][i] += sum_{j<n} p[h][j] c[j][i] for heads x cols; the full block keeps u in registers. */
+static void weighted_rows_block(float *u, size_t u_stride, const float *p, size_t p_stride,
+                                const float *c, size_t c_stride, int heads, int cols, int n) {
+    if (heads == ATT_HEADS && cols == WSUM_COLS) {
+        float acc[ATT_HEADS][WSUM_COLS];
+        for (int h = 0; h < ATT_HEADS; h++)
+            for (int i = 0; i < WSUM_COLS; i++) acc[h][i] = u[h * u_stride + i];
+        for (int j = 0; j < n; j++)
+            for (int h = 0; h < ATT_HEADS; h++) {
+                float ph = p[h * p_stride + j];
+                for (int i = 0; i < WSUM_COLS; i++)
+                    acc[h][i] = MULADD(ph, c[j * c_stride + i], acc[h][i]);
+            }
+        for (int h = 0; h < ATT_HEADS; h++)
+            for (int i = 0; i < WSUM_COLS; i++) u[h * u_stride + i] = acc[h][i];
+        return;
+    }
+    for (int j = 0; j < n; j++)  /* edges: the same sums in the same order, from memory */
+        for (int h = 0; h < heads; h++) {
+            float ph = p[h * p_stride + j];
+            for (int i = 0; i < cols; i++)
+                u[h * u_stride + i] = MULADD(ph, c[j * c_stride + i], u[h * u_stride + i]);
+        }
+}
+
+static void weighted_rows_sum(float *u, size_t u_stride, const float *P, const Mat *W, int H,
+                              int count) {
+    int rows = W->rows, slices = (count + WSUM_COLS - 1) / WSUM_COLS;
+    for (int h = 0; h < H; h++) memset(u + h * u_stride, 0, count * sizeof(float));
+#pragma omp parallel if ((long long)rows * H * count > 32768)
+    {
+        int threads = 1, id = 0;
+#ifdef _OPENMP
+        threads = omp_get_num_threads();
+        id = omp_get_thread_num();
+#endif
+        float block[ATT_ROWS * WSUM_COLS];  /* a slice of rows of a bf16 or q8 W, as floats */
+        for (int j0 = 0; j0 < rows; j0 += ATT_ROWS) {
+            int n = rows - j0 < ATT_ROWS ? rows - j0 : ATT_ROWS;
+            for (int sl = slices * id / threads; sl < slices * (id + 1) / threads; sl++) {
+                int c0 = sl * WSUM_COLS, cols = count - c0 < WSUM_COLS ? count - c0 : WSUM_COLS;
+                size_t stride;
+                const float *c = rows_as_f32(W, j0, n, c0, cols, block, &stride);
+                for (int h0 = 0; h0 < H; h0 += ATT_HEADS)
+                    weighted_rows_block(u + h0 * u_stride + c0, u_stride,
+                                        P + (size_t)h0 * rows + j0, rows, c, stride,
+                                        H - h0 < ATT_HEADS ? H - h0 : ATT_HEADS, cols, n);
+            }
+        }
+    }
+}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Threads that survive a busy machine. OpenMP's threads meet at a barrier after every        */

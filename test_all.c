@@ -419,6 +419,69 @@ static void test_matmul_float_kernels(void) {
         }
 }
 
+/* Absorbed attention's kernels against a double reference on the cache's types (f32, bf16, q8),
+ * ragged sizes (heads past the register blocks, rows past the tiles, columns past the vectors):
+ * the scores S[h][j] = Q[h] . W[j] by every float kernel built, and the weighted sums
+ * u[h] = sum_j P[h][j] W[j]; both the same to the bit with 1 thread and with 3. */
+static void test_attention_kernels(void) {
+    enum { MAXH = 19, MAXROWS = 131, COLS = 72, COUNT = 64 };
+    static float w[MAXROWS * COLS], deq[MAXROWS * COLS], q[MAXH * COLS], p[MAXH * MAXROWS];
+    static float s1[MAXH * MAXROWS], s3[MAXH * MAXROWS], u1[MAXH * COUNT], u3[MAXH * COUNT];
+    static uint16_t wb[MAXROWS * COLS];
+    static int8_t wq[MAXROWS * COLS];
+    static float wscale[MAXROWS * COLS / 8];
+    for (int i = 0; i < MAXROWS * COLS; i++) w[i] = rand_normal();
+    for (int i = 0; i < MAXH * COLS; i++) q[i] = rand_normal();
+    for (int i = 0; i < MAXH * MAXROWS; i++) p[i] = random_f32(&test_rng);
+    for (int i = 0; i < MAXROWS * COLS; i++) wb[i] = f32_to_bf16(w[i]);
+    quantize_activations(wq, wscale, w, MAXROWS * COLS, 8);
+    const int heads[] = {1, 5, 16, 19}, rows_list[] = {1, 3, 67, 131};
+    const int kernels[] = {KERNEL_PORTABLE, KERNEL_BEST, KERNEL_NO_VNNI};
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    for (int dtype = 0; dtype < 3; dtype++) {
+        const void *data = dtype == 0 ? (const void *)w : dtype == 1 ? (const void *)wb : (const void *)wq;
+        int type = dtype == 0 ? DTYPE_F32 : dtype == 1 ? DTYPE_BF16 : DTYPE_Q8;
+        double score_err = 0, sum_err = 0;
+        int same = 1;
+        for (int a = 0; a < 4; a++)
+            for (int b = 0; b < 4; b++) {
+                int H = heads[a], rows = rows_list[b];
+                Mat W = {data, dtype == 2 ? wscale : NULL, type, rows, COLS, dtype == 2 ? 8 : COLS};
+                for (int j = 0; j < rows; j++) mat_row_to_f32(deq + j * COLS, &W, j);
+                for (int k = 0; k < 3; k++) {
+                    for (int nt = 1; nt <= 3; nt += 2) {
+#ifdef _OPENMP
+                        omp_set_num_threads(nt);
+#endif
+                        dot_rows_with(nt == 1 ? s1 : s3, q, &W, H, kernels[k]);
+                        weighted_rows_sum(nt == 1 ? u1 : u3, COUNT, p, &W, H, COUNT);
+                    }
+                    same &= !memcmp(s1, s3, sizeof(float) * H * rows) && !memcmp(u1, u3, sizeof(float) * H * COUNT);
+                    for (int h = 0; h < H; h++) {
+                        for (int j = 0; j < rows; j++) {
+                            double ref = 0;
+                            for (int c = 0; c < COLS; c++) ref += (double)q[h * COLS + c] * deq[j * COLS + c];
+                            score_err = fmax(score_err, fabs(s1[h * rows + j] - ref));
+                        }
+                        for (int c = 0; c < COUNT; c++) {
+                            double ref = 0;
+                            for (int j = 0; j < rows; j++) ref += (double)p[h * rows + j] * deq[j * COLS + c];
+                            sum_err = fmax(sum_err, fabs(u1[h * COUNT + c] - ref));
+                        }
+                    }
+                }
+            }
+#ifdef _OPENMP
+        omp_set_num_threads(threads);
+#endif
+        check(score_err < 1e-4 && sum_err < 1e-4 && same, "attention kernels on a %s cache, 1-19 heads x 1-131 rows: scores %.1e, weighted sums %.1e from double; "
+              "1 and 3 threads %s", storage_name(type), score_err, sum_err, same ? "identical" : "DIFFER");
+    }
+}
+
 /* q4 weights, quantized here independently of export.py by llama.cpp Q4_0's rule (the largest-
  * magnitude weight of a group maps to -8), packed two to a byte: dsv2.c reads each weight back
  * exactly (q4_at, mat_row_to_f32), and every kernel built (chunks of 2048 columns unpacked to
@@ -2266,6 +2329,7 @@ int main(int argc, char **argv) {
         test_bf16();
         test_matmul_dtypes();
     test_matmul_float_kernels();
+    test_attention_kernels();
         test_matmul_q4();
         test_bf16_round_to_even();
         test_matmul_many();
