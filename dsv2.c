@@ -2185,28 +2185,39 @@ static inline void dot4_q8_portable(const Mat *W, const size_t row[4], const int
 #include <immintrin.h>
 #endif
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-static inline void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4],
-                                          const int8_t *const xq[4], const float *const xs[4],
-                                          int nt, float out[4][4]) {
+/* Groups g and g + 1 of a row as 64 unsigned bytes, in the order of the token's int8 values:
+ * q8: w + 128 (one xor); q4: the stored nibbles q + 8 as they are, byte j of a group's 16 giving
+ * weight j (low nibble) and weight j + 16 (high), so each 16-byte half is used twice, once
+ * shifted. */
+static inline __m512i vnni_weights(const int8_t *w, int g, int q4) {
+    if (!q4) return _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + g * 32)),
+                                     _mm512_set1_epi8((char)0x80));
+    __m512i bytes = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w + g * 16)));
+    __m512i twice = _mm512_shuffle_i64x2(bytes, bytes, _MM_SHUFFLE(1, 1, 0, 0));
+    __m512i high = _mm512_srli_epi16(twice, 4);  /* 128-bit lanes 1, 3: the high nibbles */
+    return _mm512_and_si512(_mm512_mask_blend_epi64(0xCC, twice, high), _mm512_set1_epi8(15));
+}
+
+static inline void dot4x4_group32_vnni(const Mat *W, const size_t row[4],
+                                       const int8_t *const xq[4], const float *const xs[4],
+                                       int nt, float out[4][4], int q4) {
     int groups = W->cols / 32, g = 0;
     const int8_t *w[4];
     const float *ws[4];
     __m512 acc[4][4];
     __m512i pair[4];
-    const __m512i bias = _mm512_set1_epi8((char)0x80);
+    const __m512i bias = _mm512_set1_epi8(q4 ? 8 : (char)0x80);  /* what the weights carry */
     for (int k = 0; k < 4; k++) {
-        w[k] = (const int8_t *)W->data + row[k];
+        w[k] = (const int8_t *)W->data + (q4 ? row[k] / 2 : row[k]);
         ws[k] = W->scale + row[k] / 32;
         pair[k] = _mm512_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k,
                                     2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1,
                                     2 * k + 1, 2 * k + 1, 2 * k + 1);
         for (int t = 0; t < 4; t++) acc[k][t] = _mm512_setzero_ps();
     }
-    for (; g + 2 <= groups; g += 2) { /* 64 bytes = two groups per step; int32 lanes 0-7 and 8-15 */
+    for (; g + 2 <= groups; g += 2) { /* 64 weights = two groups per step; int32 lanes 0-7, 8-15 */
         __m512i w_unsigned[4];
-        for (int k = 0; k < 4; k++)
-            w_unsigned[k] =
-                    _mm512_xor_si512(_mm512_loadu_si512((const void *)(w[k] + g * 32)), bias);
+        for (int k = 0; k < 4; k++) w_unsigned[k] = vnni_weights(w[k], g, q4);
         __m256 w_scale = _mm256_setr_ps(ws[0][g], ws[0][g + 1], ws[1][g], ws[1][g + 1], ws[2][g],
                                         ws[2][g + 1], ws[3][g], ws[3][g + 1]);
         for (int t = 0; t < nt; t++) {
@@ -2229,11 +2240,24 @@ static inline void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4],
             float sum = _mm512_reduce_add_ps(acc[k][t]);
             for (int h = g; h < groups; h++) {  /* an odd last group */
                 int32_t dot = 0;
-                for (int i = 0; i < 32; i++) dot += w[k][h * 32 + i] * xq[t][h * 32 + i];
+                for (int i = 0; i < 32; i++)
+                    dot += (q4 ? q4_at(W->data, row[k] + h * 32 + i, 32) : w[k][h * 32 + i]) *
+                           xq[t][h * 32 + i];
                 sum += dot * ws[k][h] * xs[t][h];
             }
             out[t][k] = sum;
         }
+}
+
+static void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4], const int8_t *const xq[4],
+                                   const float *const xs[4], int nt, float out[4][4]) {
+    dot4x4_group32_vnni(W, row, xq, xs, nt, out, 0);
+}
+
+/* q4 straight from its nibbles (no unpacking into int8 first, as the other CPUs' path does). */
+static void dot4x4_q4_group32_vnni(const Mat *W, const size_t row[4], const int8_t *const xq[4],
+                                   const float *const xs[4], int nt, float out[4][4]) {
+    dot4x4_group32_vnni(W, row, xq, xs, nt, out, 1);
 }
 #endif
 
@@ -2452,11 +2476,16 @@ static void matmul_scratch_free(MatmulScratch *s) {
 }
 
 /* One of the 4-row x 4-token q8 kernels above (groups of 32), or NULL when the portable C path
- * is to run: AVX-512 VNNI where built, else AVX2, else NEON with sdot. */
+ * is to run: AVX-512 VNNI where built, else AVX2, else NEON with sdot. q4 weights: the VNNI
+ * kernel that reads nibbles, else NULL (matmul_block_q4 unpacks them for the q8 kernels). */
 typedef void (*Dot4x4)(const Mat *, const size_t[4], const int8_t *const[4], const float *const[4],
                        int, float[4][4]);
 static Dot4x4 q8_kernel(const Mat *W, int kernel) {
-    if (W->dtype != DTYPE_Q8 || W->group != 32 || kernel == KERNEL_PORTABLE) return NULL;
+    if (W->group != 32 || kernel == KERNEL_PORTABLE) return NULL;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (W->dtype == DTYPE_Q4 && kernel == KERNEL_BEST) return dot4x4_q4_group32_vnni;
+#endif
+    if (W->dtype != DTYPE_Q8) return NULL;  /* q4 elsewhere: unpacked, then these */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     if (kernel == KERNEL_BEST) return dot4x4_q8_group32_vnni;
 #endif
@@ -2582,7 +2611,7 @@ static void matmul_block(const Product *p, int b, const int8_t *xq, const float 
     size_t row[4];  /* rows past the end repeat the last and are not stored */
     for (int k = 0; k < 4; k++)
         row[k] = (size_t)(b + k * blocks < rows ? b + k * blocks : rows - 1) * cols;
-    if (W->dtype == DTYPE_Q8)
+    if (W->dtype == DTYPE_Q8 || (W->dtype == DTYPE_Q4 && q8_kernel(W, kernel)))
         q8_rows_times_tokens(p, W, row, b, xq, xs, cols, cols / W->group, 0, kernel);
     else if (W->dtype == DTYPE_Q4) matmul_block_q4(p, b, row, xq, xs, kernel);
     else matmul_block_float(p, b, row, kernel);
