@@ -1187,8 +1187,8 @@ static void check_context(int n_tokens, int context) {
 
 /* From Part 2: threads that survive a busy machine (ThreadTuner, how it works: there). */
 typedef struct {
-    int max, n, trial, steps, trial_steps, usual_steps, period, won;
-    double start, usual, trial_time;
+    int max, n, trial, steps, trial_steps, usual_steps, won, trials, quiet;
+    double start, usual, fastest, trial_time;
 } ThreadTuner;
 static void tuner_init(ThreadTuner *t);
 static void tuner_begin(ThreadTuner *t);
@@ -2858,15 +2858,18 @@ static void weighted_rows_sum(float *u, size_t u_stride, const float *P, const M
 /* is not running: measured on 2 cores with a busy loop on one, decoding fell to 25% of its    */
 /* idle speed with 2 threads, and 1 thread kept 50%. Passive waiting does not fix it for small */
 /* models (their loops are microseconds: the built-in model fell from 3,980 to 740 tok/s idle). */
-/* So each decode step (or training step) is timed, and every TUNE_PERIOD steps the tuner      */
-/* tries one thread fewer and one more for a few steps each, and keeps the fastest; trials     */
-/* that lose come less and less often, so an idle machine hardly pays for them.                */
+/* So each decode step (or training step) is timed, in periods of TUNE_PERIOD steps. Once the  */
+/* steps are erratic (the mean over the fastest: a thread descheduled now and then), the tuner */
+/* tries a few steps with one thread fewer and a few with one more; the fastest count         */
+/* stays. Steady steps mean an idle machine, where trials only cost (a 1-thread trial is half  */
+/* speed): then one comes only every TUNE_QUIET steps, for a load that slows every step alike. */
 /* OMP_NUM_THREADS sets the most it uses.                                                     */
 /* ------------------------------------------------------------------------------------------ */
 
-#define TUNE_PERIOD 16     /* steps between trials at first, and after a trial that won */
-#define TUNE_PERIOD_MAX 512 /* a trial that loses doubles the period, up to this: idle, trials */
-#define TUNE_TRIAL 3        /* cost next to nothing. Steps per trial; the first is not counted */
+#define TUNE_PERIOD 16      /* steps per period */
+#define TUNE_TRIAL 4        /* steps per trial; the first is not counted */
+#define TUNE_ERRATIC 1.5    /* a period is erratic when its mean step is this over its fastest */
+#define TUNE_QUIET 512      /* steady steps: trials after this many steps without any */
 
 static void tuner_init(ThreadTuner *t) {
     memset(t, 0, sizeof *t);
@@ -2875,13 +2878,13 @@ static void tuner_init(ThreadTuner *t) {
     t->max = omp_get_max_threads();
 #endif
     t->n = t->max;
-    t->period = TUNE_PERIOD;
 }
 
-/* The threads for this step: the current count, or a neighbour on trial. */
+/* The threads for this step: the current count, or a neighbour on trial at a period's end. */
 static void tuner_begin(ThreadTuner *t) {
-    int phase = t->steps, first = t->period - 2 * TUNE_TRIAL;
-    int candidate = phase < first ? 0 : phase < first + TUNE_TRIAL ? t->n - 1 : t->n + 1;
+    int phase = t->steps, first = TUNE_PERIOD - 2 * TUNE_TRIAL;
+    int candidate = !t->trials || phase < first ? 0 : phase < first + TUNE_TRIAL ? t->n - 1
+                                                                                : t->n + 1;
     if (phase == 0) t->usual = t->usual_steps = t->won = 0;
     if (phase == first || phase == first + TUNE_TRIAL) t->trial_time = t->trial_steps = 0;
     t->trial = t->usual_steps > 0 && candidate >= 1 && candidate <= t->max ? candidate : 0;
@@ -2891,21 +2894,10 @@ static void tuner_begin(ThreadTuner *t) {
     t->start = now_seconds();
 }
 
-/* The step's time: into this period's usual sum, or the trial's. A trial whose mean step is
- * 10% faster than this period's usual mean becomes the usual count. Means, not medians: the
- * rare step that waits milliseconds for a descheduled thread is what a busy machine costs. */
-static void tuner_end(ThreadTuner *t) {
-    double dt = now_seconds() - t->start;
-    if (++t->steps == t->period) {  /* the period's end: trials again soon only if one won */
-        t->period = t->won ? TUNE_PERIOD : t->period * 2 < TUNE_PERIOD_MAX ? t->period * 2
-                                                                         : TUNE_PERIOD_MAX;
-        t->steps = 0;
-    }
-    if (!t->trial) {
-        t->usual += dt;
-        t->usual_steps++;
-        return;
-    }
+/* A trial's step time: a trial whose mean step is 10% faster than the period's usual mean
+ * becomes the usual count. Means, not medians: the rare step that waits milliseconds for a
+ * descheduled thread is what a busy machine costs. */
+static void tuner_trial_step(ThreadTuner *t, double dt) {
     if (t->trial_steps++ == 0) return;  /* the first step of a trial is not counted */
     t->trial_time += dt;
     if (t->trial_steps < TUNE_TRIAL) return;
@@ -2915,6 +2907,30 @@ static void tuner_end(ThreadTuner *t) {
         t->usual = mean * t->usual_steps;
         t->won = 1;
     }
+}
+
+/* The step's time: into the period's usual sum (and fastest step), or the trial's. Erratic
+ * usual steps start the trials at once; at the period's end, the next period has trials if a
+ * trial won, the steps were erratic, or it is time. */
+static void tuner_end(ThreadTuner *t) {
+    double dt = now_seconds() - t->start;
+    if (t->trial) tuner_trial_step(t, dt);
+    else {
+        t->fastest = t->usual_steps == 0 || dt < t->fastest ? dt : t->fastest;
+        t->usual += dt;
+        t->usual_steps++;
+    }
+    int erratic = t->usual_steps >= 4 && t->usual > TUNE_ERRATIC * t->fastest * t->usual_steps;
+    if (erratic && !t->trials) {  /* trials now, not at the period's end */
+        t->trials = 1;
+        t->quiet = 0;
+        t->steps = TUNE_PERIOD - 2 * TUNE_TRIAL;
+        return;
+    }
+    if (++t->steps < TUNE_PERIOD) return;
+    t->quiet = t->trials ? 0 : t->quiet + TUNE_PERIOD;
+    t->trials = t->won || erratic || t->quiet >= TUNE_QUIET;
+    t->steps = 0;
 }
 
 /* Back to every thread for whatever runs next. */

@@ -1014,23 +1014,41 @@ static void test_reference(void) {
 
 /* The thread tuner moves to the fastest thread count: a fake step costs 1 ms per thread away
  * from 2 (plus 1 ms), so from 4 threads it must settle on 2, and stay there. */
+/* Runs the tuner for steps whose time (ms) is step_ms(threads, step); returns the trial steps
+ * from step `from` on and leaves the tuner in t. */
+static int tune(ThreadTuner *t, int max, int steps, int from, double (*step_ms)(int, int)) {
+    tuner_init(t);
+    t->max = t->n = max;
+    int trials = 0;
+    for (int step = 0; step < steps; step++) {
+        tuner_begin(t);
+        int used = t->trial ? t->trial : t->n;
+        trials += t->trial && step >= from;
+        double ms = step_ms(used, step);
+        struct timespec d = {0, (long)(ms * 1e6)};
+        nanosleep(&d, NULL);
+        tuner_end(t);
+    }
+    tuner_done(t);
+    return trials;
+}
+static double steady_best_at_2(int threads, int step) { (void)step; return 1 + abs(threads - 2); }
+static double idle_2_threads(int threads, int step) { (void)step; return threads == 2 ? 2 : 4; }
+static double busy_core(int threads, int step) {  /* 2 threads: every 3rd step waits 12 ms */
+    return threads == 1 ? 3 : step % 3 == 0 ? 14 : 2;
+}
+
+/* Steady steps (an idle machine): no trial for TUNE_QUIET steps, then rare ones that still
+ * find the fastest count; erratic steps (a busy core): trials at once, and the switch. */
 static void test_thread_tuner(void) {
     ThreadTuner t;
-    tuner_init(&t);
-    t.max = t.n = 4;
-    int visited = 0;
-    for (int step = 0; step < 1500; step++) {
-        tuner_begin(&t);
-        int used = t.trial ? t.trial : t.n;
-        visited |= 1 << used;
-        struct timespec d = {0, 1000000L * (1 + abs(used - 2))};
-        nanosleep(&d, NULL);
-        tuner_end(&t);
-    }
-    tuner_done(&t);
-    check(t.n == 2 && (visited & (1 << 1)) && (visited & (1 << 3)) && t.period == TUNE_PERIOD_MAX,
-          "thread tuner: from 4 threads it settles on the fastest count (2), tries 1 and 3, less often as they lose (now %d, "
-          "every %d steps)", t.n, t.period);
+    int late = tune(&t, 4, 1500, 1000, steady_best_at_2);
+    check(t.n == 2 && late <= 2 * 2 * TUNE_TRIAL, "thread tuner, steady steps: from 4 threads it settles on the fastest count (now %d), "
+          "%d trial steps in the last 500", t.n, late);
+    int early = tune(&t, 2, 300, 0, idle_2_threads);
+    check(t.n == 2 && early == 0, "thread tuner, idle: no trial in the first 300 steady steps (%d trial steps)", early);
+    tune(&t, 2, TUNE_PERIOD, 0, busy_core);
+    check(t.n == 1, "thread tuner, a busy core (erratic 2-thread steps): 1 thread after %d steps (now %d)", TUNE_PERIOD, t.n);
 }
 
 /* A script whose lines are "ok    ..." or "FAIL  ...": each line one check. */
