@@ -266,14 +266,18 @@ static Mat mat_rows(const Mat *W, int row0, int rows) {
     return m;
 }
 
-/* y = W^T x: the rows of W weighted by x (row: scratch of W->cols). Absorbs W^UK into q. */
-static void matvec_transposed(float *y, const Mat *W, const float *x, float *row) {
-    memset(y, 0, (size_t)W->cols * sizeof(float));
+/* y[t] = W^T x[t] for n tokens (y, x: rows y_stride, x_stride apart): the rows of W weighted by
+ * x, each row read (and widened: row, scratch of W->cols) once for all n. Absorbs W^UK into q. */
+static void matvec_transposed(float *y, size_t y_stride, const Mat *W, const float *x,
+                              size_t x_stride, int n, float *row) {
+    for (int t = 0; t < n; t++) memset(y + t * y_stride, 0, (size_t)W->cols * sizeof(float));
     for (int r = 0; r < W->rows; r++) {
         mat_row_to_f32(row, W, r);
-        float xr = x[r];
+        for (int t = 0; t < n; t++) {
+            float xr = x[t * x_stride + r], *yt = y + t * y_stride;
 #pragma omp simd
-        for (int c = 0; c < W->cols; c++) y[c] += xr * row[c];
+            for (int c = 0; c < W->cols; c++) yt[c] += xr * row[c];
+        }
     }
 }
 
@@ -413,7 +417,7 @@ typedef struct {
     float *kv_a;                      /* [n][r+dr]: c^KV then k^R */
     float *kv_latent;                 /* naive: the normed c^KV alone [n][r] */
     float *kv;                        /* naive: k^C and v^C of every head [n][H*(dn+dv)] */
-    float *q_absorbed;                /* absorb: [W^UK^T q^C; q^R] per head [H][r+dr] */
+    float *q_absorbed;                /* absorb: [W^UK^T q^C; q^R] per token, head [B][H][r+dr] */
     float *row;                       /* absorb: one weight row as floats [H][r] */
     float *latent_out;                /* absorb: sum_j P_j c_j per head [H][n][r] */
     float *head_tmp;                  /* absorb: W^UV of that [H][n][dv] */
@@ -487,7 +491,7 @@ static void init_run_state(RunState *s, const Config *c, int attn_mode, int cont
     s->kv_a = floats((size_t)B * (r + dr));
     s->kv_latent = floats((size_t)B * r);
     s->kv = floats((size_t)B * H * (c->qk_nope_head_dim + dv));
-    s->q_absorbed = floats((size_t)H * (r + dr));
+    s->q_absorbed = floats((size_t)B * H * (r + dr));
     s->row = floats((size_t)H * r);
     s->latent_out = floats((size_t)H * B * r);
     s->head_tmp = floats((size_t)H * B * dv);
@@ -631,20 +635,23 @@ static void mla_attend_absorbed(RunState *s, const Config *c, const Layer *L, in
     int dv = c->v_head_dim, r = c->kv_lora_rank, dq = dn + dr, kv_head_rows = dn + dv;
     size_t width = s->cache_width;
     cache_store(s, layer, pos, s->kv_a, n);                      /* [c^KV; k^R] of the n tokens */
+#pragma omp parallel for schedule(static)
+    for (int h = 0; h < H; h++) {                                /* q_cat = [W^UK^T q^C; q^R] */
+        const float *q_nope = s->q + (size_t)h * dq;
+        float *q_cat = s->q_absorbed + (size_t)h * width;
+        Mat w_uk = mat_rows(&L->kv_b_proj, h * kv_head_rows, dn);
+        /* eq. 10, absorbed: the query meets W^UK once, q_abs = W^UK^T q^C */
+        matvec_transposed(q_cat, H * width, &w_uk, q_nope, (size_t)H * dq, n,
+                          s->row + (size_t)h * r);
+        for (int t = 0; t < n; t++)
+            memcpy(q_cat + t * H * width + r, q_nope + (size_t)t * H * dq + dn,
+                   dr * sizeof(float));
+    }
     for (int t = 0; t < n; t++) {
         int rows = pos + t + 1;                                  /* causal: up to this token */
-#pragma omp parallel for schedule(static)
-        for (int h = 0; h < H; h++) {
-            const float *q_nope = s->q + ((size_t)t * H + h) * dq;
-            float *q_cat = s->q_absorbed + (size_t)h * width;   /* [W^UK^T q^C; q^R] */
-            Mat w_uk = mat_rows(&L->kv_b_proj, h * kv_head_rows, dn);
-            /* eq. 10, absorbed: the query meets W^UK once, q_abs = W^UK^T q^C */
-            matvec_transposed(q_cat, &w_uk, q_nope, s->row + (size_t)h * r);
-            memcpy(q_cat + r, q_nope + dn, dr * sizeof(float));
-        }
         Mat latents = cache_rows(s, layer, rows);
         /* eq. 16-17: q.k = q_abs.c^KV_j + q^R.k^R_j, every head and position in one product */
-        dot_rows(s->scores, s->q_absorbed, &latents, H);
+        dot_rows(s->scores, s->q_absorbed + (size_t)t * H * width, &latents, H);
 #pragma omp parallel for schedule(static) if ((long long)H * rows > 16384)
         for (int h = 0; h < H; h++) {
             float *att = s->scores + (size_t)h * rows;
