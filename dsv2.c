@@ -2919,8 +2919,7 @@ static void tuner_trial_step(ThreadTuner *t, double dt) {
 /* The step's time: into the period's usual sum (and fastest step), or the trial's. Erratic
  * usual steps start the trials at once; at the period's end, the next period has trials if a
  * trial won, the steps were erratic, or it is time. */
-static void tuner_end(ThreadTuner *t) {
-    double dt = now_seconds() - t->start;
+static void tuner_record(ThreadTuner *t, double dt) {
     if (t->trial) tuner_trial_step(t, dt);
     else {
         t->fastest = t->usual_steps == 0 || dt < t->fastest ? dt : t->fastest;
@@ -2939,6 +2938,8 @@ static void tuner_end(ThreadTuner *t) {
     t->trials = t->won || erratic || t->quiet >= TUNE_QUIET;
     t->steps = 0;
 }
+
+static void tuner_end(ThreadTuner *t) { tuner_record(t, now_seconds() - t->start); }
 
 /* Back to every thread for whatever runs next. */
 static void tuner_done(ThreadTuner *t) {
