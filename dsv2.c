@@ -2192,17 +2192,23 @@ static inline void dot4_q8_portable(const Mat *W, const size_t row[4], const int
 #include <immintrin.h>
 #endif
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-/* Groups g and g + 1 of a row as 64 unsigned bytes, in the order of the token's int8 values:
- * q8: w + 128 (one xor); q4: the stored nibbles q + 8 as they are, byte j of a group's 16 giving
- * weight j (low nibble) and weight j + 16 (high), so each 16-byte half is used twice, once
- * shifted. */
+/* Groups g and g + 1 of a row as 64 unsigned bytes: q8, w + 128 (one xor), in the token's
+ * order; q4, the stored nibbles q + 8 as they are (byte j of a group's 16 holds weight j in its
+ * low nibble, weight j + 16 in its high one): the 32 bytes twice, the upper copy shifted right
+ * by 4, so the 16-byte lanes hold [g low, g+1 low, g high, g+1 high] (the token is permuted to
+ * match, vnni_token). */
 static inline __m512i vnni_weights(const int8_t *w, int g, int q4) {
     if (!q4) return _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + g * 32)),
                                      _mm512_set1_epi8((char)0x80));
-    __m512i bytes = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w + g * 16)));
-    __m512i twice = _mm512_shuffle_i64x2(bytes, bytes, _MM_SHUFFLE(1, 1, 0, 0));
-    __m512i high = _mm512_srli_epi16(twice, 4);  /* 128-bit lanes 1, 3: the high nibbles */
-    return _mm512_and_si512(_mm512_mask_blend_epi64(0xCC, twice, high), _mm512_set1_epi8(15));
+    __m512i twice = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w + g * 16)));
+    __m512i shifted = _mm512_srlv_epi64(twice, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0));
+    return _mm512_and_si512(shifted, _mm512_set1_epi8(15));
+}
+
+/* Groups g and g + 1 of a token's int8 values, in the order vnni_weights gives the weights. */
+static inline __m512i vnni_token(const int8_t *x, int g, int q4) {
+    __m512i xv = _mm512_loadu_si512((const void *)(x + g * 32));
+    return q4 ? _mm512_shuffle_i64x2(xv, xv, _MM_SHUFFLE(3, 1, 2, 0)) : xv;
 }
 
 static inline void dot4x4_group32_vnni(const Mat *W, const size_t row[4],
@@ -2217,18 +2223,18 @@ static inline void dot4x4_group32_vnni(const Mat *W, const size_t row[4],
     for (int k = 0; k < 4; k++) {
         w[k] = (const int8_t *)W->data + (q4 ? row[k] / 2 : row[k]);
         ws[k] = W->scale + row[k] / 32;
-        pair[k] = _mm512_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k,
-                                    2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1,
-                                    2 * k + 1, 2 * k + 1, 2 * k + 1);
+        int a = 2 * k, b = 2 * k + 1;  /* the int32 lanes of group g, then of g + 1 */
+        pair[k] = q4 ? _mm512_setr_epi32(a, a, a, a, b, b, b, b, a, a, a, a, b, b, b, b)
+                     : _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b);
         for (int t = 0; t < 4; t++) acc[k][t] = _mm512_setzero_ps();
     }
-    for (; g + 2 <= groups; g += 2) { /* 64 weights = two groups per step; int32 lanes 0-7, 8-15 */
+    for (; g + 2 <= groups; g += 2) { /* 64 weights = two groups per step (pair: their lanes) */
         __m512i w_unsigned[4];
         for (int k = 0; k < 4; k++) w_unsigned[k] = vnni_weights(w[k], g, q4);
         __m256 w_scale = _mm256_setr_ps(ws[0][g], ws[0][g + 1], ws[1][g], ws[1][g + 1], ws[2][g],
                                         ws[2][g + 1], ws[3][g], ws[3][g + 1]);
         for (int t = 0; t < nt; t++) {
-            __m512i xv = _mm512_loadu_si512((const void *)(xq[t] + g * 32));
+            __m512i xv = vnni_token(xq[t], g, q4);
             __m512i minus_bias_x = _mm512_sub_epi32(
                     _mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, xv));
             double xs_pair;
@@ -2256,15 +2262,18 @@ static inline void dot4x4_group32_vnni(const Mat *W, const size_t row[4],
         }
 }
 
+/* One token (decoding) as its own copy: 4 sums in registers, not 16 that spill to the stack. */
 static void dot4x4_q8_group32_vnni(const Mat *W, const size_t row[4], const int8_t *const xq[4],
                                    const float *const xs[4], int nt, float out[4][4]) {
-    dot4x4_group32_vnni(W, row, xq, xs, nt, out, 0);
+    if (nt == 1) dot4x4_group32_vnni(W, row, xq, xs, 1, out, 0);
+    else dot4x4_group32_vnni(W, row, xq, xs, nt, out, 0);
 }
 
 /* q4 straight from its nibbles (no unpacking into int8 first, as the other CPUs' path does). */
 static void dot4x4_q4_group32_vnni(const Mat *W, const size_t row[4], const int8_t *const xq[4],
                                    const float *const xs[4], int nt, float out[4][4]) {
-    dot4x4_group32_vnni(W, row, xq, xs, nt, out, 1);
+    if (nt == 1) dot4x4_group32_vnni(W, row, xq, xs, 1, out, 1);
+    else dot4x4_group32_vnni(W, row, xq, xs, nt, out, 1);
 }
 #endif
 

@@ -3,7 +3,7 @@
 # a real shape, DeepSeek-V2-Lite or DeepSeek-V2 (python3 export.py --random SHAPE --layers N --dtype D).
 #   tests/bench.sh [LAYERS] [DTYPES] [RUNS] [SHAPE] [DEPTHS]   defaults: 8 "q8 bf16" 5 lite "2048 8192"
 # DEPTHS: after the table, decode speed after a context of each depth (one run each), against
-# depth 0: what attention over a long latent cache costs.
+# depth 0: what attention over a long latent cache costs; also drawn in build/bench_depth.svg.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LAYERS=${1:-8}; DTYPES=${2:-q8 bf16}; RUNS=${3:-5}; SHAPE=${4:-lite}; DEPTHS=${5-2048 8192}
@@ -50,6 +50,7 @@ echo
 echo "| decode after a context of | $(for d in $DTYPES; do printf '%s tok/s | %s vs depth 0 | ' "$d" "$d"; done)"
 echo "|---|$(for d in $DTYPES; do printf -- '---|---|'; done)"
 declare -A base
+: > build/bench_depth.txt
 for depth in 0 $DEPTHS; do
   row="| $depth tokens |"
   for dtype in $DTYPES; do
@@ -59,9 +60,41 @@ for depth in 0 $DEPTHS; do
     tg=$(./dsv2 "$model" -f build/bench_ids.txt -n 32 -t 0 -c $((n + 40)) 2>&1 >/dev/null |
          sed -n 's/.*generation: [0-9]* tokens, \([0-9.]*\) tok\/s.*/\1/p')
     [ "$depth" = 0 ] && base[$dtype]=$tg
+    echo "$dtype $depth ${tg:-0}" >> build/bench_depth.txt
     row="$row $tg | $(awk -v a="$tg" -v b="${base[$dtype]}" 'BEGIN { printf "%.0f%%", 100 * a / b }') |"
   done
   echo "$row"
 done
 echo
 echo "one run each: the context is prefilled as one prompt (ids 1000..), then 32 greedy tokens are timed."
+# The same as a chart: decode tok/s against context length, one line per dtype.
+$PYTHON - build/bench_depth.txt build/bench_depth.svg "$cpu ($isa), $threads threads" <<'PY'
+import sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+series = {}
+for dtype, depth, tg in rows: series.setdefault(dtype, []).append((int(depth), float(tg)))
+W, H, L, B, T, R = 640, 400, 60, 50, 40, 110
+xmax = max(d for s in series.values() for d, _ in s) or 1
+ymax = max(t for s in series.values() for _, t in s) * 1.1 or 1
+px = lambda d: L + (W - L - R) * d / xmax
+py = lambda t: H - B - (H - B - T) * t / ymax
+out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+       f'<text x="{W / 2}" y="20" text-anchor="middle">decode speed against context length: {sys.argv[3]}</text>',
+       f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
+       f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>',
+       f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle">context (tokens)</text>',
+       f'<text x="15" y="{(T + H - B) / 2}" transform="rotate(-90 15 {(T + H - B) / 2})" text-anchor="middle">tok/s</text>']
+for i in range(6):
+    t = ymax * i / 5
+    out.append(f'<text x="{L - 6}" y="{py(t) + 4}" text-anchor="end">{t:.0f}</text>')
+for d in sorted({d for s in series.values() for d, _ in s}):  # the depths measured
+    out.append(f'<text x="{px(d)}" y="{H - B + 16}" text-anchor="middle">{d}</text>')
+colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+for k, (dtype, pts) in enumerate(series.items()):
+    c = colors[k % len(colors)]
+    out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="' + " ".join(f"{px(d):.1f},{py(t):.1f}" for d, t in pts) + '"/>')
+    out += [f'<circle cx="{px(d):.1f}" cy="{py(t):.1f}" r="3" fill="{c}"/>' for d, t in pts]
+    out.append(f'<text x="{W - R + 10}" y="{T + 16 * k + 10}" fill="{c}">{dtype}</text>')
+open(sys.argv[2], "w").write("\n".join(out + ["</svg>"]) + "\n")
+print(f"chart: {sys.argv[2]}")
+PY
