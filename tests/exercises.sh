@@ -13,7 +13,7 @@ mkdir -p $out
 # mutate NAME OLD NEW: build/ex/NAME/{dsv2,test_all} from dsv2.c with OLD replaced by NEW once
 mutate() {
   local dir=$out/$1
-  mkdir -p "$dir"
+  rm -rf "$dir"; mkdir -p "$dir"  # no stale build from an earlier dsv2.c
   cp test_all.c "$dir/"
   OLD="$2" NEW="$3" $PYTHON - "$dir/dsv2.c" <<'EOF' || return 1
 import os, sys
@@ -72,7 +72,8 @@ first=$(DSV2_BIN=$out/ex1/dsv2 PYTHON=$PYTHON $out/ex1/test_all $out/ex6-fixture
 report "$([[ -n $first ]] && echo 1)" "exercise 6: exercise 1's bug on the new fixture fails: ${first#*FAIL  }"
 
 # 7: the absorbed score without q^R . k^R -> naive vs absorbed KL far above 1e-9
-mutate ex7 '            memcpy(q_cat + r, q_nope + dn, dr * sizeof(float));' '            memset(q_cat + r, 0, dr * sizeof(float));'
+mutate ex7 '            memcpy(q_cat + t * H * width + r, q_nope + (size_t)t * H * dq + dn,
+                   dr * sizeof(float));' '            memset(q_cat + t * H * width + r, 0, dr * sizeof(float));'
 kl=$($out/ex7/dsv2 models/tiny/model.bin -m eval -f tests/heldout.txt -a naive -r models/tiny/model.bin -A absorb 2>/dev/null | kl_of)
 report "$(awk -v k="${kl:-0}" 'BEGIN {print (k > 1e-9) ? 1 : 0}')" "exercise 7: absorbed without the rope term: naive vs absorbed KL $kl (the check wants < 1e-9)"
 
