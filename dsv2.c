@@ -2393,34 +2393,41 @@ static inline void dot4x4_float_portable(const void *const w[4], int bf16, const
  * each weight load, widened once, used for all PASS tokens. LANES floats per vector; the columns
  * past the last full vector run as in the portable kernel. */
 #define DOT4X4_FLOAT_SIMD(NAME, VEC, LANES, PASS, LOAD_F32, LOAD_BF16, ZERO, FMA, HSUM)            \
+    static inline void NAME##_pass(const void *const w[4], int bf16, const float *const xt[],   \
+                                   int pass, int valid, int len, float out[][4]) {               \
+        VEC acc[4][PASS];                                                                        \
+        for (int k = 0; k < 4; k++)                                                              \
+            for (int t = 0; t < pass; t++) acc[k][t] = ZERO();                                   \
+        int i = 0;                                                                               \
+        for (; i + LANES <= len; i += LANES) {                                                   \
+            VEC xv[PASS];                                                                        \
+            for (int t = 0; t < pass; t++) {                                                     \
+                xv[t] = LOAD_F32(xt[t] + i);                                                     \
+                IN_REGISTER(xv[t]);                                                              \
+            }                                                                                    \
+            for (int k = 0; k < 4; k++) {                                                        \
+                VEC wv = bf16 ? LOAD_BF16((const uint16_t *)w[k] + i)                            \
+                              : LOAD_F32((const float *)w[k] + i);                               \
+                IN_REGISTER(wv);                                                                 \
+                for (int t = 0; t < pass; t++) acc[k][t] = FMA(wv, xv[t], acc[k][t]);            \
+            }                                                                                    \
+        }                                                                                        \
+        for (int k = 0; k < 4; k++)                                                              \
+            for (int t = 0; t < valid; t++) {                                                    \
+                float sum = HSUM(acc[k][t]);                                                     \
+                for (int j = i; j < len; j++) sum += weight_at(w[k], bf16, j) * xt[t][j];        \
+                out[t][k] = sum;                                                                 \
+            }                                                                                    \
+    }                                                                                            \
+    /* A lone token (decoding) takes its own pass: 4 sums, not PASS x 4 over copies of it. */    \
     static inline void NAME(const void *const w[4], int bf16, const float *const x[4], int nt,    \
                             int len, float out[4][4]) {                                          \
         for (int t0 = 0; t0 < nt; t0 += PASS) {                                                  \
             const float *xt[PASS];                                                               \
             for (int t = 0; t < PASS; t++) xt[t] = x[t0 + t < nt ? t0 + t : nt - 1];             \
-            VEC acc[4][PASS];                                                                    \
-            for (int k = 0; k < 4; k++)                                                          \
-                for (int t = 0; t < PASS; t++) acc[k][t] = ZERO();                               \
-            int i = 0;                                                                           \
-            for (; i + LANES <= len; i += LANES) {                                               \
-                VEC xv[PASS];                                                                    \
-                for (int t = 0; t < PASS; t++) {                                                 \
-                    xv[t] = LOAD_F32(xt[t] + i);                                                 \
-                    IN_REGISTER(xv[t]);                                                          \
-                }                                                                                \
-                for (int k = 0; k < 4; k++) {                                                    \
-                    VEC wv = bf16 ? LOAD_BF16((const uint16_t *)w[k] + i)                        \
-                                  : LOAD_F32((const float *)w[k] + i);                           \
-                    IN_REGISTER(wv);                                                             \
-                    for (int t = 0; t < PASS; t++) acc[k][t] = FMA(wv, xv[t], acc[k][t]);        \
-                }                                                                                \
-            }                                                                                    \
-            for (int k = 0; k < 4; k++)                                                          \
-                for (int t = 0; t < PASS && t0 + t < nt; t++) {                                  \
-                    float sum = HSUM(acc[k][t]);                                                 \
-                    for (int j = i; j < len; j++) sum += weight_at(w[k], bf16, j) * xt[t][j];    \
-                    out[t0 + t][k] = sum;                                                        \
-                }                                                                                \
+            int valid = nt - t0 < PASS ? nt - t0 : PASS;                                         \
+            if (valid == 1) NAME##_pass(w, bf16, xt, 1, 1, len, out + t0);                       \
+            else NAME##_pass(w, bf16, xt, PASS, valid, len, out + t0);                           \
         }                                                                                        \
     }
 #if defined(__AVX2__) && defined(__FMA__)
