@@ -235,8 +235,11 @@ static void matmul(float *y, const Mat *W, const float *x, int n, MatmulScratch 
  * heads at once so that each cached row is read once per token, not once per head; each sum
  * runs in the same order whatever the number of threads.
  *   S[h][j] = Q[h] . W[j]                  Q: [H][W->cols], S: [H][W->rows]   (scores)
- *   u[h]    = sum_j P[h][j] W[j][0..count)  P: [H][W->rows], u: H rows u_stride apart */
-static void dot_rows(float *S, const float *Q, const Mat *W, int H);
+ *   u[h]    = sum_j P[h][j] W[j][0..count)  P: [H][W->rows], u: H rows u_stride apart
+ * q8_rows: scratch for a q8 W's rows as floats, [threads][ATT_ROWS][W->cols] (else NULL), so
+ * that nothing is allocated while decoding. */
+enum { ATT_ROWS = 64 };  /* cached rows per step of both, per thread */
+static void dot_rows(float *S, const float *Q, const Mat *W, int H, float *q8_rows);
 static void weighted_rows_sum(float *u, size_t u_stride, const float *P, const Mat *W, int H,
                               int count);
 
@@ -437,6 +440,7 @@ typedef struct {
     float *all_logits;                /* -m eval: [n][V] of every token of the batch, or NULL */
     void *cache;                      /* [L][context][cache_width] of cache_dtype */
     float *cache_scale;               /* q8 cache: one scale per cache_group numbers */
+    float *cache_rows_f32;            /* q8 cache: dot_rows' rows as floats, per thread */
     size_t cache_width;               /* numbers per token per layer */
     int cache_dtype, cache_group;     /* -k: DTYPE_F32 (default, exact), DTYPE_BF16, DTYPE_Q8 */
     void *gpu;                        /* the GPU build: the model on the GPU, or NULL */
@@ -528,14 +532,20 @@ static void set_cache_dtype(RunState *s, int dtype) {
     size_t n = (size_t)s->cfg->num_hidden_layers * s->context * s->cache_width;
     free(s->cache);
     free(s->cache_scale);
+    free(s->cache_rows_f32);
     s->cache = xcalloc_huge(dtype_bytes(dtype, n));
-    s->cache_scale = NULL;
+    s->cache_scale = s->cache_rows_f32 = NULL;
     s->cache_dtype = dtype;
     s->cache_group = (int)s->cache_width;
     if (dtype == DTYPE_Q8) {  /* groups of 32 take the SIMD kernels (the real models' 576) */
         for (int g = 8; g <= 32; g *= 2)
             if (s->cache_width % g == 0) s->cache_group = g;
         s->cache_scale = floats(n / s->cache_group);
+        int threads = 1;
+#ifdef _OPENMP
+        threads = omp_get_max_threads();
+#endif
+        s->cache_rows_f32 = floats((size_t)threads * ATT_ROWS * s->cache_width);
     }
 }
 
@@ -546,7 +556,7 @@ static void free_run_state(RunState *s) {
                     s->expert_tokens, s->router_probs, s->topk_idx, s->topk_weight,
                     s->router.masked, s->router.group_score, s->router.taken,
                     s->router.group_taken, s->products, s->head_mats, s->logits, s->all_logits,
-                    s->cache, s->cache_scale};
+                    s->cache, s->cache_scale, s->cache_rows_f32};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     matmul_scratch_free(s->matmul);
 }
@@ -651,7 +661,8 @@ static void mla_attend_absorbed(RunState *s, const Config *c, const Layer *L, in
         int rows = pos + t + 1;                                  /* causal: up to this token */
         Mat latents = cache_rows(s, layer, rows);
         /* eq. 16-17: q.k = q_abs.c^KV_j + q^R.k^R_j, every head and position in one product */
-        dot_rows(s->scores, s->q_absorbed + (size_t)t * H * width, &latents, H);
+        dot_rows(s->scores, s->q_absorbed + (size_t)t * H * width, &latents, H,
+                 s->cache_rows_f32);
 #pragma omp parallel for schedule(static) if ((long long)H * rows > 16384)
         for (int h = 0; h < H; h++) {
             float *att = s->scores + (size_t)h * rows;
@@ -2759,7 +2770,7 @@ enum { VEC_FLOATS = 4, ATT_HEADS = 8 };
 #else
 enum { VEC_FLOATS = 4, ATT_HEADS = 4 };
 #endif
-enum { WSUM_COLS = 2 * VEC_FLOATS, ATT_ROWS = 64 };
+enum { WSUM_COLS = 2 * VEC_FLOATS };
 
 /* a * b + acc, one rounding where the CPU has FMA (without it, fmaf is a slow library call). */
 #if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
@@ -2784,13 +2795,18 @@ static const float *rows_as_f32(const Mat *W, int j0, int n, int c0, int cols, f
 /* Scores by the matmul's 4-row x 4-token float kernels (rows: cached positions, tokens: heads),
  * each over the whole row and on rows side by side, as no weight matrix is walked. bf16 rows
  * go in as they are (the kernels widen them), q8 rows as floats a tile at a time. */
-static void dot_rows_with(float *S, const float *Q, const Mat *W, int H, int kernel) {
+static void dot_rows_with(float *S, const float *Q, const Mat *W, int H, float *q8_rows,
+                          int kernel) {
     int rows = W->rows, len = W->cols, tiles = (rows + ATT_ROWS - 1) / ATT_ROWS;
     int bf16 = W->dtype == DTYPE_BF16;
     Dot4x4Float dot = float_kernel(bf16, kernel);
 #pragma omp parallel if ((long long)rows * H * len > 32768)
     {
-        float *block = W->dtype == DTYPE_Q8 ? xcalloc((size_t)ATT_ROWS * len, sizeof(float)) : NULL;
+        int id = 0;
+#ifdef _OPENMP
+        id = omp_get_thread_num();
+#endif
+        float *block = W->dtype == DTYPE_Q8 ? q8_rows + (size_t)id * ATT_ROWS * len : NULL;
 #pragma omp for schedule(static)
         for (int tile = 0; tile < tiles; tile++) {
             int j0 = tile * ATT_ROWS, n = rows - j0 < ATT_ROWS ? rows - j0 : ATT_ROWS;
@@ -2816,12 +2832,11 @@ static void dot_rows_with(float *S, const float *Q, const Mat *W, int H, int ker
                 }
             }
         }
-        free(block);
     }
 }
 
-static void dot_rows(float *S, const float *Q, const Mat *W, int H) {
-    dot_rows_with(S, Q, W, H, KERNEL_BEST);
+static void dot_rows(float *S, const float *Q, const Mat *W, int H, float *q8_rows) {
+    dot_rows_with(S, Q, W, H, q8_rows, KERNEL_BEST);
 }
 
 /* u[h][i] += sum_{j<n} p[h][j] c[j][i] for heads x cols; the full block keeps u in registers. */

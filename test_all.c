@@ -441,6 +441,7 @@ static void test_attention_kernels(void) {
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
+    float *q8_rows = floats((size_t)(threads > 3 ? threads : 3) * ATT_ROWS * COLS);  /* 1, 3 threads */
     for (int dtype = 0; dtype < 3; dtype++) {
         const void *data = dtype == 0 ? (const void *)w : dtype == 1 ? (const void *)wb : (const void *)wq;
         int type = dtype == 0 ? DTYPE_F32 : dtype == 1 ? DTYPE_BF16 : DTYPE_Q8;
@@ -456,7 +457,7 @@ static void test_attention_kernels(void) {
 #ifdef _OPENMP
                         omp_set_num_threads(nt);
 #endif
-                        dot_rows_with(nt == 1 ? s1 : s3, q, &W, H, kernels[k]);
+                        dot_rows_with(nt == 1 ? s1 : s3, q, &W, H, q8_rows, kernels[k]);
                         weighted_rows_sum(nt == 1 ? u1 : u3, COUNT, p, &W, H, COUNT);
                     }
                     same &= !memcmp(s1, s3, sizeof(float) * H * rows) && !memcmp(u1, u3, sizeof(float) * H * COUNT);
@@ -480,6 +481,7 @@ static void test_attention_kernels(void) {
         check(score_err < 1e-4 && sum_err < 1e-4 && same, "attention kernels on a %s cache, 1-19 heads x 1-131 rows: scores %.1e, weighted sums %.1e from double; "
               "1 and 3 threads %s", storage_name(type), score_err, sum_err, same ? "identical" : "DIFFER");
     }
+    free(q8_rows);
 }
 
 /* q4 weights, quantized here independently of export.py by llama.cpp Q4_0's rule (the largest-
