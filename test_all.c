@@ -319,6 +319,27 @@ static void test_bf16(void) {
 }
 
 /* matmul for every weight type against a double-precision reference; q8 within its rounding. */
+/* matvec_transposed (the absorbed query's W^UK^T q) on a q8 or q4 W whose weights as floats are
+ * deq, for 1-3 tokens, against double: the largest error over the largest |y|. */
+static double transposed_error(const Mat *W, const float *deq) {
+    int rows = W->rows, cols = W->cols;
+    float *x = malloc(3 * rows * sizeof(float)), *y = malloc(3 * cols * sizeof(float)), *row = malloc(cols * sizeof(float));
+    double err = 0, largest = 0;
+    for (int i = 0; i < 3 * rows; i++) x[i] = rand_normal();
+    for (int n = 1; n <= 3; n++) {
+        matvec_transposed(y, cols, W, x, rows, n, row);
+        for (int t = 0; t < n; t++)
+            for (int c = 0; c < cols; c++) {
+                double sum = 0;
+                for (int r = 0; r < rows; r++) sum += (double)deq[(size_t)r * cols + c] * x[t * rows + r];
+                err = fmax(err, fabs(y[t * cols + c] - sum));
+                largest = fmax(largest, fabs(sum));
+            }
+    }
+    free(x); free(y); free(row);
+    return err / largest;
+}
+
 static void test_matmul_dtypes(void) {
     enum { ROWS = 37, COLS = 64, N = 5, G = 32 };
     float w[ROWS * COLS], x[N * COLS], y[N * ROWS], wq_scale[ROWS * COLS / 16];
@@ -369,6 +390,10 @@ static void test_matmul_dtypes(void) {
         check(worst < 1e-4f, "q8 kernel %s (built: %s) agrees with the portable C kernel on 1-5 tokens (%.1e)",
               k == 0 ? "best" : "without VNNI (AVX2 or NEON)", built, worst);
     }
+    float deq[ROWS * COLS];
+    for (int r = 0; r < ROWS; r++) mat_row_to_f32(deq + r * COLS, &Q, r);
+    double transposed = transposed_error(&Q, deq);
+    check(transposed < 1e-5, "q8 transposed product W^T x, groups of 32, 1-3 tokens, vs double: %.1e of the largest", transposed);
     act.kernel = KERNEL_BEST;
     Mat Q16 = {wq, wq_scale, DTYPE_Q8, ROWS, COLS, 16};  /* other group sizes take the generic path */
     quantize_activations(wq, wq_scale, w, ROWS * COLS, 16);
@@ -376,6 +401,9 @@ static void test_matmul_dtypes(void) {
     err = 0;
     for (int i = 0; i < N * ROWS; i++) err = fmax(err, fabs(y[i] - ref[i]));
     check(err < 0.02 * max_ref, "q8 matmul with groups of 16: %.1e of %.1f", err, max_ref);
+    for (int r = 0; r < ROWS; r++) mat_row_to_f32(deq + r * COLS, &Q16, r);
+    transposed = transposed_error(&Q16, deq);
+    check(transposed < 1e-5, "q8 transposed product W^T x, groups of 16: %.1e of the largest", transposed);
 }
 
 /* The f32/bf16 kernels built for this CPU (AVX-512 and AVX2 where built) against the portable
@@ -517,6 +545,8 @@ static void test_matmul_q4(void) {
         exact &= !memcmp(row, deq + (size_t)r * COLS, sizeof row);
     }
     check(exact, "q4 weights read back exactly: every row of %d x %d equals (nibble - 8) x scale", ROWS, COLS);
+    double transposed = transposed_error(&Q, deq);
+    check(transposed < 1e-5, "q4 transposed product W^T x (scale joined to x, nibbles read directly), 1-3 tokens, vs double: %.1e of the largest", transposed);
     MatmulScratch *act = matmul_scratch_new(1, N * COLS);
     const int kernels[] = {KERNEL_BEST, KERNEL_NO_VNNI};
     double worst = 0, ref_err = 0, largest = 0;
