@@ -634,6 +634,19 @@ static void test_batch_equals_single(int attn_mode, Config c, const char *label)
           attn_mode == ATTN_ABSORB ? "absorb" : "naive", label, d, cache);
     free_run_state(&one);
     free_run_state(&batch);
+    enum { LONG = MAX_BATCH + 5 };  /* a prompt past one forward call: two chunks */
+    init_run_state(&one, &c, attn_mode, LONG);
+    init_run_state(&batch, &c, attn_mode, LONG);
+    int many[LONG];
+    for (int i = 0; i < LONG; i++) many[i] = (i * 7 + 3) % c.vocab_size;
+    for (int pos = 0; pos < LONG; pos++) a = forward(&w, &one, &many[pos], 1, pos);
+    b = forward(&w, &batch, many, LONG, 0);
+    d = max_abs_diff(a, b, c.vocab_size);
+    cache = max_abs_diff(one.cache, batch.cache, (size_t)c.num_hidden_layers * LONG * one.cache_width);
+    check(d < 1e-5f && cache < 1e-5f, "a %d-token prompt (MAX_BATCH %d + 5: two forward chunks) == token by token (%s, %s config): logits %.1e, cache %.1e",
+          LONG, MAX_BATCH, attn_mode == ATTN_ABSORB ? "absorb" : "naive", label, d, cache);
+    free_run_state(&one);
+    free_run_state(&batch);
     free_weights(&w);
     free(buf);
 }
