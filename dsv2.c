@@ -2502,6 +2502,49 @@ DOT4X4_FLOAT_TYPED(dot4x4_float_avx2)
 DOT4X4_FLOAT_TYPED(dot4x4_float_avx512)
 #endif
 
+/* Intrinsics, AVX2 + FMA and AVX-512: attention scores with the heads in the vector lanes, 16
+ * heads a group (one zmm, two ymm), ROWS cached rows a call. Per column k, each row's value is
+ * broadcast against the group's 16 query values (qT: [len][16], one load for every row): no
+ * horizontal sums, where the 4 x 4 kernels spent 16 per 4 rows x 4 heads. out: [ROWS][16]; rows
+ * past n repeat the last and are not stored. */
+enum { SCORE_HEADS = 16, SCORE_MAX_LEN = 1024, SCORE_MAX_ROWS = 8 };
+typedef void (*ScoreRows)(float out[][SCORE_HEADS], const float *c, size_t stride, int n,
+                          const float *qT, int len);
+#define SCORE_ROWS_SIMD(NAME, VEC, LANES, ROWS, LOAD, BCAST, ZERO, FMA, STORE)                    \
+    static void NAME(float out[][SCORE_HEADS], const float *c, size_t stride, int n,             \
+                     const float *qT, int len) {                                                 \
+        enum { HV = SCORE_HEADS / LANES };                                                       \
+        const float *row[ROWS];                                                                  \
+        VEC acc[ROWS][HV];                                                                       \
+        for (int r = 0; r < ROWS; r++) {                                                         \
+            row[r] = c + (size_t)(r < n ? r : n - 1) * stride;                                   \
+            for (int v = 0; v < HV; v++) acc[r][v] = ZERO();                                     \
+        }                                                                                        \
+        for (int k = 0; k < len; k++) {                                                          \
+            VEC q[HV];                                                                           \
+            for (int v = 0; v < HV; v++) {                                                       \
+                q[v] = LOAD(qT + (size_t)k * SCORE_HEADS + v * LANES);                           \
+                IN_REGISTER(q[v]);                                                               \
+            }                                                                                    \
+            for (int r = 0; r < ROWS; r++) {                                                     \
+                VEC cv = BCAST(row[r][k]);                                                       \
+                IN_REGISTER(cv);                                                                 \
+                for (int v = 0; v < HV; v++) acc[r][v] = FMA(cv, q[v], acc[r][v]);               \
+                if (k % 16 == 0) __builtin_prefetch(row[r] + ROWS * stride + k); /* next rows */ \
+            }                                                                                    \
+        }                                                                                        \
+        for (int r = 0; r < n && r < ROWS; r++)                                                  \
+            for (int v = 0; v < HV; v++) STORE(out[r] + v * LANES, acc[r][v]);                   \
+    }
+#if defined(__AVX2__) && defined(__FMA__)
+SCORE_ROWS_SIMD(score_rows_avx2, __m256, 8, 4, _mm256_loadu_ps, _mm256_set1_ps, _mm256_setzero_ps,
+                _mm256_fmadd_ps, _mm256_storeu_ps)
+#endif
+#if defined(__AVX512F__)
+SCORE_ROWS_SIMD(score_rows_avx512, __m512, 16, 8, _mm512_loadu_ps, _mm512_set1_ps,
+                _mm512_setzero_ps, _mm512_fmadd_ps, _mm512_storeu_ps)
+#endif
+
 /* Four q8 rows of W (row[k]: element offsets) dotted with one token's int8 form xq/xs. */
 static void dot4_rows_q8(const Mat *W, const size_t row[4], const int8_t *xq, const float *xs,
                          float out[4]) {
@@ -2571,6 +2614,19 @@ static Dot4x4Float float_kernel(int bf16, int kernel) {
 #endif
     (void)kernel;
     return bf16 ? dot4x4_float_portable_bf16 : dot4x4_float_portable_f32;
+}
+
+/* The scores kernel with heads in lanes and its rows per call, as float_kernel chooses; NULL
+ * without SIMD (the 4 x 4 kernels then run). */
+static ScoreRows score_kernel(int kernel, int *rows) {
+#if defined(__AVX512F__)
+    if (kernel == KERNEL_BEST) return *rows = 8, score_rows_avx512;
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    if (kernel != KERNEL_PORTABLE) return *rows = 4, score_rows_avx2;
+#endif
+    (void)kernel;
+    return *rows = 0, NULL;
 }
 
 /* f32 and bf16 weights: the four rows in chunks of 512 columns (in L1 while every token passes),
@@ -2861,14 +2917,44 @@ static const float *rows_as_f32(const Mat *W, int j0, int n, int c0, int cols, f
     return block;
 }
 
+/* Scores with the heads in the lanes (score_rows_avx512/avx2): each thread transposes a group
+ * of 16 queries once, then takes tiles of ATT_ROWS cached rows, step rows a kernel call. */
+static void scores_in_lanes(float *S, const float *Q, const Mat *W, int H, ScoreRows lanes,
+                            int step) {
+    int rows = W->rows, len = W->cols, tiles = (rows + ATT_ROWS - 1) / ATT_ROWS;
+#pragma omp parallel if ((long long)rows * H * len > 32768)
+    for (int g = 0; g < H / SCORE_HEADS; g++) {
+        float qT[SCORE_MAX_LEN * SCORE_HEADS], out[SCORE_MAX_ROWS][SCORE_HEADS];
+        for (int k = 0; k < len; k++)  /* the group's queries, transposed: [len][16] */
+            for (int h = 0; h < SCORE_HEADS; h++)
+                qT[k * SCORE_HEADS + h] = Q[(size_t)(g * SCORE_HEADS + h) * len + k];
+#pragma omp for schedule(dynamic, 1)
+        for (int tile = 0; tile < tiles; tile++) {
+            int j0 = tile * ATT_ROWS, n = rows - j0 < ATT_ROWS ? rows - j0 : ATT_ROWS;
+            for (int j = 0; j < n; j += step) {
+                int here = n - j < step ? n - j : step;
+                lanes(out, (const float *)W->data + (size_t)(j0 + j) * len, len, here, qT, len);
+                for (int h = 0; h < SCORE_HEADS; h++)
+                    for (int r = 0; r < here; r++)
+                        S[(size_t)(g * SCORE_HEADS + h) * rows + j0 + j + r] = out[r][h];
+            }
+        }
+    }
+}
+
 /* Scores by the matmul's 4-row x 4-token float kernels (rows: cached positions, tokens: heads),
  * each over the whole row and on rows side by side, as no weight matrix is walked. bf16 rows
  * go in as they are (the kernels widen them), q8 rows as floats a tile at a time. */
 static void dot_rows_with(float *S, const float *Q, const Mat *W, int H, float *q8_rows,
                           int kernel) {
     int rows = W->rows, len = W->cols, tiles = (rows + ATT_ROWS - 1) / ATT_ROWS;
-    int bf16 = W->dtype == DTYPE_BF16;
+    int bf16 = W->dtype == DTYPE_BF16, step = 0;
     Dot4x4Float dot = float_kernel(bf16, kernel);
+    ScoreRows lanes = score_kernel(kernel, &step);  /* an f32 cache, whole groups of 16 heads */
+    if (lanes && W->dtype == DTYPE_F32 && H % SCORE_HEADS == 0 && len <= SCORE_MAX_LEN) {
+        scores_in_lanes(S, Q, W, H, lanes, step);
+        return;
+    }
 #pragma omp parallel if ((long long)rows * H * len > 32768)
     {
         int id = 0;

@@ -452,7 +452,7 @@ static void test_matmul_float_kernels(void) {
  * the scores S[h][j] = Q[h] . W[j] by every float kernel built, and the weighted sums
  * u[h] = sum_j P[h][j] W[j]; both the same to the bit with 1 thread and with 3. */
 static void test_attention_kernels(void) {
-    enum { MAXH = 19, MAXROWS = 131, COLS = 72, COUNT = 64 };
+    enum { MAXH = 32, MAXROWS = 131, COLS = 72, COUNT = 64 };
     static float w[MAXROWS * COLS], deq[MAXROWS * COLS], q[MAXH * COLS], p[MAXH * MAXROWS];
     static float s1[MAXH * MAXROWS], s3[MAXH * MAXROWS], u1[MAXH * COUNT], u3[MAXH * COUNT];
     static uint16_t wb[MAXROWS * COLS];
@@ -463,7 +463,7 @@ static void test_attention_kernels(void) {
     for (int i = 0; i < MAXH * MAXROWS; i++) p[i] = random_f32(&test_rng);
     for (int i = 0; i < MAXROWS * COLS; i++) wb[i] = f32_to_bf16(w[i]);
     quantize_activations(wq, wscale, w, MAXROWS * COLS, 8);
-    const int heads[] = {1, 5, 16, 19}, rows_list[] = {1, 3, 67, 131};
+    const int heads[] = {1, 5, 16, 19, 32}, rows_list[] = {1, 3, 67, 131};  /* 16, 32: in lanes */
     const int kernels[] = {KERNEL_PORTABLE, KERNEL_BEST, KERNEL_NO_VNNI};
     int threads = 1;
 #ifdef _OPENMP
@@ -475,7 +475,7 @@ static void test_attention_kernels(void) {
         int type = dtype == 0 ? DTYPE_F32 : dtype == 1 ? DTYPE_BF16 : DTYPE_Q8;
         double score_err = 0, sum_err = 0;
         int same = 1;
-        for (int a = 0; a < 4; a++)
+        for (int a = 0; a < 5; a++)
             for (int b = 0; b < 4; b++) {
                 int H = heads[a], rows = rows_list[b];
                 Mat W = {data, dtype == 2 ? wscale : NULL, type, rows, COLS, dtype == 2 ? 8 : COLS};
@@ -506,7 +506,7 @@ static void test_attention_kernels(void) {
 #ifdef _OPENMP
         omp_set_num_threads(threads);
 #endif
-        check(score_err < 1e-4 && sum_err < 1e-4 && same, "attention kernels on a %s cache, 1-19 heads x 1-131 rows: scores %.1e, weighted sums %.1e from double; "
+        check(score_err < 1e-4 && sum_err < 1e-4 && same, "attention kernels on a %s cache, 1-32 heads x 1-131 rows: scores %.1e, weighted sums %.1e from double; "
               "1 and 3 threads %s", storage_name(type), score_err, sum_err, same ? "identical" : "DIFFER");
     }
     free(q8_rows);
