@@ -1814,8 +1814,8 @@ static void usage(void) {
             "  -r LR      peak learning rate (default 3e-3); -e N: validate, checkpoint every N "
             "(100)\n"
             "OMP_NUM_THREADS=N: at most N threads (default: every core; while decoding and "
-            "training,\n  dsv2 tries one fewer every 16 steps and keeps it when faster, as on a "
-            "busy machine)\n");
+            "training,\n  when steps turn erratic, as on a busy machine, dsv2 tries one fewer "
+            "and keeps it when faster)\n");
     exit(1);
 }
 
