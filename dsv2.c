@@ -2739,12 +2739,13 @@ static void matmul_block(const Product *p, int b, const int8_t *xq, const float 
 /* Several independent products in one parallel pass (e.g. every expert's gate and up): their
  * blocks, in MATMUL_CHUNKS chunks of equal work per thread, go to whichever thread is free
  * (equal fixed shares made the faster of two cores wait 16% of each decode step on this VM,
- * where one core ran 30% slower for a whole run). Each block reads four far-apart streams of
- * weights (more reads in flight than one stream, which decoding, bound by memory, needs:
- * tests/bandwidth.c). Threads wait for each other once per pass, not once per product.
- * Consecutive products with the same input share its int8 form. act may be NULL when no
- * weight is q8. Every output is one block's, so any split gives the same bits. */
-enum { MATMUL_CHUNKS = 16 };
+ * where one core ran 30% slower for a whole run; 4 chunks a thread decoded q4 at 74-85 tok/s,
+ * 16 at 66-74, 64 at 58: each chunk starts its streams afresh). Each block reads four
+ * far-apart streams of weights (more reads in flight than one stream, which decoding, bound by
+ * memory, needs: tests/bandwidth.c). Threads wait for each other once per pass, not once per
+ * product. Consecutive products with the same input share its int8 form. act may be NULL when
+ * no weight is q8. Every output is one block's, so any split gives the same bits. */
+enum { MATMUL_CHUNKS = 4 };
 
 /* q8 and q4 weights meet int8 activations. */
 static int int8_input(const Mat *W) { return W->dtype == DTYPE_Q8 || W->dtype == DTYPE_Q4; }
