@@ -2502,18 +2502,26 @@ DOT4X4_FLOAT_TYPED(dot4x4_float_avx2)
 DOT4X4_FLOAT_TYPED(dot4x4_float_avx512)
 #endif
 
-/* Intrinsics, AVX2 + FMA and AVX-512: attention scores with the heads in the vector lanes, 16
- * heads a group (one zmm, two ymm), ROWS cached rows a call. Per column k, each row's value is
- * broadcast against the group's 16 query values (qT: [len][16], one load for every row): no
- * horizontal sums, where the 4 x 4 kernels spent 16 per 4 rows x 4 heads. out: [ROWS][16]; rows
- * past n repeat the last and are not stored. */
-enum { SCORE_HEADS = 16, SCORE_MAX_LEN = 1024, SCORE_MAX_ROWS = 8 };
-typedef void (*ScoreRows)(float out[][SCORE_HEADS], const float *c, size_t stride, int n,
-                          const float *qT, int len);
-#define SCORE_ROWS_SIMD(NAME, VEC, LANES, ROWS, LOAD, BCAST, ZERO, FMA, STORE)                    \
-    static void NAME(float out[][SCORE_HEADS], const float *c, size_t stride, int n,             \
-                     const float *qT, int len) {                                                 \
-        enum { HV = SCORE_HEADS / LANES };                                                       \
+/* a * b + acc, one rounding where the CPU has FMA (without it, fmaf is a slow library call). */
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#define MULADD(a, b, acc) fmaf(a, b, acc)
+#else
+#define MULADD(a, b, acc) ((acc) + (a) * (b))
+#endif
+
+/* Rows against columns held in the vector lanes: out[r][w] = sum_k c[r][k] xT[k][w] for ROWS rows
+ * of c (stride apart) and WIDTH lanes of xT ([len][x_stride]). Attention scores put 16 heads in
+ * the lanes, prefill 16 or 32 tokens. Each row's value is broadcast against one load of xT's
+ * WIDTH values shared by every row: no horizontal sums, where the 4 x 4 kernels spend 16 per 4
+ * rows x 4 columns. out: [ROWS][WIDTH]; rows past n repeat the last and are not stored. ahead:
+ * elements past each row to prefetch meanwhile (the next rows of a cache), or 0. Intrinsics,
+ * AVX2 + FMA and AVX-512; elsewhere the 4 x 4 kernels run, and the tests hold these to them. */
+typedef void (*RowsLanes)(float *out, const float *c, size_t stride, int n, const float *xT,
+                          size_t x_stride, int len, size_t ahead);
+#define ROWS_LANES_SIMD(NAME, VEC, LANES, ROWS, WIDTH, LOAD, BCAST, ZERO, FMA, STORE)              \
+    static void NAME(float *out, const float *c, size_t stride, int n, const float *xT,          \
+                     size_t x_stride, int len, size_t ahead) {                                   \
+        enum { HV = WIDTH / LANES };                                                             \
         const float *row[ROWS];                                                                  \
         VEC acc[ROWS][HV];                                                                       \
         for (int r = 0; r < ROWS; r++) {                                                         \
@@ -2521,29 +2529,39 @@ typedef void (*ScoreRows)(float out[][SCORE_HEADS], const float *c, size_t strid
             for (int v = 0; v < HV; v++) acc[r][v] = ZERO();                                     \
         }                                                                                        \
         for (int k = 0; k < len; k++) {                                                          \
-            VEC q[HV];                                                                           \
+            VEC x[HV];                                                                           \
             for (int v = 0; v < HV; v++) {                                                       \
-                q[v] = LOAD(qT + (size_t)k * SCORE_HEADS + v * LANES);                           \
-                IN_REGISTER(q[v]);                                                               \
+                x[v] = LOAD(xT + (size_t)k * x_stride + v * LANES);                              \
+                IN_REGISTER(x[v]);                                                               \
             }                                                                                    \
             for (int r = 0; r < ROWS; r++) {                                                     \
                 VEC cv = BCAST(row[r][k]);                                                       \
                 IN_REGISTER(cv);                                                                 \
-                for (int v = 0; v < HV; v++) acc[r][v] = FMA(cv, q[v], acc[r][v]);               \
-                if (k % 16 == 0) __builtin_prefetch(row[r] + ROWS * stride + k); /* next rows */ \
+                for (int v = 0; v < HV; v++) acc[r][v] = FMA(cv, x[v], acc[r][v]);               \
+                if (ahead && k % 16 == 0) __builtin_prefetch(row[r] + ahead + k);                \
             }                                                                                    \
         }                                                                                        \
         for (int r = 0; r < n && r < ROWS; r++)                                                  \
-            for (int v = 0; v < HV; v++) STORE(out[r] + v * LANES, acc[r][v]);                   \
+            for (int v = 0; v < HV; v++) STORE(out + r * WIDTH + v * LANES, acc[r][v]);          \
     }
+/* scores: 16 heads; prefill: 12 or 6 rows x 32 or 16 tokens (AVX-512: 24 of 32 registers) */
 #if defined(__AVX2__) && defined(__FMA__)
-SCORE_ROWS_SIMD(score_rows_avx2, __m256, 8, 4, _mm256_loadu_ps, _mm256_set1_ps, _mm256_setzero_ps,
-                _mm256_fmadd_ps, _mm256_storeu_ps)
+#define ROWS_LANES_AVX2(NAME, ROWS, WIDTH)                                                         \
+    ROWS_LANES_SIMD(NAME, __m256, 8, ROWS, WIDTH, _mm256_loadu_ps, _mm256_set1_ps,               \
+                    _mm256_setzero_ps, _mm256_fmadd_ps, _mm256_storeu_ps)
+ROWS_LANES_AVX2(score_rows_avx2, 4, 16)
+ROWS_LANES_AVX2(prefill_rows_avx2_16, 6, 16)
+ROWS_LANES_AVX2(prefill_rows_avx2_8, 6, 8)
 #endif
 #if defined(__AVX512F__)
-SCORE_ROWS_SIMD(score_rows_avx512, __m512, 16, 8, _mm512_loadu_ps, _mm512_set1_ps,
-                _mm512_setzero_ps, _mm512_fmadd_ps, _mm512_storeu_ps)
+#define ROWS_LANES_AVX512(NAME, ROWS, WIDTH)                                                       \
+    ROWS_LANES_SIMD(NAME, __m512, 16, ROWS, WIDTH, _mm512_loadu_ps, _mm512_set1_ps,              \
+                    _mm512_setzero_ps, _mm512_fmadd_ps, _mm512_storeu_ps)
+ROWS_LANES_AVX512(score_rows_avx512, 8, 16)
+ROWS_LANES_AVX512(prefill_rows_avx512_32, 12, 32)
+ROWS_LANES_AVX512(prefill_rows_avx512_16, 12, 16)
 #endif
+enum { SCORE_HEADS = 16, SCORE_MAX_LEN = 1024, SCORE_MAX_ROWS = 8 };
 
 /* Four q8 rows of W (row[k]: element offsets) dotted with one token's int8 form xq/xs. */
 static void dot4_rows_q8(const Mat *W, const size_t row[4], const int8_t *xq, const float *xs,
@@ -2564,6 +2582,8 @@ struct MatmulScratch {
     size_t capacity, *at;
     int max_products;
     int kernel;    /* KERNEL_BEST; the tests also force each of the others */
+    float *panels; /* f32/bf16 prefill: the inputs as token panels; grown on a prompt's first use */
+    size_t panel_capacity, *panel_at;
 };
 
 static MatmulScratch *matmul_scratch_new(int max_products, size_t max_inputs) {
@@ -2573,12 +2593,13 @@ static MatmulScratch *matmul_scratch_new(int max_products, size_t max_inputs) {
     s->scale = xcalloc(max_inputs, sizeof(float));
     s->max_products = max_products;
     s->at = xcalloc(max_products, sizeof(size_t));
+    s->panel_at = xcalloc(max_products, sizeof(size_t));
     return s;
 }
 
 static void matmul_scratch_free(MatmulScratch *s) {
     if (!s) return;
-    free(s->q); free(s->scale); free(s->at); free(s);
+    free(s->q); free(s->scale); free(s->at); free(s->panels); free(s->panel_at); free(s);
 }
 
 /* One of the 4-row x 4-token q8 kernels above (groups of 32), or NULL when the portable C path
@@ -2618,7 +2639,7 @@ static Dot4x4Float float_kernel(int bf16, int kernel) {
 
 /* The scores kernel with heads in lanes and its rows per call, as float_kernel chooses; NULL
  * without SIMD (the 4 x 4 kernels then run). */
-static ScoreRows score_kernel(int kernel, int *rows) {
+static RowsLanes score_kernel(int kernel, int *rows) {
 #if defined(__AVX512F__)
     if (kernel == KERNEL_BEST) return *rows = 8, score_rows_avx512;
 #endif
@@ -2627,6 +2648,22 @@ static ScoreRows score_kernel(int kernel, int *rows) {
 #endif
     (void)kernel;
     return *rows = 0, NULL;
+}
+
+/* The prefill kernels (rows_lanes, tokens in the lanes): wide for full panels, narrow for the
+ * tokens left over, and their rows per call; 0 without AVX2/AVX-512 (the 4 x 4 kernels run). */
+typedef struct { RowsLanes wide, narrow; int wide_tokens, narrow_tokens, rows; } PrefillKernels;
+static int prefill_kernels(int kernel, PrefillKernels *k) {
+#if defined(__AVX512F__)
+    if (kernel == KERNEL_BEST)
+        return *k = (PrefillKernels){prefill_rows_avx512_32, prefill_rows_avx512_16, 32, 16, 12}, 1;
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    if (kernel != KERNEL_PORTABLE)
+        return *k = (PrefillKernels){prefill_rows_avx2_16, prefill_rows_avx2_8, 16, 8, 6}, 1;
+#endif
+    (void)kernel, (void)k;
+    return 0;
 }
 
 /* f32 and bf16 weights: the four rows in chunks of 512 columns (in L1 while every token passes),
@@ -2721,6 +2758,63 @@ static void matmul_block_q4(const Product *p, int b, const size_t row[4], const 
     }
 }
 
+/* Prefill with f32 or bf16 weights, PANEL_ROWS rows (three blocks) against every token. The
+ * tokens come transposed into panels of PANEL_TOKENS ([cols][32]: a column's 32 tokens side by
+ * side, the last panel padded with zeros), so the kernels hold tokens in the vector lanes and
+ * broadcast each weight: no horizontal sums (bf16 prefill of 512 tokens, Zen 5: 77-87 -> 93-106
+ * tok/s). A chunk of the rows, widened to f32 once, stays in L1 while every panel passes. */
+enum { PANEL_TOKENS = 32, PANEL_ROWS = 12, PANEL_CHUNK = 512, PANEL_MIN_TOKENS = 8 };
+static void matmul_blocks_panels(const Product *p, int b, int count, const float *panels,
+                                 const PrefillKernels *kern) {
+    const Mat *W = p->W;
+    int rows = W->rows, cols = W->cols, blocks = (rows + 3) / 4, out_row[PANEL_ROWS], n = 0;
+    size_t size = W->dtype == DTYPE_BF16 ? sizeof(uint16_t) : sizeof(float);
+    for (int g = 0; g < count; g++)
+        for (int k = 0; k < 4; k++)
+            if (b + g + k * blocks < rows) out_row[n++] = b + g + k * blocks;
+    float wide[PANEL_ROWS * PANEL_CHUNK], out[PANEL_ROWS * PANEL_TOKENS];
+    for (int c0 = 0; c0 < cols; c0 += PANEL_CHUNK) {
+        int len = cols - c0 < PANEL_CHUNK ? cols - c0 : PANEL_CHUNK;
+        for (int r = 0; r < n; r++) {  /* bf16 widened in a loop the compiler vectorizes */
+            const char *src = (const char *)W->data + dtype_bytes(W->dtype,
+                                                                  (size_t)out_row[r] * cols + c0);
+            float *dst = wide + r * PANEL_CHUNK;
+            if (W->dtype == DTYPE_BF16)
+                for (int i = 0; i < len; i++) dst[i] = bf16_to_f32(((const uint16_t *)src)[i]);
+            else memcpy(dst, src, len * sizeof(float));
+            /* the row's next chunk, or the next three blocks' first, fetched meanwhile */
+            int next_row = c0 + len < cols ? out_row[r] : out_row[r] + count;
+            const char *next = (const char *)W->data + dtype_bytes(W->dtype,
+                (size_t)next_row * cols + (c0 + len < cols ? c0 + len : 0));
+            for (size_t at = 0; next_row < rows && at < PANEL_CHUNK * size; at += 64)
+                __builtin_prefetch(next + at, 0, 2);
+        }
+        for (int t0 = 0; t0 < p->n;) {
+            int left = p->n - t0, narrow = left <= kern->narrow_tokens;
+            int width = narrow ? kern->narrow_tokens : kern->wide_tokens;
+            const float *x = panels + ((size_t)(t0 / PANEL_TOKENS) * cols + c0) * PANEL_TOKENS +
+                             t0 % PANEL_TOKENS;
+            for (int r0 = 0; r0 < n; r0 += kern->rows)
+                (narrow ? kern->narrow : kern->wide)(out + r0 * width, wide + r0 * PANEL_CHUNK,
+                                                     PANEL_CHUNK, n - r0, x, PANEL_TOKENS, len, 0);
+            for (int t = 0; t < width && t < left; t++)
+                for (int r = 0; r < n; r++) {
+                    float *y = &p->y[(size_t)(t0 + t) * rows + out_row[r]];
+                    *y = c0 ? *y + out[r * width + t] : out[r * width + t];
+                }
+            t0 += width;
+        }
+    }
+}
+
+/* Tokens t0.. of x ([n][cols]) as one panel: panel[k][w] = x[t0 + w][k], zeros past n. */
+static void make_panel(float *panel, const float *x, int n, int cols, int t0) {
+    for (int w = 0; w < PANEL_TOKENS; w++) {
+        const float *xt = t0 + w < n ? x + (size_t)(t0 + w) * cols : NULL;
+        for (int k = 0; k < cols; k++) panel[(size_t)k * PANEL_TOKENS + w] = xt ? xt[k] : 0;
+    }
+}
+
 /* Block b of product p against every token: rows b, b + Q, b + 2Q, b + 3Q (Q: the number of
  * blocks), read from memory once and reused from cache for up to four tokens per kernel call.
  * xq/xs: the int8 tokens for q8 and q4 weights. */
@@ -2750,26 +2844,72 @@ enum { MATMUL_CHUNKS = 4 };
 /* q8 and q4 weights meet int8 activations. */
 static int int8_input(const Mat *W) { return W->dtype == DTYPE_Q8 || W->dtype == DTYPE_Q4; }
 
-/* Product i reads the same int8 input as product i - 1 (e.g. an expert's up after its gate). */
+/* Product i reads the same int8 input or panels as product i - 1 (an expert's up, its gate). */
 static int shares_previous_input(const Product *p, int i) {
-    return i > 0 && int8_input(p[i].W) && int8_input(p[i - 1].W) &&
-            p[i].x == p[i - 1].x && p[i].n == p[i - 1].n && p[i].W->cols == p[i - 1].W->cols &&
-            p[i].W->group == p[i - 1].W->group;
+    if (i == 0 || p[i].x != p[i - 1].x || p[i].n != p[i - 1].n || p[i].W->cols != p[i - 1].W->cols)
+        return 0;
+    if (int8_input(p[i].W)) return int8_input(p[i - 1].W) && p[i].W->group == p[i - 1].W->group;
+    return !int8_input(p[i - 1].W);
 }
 
-static void matmul_many(const Product *p, int count, MatmulScratch *act) {
-    long long work = 0;  /* total: sum of blocks * cols * tokens */
-    size_t used = 0;
+/* Where each product's prepared input goes: act->at (int8 tokens, q8/q4 weights) and, with
+ * panels (a prefill kernel built), act->panel_at (token panels, f32/bf16 weights with at least
+ * PANEL_MIN_TOKENS tokens; SIZE_MAX: none). Returns the work: sum of blocks * cols * tokens. */
+static long long plan_inputs(const Product *p, int count, MatmulScratch *act, int panels) {
+    long long work = 0;
+    size_t used = 0, panel_floats = 0;
+    if (act && count > act->max_products) die("internal: activation scratch too small");
     for (int i = 0; i < count; i++) {
         const Mat *W = p[i].W;
         work += (long long)(W->rows + 3) / 4 * W->cols * p[i].n;
-        if (!int8_input(W)) continue;
-        if (!act || count > act->max_products)
-            die("internal: activation scratch missing or too small");
-        if (shares_previous_input(p, i)) act->at[i] = act->at[i - 1];
-        else { act->at[i] = used; used += (size_t)p[i].n * W->cols; }
+        if (int8_input(W) && !act) die("internal: activation scratch missing");
+        if (int8_input(W) && shares_previous_input(p, i)) act->at[i] = act->at[i - 1];
+        else if (int8_input(W)) act->at[i] = used, used += (size_t)p[i].n * W->cols;
+        else if (!panels) continue;
+        else if (p[i].n < PANEL_MIN_TOKENS) act->panel_at[i] = SIZE_MAX;
+        else if (shares_previous_input(p, i)) act->panel_at[i] = act->panel_at[i - 1];
+        else {
+            act->panel_at[i] = panel_floats;
+            panel_floats += (size_t)(p[i].n + PANEL_TOKENS - 1) / PANEL_TOKENS * PANEL_TOKENS *
+                            W->cols;
+        }
     }
     if (used > (act ? act->capacity : 0)) die("internal: activation scratch too small");
+    if (panel_floats > (act ? act->panel_capacity : 0)) {  /* a longer prompt than before */
+        free(act->panels);
+        act->panels = xcalloc(panel_floats, sizeof(float));
+        act->panel_capacity = panel_floats;
+    }
+    return work;
+}
+
+/* This thread's share of preparing the inputs as plan_inputs placed them: int8 tokens one token
+ * a job, token panels one panel a job, round robin. */
+static void prepare_inputs(const Product *p, int count, MatmulScratch *act, int panels,
+                           int threads, int id) {
+    int job = 0;
+    for (int i = 0; i < count; i++) {
+        const Mat *W = p[i].W;
+        if (shares_previous_input(p, i)) continue;
+        if (int8_input(W))
+            for (int t = 0; t < p[i].n; t++, job++) {
+                size_t at = act->at[i] + (size_t)t * W->cols;
+                if (job % threads == id)
+                    quantize_activations(act->q + at, act->scale + at / W->group,
+                                         p[i].x + (size_t)t * W->cols, W->cols, W->group);
+            }
+        else if (panels && act->panel_at[i] != SIZE_MAX)
+            for (int t0 = 0; t0 < p[i].n; t0 += PANEL_TOKENS, job++)
+                if (job % threads == id)
+                    make_panel(act->panels + act->panel_at[i] + (size_t)t0 * W->cols, p[i].x,
+                               p[i].n, W->cols, t0);
+    }
+}
+
+static void matmul_many(const Product *p, int count, MatmulScratch *act) {
+    PrefillKernels kern;
+    int panels = act && act->panel_at && prefill_kernels(act->kernel, &kern);
+    long long work = plan_inputs(p, count, act, panels);
 #pragma omp parallel if (work > 16384)
     {
         int threads = 1, id = 0;
@@ -2777,16 +2917,7 @@ static void matmul_many(const Product *p, int count, MatmulScratch *act) {
         threads = omp_get_num_threads();
         id = omp_get_thread_num();
 #endif
-        int job = 0;  /* quantize the inputs, one token per job, round robin */
-        for (int i = 0; i < count; i++) {
-            const Mat *W = p[i].W;
-            if (!int8_input(W) || shares_previous_input(p, i)) continue;
-            for (int t = 0; t < p[i].n; t++, job++)
-                if (job % threads == id)
-                    quantize_activations(act->q + act->at[i] + (size_t)t * W->cols,
-                                         act->scale + (act->at[i] + (size_t)t * W->cols) / W->group,
-                                         p[i].x + (size_t)t * W->cols, W->cols, W->group);
-        }
+        prepare_inputs(p, count, act, panels, threads, id);
 #pragma omp barrier
         int chunks = MATMUL_CHUNKS * threads;
 #pragma omp for schedule(dynamic, 1)
@@ -2799,8 +2930,14 @@ static void matmul_many(const Product *p, int count, MatmulScratch *act) {
                           hi = end > before ? (end - before + cost - 1) / cost : 0;
                 const int8_t *xq = int8_input(W) ? act->q + act->at[i] : NULL;
                 const float *xs = int8_input(W) ? act->scale + act->at[i] / W->group : NULL;
-                for (long long b = lo; b < (hi < blocks ? hi : blocks); b++)
-                    matmul_block(&p[i], (int)b, xq, xs, act ? act->kernel : KERNEL_BEST);
+                const float *xT = panels && !int8_input(W) && act->panel_at[i] != SIZE_MAX
+                                  ? act->panels + act->panel_at[i] : NULL;
+                for (long long b = lo, last = hi < blocks ? hi : blocks; b < last;) {
+                    int three = last - b < PANEL_ROWS / 4 ? (int)(last - b) : PANEL_ROWS / 4;
+                    if (xT) matmul_blocks_panels(&p[i], (int)b, three, xT, &kern);
+                    else matmul_block(&p[i], (int)b, xq, xs, act ? act->kernel : KERNEL_BEST);
+                    b += xT ? three : 1;
+                }
                 before += blocks * cost;
             }
         }
@@ -2898,13 +3035,6 @@ enum { VEC_FLOATS = 4, ATT_HEADS = 4 };
 #endif
 enum { WSUM_COLS = 2 * VEC_FLOATS };
 
-/* a * b + acc, one rounding where the CPU has FMA (without it, fmaf is a slow library call). */
-#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
-#define MULADD(a, b, acc) fmaf(a, b, acc)
-#else
-#define MULADD(a, b, acc) ((acc) + (a) * (b))
-#endif
-
 /* Rows j0..j0+n-1 of W, columns c0..c0+cols-1, as floats: in place for f32, else converted into
  * block (stride cols); returns the rows and sets *stride. */
 static const float *rows_as_f32(const Mat *W, int j0, int n, int c0, int cols, float *block,
@@ -2920,7 +3050,7 @@ static const float *rows_as_f32(const Mat *W, int j0, int n, int c0, int cols, f
 
 /* Scores with the heads in the lanes (score_rows_avx512/avx2): each thread transposes a group
  * of 16 queries once, then takes tiles of ATT_ROWS cached rows, step rows a kernel call. */
-static void scores_in_lanes(float *S, const float *Q, const Mat *W, int H, ScoreRows lanes,
+static void scores_in_lanes(float *S, const float *Q, const Mat *W, int H, RowsLanes lanes,
                             int step) {
     int rows = W->rows, len = W->cols, tiles = (rows + ATT_ROWS - 1) / ATT_ROWS;
 #pragma omp parallel if ((long long)rows * H * len > 32768)
@@ -2934,7 +3064,8 @@ static void scores_in_lanes(float *S, const float *Q, const Mat *W, int H, Score
             int j0 = tile * ATT_ROWS, n = rows - j0 < ATT_ROWS ? rows - j0 : ATT_ROWS;
             for (int j = 0; j < n; j += step) {
                 int here = n - j < step ? n - j : step;
-                lanes(out, (const float *)W->data + (size_t)(j0 + j) * len, len, here, qT, len);
+                lanes(out[0], (const float *)W->data + (size_t)(j0 + j) * len, len, here, qT,
+                      SCORE_HEADS, len, (size_t)step * len);  /* and prefetch the next rows */
                 for (int h = 0; h < SCORE_HEADS; h++)
                     for (int r = 0; r < here; r++)
                         S[(size_t)(g * SCORE_HEADS + h) * rows + j0 + j + r] = out[r][h];
@@ -2951,7 +3082,7 @@ static void dot_rows_with(float *S, const float *Q, const Mat *W, int H, float *
     int rows = W->rows, len = W->cols, tiles = (rows + ATT_ROWS - 1) / ATT_ROWS;
     int bf16 = W->dtype == DTYPE_BF16, step = 0;
     Dot4x4Float dot = float_kernel(bf16, kernel);
-    ScoreRows lanes = score_kernel(kernel, &step);  /* an f32 cache, whole groups of 16 heads */
+    RowsLanes lanes = score_kernel(kernel, &step);  /* an f32 cache, whole groups of 16 heads */
     if (lanes && W->dtype == DTYPE_F32 && H % SCORE_HEADS == 0 && len <= SCORE_MAX_LEN) {
         scores_in_lanes(S, Q, W, H, lanes, step);
         return;

@@ -362,7 +362,7 @@ static void test_matmul_dtypes(void) {
     check(err < 1e-4, "f32 matmul of 5 tokens, 37 rows (blocks of 4 with a ragged end): max err %.1e", err);
     quantize_activations(wq, wq_scale, w, ROWS * COLS, G);  /* the same symmetric scheme as export.py */
     size_t at[1];
-    MatmulScratch act = {xq, xs, N * COLS, at, 1, 0};
+    MatmulScratch act = {xq, xs, N * COLS, at, 1, 0, NULL, 0, NULL};  /* q8: no panels */
     Mat Q = {wq, wq_scale, DTYPE_Q8, ROWS, COLS, G};
     float y_simd[N * ROWS];
     act.kernel = KERNEL_PORTABLE;
@@ -407,10 +407,12 @@ static void test_matmul_dtypes(void) {
 }
 
 /* The f32/bf16 kernels built for this CPU (AVX-512 and AVX2 where built) against the portable
- * one and a double reference: 1-9 tokens (bf16 widened in registers below 4, once per chunk
- * from 4), columns past one 512-column chunk and not a multiple of the SIMD width. */
+ * one and a double reference: 1-41 tokens (bf16 widened in registers below 4, once per chunk
+ * from 4; from PANEL_MIN_TOKENS the token panels: full ones, and the narrow kernel for the
+ * tokens left over), columns past one 512-column chunk and not a multiple of the SIMD width,
+ * 13 rows (groups of three 4-row blocks and one left over, rows past the end). */
 static void test_matmul_float_kernels(void) {
-    enum { ROWS = 13, COLS = 1100, N = 9 };
+    enum { ROWS = 13, COLS = 1100, N = 41 };
     static float w[ROWS * COLS], wb[ROWS * COLS], x[N * COLS], y[N * ROWS], y_simd[N * ROWS];
     static uint16_t b[ROWS * COLS];
     for (int i = 0; i < ROWS * COLS; i++) {
@@ -421,16 +423,17 @@ static void test_matmul_float_kernels(void) {
     for (int i = 0; i < N * COLS; i++) x[i] = rand_normal();
     int8_t xq[N * COLS];
     float xs[N * COLS / 32];
-    size_t at[1];
+    size_t at[1], panel_at[1];
     const int kernels[] = {KERNEL_BEST, KERNEL_NO_VNNI};
     const char *names[] = {"best built", "AVX2 where built"};
+    MatmulScratch act = {xq, xs, N * COLS, at, 1, KERNEL_PORTABLE, NULL, 0, panel_at};
     for (int dtype = 0; dtype < 2; dtype++)
         for (int k = 0; k < 2; k++) {
             Mat W = {dtype ? (void *)b : (void *)w, NULL, dtype ? DTYPE_BF16 : DTYPE_F32, ROWS, COLS, COLS};
             const float *wf = dtype ? wb : w;
             double ref_err = 0, worst = 0;
             for (int n = 1; n <= N; n++) {
-                MatmulScratch act = {xq, xs, N * COLS, at, 1, KERNEL_PORTABLE};
+                act.kernel = KERNEL_PORTABLE;
                 matmul(y, &W, x, n, &act);
                 act.kernel = kernels[k];
                 matmul(y_simd, &W, x, n, &act);
@@ -442,9 +445,10 @@ static void test_matmul_float_kernels(void) {
                         worst = fmax(worst, fabs(y_simd[t * ROWS + r] - y[t * ROWS + r]));
                     }
             }
-            check(ref_err < 1e-3 && worst < 1e-3, "%s kernel (%s) on 1-9 tokens, 1100 columns: %.1e from the portable one, %.1e from double",
+            check(ref_err < 1e-3 && worst < 1e-3, "%s kernel (%s) on 1-41 tokens, 1100 columns: %.1e from the portable one, %.1e from double",
                   dtype ? "bf16" : "f32", names[k], worst, ref_err);
         }
+    free(act.panels);
 }
 
 /* Absorbed attention's kernels against a double reference on the cache's types (f32, bf16, q8),
@@ -574,7 +578,7 @@ static void test_matmul_q4(void) {
 /* Several products in one pass (threads split their blocks by work; consecutive products with
  * the same input share its int8 form) give exactly what one product at a time gives. */
 static void test_matmul_many(void) {
-    enum { G = 32, A_ROWS = 13, B_ROWS = 401, C_ROWS = 7, COLS = 64, C_COLS = 96, N = 5 };  /* enough work for every thread */
+    enum { G = 32, A_ROWS = 13, B_ROWS = 401, C_ROWS = 7, COLS = 64, C_COLS = 96, N = 9 };  /* enough work for every thread; f32 panels */
     static float wa[A_ROWS * COLS], wb[B_ROWS * COLS], wc[C_ROWS * C_COLS], x[N * COLS], xc[2 * C_COLS];
     static int8_t qa[A_ROWS * COLS], qb[B_ROWS * COLS], qc[C_ROWS * C_COLS];
     static float sa[A_ROWS * COLS / G], sb[B_ROWS * COLS / G], sc[C_ROWS * C_COLS / G];
@@ -589,8 +593,8 @@ static void test_matmul_many(void) {
     quantize_activations(qc, sc, wc, C_ROWS * C_COLS, G);
     static int8_t aq[N * COLS * 2 + 2 * C_COLS];
     static float as[sizeof aq / G];
-    size_t at[3];
-    MatmulScratch act = {aq, as, sizeof aq, at, 3, 0};
+    size_t at[3], panel_at[3];
+    MatmulScratch act = {aq, as, sizeof aq, at, 3, 0, NULL, 0, panel_at};
     for (int dtype = DTYPE_F32; dtype <= DTYPE_Q8; dtype += DTYPE_Q8 - DTYPE_F32) {
         int q8 = dtype == DTYPE_Q8;
         Mat A = {q8 ? (void *)qa : wa, q8 ? sa : NULL, dtype, A_ROWS, COLS, q8 ? G : COLS};
@@ -605,6 +609,7 @@ static void test_matmul_many(void) {
                    !memcmp(y[2], y_many[2], sizeof(float) * 2 * C_ROWS);
         check(same, "three products in one pass == one at a time, bit for bit (%s; two share an input)", q8 ? "q8" : "f32");
     }
+    free(act.panels);
 }
 
 /* A config no fixture has: norm_topk_prob, seq_aux off, MoE every other layer, no shared
@@ -2389,8 +2394,8 @@ int main(int argc, char **argv) {
         test_routing();
         test_bf16();
         test_matmul_dtypes();
-    test_matmul_float_kernels();
-    test_attention_kernels();
+        test_matmul_float_kernels();
+        test_attention_kernels();
         test_matmul_q4();
         test_bf16_round_to_even();
         test_matmul_many();
