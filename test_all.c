@@ -320,19 +320,20 @@ static void test_bf16(void) {
 
 /* matmul for every weight type against a double-precision reference; q8 within its rounding. */
 /* matvec_transposed (the absorbed query's W^UK^T q) on a q8 or q4 W whose weights as floats are
- * deq, for 1-3 tokens, against double: the largest error over the largest |y|. */
+ * deq, for 1-3 tokens (decoding) and 11 (a prompt: attention's weighted sums), against double:
+ * the largest error over the largest |y|. */
 static double transposed_error(const Mat *W, const float *deq) {
-    int rows = W->rows, cols = W->cols;
-    float *x = malloc(3 * rows * sizeof(float)), *y = malloc(3 * cols * sizeof(float)), *row = malloc(cols * sizeof(float));
+    int rows = W->rows, cols = W->cols, xs = rows + 3, ys = cols + 5;  /* strides past the rows */
+    float *x = malloc(11 * xs * sizeof(float)), *y = malloc(11 * ys * sizeof(float)), *row = malloc(cols * sizeof(float));
     double err = 0, largest = 0;
-    for (int i = 0; i < 3 * rows; i++) x[i] = rand_normal();
-    for (int n = 1; n <= 3; n++) {
-        matvec_transposed(y, cols, W, x, rows, n, row);
+    for (int i = 0; i < 11 * xs; i++) x[i] = rand_normal();
+    for (int n = 1; n <= 11; n += n < 3 ? 1 : 8) {
+        matvec_transposed(y, ys, W, x, xs, n, row);
         for (int t = 0; t < n; t++)
             for (int c = 0; c < cols; c++) {
                 double sum = 0;
-                for (int r = 0; r < rows; r++) sum += (double)deq[(size_t)r * cols + c] * x[t * rows + r];
-                err = fmax(err, fabs(y[t * cols + c] - sum));
+                for (int r = 0; r < rows; r++) sum += (double)deq[(size_t)r * cols + c] * x[t * xs + r];
+                err = fmax(err, fabs(y[t * ys + c] - sum));
                 largest = fmax(largest, fabs(sum));
             }
     }
@@ -393,7 +394,7 @@ static void test_matmul_dtypes(void) {
     float deq[ROWS * COLS];
     for (int r = 0; r < ROWS; r++) mat_row_to_f32(deq + r * COLS, &Q, r);
     double transposed = transposed_error(&Q, deq);
-    check(transposed < 1e-5, "q8 transposed product W^T x, groups of 32, 1-3 tokens, vs double: %.1e of the largest", transposed);
+    check(transposed < 1e-5, "q8 transposed product W^T x, groups of 32, 1-3 and 11 tokens, vs double: %.1e of the largest", transposed);
     act.kernel = KERNEL_BEST;
     Mat Q16 = {wq, wq_scale, DTYPE_Q8, ROWS, COLS, 16};  /* other group sizes take the generic path */
     quantize_activations(wq, wq_scale, w, ROWS * COLS, 16);
@@ -490,7 +491,7 @@ static void test_attention_kernels(void) {
                         omp_set_num_threads(nt);
 #endif
                         dot_rows_with(nt == 1 ? s1 : s3, q, &W, H, q8_rows, kernels[k]);
-                        weighted_rows_sum(nt == 1 ? u1 : u3, COUNT, p, &W, H, COUNT);
+                        weighted_rows_sum(nt == 1 ? u1 : u3, COUNT, p, rows, &W, H, COUNT);
                     }
                     same &= !memcmp(s1, s3, sizeof(float) * H * rows) && !memcmp(u1, u3, sizeof(float) * H * COUNT);
                     for (int h = 0; h < H; h++) {
@@ -550,7 +551,7 @@ static void test_matmul_q4(void) {
     }
     check(exact, "q4 weights read back exactly: every row of %d x %d equals (nibble - 8) x scale", ROWS, COLS);
     double transposed = transposed_error(&Q, deq);
-    check(transposed < 1e-5, "q4 transposed product W^T x (scale joined to x, nibbles read directly), 1-3 tokens, vs double: %.1e of the largest", transposed);
+    check(transposed < 1e-5, "q4 transposed product W^T x (scale joined to x, nibbles read directly), 1-3 and 11 tokens, vs double: %.1e of the largest", transposed);
     MatmulScratch *act = matmul_scratch_new(1, N * COLS);
     const int kernels[] = {KERNEL_BEST, KERNEL_NO_VNNI};
     double worst = 0, ref_err = 0, largest = 0;
