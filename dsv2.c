@@ -2788,7 +2788,9 @@ static void matmul_blocks_panels(const Product *p, int b, int count, const float
             if (W->dtype == DTYPE_BF16)
                 for (int i = 0; i < len; i++) dst[i] = bf16_to_f32(((const uint16_t *)src)[i]);
             else memcpy(dst, src, len * sizeof(float));
-            /* the row's next chunk, or the next three blocks' first, fetched meanwhile */
+            /* the row's next chunk, or the next three blocks' first, fetched meanwhile (with
+             * this loop and prefetch bf16 prefill of 512 tokens ran at 111 tok/s, through
+             * mat_cols_to_f32 without it at 103: slower in 5 of 5 alternations) */
             int next_row = c0 + len < cols ? out_row[r] : out_row[r] + count;
             const char *next = (const char *)W->data + dtype_bytes(W->dtype,
                 (size_t)next_row * cols + (c0 + len < cols ? c0 + len : 0));
