@@ -2515,54 +2515,82 @@ DOT4X4_FLOAT_TYPED(dot4x4_float_avx512)
 #define MULADD(a, b, acc) ((acc) + (a) * (b))
 #endif
 
-/* Rows against columns held in the vector lanes: out[r][w] = sum_k c[r][k] xT[k][w] for ROWS rows
- * of c (stride apart) and WIDTH lanes of xT ([len][x_stride]). Attention scores put 16 heads in
- * the lanes, prefill 16 or 32 tokens. Each row's value is broadcast against one load of xT's
- * WIDTH values shared by every row: no horizontal sums, where the 4 x 4 kernels spend 16 per 4
- * rows x 4 columns. out: [ROWS][WIDTH]; rows past n repeat the last and are not stored. ahead:
- * elements past each row to prefetch meanwhile (the next rows of a cache), or 0. Intrinsics,
- * AVX2 + FMA and AVX-512; elsewhere the 4 x 4 kernels run, and the tests hold these to them. */
-typedef void (*RowsLanes)(float *out, const float *c, size_t stride, int n, const float *xT,
+/* Rows against columns held in the vector lanes: out[r][w] = sum_k c_r[k] xT[k][w] for ROWS rows
+ * c_r (row[r], f32 or bf16) and WIDTH lanes of xT ([len][x_stride]). Attention scores put 16
+ * heads in the lanes, prefill 16 or 32 tokens. Each row's value is broadcast against one load of
+ * xT's WIDTH values shared by every row: no horizontal sums, where the 4 x 4 kernels spend 16
+ * per 4 rows x 4 columns. out: [ROWS][WIDTH], added to where add is set; rows past n repeat the
+ * last and are not stored. ahead: elements past each row to prefetch meanwhile (the next rows of
+ * a cache, a matrix's next chunk), or 0.
+ * Intrinsics, AVX2 + FMA and AVX-512; elsewhere the 4 x 4 kernels run, and the tests hold these
+ * to them. */
+typedef void (*RowsLanes)(float *out, int add, const void *const *row, int n, const float *xT,
                           size_t x_stride, int len, size_t ahead);
-#define ROWS_LANES_SIMD(NAME, VEC, LANES, ROWS, WIDTH, LOAD, BCAST, ZERO, FMA, STORE)              \
-    static void NAME(float *out, const float *c, size_t stride, int n, const float *xT,          \
+/* Column k: every row's weight, WEIGHT(row, k) broadcast, against xT's WIDTH lanes. */
+#define ROWS_LANES_COLUMN(K, WEIGHT, VEC, LANES, LOAD, FMA)                                      \
+    do {                                                                                         \
+        VEC x[HV];                                                                               \
+        for (int v = 0; v < HV; v++) {                                                           \
+            x[v] = LOAD(xT + (size_t)(K) * x_stride + v * LANES);                                \
+            IN_REGISTER(x[v]);                                                                   \
+        }                                                                                        \
+        for (int r = 0; r < NROWS; r++) {                                                        \
+            VEC cv = WEIGHT(c[r], K);                                                            \
+            IN_REGISTER(cv);                                                                     \
+            for (int v = 0; v < HV; v++) acc[r][v] = FMA(cv, x[v], acc[r][v]);                   \
+            if (ahead && (K) % LINE == 0) __builtin_prefetch(c[r] + ahead + (K));                \
+        }                                                                                        \
+    } while (0)
+/* FIRST(c, 0) and NEXT(c, k) broadcast a row's weights: bf16 rows are read as they are, NEXT
+ * taking weight k from the 32-bit word at k - 1 (no widened copy of the row). */
+#define ROWS_LANES_SIMD(NAME, WTYPE, VEC, LANES, ROWS, WIDTH, FIRST, NEXT, LOAD, ZERO, FMA, STORE) \
+    static void NAME(float *out, int add, const void *const *row, int n, const float *xT,       \
                      size_t x_stride, int len, size_t ahead) {                                   \
-        enum { HV = WIDTH / LANES };                                                             \
-        const float *row[ROWS];                                                                  \
+        enum { HV = WIDTH / LANES, NROWS = ROWS, LINE = 64 / sizeof(WTYPE) };                    \
+        const WTYPE *c[ROWS];                                                                    \
         VEC acc[ROWS][HV];                                                                       \
         for (int r = 0; r < ROWS; r++) {                                                         \
-            row[r] = c + (size_t)(r < n ? r : n - 1) * stride;                                   \
-            for (int v = 0; v < HV; v++) acc[r][v] = ZERO();                                     \
+            c[r] = (const WTYPE *)row[r < n ? r : n - 1];                                        \
+            for (int v = 0; v < HV; v++)                                                         \
+                acc[r][v] = add && r < n ? LOAD(out + r * WIDTH + v * LANES) : ZERO();           \
         }                                                                                        \
-        for (int k = 0; k < len; k++) {                                                          \
-            VEC x[HV];                                                                           \
-            for (int v = 0; v < HV; v++) {                                                       \
-                x[v] = LOAD(xT + (size_t)k * x_stride + v * LANES);                              \
-                IN_REGISTER(x[v]);                                                               \
-            }                                                                                    \
-            for (int r = 0; r < ROWS; r++) {                                                     \
-                VEC cv = BCAST(row[r][k]);                                                       \
-                IN_REGISTER(cv);                                                                 \
-                for (int v = 0; v < HV; v++) acc[r][v] = FMA(cv, x[v], acc[r][v]);               \
-                if (ahead && k % 16 == 0) __builtin_prefetch(row[r] + ahead + k);                \
-            }                                                                                    \
-        }                                                                                        \
+        ROWS_LANES_COLUMN(0, FIRST, VEC, LANES, LOAD, FMA);                                      \
+        for (int k = 1; k < len; k++) ROWS_LANES_COLUMN(k, NEXT, VEC, LANES, LOAD, FMA);         \
         for (int r = 0; r < n && r < ROWS; r++)                                                  \
             for (int v = 0; v < HV; v++) STORE(out + r * WIDTH + v * LANES, acc[r][v]);          \
     }
+/* bf16 weight k as a float is its 16 bits on top of 32: the 32-bit word at k - 1 with its low
+ * half (weight k - 1, little-endian) cleared, one load-and-mask. Weight 0 goes by bf16_to_f32. */
+#define BF16_BITS 0xFFFF0000u
 /* scores: 16 heads; prefill: 12 or 6 rows x 32 or 16 tokens (AVX-512: 24 of 32 registers) */
 #if defined(__AVX2__) && defined(__FMA__)
+#define F32_AVX2(c, k) _mm256_set1_ps((c)[k])
+#define BF16_FIRST_AVX2(c, k) _mm256_set1_ps(bf16_to_f32((c)[k]))
+#define BF16_NEXT_AVX2(c, k)                                                                     \
+    _mm256_castsi256_ps(_mm256_and_si256(_mm256_broadcastd_epi32(_mm_loadu_si32((c) + (k) - 1)), \
+                                         _mm256_set1_epi32((int32_t)BF16_BITS)))
 #define ROWS_LANES_AVX2(NAME, ROWS, WIDTH)                                                         \
-    ROWS_LANES_SIMD(NAME, __m256, 8, ROWS, WIDTH, _mm256_loadu_ps, _mm256_set1_ps,               \
-                    _mm256_setzero_ps, _mm256_fmadd_ps, _mm256_storeu_ps)
+    ROWS_LANES_SIMD(NAME, float, __m256, 8, ROWS, WIDTH, F32_AVX2, F32_AVX2, _mm256_loadu_ps,     \
+                    _mm256_setzero_ps, _mm256_fmadd_ps, _mm256_storeu_ps)                        \
+    ROWS_LANES_SIMD(NAME##_bf16, uint16_t, __m256, 8, ROWS, WIDTH, BF16_FIRST_AVX2,              \
+                    BF16_NEXT_AVX2, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_fmadd_ps,         \
+                    _mm256_storeu_ps)
 ROWS_LANES_AVX2(score_rows_avx2, 4, 16)
 ROWS_LANES_AVX2(prefill_rows_avx2_16, 6, 16)
 ROWS_LANES_AVX2(prefill_rows_avx2_8, 6, 8)
 #endif
 #if defined(__AVX512F__)
+#define F32_AVX512(c, k) _mm512_set1_ps((c)[k])
+#define BF16_FIRST_AVX512(c, k) _mm512_set1_ps(bf16_to_f32((c)[k]))
+#define BF16_NEXT_AVX512(c, k)                                                                   \
+    _mm512_castsi512_ps(_mm512_and_epi32(_mm512_broadcastd_epi32(_mm_loadu_si32((c) + (k) - 1)), \
+                                         _mm512_set1_epi32((int32_t)BF16_BITS)))
 #define ROWS_LANES_AVX512(NAME, ROWS, WIDTH)                                                       \
-    ROWS_LANES_SIMD(NAME, __m512, 16, ROWS, WIDTH, _mm512_loadu_ps, _mm512_set1_ps,              \
-                    _mm512_setzero_ps, _mm512_fmadd_ps, _mm512_storeu_ps)
+    ROWS_LANES_SIMD(NAME, float, __m512, 16, ROWS, WIDTH, F32_AVX512, F32_AVX512,                \
+                    _mm512_loadu_ps, _mm512_setzero_ps, _mm512_fmadd_ps, _mm512_storeu_ps)       \
+    ROWS_LANES_SIMD(NAME##_bf16, uint16_t, __m512, 16, ROWS, WIDTH, BF16_FIRST_AVX512,           \
+                    BF16_NEXT_AVX512, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_fmadd_ps,       \
+                    _mm512_storeu_ps)
 ROWS_LANES_AVX512(score_rows_avx512, 8, 16)
 ROWS_LANES_AVX512(prefill_rows_avx512_32, 12, 32)
 ROWS_LANES_AVX512(prefill_rows_avx512_16, 12, 16)
@@ -2645,28 +2673,35 @@ static Dot4x4Float float_kernel(int bf16, int kernel) {
 
 /* The scores kernel with heads in lanes and its rows per call, as float_kernel chooses; NULL
  * without SIMD (the 4 x 4 kernels then run). */
-static RowsLanes score_kernel(int kernel, int *rows) {
+static RowsLanes score_kernel(int kernel, int bf16, int *rows) {
 #if defined(__AVX512F__)
-    if (kernel == KERNEL_BEST) return *rows = 8, score_rows_avx512;
+    if (kernel == KERNEL_BEST) return *rows = 8, bf16 ? score_rows_avx512_bf16 : score_rows_avx512;
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
-    if (kernel != KERNEL_PORTABLE) return *rows = 4, score_rows_avx2;
+    if (kernel != KERNEL_PORTABLE) return *rows = 4, bf16 ? score_rows_avx2_bf16 : score_rows_avx2;
 #endif
-    (void)kernel;
+    (void)kernel, (void)bf16;
     return *rows = 0, NULL;
 }
 
 /* The prefill kernels (rows_lanes, tokens in the lanes): wide for full panels, narrow for the
  * tokens left over, and their rows per call; 0 without AVX2/AVX-512 (the 4 x 4 kernels run). */
-typedef struct { RowsLanes wide, narrow; int wide_tokens, narrow_tokens, rows; } PrefillKernels;
+typedef struct {
+    RowsLanes wide, narrow, wide_bf16, narrow_bf16;
+    int wide_tokens, narrow_tokens, rows;
+} PrefillKernels;
 static int prefill_kernels(int kernel, PrefillKernels *k) {
 #if defined(__AVX512F__)
     if (kernel == KERNEL_BEST)
-        return *k = (PrefillKernels){prefill_rows_avx512_32, prefill_rows_avx512_16, 32, 16, 12}, 1;
+        return *k = (PrefillKernels){prefill_rows_avx512_32, prefill_rows_avx512_16,
+                                     prefill_rows_avx512_32_bf16, prefill_rows_avx512_16_bf16,
+                                     32, 16, 12}, 1;
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
     if (kernel != KERNEL_PORTABLE)
-        return *k = (PrefillKernels){prefill_rows_avx2_16, prefill_rows_avx2_8, 16, 8, 6}, 1;
+        return *k = (PrefillKernels){prefill_rows_avx2_16, prefill_rows_avx2_8,
+                                     prefill_rows_avx2_16_bf16, prefill_rows_avx2_8_bf16,
+                                     16, 8, 6}, 1;
 #endif
     (void)kernel, (void)k;
     return 0;
@@ -2768,50 +2803,45 @@ static void matmul_block_q4(const Product *p, int b, const size_t row[4], const 
  * tokens come transposed into panels of PANEL_TOKENS ([cols][32]: a column's 32 tokens side by
  * side, the last panel padded with zeros), so the kernels hold tokens in the vector lanes and
  * broadcast each weight: no horizontal sums (bf16 prefill of 512 tokens, Zen 5: 77-87 -> 93-106
- * tok/s). A chunk of the rows, widened to f32 once, stays in L1 while every panel passes. */
+ * tok/s). A chunk of the rows stays in L1 while every panel passes; bf16 is read as it is. */
 enum { PANEL_TOKENS = 32, PANEL_ROWS = 12, PANEL_CHUNK = 512, PANEL_MIN_TOKENS = 8 };
 static void matmul_blocks_panels(const Product *p, int b, int count, const float *panels,
                                  const PrefillKernels *kern) {
     const Mat *W = p->W;
     int rows = W->rows, cols = W->cols, blocks = (rows + 3) / 4, out_row[PANEL_ROWS], n = 0;
-    size_t size = W->dtype == DTYPE_BF16 ? sizeof(uint16_t) : sizeof(float);
+    int bf16 = W->dtype == DTYPE_BF16;
+    RowsLanes wide = bf16 ? kern->wide_bf16 : kern->wide;
+    RowsLanes narrow = bf16 ? kern->narrow_bf16 : kern->narrow;
     for (int g = 0; g < count; g++)
         for (int k = 0; k < 4; k++)
             if (b + g + k * blocks < rows) out_row[n++] = b + g + k * blocks;
-    float wide[PANEL_ROWS * PANEL_CHUNK], out[PANEL_ROWS * PANEL_TOKENS];
+    float out[PANEL_ROWS * (MAX_BATCH + PANEL_TOKENS)];  /* every token's sums over the chunks */
     for (int c0 = 0; c0 < cols; c0 += PANEL_CHUNK) {
         int len = cols - c0 < PANEL_CHUNK ? cols - c0 : PANEL_CHUNK;
-        for (int r = 0; r < n; r++) {  /* bf16 widened in a loop the compiler vectorizes */
-            const char *src = (const char *)W->data + dtype_bytes(W->dtype,
-                                                                  (size_t)out_row[r] * cols + c0);
-            float *dst = wide + r * PANEL_CHUNK;
-            if (W->dtype == DTYPE_BF16)
-                for (int i = 0; i < len; i++) dst[i] = bf16_to_f32(((const uint16_t *)src)[i]);
-            else memcpy(dst, src, len * sizeof(float));
-            /* the row's next chunk, or the next three blocks' first, fetched meanwhile (with
-             * this loop and prefetch bf16 prefill of 512 tokens ran at 111 tok/s, through
-             * mat_cols_to_f32 without it at 103: slower in 5 of 5 alternations) */
-            int next_row = c0 + len < cols ? out_row[r] : out_row[r] + count;
-            const char *next = (const char *)W->data + dtype_bytes(W->dtype,
-                (size_t)next_row * cols + (c0 + len < cols ? c0 + len : 0));
-            for (size_t at = 0; next_row < rows && at < PANEL_CHUNK * size; at += 64)
-                __builtin_prefetch(next + at, 0, 2);
-        }
+        /* the first panel fetches what comes next: the rows' next chunk, or the next three
+         * blocks' first (rows out_row + count) */
+        size_t ahead = c0 + len < cols ? (size_t)len : (size_t)count * cols - c0;
+        const void *at[PANEL_ROWS];
+        for (int r = 0; r < n; r++)
+            at[r] = (const char *)W->data + dtype_bytes(W->dtype, (size_t)out_row[r] * cols + c0);
         for (int t0 = 0; t0 < p->n;) {
-            int left = p->n - t0, narrow = left <= kern->narrow_tokens;
-            int width = narrow ? kern->narrow_tokens : kern->wide_tokens;
+            int left = p->n - t0, is_narrow = left <= kern->narrow_tokens;
+            int width = is_narrow ? kern->narrow_tokens : kern->wide_tokens;
             const float *x = panels + ((size_t)(t0 / PANEL_TOKENS) * cols + c0) * PANEL_TOKENS +
                              t0 % PANEL_TOKENS;
             for (int r0 = 0; r0 < n; r0 += kern->rows)
-                (narrow ? kern->narrow : kern->wide)(out + r0 * width, wide + r0 * PANEL_CHUNK,
-                                                     PANEL_CHUNK, n - r0, x, PANEL_TOKENS, len, 0);
-            for (int t = 0; t < width && t < left; t++)
-                for (int r = 0; r < n; r++) {
-                    float *y = &p->y[(size_t)(t0 + t) * rows + out_row[r]];
-                    *y = c0 ? *y + out[r * width + t] : out[r * width + t];
-                }
+                (is_narrow ? narrow : wide)(out + PANEL_ROWS * t0 + r0 * width, c0 > 0, at + r0,
+                                            n - r0, x, PANEL_TOKENS, len, t0 ? 0 : ahead);
             t0 += width;
         }
+    }
+    for (int t0 = 0; t0 < p->n;) {  /* [panel][row][token] -> y [token][row] */
+        int left = p->n - t0;
+        int width = left <= kern->narrow_tokens ? kern->narrow_tokens : kern->wide_tokens;
+        for (int t = 0; t < width && t < left; t++)
+            for (int r = 0; r < n; r++)
+                p->y[(size_t)(t0 + t) * rows + out_row[r]] = out[PANEL_ROWS * t0 + r * width + t];
+        t0 += width;
     }
 }
 
@@ -3072,8 +3102,12 @@ static void scores_in_lanes(float *S, const float *Q, const Mat *W, int H, RowsL
             int j0 = tile * ATT_ROWS, n = rows - j0 < ATT_ROWS ? rows - j0 : ATT_ROWS;
             for (int j = 0; j < n; j += step) {
                 int here = n - j < step ? n - j : step;
-                lanes(out[0], (const float *)W->data + (size_t)(j0 + j) * len, len, here, qT,
-                      SCORE_HEADS, len, (size_t)step * len);  /* and prefetch the next rows */
+                const void *at[SCORE_MAX_ROWS];
+                for (int r = 0; r < here; r++)
+                    at[r] = (const char *)W->data + dtype_bytes(W->dtype,
+                                                                (size_t)(j0 + j + r) * len);
+                lanes(out[0], 0, at, here, qT, SCORE_HEADS, len,
+                      (size_t)step * len);  /* and prefetch the next rows */
                 for (int h = 0; h < SCORE_HEADS; h++)
                     for (int r = 0; r < here; r++)
                         S[(size_t)(g * SCORE_HEADS + h) * rows + j0 + j + r] = out[r][h];
@@ -3090,8 +3124,8 @@ static void dot_rows_with(float *S, const float *Q, const Mat *W, int H, float *
     int rows = W->rows, len = W->cols, tiles = (rows + ATT_ROWS - 1) / ATT_ROWS;
     int bf16 = W->dtype == DTYPE_BF16, step = 0;
     Dot4x4Float dot = float_kernel(bf16, kernel);
-    RowsLanes lanes = score_kernel(kernel, &step);  /* an f32 cache, whole groups of 16 heads */
-    if (lanes && W->dtype == DTYPE_F32 && H % SCORE_HEADS == 0 && len <= SCORE_MAX_LEN) {
+    RowsLanes lanes = score_kernel(kernel, bf16, &step);  /* f32 or bf16, groups of 16 heads */
+    if (lanes && W->dtype != DTYPE_Q8 && H % SCORE_HEADS == 0 && len <= SCORE_MAX_LEN) {
         scores_in_lanes(S, Q, W, H, lanes, step);
         return;
     }
