@@ -453,35 +453,39 @@ static void test_matmul_float_kernels(void) {
 }
 
 /* Absorbed attention's kernels against a double reference on the cache's types (f32, bf16, q8),
- * ragged sizes (heads past the register blocks, rows past the tiles, columns past the vectors):
- * the scores S[h][j] = Q[h] . W[j] by every float kernel built, and the weighted sums
- * u[h] = sum_j P[h][j] W[j]; both the same to the bit with 1 thread and with 3. */
+ * ragged sizes (heads past the register blocks, rows past the tiles and splits, columns past the
+ * vectors): attend_latents' scaled scores S[h][j] = scale Q[h] . W[j] and its softmax-weighted
+ * sums u[h] = sum_j softmax(S[h])_j W[j] by every float kernel built (4,500 rows: more tiles
+ * than ATT_MAX_SPLITS splits of two), and weighted_rows_sum's u[h] = sum_j P[h][j] W[j]; all the
+ * same to the bit with 1 thread and with 3. */
 static void test_attention_kernels(void) {
-    enum { MAXH = 32, MAXROWS = 131, COLS = 72, COUNT = 64 };
+    enum { MAXH = 32, MAXROWS = 4500, COLS = 72, COUNT = 64 };
     static float w[MAXROWS * COLS], deq[MAXROWS * COLS], q[MAXH * COLS], p[MAXH * MAXROWS];
     static float s1[MAXH * MAXROWS], s3[MAXH * MAXROWS], u1[MAXH * COUNT], u3[MAXH * COUNT];
+    static float v1[MAXH * COUNT], v3[MAXH * COUNT];
+    static double ref_s[MAXROWS];
     static uint16_t wb[MAXROWS * COLS];
     static int8_t wq[MAXROWS * COLS];
     static float wscale[MAXROWS * COLS / 8];
+    const float scale = 0.125f;
     for (int i = 0; i < MAXROWS * COLS; i++) w[i] = rand_normal();
     for (int i = 0; i < MAXH * COLS; i++) q[i] = rand_normal();
     for (int i = 0; i < MAXH * MAXROWS; i++) p[i] = random_f32(&test_rng);
     for (int i = 0; i < MAXROWS * COLS; i++) wb[i] = f32_to_bf16(w[i]);
     quantize_activations(wq, wscale, w, MAXROWS * COLS, 8);
-    const int heads[] = {1, 5, 16, 19, 32}, rows_list[] = {1, 3, 67, 131};  /* 16, 32: in lanes */
+    const int heads[] = {1, 5, 16, 19, 32}, rows_list[] = {1, 3, 67, 131, 4500};  /* 16, 32: in lanes */
     const int kernels[] = {KERNEL_PORTABLE, KERNEL_BEST, KERNEL_NO_VNNI};
     int threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    float *q8_rows = floats((size_t)(threads > 3 ? threads : 3) * ATT_ROWS * COLS);  /* 1, 3 threads */
     for (int dtype = 0; dtype < 3; dtype++) {
         const void *data = dtype == 0 ? (const void *)w : dtype == 1 ? (const void *)wb : (const void *)wq;
         int type = dtype == 0 ? DTYPE_F32 : dtype == 1 ? DTYPE_BF16 : DTYPE_Q8;
-        double score_err = 0, sum_err = 0;
+        double score_err = 0, attend_err = 0, sum_err = 0;
         int same = 1;
         for (int a = 0; a < 5; a++)
-            for (int b = 0; b < 4; b++) {
+            for (int b = 0; b < 5; b++) {
                 int H = heads[a], rows = rows_list[b];
                 Mat W = {data, dtype == 2 ? wscale : NULL, type, rows, COLS, dtype == 2 ? 8 : COLS};
                 for (int j = 0; j < rows; j++) mat_row_to_f32(deq + j * COLS, &W, j);
@@ -490,20 +494,34 @@ static void test_attention_kernels(void) {
 #ifdef _OPENMP
                         omp_set_num_threads(nt);
 #endif
-                        dot_rows_with(nt == 1 ? s1 : s3, q, &W, H, q8_rows, kernels[k]);
+                        AttendScratch att;
+                        attend_scratch_init(&att, H, COUNT, COLS);
+                        if (dtype == 2) att.rows_f32 = floats((size_t)att.threads * ATT_ROWS * COLS);
+                        attend_latents_with(nt == 1 ? v1 : v3, COUNT, nt == 1 ? s1 : s3, q, &W, COUNT,
+                                            scale, &att, kernels[k]);
+                        attend_scratch_free(&att);
                         weighted_rows_sum(nt == 1 ? u1 : u3, COUNT, p, rows, &W, H, COUNT);
                     }
-                    same &= !memcmp(s1, s3, sizeof(float) * H * rows) && !memcmp(u1, u3, sizeof(float) * H * COUNT);
+                    same &= !memcmp(s1, s3, sizeof(float) * H * rows) && !memcmp(u1, u3, sizeof(float) * H * COUNT) &&
+                            !memcmp(v1, v3, sizeof(float) * H * COUNT);
                     for (int h = 0; h < H; h++) {
+                        double top = -INFINITY, total = 0;
                         for (int j = 0; j < rows; j++) {
                             double ref = 0;
                             for (int c = 0; c < COLS; c++) ref += (double)q[h * COLS + c] * deq[j * COLS + c];
-                            score_err = fmax(score_err, fabs(s1[h * rows + j] - ref));
+                            ref_s[j] = ref * scale;
+                            top = fmax(top, ref_s[j]);
+                            score_err = fmax(score_err, fabs(s1[h * rows + j] - ref_s[j]));
                         }
+                        for (int j = 0; j < rows; j++) total += exp(ref_s[j] - top);
                         for (int c = 0; c < COUNT; c++) {
-                            double ref = 0;
-                            for (int j = 0; j < rows; j++) ref += (double)p[h * rows + j] * deq[j * COLS + c];
-                            sum_err = fmax(sum_err, fabs(u1[h * COUNT + c] - ref));
+                            double ref = 0, attended = 0;
+                            for (int j = 0; j < rows; j++) {
+                                ref += (double)p[h * rows + j] * deq[j * COLS + c];
+                                attended += exp(ref_s[j] - top) / total * deq[j * COLS + c];
+                            }
+                            sum_err = fmax(sum_err, fabs(u1[h * COUNT + c] - ref) / (rows > 131 ? 10 : 1));
+                            attend_err = fmax(attend_err, fabs(v1[h * COUNT + c] - attended));
                         }
                     }
                 }
@@ -511,10 +529,11 @@ static void test_attention_kernels(void) {
 #ifdef _OPENMP
         omp_set_num_threads(threads);
 #endif
-        check(score_err < 1e-4 && sum_err < 1e-4 && same, "attention kernels on a %s cache, 1-32 heads x 1-131 rows: scores %.1e, weighted sums %.1e from double; "
-              "1 and 3 threads %s", storage_name(type), score_err, sum_err, same ? "identical" : "DIFFER");
+        check(score_err < 1e-4 && attend_err < 1e-5 && sum_err < 1e-4 && same,
+              "attention on a %s cache, 1-32 heads x 1-4500 rows: scores %.1e, softmax-weighted sums %.1e, "
+              "weighted sums %.1e from double; 1 and 3 threads %s", storage_name(type), score_err, attend_err,
+              sum_err, same ? "identical" : "DIFFER");
     }
-    free(q8_rows);
 }
 
 /* q4 weights, quantized here independently of export.py by llama.cpp Q4_0's rule (the largest-
