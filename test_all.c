@@ -2114,6 +2114,19 @@ static void test_quantize_edges(void) {
     check(isnan(scale[1]), "q8 quantization of a group with a NaN gives a NaN scale");
 }
 
+/* exp_vectorized (attention's softmax) against expf in ulps over [-87, 88], every 2^-10; below
+ * -87 it gives e^-87; NaN stays NaN. */
+static void test_exp_vectorized(void) {
+    double worst = 0;
+    for (double x = -87.0; x <= 88.0; x += 1.0 / 1024) {
+        float got = exp_vectorized((float)x), want = expf((float)x);
+        worst = fmax(worst, fabs((double)got - want) / (nextafterf(want, INFINITY) - want));
+    }
+    float low = exp_vectorized(-500.0f), nan = exp_vectorized(NAN);
+    check(worst <= 2 && low == exp_vectorized(-87.0f) && isnan(nan),
+          "exp_vectorized within %.2g ulp of expf on [-87, 88]; e^-500 -> %g; NaN -> %g", worst, low, nan);
+}
+
 /* D2 in process: top-p over two equally likely tokens with p = 0.01 keeps none by the cutoff. */
 static void test_sampler_edges(void) {
     float logits[2] = {0.0f, 0.0f};
@@ -2416,6 +2429,7 @@ int main(int argc, char **argv) {
         test_matmul_dtypes();
         test_matmul_float_kernels();
         test_attention_kernels();
+        test_exp_vectorized();
         test_matmul_q4();
         test_bf16_round_to_even();
         test_matmul_many();
