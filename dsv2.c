@@ -433,10 +433,12 @@ typedef struct {
     unsigned char *taken, *group_taken;
 } RouterScratch;
 
-/* Tokens per forward call: a longer prompt goes through in chunks of this many. 256, not 64:
- * in a chunk of 64 each routed expert got about 6 tokens, too few to pay for reading its weights
- * (bf16 prefill of 512 tokens, 8-layer V2-Lite, Zen 5: 74 -> 97 tok/s; 512 gained no more). */
-#define MAX_BATCH 256
+/* Tokens per forward call: a longer prompt goes through in chunks of this many. In a chunk of 64
+ * each routed expert got about 6 tokens, too few to pay for reading its weights (bf16 prefill of
+ * 512 tokens, 8-layer V2-Lite, Zen 5: 74 -> 97 tok/s at 256). 512: each expert's ~48 tokens fill
+ * one panel of 32 and one of 16 where ~24 padded one of 32 (113 -> 121 tok/s, 5 alternations;
+ * q8 unchanged). */
+#define MAX_BATCH 512
 
 typedef struct {
     const Config *cfg;
