@@ -3065,11 +3065,11 @@ static void mat_store_rows(Mat *W, int row0, const float *x, int n) {
 }
 
 
-/* Attention's kernels. dot_rows (the scores) runs the matmul's float kernels above over tiles
- * of ATT_ROWS cached rows. weighted_rows_sum is plain C that the compiler turns into vectors of
- * VEC_FLOATS, with ATT_HEADS heads' sums held in registers at a time (16 of AVX-512's 32
- * registers, 8 of AVX2's 16, 16 of NEON's 32) while ATT_ROWS rows, hot in L1, stream past.
- * Each thread takes a fixed range of rows (scores) or of columns (weighted sums). */
+/* Attention's kernels, a tile of ATT_ROWS cached rows at a time. The scores (scores_tile) run
+ * the rows_lanes or the matmul's float kernels above. The weighted sums (weighted_tile) are plain
+ * C that the compiler turns into vectors of VEC_FLOATS, with ATT_HEADS heads' sums held in
+ * registers at a time (16 of AVX-512's 32 registers, 8 of AVX2's 16, 16 of NEON's 32) while the
+ * tile's rows, hot in L1, stream past. */
 #if defined(__AVX512F__)
 enum { VEC_FLOATS = 16, ATT_HEADS = 8 };
 #elif defined(__AVX__)
