@@ -245,7 +245,7 @@ typedef struct {
     double *total;    /* each split's sum_j e^(S[h][j] - max) [ATT_MAX_SPLITS][H] */
     float *p;         /* per thread: a tile's e^(S - max) [threads][H][ATT_ROWS] */
     float *rows_f32;  /* per thread (q8 cache): a tile's rows as floats [threads][ATT_ROWS][cols] */
-    int threads, heads, width;
+    int threads, heads;
 } AttendScratch;
 static void attend_latents(float *u, size_t u_stride, float *S, const float *Q, const Mat *C,
                            int r, float scale, AttendScratch *a);
@@ -2899,8 +2899,9 @@ static int shares_previous_input(const Product *p, int i) {
 }
 
 /* Where each product's prepared input goes: act->at (int8 tokens, q8/q4 weights) and, with
- * panels (a prefill kernel built), act->panel_at (token panels, f32/bf16 weights with at least
- * PANEL_MIN_TOKENS tokens; SIZE_MAX: none). Returns the work: sum of blocks * cols * tokens. */
+ * panels (a prefill kernel built), act->panel_at (token panels, f32/bf16 weights with
+ * PANEL_MIN_TOKENS to MAX_BATCH tokens, what the panels' sums buffer holds; SIZE_MAX: none).
+ * Returns the work: sum of blocks * cols * tokens. */
 static long long plan_inputs(const Product *p, int count, MatmulScratch *act, int panels) {
     long long work = 0;
     size_t used = 0, panel_floats = 0;
@@ -2912,7 +2913,7 @@ static long long plan_inputs(const Product *p, int count, MatmulScratch *act, in
         if (int8_input(W) && shares_previous_input(p, i)) act->at[i] = act->at[i - 1];
         else if (int8_input(W)) act->at[i] = used, used += (size_t)p[i].n * W->cols;
         else if (!panels) continue;
-        else if (p[i].n < PANEL_MIN_TOKENS) act->panel_at[i] = SIZE_MAX;
+        else if (p[i].n < PANEL_MIN_TOKENS || p[i].n > MAX_BATCH) act->panel_at[i] = SIZE_MAX;
         else if (shares_previous_input(p, i)) act->panel_at[i] = act->panel_at[i - 1];
         else {
             act->panel_at[i] = panel_floats;
@@ -3346,7 +3347,7 @@ static void attend_scratch_init(AttendScratch *a, int H, int r, int width) {
     *a = (AttendScratch){floats((size_t)H * width), floats((size_t)ATT_MAX_SPLITS * H * r),
                          floats((size_t)ATT_MAX_SPLITS * H),
                          xcalloc((size_t)ATT_MAX_SPLITS * H, sizeof(double)),
-                         floats((size_t)threads * H * ATT_ROWS), NULL, threads, H, width};
+                         floats((size_t)threads * H * ATT_ROWS), NULL, threads, H};
 }
 
 static void attend_scratch_free(AttendScratch *a) {
