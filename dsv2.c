@@ -191,8 +191,9 @@ static void *xcalloc(size_t n, size_t size) {
 
 static int max_int(int a, int b) { return a > b ? a : b; }
 
-/* A zeroed buffer that is read through every token (the KV cache), in huge pages where the OS
- * allows, as the weights are: in 4 KiB pages, walking 8K cached rows missed the TLB per row. */
+/* A zeroed buffer in huge pages where the OS allows, as the weights are: in 4 KiB pages, walking
+ * 8K cached rows missed the TLB per row, and a prompt's first touch of its 25 MB activation
+ * buffers cost a page fault per 4 KiB (13 ns a float here, a tenth of a 512-token prefill). */
 static void *xcalloc_huge(size_t bytes) {
     void *p = xcalloc(bytes, 1);  /* big callocs are fresh mappings, not yet touched */
 #ifdef MADV_HUGEPAGE
@@ -498,7 +499,7 @@ static size_t kv_cache_width(const Config *c, int attn_mode) {
     return (size_t)H * (c->qk_nope_head_dim + c->qk_rope_head_dim + c->v_head_dim);
 }
 
-static float *floats(size_t n) { return xcalloc(n, sizeof(float)); }
+static float *floats(size_t n) { return xcalloc_huge(n * sizeof(float)); }
 
 static void init_run_state(RunState *s, const Config *c, int attn_mode, int context) {
     int D = c->hidden_size, H = c->num_attention_heads, B = MAX_BATCH, E = c->n_routed_experts;
@@ -2631,8 +2632,8 @@ struct MatmulScratch {
 static MatmulScratch *matmul_scratch_new(int max_products, size_t max_inputs) {
     MatmulScratch *s = xcalloc(1, sizeof *s);
     s->capacity = max_inputs;
-    s->q = xcalloc(max_inputs, 1);
-    s->scale = xcalloc(max_inputs, sizeof(float));
+    s->q = xcalloc_huge(max_inputs);
+    s->scale = xcalloc_huge(max_inputs * sizeof(float));
     s->max_products = max_products;
     s->at = xcalloc(max_products, sizeof(size_t));
     s->panel_at = xcalloc(max_products, sizeof(size_t));
@@ -2816,22 +2817,21 @@ enum { PANEL_TOKENS = 32, PANEL_ROWS = 12, PANEL_CHUNK = 512, PANEL_MIN_TOKENS =
 static void matmul_blocks_panels(const Product *p, int b, int count, const float *panels,
                                  const PrefillKernels *kern) {
     const Mat *W = p->W;
-    int rows = W->rows, cols = W->cols, blocks = (rows + 3) / 4, out_row[PANEL_ROWS], n = 0;
+    /* blocks b..b + count - 1 as rows 4b.. side by side, not b, b + Q, ..: each token's sums
+     * land in one or two cache lines of y */
+    int rows = W->rows, cols = W->cols, first = 4 * b, n = 4 * count;
+    if (n > rows - first) n = rows - first;
     int bf16 = W->dtype == DTYPE_BF16;
     RowsLanes wide = bf16 ? kern->wide_bf16 : kern->wide;
     RowsLanes narrow = bf16 ? kern->narrow_bf16 : kern->narrow;
-    for (int g = 0; g < count; g++)
-        for (int k = 0; k < 4; k++)
-            if (b + g + k * blocks < rows) out_row[n++] = b + g + k * blocks;
     float out[PANEL_ROWS * (MAX_BATCH + PANEL_TOKENS)];  /* every token's sums over the chunks */
     for (int c0 = 0; c0 < cols; c0 += PANEL_CHUNK) {
         int len = cols - c0 < PANEL_CHUNK ? cols - c0 : PANEL_CHUNK;
-        /* the first panel fetches what comes next: the rows' next chunk, or the next three
-         * blocks' first (rows out_row + count) */
-        size_t ahead = c0 + len < cols ? (size_t)len : (size_t)count * cols - c0;
+        /* the first panel fetches what comes next: the rows' next chunk, or the next job's rows */
+        size_t ahead = c0 + len < cols ? (size_t)len : (size_t)n * cols - c0;
         const void *at[PANEL_ROWS];
         for (int r = 0; r < n; r++)
-            at[r] = (const char *)W->data + dtype_bytes(W->dtype, (size_t)out_row[r] * cols + c0);
+            at[r] = (const char *)W->data + dtype_bytes(W->dtype, (size_t)(first + r) * cols + c0);
         for (int t0 = 0; t0 < p->n;) {
             int left = p->n - t0, is_narrow = left <= kern->narrow_tokens;
             int width = is_narrow ? kern->narrow_tokens : kern->wide_tokens;
@@ -2846,18 +2846,24 @@ static void matmul_blocks_panels(const Product *p, int b, int count, const float
     for (int t0 = 0; t0 < p->n;) {  /* [panel][row][token] -> y [token][row] */
         int left = p->n - t0;
         int width = left <= kern->narrow_tokens ? kern->narrow_tokens : kern->wide_tokens;
-        for (int t = 0; t < width && t < left; t++)
-            for (int r = 0; r < n; r++)
-                p->y[(size_t)(t0 + t) * rows + out_row[r]] = out[PANEL_ROWS * t0 + r * width + t];
+        for (int t = 0; t < width && t < left; t++) {
+            float *y = p->y + (size_t)(t0 + t) * rows + first;
+            for (int r = 0; r < n; r++) y[r] = out[PANEL_ROWS * t0 + r * width + t];
+        }
         t0 += width;
     }
 }
 
-/* Tokens t0.. of x ([n][cols]) as one panel: panel[k][w] = x[t0 + w][k], zeros past n. */
+/* Tokens t0.. of x ([n][cols]) as one panel: panel[k][w] = x[t0 + w][k], zeros past n. A few
+ * columns at a time, so the lines written stay in L1 while all 32 tokens fill them. */
 static void make_panel(float *panel, const float *x, int n, int cols, int t0) {
-    for (int w = 0; w < PANEL_TOKENS; w++) {
-        const float *xt = t0 + w < n ? x + (size_t)(t0 + w) * cols : NULL;
-        for (int k = 0; k < cols; k++) panel[(size_t)k * PANEL_TOKENS + w] = xt ? xt[k] : 0;
+    enum { STEP = 16 };
+    for (int k0 = 0; k0 < cols; k0 += STEP) {
+        int k1 = cols - k0 < STEP ? cols : k0 + STEP;
+        for (int w = 0; w < PANEL_TOKENS; w++) {
+            const float *xt = t0 + w < n ? x + (size_t)(t0 + w) * cols : NULL;
+            for (int k = k0; k < k1; k++) panel[(size_t)k * PANEL_TOKENS + w] = xt ? xt[k] : 0;
+        }
     }
 }
 
@@ -2924,8 +2930,8 @@ static long long plan_inputs(const Product *p, int count, MatmulScratch *act, in
     if (used > (act ? act->capacity : 0)) die("internal: activation scratch too small");
     if (panel_floats > (act ? act->panel_capacity : 0)) {  /* a longer prompt than before */
         free(act->panels);
-        act->panels = xcalloc(panel_floats, sizeof(float));
-        act->panel_capacity = panel_floats;
+        act->panel_capacity = panel_floats + panel_floats / 4;  /* room for the next layers' */
+        act->panels = xcalloc_huge(act->panel_capacity * sizeof(float));
     }
     return work;
 }
