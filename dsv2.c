@@ -246,6 +246,9 @@ typedef struct {
     double *total;    /* each split's sum_j e^(S[h][j] - max) [ATT_MAX_SPLITS][H] */
     float *p;         /* per thread: a tile's e^(S - max) [threads][H][ATT_ROWS] */
     float *rows_f32;  /* per thread (q8 cache): a tile's rows as floats [threads][ATT_ROWS][cols] */
+    float *q_bf16;      /* a bf16 cache's queries, rounded to bf16 [H][C->cols] */
+    uint32_t *q_pairs;  /* the same as bf16 pairs, heads in the lanes [H/16][C->cols / 2][16] */
+    uint32_t *p_pairs;  /* per thread: a tile's e^(S - max), bf16 pairs [threads][H][ATT_ROWS/2] */
     int threads, heads;
 } AttendScratch;
 static void attend_latents(float *u, size_t u_stride, float *S, const float *Q, const Mat *C,
@@ -2112,6 +2115,17 @@ static inline float bf16_to_f32(uint16_t b) {
     return f;
 }
 
+/* f rounded to the nearest bf16 (even on ties), kept as a float: f32_to_bf16 and back, in a
+ * form compilers turn into vectors. */
+static inline float bf16_rounded(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u = (u & 0x7fffffffu) > 0x7f800000u ? u | 0x400000u : u + 0x7fffu + ((u >> 16) & 1);
+    u &= 0xffff0000u;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
 /* float32 to bf16, rounding to nearest even (as torch and export.py do); NaN stays NaN. */
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
@@ -2604,6 +2618,55 @@ ROWS_LANES_AVX512(score_rows_avx512, 8, 16)
 ROWS_LANES_AVX512(prefill_rows_avx512_32, 12, 32)
 ROWS_LANES_AVX512(prefill_rows_avx512_16, 12, 16)
 #endif
+/* A bf16 cache with AVX-512 BF16: `vdpbf16ps` multiplies a pair of bf16 numbers in each float
+ * lane, twice an FMA's products. The scores: a row's two numbers k, k + 1 are one 32-bit word,
+ * broadcast against the queries' pairs with 16 heads in the lanes ([cols / 2][16] words). */
+#if defined(__AVX512BF16__)
+#define PAIR_AVX512(c, k) _mm512_castsi512_ps(_mm512_set1_epi32((int32_t)(c)[k]))
+#define DPBF16_AVX512(a, b, acc) _mm512_dpbf16_ps(acc, (__m512bh)(a), (__m512bh)(b))
+ROWS_LANES_SIMD(score_pairs_avx512, uint32_t, __m512, 16, 8, 16, PAIR_AVX512, PAIR_AVX512,
+                _mm512_loadu_ps, _mm512_setzero_ps, DPBF16_AVX512, _mm512_storeu_ps)
+
+/* The weighted sums: sums[h][i] += sum_j p[h][j] rows[j][i] for 8 heads x 32 columns at a time
+ * (16 sums in registers), rows two at a time: rows j and j + 1 interleaved into pairs of a
+ * column (`vpermt2w`), each head's pair (p[h][j], p[h][j + 1]) broadcast (p_pairs [H][n/2],
+ * p_stride apart). An odd last row pairs with zeros. H a multiple of 8, r of 32. The portable
+ * weighted_tile computes the same products (bf16 times bf16 is exact in a float). */
+static void weighted_pairs_avx512(float *sums, int r, const uint32_t *p_pairs, int p_stride,
+                                  const uint16_t *rows, size_t stride, int H, int n) {
+    __m512i low = _mm512_setzero_si512(), high = _mm512_setzero_si512();
+    int16_t lo_idx[32], hi_idx[32];  /* word 2l: row j's column l; word 2l + 1: row j + 1's */
+    for (int l = 0; l < 16; l++) {
+        lo_idx[2 * l] = (int16_t)l, lo_idx[2 * l + 1] = (int16_t)(32 + l);
+        hi_idx[2 * l] = (int16_t)(16 + l), hi_idx[2 * l + 1] = (int16_t)(48 + l);
+    }
+    low = _mm512_loadu_si512(lo_idx), high = _mm512_loadu_si512(hi_idx);
+    for (int c0 = 0; c0 < r; c0 += 32)
+        for (int h0 = 0; h0 < H; h0 += 8) {
+            __m512 acc[8][2];
+            for (int h = 0; h < 8; h++)
+                for (int v = 0; v < 2; v++)
+                    acc[h][v] = _mm512_loadu_ps(sums + (size_t)(h0 + h) * r + c0 + 16 * v);
+            for (int j = 0; j < n; j += 2) {
+                __m512i a = _mm512_loadu_si512(rows + (size_t)j * stride + c0);
+                __m512i b = j + 1 < n ? _mm512_loadu_si512(rows + (size_t)(j + 1) * stride + c0)
+                                      : _mm512_setzero_si512();
+                __m512 lo = _mm512_castsi512_ps(_mm512_permutex2var_epi16(a, low, b));
+                __m512 hi = _mm512_castsi512_ps(_mm512_permutex2var_epi16(a, high, b));
+                IN_REGISTER(lo);
+                IN_REGISTER(hi);
+                for (int h = 0; h < 8; h++) {
+                    __m512 pv = PAIR_AVX512(p_pairs + (size_t)(h0 + h) * p_stride, j / 2);
+                    acc[h][0] = DPBF16_AVX512(pv, lo, acc[h][0]);
+                    acc[h][1] = DPBF16_AVX512(pv, hi, acc[h][1]);
+                }
+            }
+            for (int h = 0; h < 8; h++)
+                for (int v = 0; v < 2; v++)
+                    _mm512_storeu_ps(sums + (size_t)(h0 + h) * r + c0 + 16 * v, acc[h][v]);
+        }
+}
+#endif
 enum { SCORE_HEADS = 16, SCORE_MAX_LEN = 1024, SCORE_MAX_ROWS = 8 };
 
 /* Four q8 rows of W (row[k]: element offsets) dotted with one token's int8 form xq/xs. */
@@ -2682,7 +2745,13 @@ static Dot4x4Float float_kernel(int bf16, int kernel) {
 
 /* The scores kernel with heads in lanes and its rows per call, as float_kernel chooses; NULL
  * without SIMD (the 4 x 4 kernels then run). */
-static RowsLanes score_kernel(int kernel, int bf16, int *rows) {
+static RowsLanes score_kernel(int kernel, int bf16, int pairs, int *rows) {
+    if (pairs) {  /* a bf16 cache against bf16 query pairs */
+#if defined(__AVX512BF16__)
+        if (kernel == KERNEL_BEST) return *rows = 8, score_pairs_avx512;
+#endif
+        return *rows = 0, NULL;
+    }
 #if defined(__AVX512F__)
     if (kernel == KERNEL_BEST) return *rows = 8, bf16 ? score_rows_avx512_bf16 : score_rows_avx512;
 #endif
@@ -3106,10 +3175,11 @@ static const float *rows_as_f32(const Mat *W, int j0, int n, int c0, int cols, f
  * a call; else the matmul's 4-row x 4-token float kernels (rows: cached positions, tokens:
  * heads), on rows side by side as no weight matrix is walked, bf16 rows as they are, q8 rows as
  * floats first (block: [ATT_ROWS][W->cols]). */
-static void scores_tile(float *S, size_t s_stride, const float *Q, const float *qT,
+static void scores_tile(float *S, size_t s_stride, const float *Q, const float *qT, int pairs,
                         const Mat *W, int H, int j0, int n, float *block, int kernel) {
     int len = W->cols, bf16 = W->dtype == DTYPE_BF16, step = 0;
-    RowsLanes lanes = qT ? score_kernel(kernel, bf16, &step) : NULL;
+    RowsLanes lanes = qT ? score_kernel(kernel, bf16, pairs, &step) : NULL;
+    int lanes_len = pairs ? len / 2 : len;  /* pairs: a row is len / 2 words */
     for (int g = 0; lanes && g < H / SCORE_HEADS; g++)
         for (int j = 0; j < n; j += step) {
             int here = n - j < step ? n - j : step;
@@ -3117,8 +3187,8 @@ static void scores_tile(float *S, size_t s_stride, const float *Q, const float *
             float out[SCORE_MAX_ROWS][SCORE_HEADS];
             for (int r = 0; r < here; r++)
                 at[r] = (const char *)W->data + dtype_bytes(W->dtype, (size_t)(j0 + j + r) * len);
-            lanes(out[0], 0, at, here, qT + (size_t)g * len * SCORE_HEADS, SCORE_HEADS, len,
-                  (size_t)step * len);  /* and prefetch the next rows */
+            lanes(out[0], 0, at, here, qT + (size_t)g * lanes_len * SCORE_HEADS, SCORE_HEADS,
+                  lanes_len, (size_t)step * lanes_len);  /* and prefetch the next rows */
             for (int h = 0; h < SCORE_HEADS; h++)
                 for (int r = 0; r < here; r++)
                     S[(size_t)(g * SCORE_HEADS + h) * s_stride + j0 + j + r] = out[r][h];
@@ -3152,7 +3222,7 @@ static void scores_tile(float *S, size_t s_stride, const float *Q, const float *
  * 0 where none fits (no SIMD, a q8 cache, heads not in groups of 16, rows over 1024). */
 static int scores_in_lanes(float *qT, const float *Q, const Mat *W, int H, int kernel) {
     int len = W->cols, step;
-    if (!score_kernel(kernel, W->dtype == DTYPE_BF16, &step) || W->dtype == DTYPE_Q8 ||
+    if (!score_kernel(kernel, W->dtype == DTYPE_BF16, 0, &step) || W->dtype == DTYPE_Q8 ||
         H % SCORE_HEADS || len > SCORE_MAX_LEN)
         return 0;
     for (int g = 0; g < H / SCORE_HEADS; g++)
@@ -3160,6 +3230,24 @@ static int scores_in_lanes(float *qT, const float *Q, const Mat *W, int H, int k
             for (int h = 0; h < SCORE_HEADS; h++)
                 qT[((size_t)g * len + k) * SCORE_HEADS + h] =
                     Q[(size_t)(g * SCORE_HEADS + h) * len + k];
+    return 1;
+}
+
+/* A bf16 cache's queries (already bf16 values) as pairs for score_pairs_avx512: word [g][k][h]
+ * holds q[16g + h][2k] in its low half, q[16g + h][2k + 1] in its high half, as the cache's row
+ * holds its numbers 2k and 2k + 1. 0 where that kernel is not built or does not fit. */
+static int scores_in_pairs(uint32_t *pairs, const float *Q, const Mat *W, int H, int kernel) {
+    int len = W->cols, step;
+    if (!score_kernel(kernel, 1, 1, &step) || W->dtype != DTYPE_BF16 || H % SCORE_HEADS ||
+        len % 2 || len / 2 > SCORE_MAX_LEN)
+        return 0;
+    for (int g = 0; g < H / SCORE_HEADS; g++)
+        for (int k = 0; k < len / 2; k++)
+            for (int h = 0; h < SCORE_HEADS; h++) {
+                const float *q = Q + (size_t)(g * SCORE_HEADS + h) * len + 2 * k;
+                pairs[((size_t)g * len / 2 + k) * SCORE_HEADS + h] =
+                    f32_to_bf16(q[0]) | (uint32_t)f32_to_bf16(q[1]) << 16;
+            }
     return 1;
 }
 
@@ -3264,6 +3352,41 @@ static inline float exp_vectorized(float x) {
     return x == x ? e * two_n : x;
 }
 
+/* One head's part of a tile in attend_latents: its scores s scaled in place; a new running max
+ * shrinks the split's sums and total so far; then e = e^(s - max) (rounded to bf16 for a bf16
+ * cache, and also packed as bf16 pairs where pairs is given), added to total. */
+static void tile_probabilities(float *s, int n, float scale, float *max, double *total,
+                               float *sums, int r, int bf16, float *e, uint32_t *pairs) {
+    float top = *max;
+#pragma omp simd reduction(max : top)
+    for (int j = 0; j < n; j++) {
+        s[j] *= scale;
+        top = s[j] > top ? s[j] : top;
+    }
+    if (top > *max) {  /* a new max: the sums so far shrink */
+        float shrink = expf(*max - top);
+        for (int i = 0; *total > 0 && i < r; i++) sums[i] *= shrink;
+        *total *= shrink;
+        *max = top;
+    }
+    float m = *max;
+    double tile_total = 0;
+#pragma omp simd
+    for (int j = 0; j < n; j++) e[j] = exp_vectorized(s[j] - m);
+    if (bf16) {
+#pragma omp simd
+        for (int j = 0; j < n; j++) e[j] = bf16_rounded(e[j]);
+    }
+#pragma omp simd reduction(+ : tile_total)
+    for (int j = 0; j < n; j++) tile_total += e[j];
+    *total += tile_total;
+    if (!pairs) return;
+    uint32_t bits[ATT_ROWS + 1];  /* e as bf16 is the top half of its bits */
+    memcpy(bits, e, n * sizeof(float));
+    bits[n] = 0;  /* an odd last row's partner (weighted_pairs_avx512 pairs it with zeros) */
+    for (int j = 0; j < n; j += 2) pairs[j / 2] = bits[j] >> 16 | (bits[j + 1] & 0xffff0000u);
+}
+
 /* attend_latents by given kernels (the tests run each). Each split, on one thread, goes tile by
  * tile: the tile's scores for every head, then, while its rows are still in cache, its share of
  * the weighted sum with e^(S - m) under a running max m per head (online softmax: a new max
@@ -3274,7 +3397,18 @@ static inline float exp_vectorized(float x) {
 static void attend_latents_with(float *u, size_t u_stride, float *S, const float *Q,
                                 const Mat *C, int r, float scale, AttendScratch *a, int kernel) {
     int rows = C->rows, H = a->heads, tiles, splits = attention_splits(rows, &tiles);
-    int in_lanes = scores_in_lanes(a->qT, Q, C, H, kernel), threads = 1;
+    int bf16 = C->dtype == DTYPE_BF16, threads = 1;
+    if (bf16) {  /* a bf16 cache meets bf16 queries and probabilities, on every CPU */
+#pragma omp simd
+        for (size_t i = 0; i < (size_t)H * C->cols; i++) a->q_bf16[i] = bf16_rounded(Q[i]);
+        Q = a->q_bf16;
+    }
+    int pairs = bf16 && scores_in_pairs(a->q_pairs, Q, C, H, kernel);
+    int in_lanes = !pairs && scores_in_lanes(a->qT, Q, C, H, kernel);
+    int weighted_pairs = 0;
+#if defined(__AVX512BF16__)
+    weighted_pairs = bf16 && kernel == KERNEL_BEST && H % 8 == 0 && r % 32 == 0;
+#endif
 #ifdef _OPENMP
     threads = omp_get_max_threads() < a->threads ? omp_get_max_threads() : a->threads;
 #endif
@@ -3285,6 +3419,7 @@ static void attend_latents_with(float *u, size_t u_stride, float *S, const float
         id = omp_get_thread_num();
 #endif
         float *p = a->p + (size_t)id * H * ATT_ROWS;
+        uint32_t *p_pairs = a->p_pairs + (size_t)id * H * ATT_ROWS / 2;
         float *block = a->rows_f32 ? a->rows_f32 + (size_t)id * ATT_ROWS * C->cols : NULL;
 #pragma omp for schedule(dynamic, 1)
         for (int sp = 0; sp < splits; sp++) {
@@ -3295,29 +3430,20 @@ static void attend_latents_with(float *u, size_t u_stride, float *S, const float
             int end = (sp + 1) * tiles * ATT_ROWS < rows ? (sp + 1) * tiles * ATT_ROWS : rows;
             for (int j0 = sp * tiles * ATT_ROWS; j0 < end; j0 += ATT_ROWS) {
                 int n = end - j0 < ATT_ROWS ? end - j0 : ATT_ROWS;
-                scores_tile(S, rows, Q, in_lanes ? a->qT : NULL, C, H, j0, n, block, kernel);
-                for (int h = 0; h < H; h++) {
-                    float *s = S + (size_t)h * rows + j0, top = max[h];
-#pragma omp simd reduction(max : top)
-                    for (int j = 0; j < n; j++) {
-                        s[j] *= scale;
-                        top = s[j] > top ? s[j] : top;
-                    }
-                    if (top > max[h]) {  /* a new max: the sums so far shrink */
-                        float shrink = expf(max[h] - top);
-                        for (int i = 0; total[h] > 0 && i < r; i++)
-                            sums[(size_t)h * r + i] *= shrink;
-                        total[h] *= shrink;
-                        max[h] = top;
-                    }
-                    float *e = p + h * ATT_ROWS, m = max[h];
-                    double tile_total = 0;
-#pragma omp simd
-                    for (int j = 0; j < n; j++) e[j] = exp_vectorized(s[j] - m);
-#pragma omp simd reduction(+ : tile_total)
-                    for (int j = 0; j < n; j++) tile_total += e[j];
-                    total[h] += tile_total;
+                const float *qT = pairs ? (const float *)a->q_pairs : in_lanes ? a->qT : NULL;
+                scores_tile(S, rows, Q, qT, pairs, C, H, j0, n, block, kernel);
+                for (int h = 0; h < H; h++)
+                    tile_probabilities(S + (size_t)h * rows + j0, n, scale, &max[h], &total[h],
+                                       sums + (size_t)h * r, r, bf16, p + h * ATT_ROWS,
+                                       weighted_pairs ? p_pairs + h * ATT_ROWS / 2 : NULL);
+#if defined(__AVX512BF16__)
+                if (weighted_pairs) {
+                    weighted_pairs_avx512(sums, r, p_pairs, ATT_ROWS / 2,
+                                          (const uint16_t *)C->data + (size_t)j0 * C->cols,
+                                          C->cols, H, n);
+                    continue;
                 }
+#endif
                 weighted_tile(sums, r, p, ATT_ROWS, C, H, 0, r, j0, n);
             }
         }
@@ -3353,11 +3479,14 @@ static void attend_scratch_init(AttendScratch *a, int H, int r, int width) {
     *a = (AttendScratch){floats((size_t)H * width), floats((size_t)ATT_MAX_SPLITS * H * r),
                          floats((size_t)ATT_MAX_SPLITS * H),
                          xcalloc((size_t)ATT_MAX_SPLITS * H, sizeof(double)),
-                         floats((size_t)threads * H * ATT_ROWS), NULL, threads, H};
+                         floats((size_t)threads * H * ATT_ROWS), NULL, floats((size_t)H * width),
+                         xcalloc((size_t)H * (width + 1) / 2, sizeof(uint32_t)),
+                         xcalloc((size_t)threads * H * ATT_ROWS / 2, sizeof(uint32_t)), threads, H};
 }
 
 static void attend_scratch_free(AttendScratch *a) {
-    void *bufs[] = {a->qT, a->sums, a->max, a->total, a->p, a->rows_f32};
+    void *bufs[] = {a->qT, a->sums, a->max, a->total, a->p, a->rows_f32, a->q_bf16, a->q_pairs,
+                    a->p_pairs};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
 }
 

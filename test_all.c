@@ -462,7 +462,7 @@ static void test_attention_kernels(void) {
     enum { MAXH = 32, MAXROWS = 4500, COLS = 72, COUNT = 64 };
     static float w[MAXROWS * COLS], deq[MAXROWS * COLS], q[MAXH * COLS], p[MAXH * MAXROWS];
     static float s1[MAXH * MAXROWS], s3[MAXH * MAXROWS], u1[MAXH * COUNT], u3[MAXH * COUNT];
-    static float v1[MAXH * COUNT], v3[MAXH * COUNT];
+    static float v1[MAXH * COUNT], v3[MAXH * COUNT], qr[MAXH * COLS];
     static double ref_s[MAXROWS];
     static uint16_t wb[MAXROWS * COLS];
     static int8_t wq[MAXROWS * COLS];
@@ -484,6 +484,8 @@ static void test_attention_kernels(void) {
         int type = dtype == 0 ? DTYPE_F32 : dtype == 1 ? DTYPE_BF16 : DTYPE_Q8;
         double score_err = 0, attend_err = 0, sum_err = 0;
         int same = 1;
+        for (int i = 0; i < MAXH * COLS; i++)  /* a bf16 cache meets bf16 queries */
+            qr[i] = dtype == 1 ? bf16_to_f32(f32_to_bf16(q[i])) : q[i];
         for (int a = 0; a < 5; a++)
             for (int b = 0; b < 5; b++) {
                 int H = heads[a], rows = rows_list[b];
@@ -508,7 +510,7 @@ static void test_attention_kernels(void) {
                         double top = -INFINITY, total = 0;
                         for (int j = 0; j < rows; j++) {
                             double ref = 0;
-                            for (int c = 0; c < COLS; c++) ref += (double)q[h * COLS + c] * deq[j * COLS + c];
+                            for (int c = 0; c < COLS; c++) ref += (double)qr[h * COLS + c] * deq[j * COLS + c];
                             ref_s[j] = ref * scale;
                             top = fmax(top, ref_s[j]);
                             score_err = fmax(score_err, fabs(s1[h * rows + j] - ref_s[j]));
@@ -529,7 +531,10 @@ static void test_attention_kernels(void) {
 #ifdef _OPENMP
         omp_set_num_threads(threads);
 #endif
-        check(score_err < 1e-4 && attend_err < 1e-5 && sum_err < 1e-4 && same,
+        /* a bf16 cache's probabilities are bf16, each within 2^-9 of e^(S - max): 3 rows of
+         * N(0, 1) numbers reach 2.1e-3 from double (every kernel alike) */
+        double attend_max = dtype == 1 ? 4e-3 : 1e-5;
+        check(score_err < 1e-4 && attend_err < attend_max && sum_err < 1e-4 && same,
               "attention on a %s cache, 1-32 heads x 1-4500 rows: scores %.1e, softmax-weighted sums %.1e, "
               "weighted sums %.1e from double; 1 and 3 threads %s", storage_name(type), score_err, attend_err,
               sum_err, same ? "identical" : "DIFFER");
