@@ -2634,13 +2634,12 @@ ROWS_LANES_SIMD(score_pairs_avx512, uint32_t, __m512, 16, 8, 16, PAIR_AVX512, PA
  * weighted_tile computes the same products (bf16 times bf16 is exact in a float). */
 static void weighted_pairs_avx512(float *sums, int r, const uint32_t *p_pairs, int p_stride,
                                   const uint16_t *rows, size_t stride, int H, int n) {
-    __m512i low = _mm512_setzero_si512(), high = _mm512_setzero_si512();
     int16_t lo_idx[32], hi_idx[32];  /* word 2l: row j's column l; word 2l + 1: row j + 1's */
     for (int l = 0; l < 16; l++) {
         lo_idx[2 * l] = (int16_t)l, lo_idx[2 * l + 1] = (int16_t)(32 + l);
         hi_idx[2 * l] = (int16_t)(16 + l), hi_idx[2 * l + 1] = (int16_t)(48 + l);
     }
-    low = _mm512_loadu_si512(lo_idx), high = _mm512_loadu_si512(hi_idx);
+    __m512i low = _mm512_loadu_si512(lo_idx), high = _mm512_loadu_si512(hi_idx);
     for (int c0 = 0; c0 < r; c0 += 32)
         for (int h0 = 0; h0 < H; h0 += 8) {
             __m512 acc[8][2];
