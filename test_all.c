@@ -342,7 +342,7 @@ static double transposed_error(const Mat *W, const float *deq) {
 }
 
 static void test_matmul_dtypes(void) {
-    enum { ROWS = 37, COLS = 64, N = 5, G = 32 };
+    enum { ROWS = 37, COLS = 352, N = 5, G = 32 };  /* 11 groups: 8 at a time, then 3 */
     float w[ROWS * COLS], x[N * COLS], y[N * ROWS], wq_scale[ROWS * COLS / 16];
     int8_t wq[ROWS * COLS], xq[N * COLS];
     float xs[N * COLS / 16];
