@@ -2445,9 +2445,59 @@ static inline void dot4x4_group32_avx2(const Mat *W, const size_t row[4],
     }
 }
 
+/* q8, 2-4 tokens: a row at a time, four groups at a time, their |w| in registers (w's signs
+ * read from L1) for every token; each (row, token)'s four dots summed by three vphaddd into
+ * [g0..g3 lanes 0-3 | g0..g3 lanes 4-7] and scaled by the four scales twice over. */
+static inline void dot4_tokens_q8_avx2(const Mat *W, const size_t row[4],
+                                       const int8_t *const xq[4], const float *const xs[4],
+                                       int nt, float out[4][4]) {
+    int groups = W->cols / 32;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int k = 0; k < 4; k++) {
+        const int8_t *w = (const int8_t *)W->data + row[k];
+        const float *ws = W->scale + row[k] / 32;
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                         _mm256_setzero_ps()};
+        int g = 0;
+        for (; g + 4 <= groups; g += 4) {
+            __m256i w_abs[4];
+            for (int i = 0; i < 4; i++) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (size_t)(g + i) * 32));
+                w_abs[i] = _mm256_sign_epi8(wv, wv);
+            }
+            __m256 w_scale = _mm256_broadcast_ps((const __m128 *)(ws + g));
+            prefetch_ahead(w, (size_t)g * 32);
+            prefetch_ahead(w, (size_t)g * 32 + 64);
+            prefetch_ahead(ws, (size_t)g * 4);
+            for (int t = 0; t < 4; t++) {
+                if (t >= nt) break;
+                __m256i d[4];
+                for (int i = 0; i < 4; i++) {
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t] + (size_t)(g + i) * 32));
+                    __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (size_t)(g + i) * 32));
+                    d[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs[i], _mm256_sign_epi8(xv, wv)), ones);
+                }
+                __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
+                __m256 scale = _mm256_mul_ps(w_scale, _mm256_broadcast_ps((const __m128 *)(xs[t] + g)));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[t]);
+            }
+        }
+        for (int t = 0; t < nt; t++) {
+            float sum = hsum_avx2(acc[t]);
+            for (int h = g; h < groups; h++) {  /* the last groups, fewer than 4 */
+                int32_t dot = 0;
+                for (int i = 0; i < 32; i++) dot += w[h * 32 + i] * xq[t][h * 32 + i];
+                sum += dot * (ws[h] * xs[t][h]);
+            }
+            out[t][k] = sum;
+        }
+    }
+}
+
 static void dot4x4_q8_group32_avx2(const Mat *W, const size_t row[4], const int8_t *const xq[4],
                                    const float *const xs[4], int nt, float out[4][4]) {
-    dot4x4_group32_avx2(W, row, xq, xs, nt, out, 0);
+    if (nt == 1) dot4x4_group32_avx2(W, row, xq, xs, 1, out, 0);
+    else dot4_tokens_q8_avx2(W, row, xq, xs, nt, out);
 }
 
 static void dot4x4_q4_group32_avx2(const Mat *W, const size_t row[4], const int8_t *const xq[4],
