@@ -2247,6 +2247,14 @@ static inline void dot4_q8_portable(const Mat *W, const size_t row[4], const int
  * at a time: the hardware prefetcher alone left a decoding thread at 17 of its 36 GB/s on Zen 5
  * (q4 decode 47 -> 57 tok/s, q8 37 -> 40, 8-layer V2-Lite; 1024-2048 bytes measured best). */
 enum { PREFETCH_AHEAD = 2048 };
+/* A kernel shared by its wrappers, each with constant arguments (one token; q4 or q8), is copied
+ * into each: as a plain call GCC left one generic copy once the file grew, and q4 decoding on
+ * AVX-512 VNNI fell from 49 to 30 tok/s. */
+#if defined(__GNUC__)
+#define KERNEL_INLINE static inline __attribute__((always_inline))
+#else
+#define KERNEL_INLINE static inline
+#endif
 static inline void prefetch_ahead(const void *row, size_t bytes_done) {
     if (bytes_done % 64 == 0) __builtin_prefetch((const char *)row + bytes_done + PREFETCH_AHEAD);
 }
@@ -2270,7 +2278,7 @@ static inline __m512i vnni_token(const int8_t *x, int g, int q4) {
     return q4 ? _mm512_shuffle_i64x2(xv, xv, _MM_SHUFFLE(3, 1, 2, 0)) : xv;
 }
 
-static inline void dot4x4_group32_vnni(const Mat *W, const size_t row[4],
+KERNEL_INLINE void dot4x4_group32_vnni(const Mat *W, const size_t row[4],
                                        const int8_t *const xq[4], const float *const xs[4],
                                        int nt, float out[4][4], int q4) {
     int groups = W->cols / 32, g = 0;
@@ -2357,17 +2365,23 @@ static inline float hsum_avx2(__m256 v) {
     return _mm_cvtss_f32(_mm_hadd_ps(s, s));
 }
 
+/* The 32 bytes of group g (q8 weights or int8 tokens). */
+static inline __m256i group_avx2(const int8_t *x, int g) {
+    return _mm256_loadu_si256((const __m256i *)(x + (size_t)g * 32));
+}
+
 /* Group g of a row (32 weights) times the token's group: 8 int32 lanes summing to their dot. */
 static inline __m256i group_dot_avx2(const int8_t *w, int g, int q4, const int8_t *x) {
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256i xv = _mm256_loadu_si256((const __m256i *)(x + (size_t)g * 32));
+    __m256i xv = group_avx2(x, g);
     if (!q4) {
-        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (size_t)g * 32));
+        __m256i wv = group_avx2(w, g);
         __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
         return _mm256_madd_epi16(pairs, ones);  /* |w| above: -128 stays 0x80, 128 unsigned */
     }
-    __m256i twice = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(w + (size_t)g * 16)));
-    __m256i u = _mm256_and_si256(_mm256_srlv_epi32(twice, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+    __m128i bytes = _mm_loadu_si128((const __m128i *)(w + (size_t)g * 16));
+    __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);  /* the upper copy by 4 */
+    __m256i u = _mm256_and_si256(_mm256_srlv_epi32(_mm256_broadcastsi128_si256(bytes), shift),
                                  _mm256_set1_epi8(15));  /* weights 0-15 low, 16-31 high */
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, xv), ones);  /* 8 x sum(x) still in */
 }
@@ -2383,11 +2397,10 @@ static inline __m256i group_sums8_avx2(const __m256i d[8]) {
 
 /* 8 x the sums of a token's groups g..g + n - 1 (lane i: group g + i): what q4's q + 8 adds. */
 static inline __m256i eight_sums_avx2(const int8_t *x, int g, int n) {
+    const __m256i eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
     __m256i d[8];
     for (int i = 0; i < 8; i++)
-        d[i] = i < n ? _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(8),
-                                                              _mm256_loadu_si256((const __m256i *)(x + (size_t)(g + i) * 32))),
-                                         _mm256_set1_epi16(1))
+        d[i] = i < n ? _mm256_madd_epi16(_mm256_maddubs_epi16(eight, group_avx2(x, g + i)), ones)
                      : _mm256_setzero_si256();
     return group_sums8_avx2(d);
 }
@@ -2410,7 +2423,7 @@ static inline __m256 eight_groups_avx2(__m256 acc, const int8_t *w, const float 
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale, acc);
 }
 
-static inline void dot4x4_group32_avx2(const Mat *W, const size_t row[4],
+KERNEL_INLINE void dot4x4_group32_avx2(const Mat *W, const size_t row[4],
                                        const int8_t *const xq[4], const float *const xs[4],
                                        int nt, float out[4][4], int q4) {
     int groups = W->cols / 32, group_bytes = q4 ? 16 : 32, g;
@@ -2448,7 +2461,7 @@ static inline void dot4x4_group32_avx2(const Mat *W, const size_t row[4],
 /* q8, 2-4 tokens: a row at a time, four groups at a time, their |w| in registers (w's signs
  * read from L1) for every token; each (row, token)'s four dots summed by three vphaddd into
  * [g0..g3 lanes 0-3 | g0..g3 lanes 4-7] and scaled by the four scales twice over. */
-static inline void dot4_tokens_q8_avx2(const Mat *W, const size_t row[4],
+KERNEL_INLINE void dot4_tokens_q8_avx2(const Mat *W, const size_t row[4],
                                        const int8_t *const xq[4], const float *const xs[4],
                                        int nt, float out[4][4]) {
     int groups = W->cols / 32;
@@ -2461,10 +2474,8 @@ static inline void dot4_tokens_q8_avx2(const Mat *W, const size_t row[4],
         int g = 0;
         for (; g + 4 <= groups; g += 4) {
             __m256i w_abs[4];
-            for (int i = 0; i < 4; i++) {
-                __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (size_t)(g + i) * 32));
-                w_abs[i] = _mm256_sign_epi8(wv, wv);
-            }
+            for (int i = 0; i < 4; i++)
+                w_abs[i] = _mm256_sign_epi8(group_avx2(w, g + i), group_avx2(w, g + i));
             __m256 w_scale = _mm256_broadcast_ps((const __m128 *)(ws + g));
             prefetch_ahead(w, (size_t)g * 32);
             prefetch_ahead(w, (size_t)g * 32 + 64);
@@ -2473,12 +2484,13 @@ static inline void dot4_tokens_q8_avx2(const Mat *W, const size_t row[4],
                 if (t >= nt) break;
                 __m256i d[4];
                 for (int i = 0; i < 4; i++) {
-                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t] + (size_t)(g + i) * 32));
-                    __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (size_t)(g + i) * 32));
-                    d[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs[i], _mm256_sign_epi8(xv, wv)), ones);
+                    __m256i x = _mm256_sign_epi8(group_avx2(xq[t], g + i), group_avx2(w, g + i));
+                    d[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs[i], x), ones);
                 }
-                __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
-                __m256 scale = _mm256_mul_ps(w_scale, _mm256_broadcast_ps((const __m128 *)(xs[t] + g)));
+                __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]),
+                                                 _mm256_hadd_epi32(d[2], d[3]));
+                __m256 x_scale = _mm256_broadcast_ps((const __m128 *)(xs[t] + g));
+                __m256 scale = _mm256_mul_ps(w_scale, x_scale);
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[t]);
             }
         }
@@ -2513,7 +2525,7 @@ static void dot4x4_q4_group32_avx2(const Mat *W, const size_t row[4], const int8
  * has not been measured. */
 #if defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
 #include <arm_neon.h>
-static inline void dot4x4_group32_neon(const Mat *W, const size_t row[4],
+KERNEL_INLINE void dot4x4_group32_neon(const Mat *W, const size_t row[4],
                                        const int8_t *const xq[4], const float *const xs[4],
                                        int nt, float out[4][4], int q4) {
     int groups = W->cols / 32;
