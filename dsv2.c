@@ -3013,8 +3013,9 @@ static void q8_rows_times_tokens(const Product *p, const Mat *W, const size_t ro
     }
 }
 
-/* q4 weights: the four rows a chunk of columns at a time, unpacked to int8 with their scales
- * (a 4-row q8 matrix in L1), then the q8 kernels: memory reads 4-bit weights, the SIMD units
+/* q4 weights where q4_direct says no (the portable build; AVX2 and NEON from 32 tokens): the
+ * four rows a chunk of columns at a time, unpacked to int8 with their scales (a 4-row q8 matrix
+ * in L1) once for all tokens, then the q8 kernels: memory reads 4-bit weights, the SIMD units
  * multiply 8-bit ones. */
 static void matmul_block_q4(const Product *p, int b, const size_t row[4], const int8_t *xq,
                             const float *xs, int kernel) {
