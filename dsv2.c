@@ -2258,6 +2258,22 @@ enum { PREFETCH_AHEAD = 2048 };
 static inline void prefetch_ahead(const void *row, size_t bytes_done) {
     if (bytes_done % 64 == 0) __builtin_prefetch((const char *)row + bytes_done + PREFETCH_AHEAD);
 }
+
+/* The SIMD kernels' last groups, g0 on (fewer than a step), in plain C: a q8 or q4 row (row:
+ * its first element) against a token, added to sum. */
+static inline float last_groups(float sum, const Mat *W, size_t row, int g0, const int8_t *x,
+                                const float *xs) {
+    for (int h = g0; h < W->cols / 32; h++) {
+        int32_t dot = 0;
+        for (int i = 0; i < 32; i++) {
+            size_t at = row + (size_t)h * 32 + i;
+            dot += (W->dtype == DTYPE_Q4 ? q4_at(W->data, at, 32) : ((const int8_t *)W->data)[at]) *
+                   x[h * 32 + i];
+        }
+        sum += dot * W->scale[row / 32 + h] * xs[h];
+    }
+    return sum;
+}
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 /* Groups g and g + 1 of a row as 64 unsigned bytes: q8, w + 128 (one xor), in the token's
  * order; q4, the stored nibbles q + 8 as they are (byte j of a group's 16 holds weight j in its
@@ -2321,15 +2337,8 @@ KERNEL_INLINE void dot4x4_group32_vnni(const Mat *W, const size_t row[4],
     }
     for (int k = 0; k < 4; k++)
         for (int t = 0; t < nt; t++) {
-            float sum = _mm512_reduce_add_ps(acc[k][t]);
-            for (int h = g; h < groups; h++) {  /* an odd last group */
-                int32_t dot = 0;
-                for (int i = 0; i < 32; i++)
-                    dot += (q4 ? q4_at(W->data, row[k] + h * 32 + i, 32) : w[k][h * 32 + i]) *
-                           xq[t][h * 32 + i];
-                sum += dot * ws[k][h] * xs[t][h];
-            }
-            out[t][k] = sum;
+            /* an odd last group */
+            out[t][k] = last_groups(_mm512_reduce_add_ps(acc[k][t]), W, row[k], g, xq[t], xs[t]);
         }
 }
 
@@ -2494,15 +2503,8 @@ KERNEL_INLINE void dot4_tokens_q8_avx2(const Mat *W, const size_t row[4],
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[t]);
             }
         }
-        for (int t = 0; t < nt; t++) {
-            float sum = hsum_avx2(acc[t]);
-            for (int h = g; h < groups; h++) {  /* the last groups, fewer than 4 */
-                int32_t dot = 0;
-                for (int i = 0; i < 32; i++) dot += w[h * 32 + i] * xq[t][h * 32 + i];
-                sum += dot * (ws[h] * xs[t][h]);
-            }
-            out[t][k] = sum;
-        }
+        for (int t = 0; t < nt; t++)  /* the last groups, fewer than 4 */
+            out[t][k] = last_groups(hsum_avx2(acc[t]), W, row[k], g, xq[t], xs[t]);
     }
 }
 
@@ -2859,8 +2861,8 @@ static void matmul_scratch_free(MatmulScratch *s) {
 }
 
 /* One of the 4-row x 4-token q8 kernels above (groups of 32), or NULL when the portable C path
- * is to run: AVX-512 VNNI where built, else AVX2, else NEON with sdot. q4 weights: a kernel
- * that reads nibbles (VNNI, AVX2), else NULL (matmul_block_q4 unpacks them for the q8 ones). */
+ * is to run: AVX-512 VNNI where built, else AVX2, else NEON with sdot. q4 weights: the same
+ * CPU's kernel that reads nibbles, else NULL (matmul_block_q4 unpacks them, q4_direct). */
 typedef void (*Dot4x4)(const Mat *, const size_t[4], const int8_t *const[4], const float *const[4],
                        int, float[4][4]);
 static Dot4x4 q8_kernel(const Mat *W, int kernel) {
