@@ -245,10 +245,16 @@ typedef struct {
     float *max;       /* each split's running max of S[h] [ATT_MAX_SPLITS][H] */
     double *total;    /* each split's sum_j e^(S[h][j] - max) [ATT_MAX_SPLITS][H] */
     float *p;         /* per thread: a tile's e^(S - max) [threads][H][ATT_ROWS] */
-    float *rows_f32;  /* per thread (q8 cache): a tile's rows as floats [threads][ATT_ROWS][cols] */
     float *q_bf16;      /* a bf16 cache's queries, rounded to bf16 [H][C->cols] */
     uint32_t *q_pairs;  /* the same as bf16 pairs, heads in the lanes [H/16][C->cols / 2][16] */
     uint32_t *p_pairs;  /* per thread: a tile's e^(S - max), bf16 pairs [threads][H][ATT_ROWS/2] */
+    int8_t *q_int8;     /* a q8 cache's queries as int8 [H][C->cols] (latent, rope key apart) */
+    int32_t *q_words;   /* the same, heads in the lanes: [H/16][C->cols / 4][16] 4-byte words */
+    float *q_scale;     /* their scales [2][H]: latent, rope key */
+    int32_t *q_bias;    /* -128 x the sum of each part's int8 numbers [2][H] (scores_q8_vnni) */
+    uint8_t *w_int8;    /* per thread: a tile's weights e^(S - max) s_j as u8 [threads][H][ATT_ROWS]
+                         * (threads a cache line apart, as for w_scale: none writes another's) */
+    float *w_scale;     /* per thread: their scales [threads][H], a cache line apart */
     int threads, heads;
 } AttendScratch;
 static void attend_latents(float *u, size_t u_stride, float *S, const float *Q, const Mat *C,
@@ -266,6 +272,14 @@ static void mat_cols_to_f32(float *out, const Mat *W, int r, int col0, int count
 
 /* Rows row0.. of W overwritten by n rows of floats, rounded to W's type (the KV cache). */
 static void mat_store_rows(Mat *W, int row0, const float *x, int n);
+/* A q8 cache (-k q8) row [c^KV (r numbers) | k^R]: int8, with one scale for c^KV and one for
+ * k^R, so that a head's weighted sum of c^KV rows is a single int8 product per row (scores
+ * likewise: one per part). As a Mat it has groups of cache_q8_group (the largest power of two
+ * up to 64 dividing r and the row), each group's scale its part's:
+ *   row j:  int8  c^KV_j[0] ... c^KV_j[r-1] | k^R_j[0] ... k^R_j[dr-1]
+ *           scale  s_j, s_j, ... (r / group) | s'_j, ... (dr / group)          */
+static int cache_q8_group(int r, int width);
+static void cache_store_q8(Mat *C, int row, const float *x, int r);
 
 /* y[t] += x[t][r] * row r of a q8 or q4 W, for n tokens: each group's scale joins x[t][r], so
  * the row is never widened to floats (that took 12% of q4 decoding). */
@@ -568,16 +582,13 @@ static void set_cache_dtype(RunState *s, int dtype) {
     size_t n = (size_t)s->cfg->num_hidden_layers * s->context * s->cache_width;
     free(s->cache);
     free(s->cache_scale);
-    free(s->attend.rows_f32);
     s->cache = xcalloc_huge(dtype_bytes(dtype, n));
-    s->cache_scale = s->attend.rows_f32 = NULL;
+    s->cache_scale = NULL;
     s->cache_dtype = dtype;
     s->cache_group = (int)s->cache_width;
-    if (dtype == DTYPE_Q8) {  /* groups of 32 take the SIMD kernels (the real models' 576) */
-        for (int g = 8; g <= 32; g *= 2)
-            if (s->cache_width % g == 0) s->cache_group = g;
+    if (dtype == DTYPE_Q8) {
+        s->cache_group = cache_q8_group(s->cfg->kv_lora_rank, (int)s->cache_width);
         s->cache_scale = floats(n / s->cache_group);
-        s->attend.rows_f32 = floats((size_t)s->attend.threads * ATT_ROWS * s->cache_width);
     }
 }
 
@@ -663,10 +674,14 @@ static Mat cache_rows(const RunState *s, int layer, int rows) {
     return m;
 }
 
-/* Rows pos..pos+n-1 of the layer's cache: the n tokens' [c^KV; k^R], rounded to the cache type. */
+/* Rows pos..pos+n-1 of the layer's cache: the n tokens' [c^KV; k^R], rounded to the cache type
+ * (q8: cache_store_q8, one scale for c^KV and one for k^R). */
 static void cache_store(RunState *s, int layer, int pos, const float *rows, int n) {
     Mat all = cache_rows(s, layer, s->context);
-    mat_store_rows(&all, pos, rows, n);
+    if (all.dtype == DTYPE_Q8)
+        for (int t = 0; t < n; t++)
+            cache_store_q8(&all, pos + t, rows + (size_t)t * all.cols, s->cfg->kv_lora_rank);
+    else mat_store_rows(&all, pos, rows, n);
 }
 
 /* Absorbed attention over the latent cache, token by token with all heads at once: the scores
@@ -2819,6 +2834,129 @@ static void weighted_pairs_avx512(float *sums, int r, const uint32_t *p_pairs, i
         }
 }
 #endif
+/* A q8 cache (-k q8) with AVX-512 VNNI: int8 rows against int8 queries and weights in
+ * `vpdpbusd` (u8 x s8, four products into each int32 lane), four times the products of an FMA.
+ * scores_tile_q8 and weighted_tile_q8 hold the portable loops that compute the same sums. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* acc += u8 x s8, four products a lane, in place: with the intrinsic GCC copied every
+ * accumulator to another register (or the stack) and back on each pass of these loops. */
+KERNEL_INLINE __m512i dpbusd_into(__m512i acc, __m512i u8, __m512i s8) {
+#if defined(__GNUC__)
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+    return acc;
+#else
+    return _mm512_dpbusd_epi32(acc, u8, s8);
+#endif
+}
+/* The scores, 16 heads in the lanes, 8 rows a pass: a row's numbers k..k+3 (one 32-bit word)
+ * are broadcast and made unsigned (xor 0x80: c + 128) against the heads' four query numbers
+ * (q_words [cols / 4][16]). Each part's sums start at bias = -128 x the sum of its query
+ * numbers, which takes the 128 back off. out[j][h] = aL sl_j qs_l[h] + aR sr_j qs_r[h]. */
+enum { SCORE_Q8_ROWS = 8 };
+/* acc[i] += words k0..k1-1 of row c[i] (made unsigned) against the heads' query words; the
+ * rows ahead bytes further are fetched meanwhile (without, the rows came from memory at a third
+ * of the speed they run from cache). */
+KERNEL_INLINE void score_words_q8_vnni(__m512i acc[SCORE_Q8_ROWS],
+                                       const int8_t *const c[SCORE_Q8_ROWS],
+                                       const int32_t *q_words, int k0, int k1, size_t ahead) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int k = k0; k < k1; k++) {
+        __m512i q = _mm512_loadu_si512(q_words + (size_t)k * 16);
+        IN_REGISTER(q);
+        for (int i = 0; i < SCORE_Q8_ROWS; i++) {
+            int32_t word;
+            if (k % 16 == 0) __builtin_prefetch(c[i] + ahead + 4 * k);
+            memcpy(&word, c[i] + 4 * k, 4);
+            acc[i] = dpbusd_into(acc[i], _mm512_xor_si512(_mm512_set1_epi32(word), flip), q);
+        }
+    }
+}
+static void scores_q8_vnni(float *out, const int8_t *rows, size_t stride, int n, const float *sl,
+                           const float *sr, const int32_t *q_words, const int32_t *bias_l,
+                           const int32_t *bias_r, const float *qs_l, const float *qs_r, int r,
+                           int cols) {
+    enum { R = SCORE_Q8_ROWS };
+    __m512 l = _mm512_loadu_ps(qs_l), rope = _mm512_loadu_ps(qs_r);
+    for (int j = 0; j < n; j += R) {
+        const int8_t *c[R];
+        __m512i acc_l[R], acc_r[R];
+        for (int i = 0; i < R; i++) {
+            c[i] = rows + (size_t)(j + i < n ? j + i : n - 1) * stride;
+            acc_l[i] = _mm512_loadu_si512(bias_l);
+            acc_r[i] = _mm512_loadu_si512(bias_r);
+        }
+        score_words_q8_vnni(acc_l, c, q_words, 0, r / 4, R * stride);
+        score_words_q8_vnni(acc_r, c, q_words, r / 4, cols / 4, R * stride);
+        for (int i = 0; i < R && j + i < n; i++) {
+            __m512 part_r = _mm512_mul_ps(_mm512_cvtepi32_ps(acc_r[i]),
+                                          _mm512_mul_ps(rope, _mm512_set1_ps(sr[j + i])));
+            _mm512_storeu_ps(out + (size_t)(j + i) * 16,
+                             _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc_l[i]),
+                                             _mm512_mul_ps(l, _mm512_set1_ps(sl[j + i])), part_r));
+        }
+    }
+}
+
+/* The weighted sums: sums[h][i] += w_scale[h] x sum_j w[h][j] c_j[i], i < r (w: u8 [H][ATT_ROWS],
+ * zero past n up to a multiple of 4). Four rows' bytes of a column become one 32-bit word
+ * (`vpunpck`: 16 columns a vector, 64 columns a block), met by each head's four weights broadcast;
+ * 4 heads x 64 columns of int32 sums stay in registers. The unpacks leave column 16l + 4m + i in
+ * lane l of vector m; eight `vshufi32x4` put the columns back in order before the sums go out. */
+static void weighted_q8_vnni(float *sums, int r, const uint8_t *w, const float *w_scale,
+                             const int8_t *rows, size_t stride, int H, int n) {
+    __m512i quads[ATT_ROWS / 4][4];
+    int nq = (n + 3) / 4;
+    for (int c0 = 0; c0 < r; c0 += 64) {
+        for (int qd = 0; qd < nq; qd++) {
+            __m512i a[4];
+            for (int i = 0; i < 4; i++)  /* past n: the last row again, under zero weights */
+                a[i] = _mm512_loadu_si512(rows + (size_t)(4 * qd + i < n ? 4 * qd + i : n - 1) *
+                                                     stride + c0);
+            __m512i lo01 = _mm512_unpacklo_epi8(a[0], a[1]);
+            __m512i hi01 = _mm512_unpackhi_epi8(a[0], a[1]);
+            __m512i lo23 = _mm512_unpacklo_epi8(a[2], a[3]);
+            __m512i hi23 = _mm512_unpackhi_epi8(a[2], a[3]);
+            quads[qd][0] = _mm512_unpacklo_epi16(lo01, lo23);
+            quads[qd][1] = _mm512_unpackhi_epi16(lo01, lo23);
+            quads[qd][2] = _mm512_unpacklo_epi16(hi01, hi23);
+            quads[qd][3] = _mm512_unpackhi_epi16(hi01, hi23);
+        }
+        for (int h0 = 0; h0 < H; h0 += 4) {
+            __m512i acc[4][4];
+            for (int h = 0; h < 4; h++)
+                for (int m = 0; m < 4; m++) acc[h][m] = _mm512_setzero_si512();
+            for (int qd = 0; qd < nq; qd++) {
+                __m512i z[4];
+                for (int m = 0; m < 4; m++) {
+                    z[m] = quads[qd][m];
+                    IN_REGISTER(z[m]);
+                }
+                for (int h = 0; h < 4; h++) {
+                    int32_t word;
+                    memcpy(&word, w + (size_t)(h0 + h) * ATT_ROWS + 4 * qd, 4);
+                    __m512i wv = _mm512_set1_epi32(word);
+                    for (int m = 0; m < 4; m++) acc[h][m] = dpbusd_into(acc[h][m], wv, z[m]);
+                }
+            }
+            for (int h = 0; h < 4; h++) {
+                __m512i lo01 = _mm512_shuffle_i32x4(acc[h][0], acc[h][1], 0x44);
+                __m512i hi01 = _mm512_shuffle_i32x4(acc[h][0], acc[h][1], 0xEE);
+                __m512i lo23 = _mm512_shuffle_i32x4(acc[h][2], acc[h][3], 0x44);
+                __m512i hi23 = _mm512_shuffle_i32x4(acc[h][2], acc[h][3], 0xEE);
+                __m512i v[4] = {_mm512_shuffle_i32x4(lo01, lo23, 0x88),
+                                _mm512_shuffle_i32x4(lo01, lo23, 0xDD),
+                                _mm512_shuffle_i32x4(hi01, hi23, 0x88),
+                                _mm512_shuffle_i32x4(hi01, hi23, 0xDD)};
+                __m512 f = _mm512_set1_ps(w_scale[h0 + h]);
+                float *out = sums + (size_t)(h0 + h) * r + c0;
+                for (int k = 0; k < 4; k++)
+                    _mm512_storeu_ps(out + 16 * k, _mm512_fmadd_ps(f, _mm512_cvtepi32_ps(v[k]),
+                                                                   _mm512_loadu_ps(out + 16 * k)));
+            }
+        }
+    }
+}
+#endif
 enum { SCORE_HEADS = 16, SCORE_MAX_LEN = 1024, SCORE_MAX_ROWS = 8 };
 
 /* Four q8 rows of W (row[k]: element offsets) dotted with one token's int8 form xq/xs. */
@@ -3302,6 +3440,20 @@ static void mat_store_rows(Mat *W, int row0, const float *x, int n) {
     else die("internal: no %s cache", storage_name(W->dtype));
 }
 
+static int cache_q8_group(int r, int width) {
+    int group = 1;
+    while (group < 64 && r % (2 * group) == 0 && width % (2 * group) == 0) group *= 2;
+    return group;
+}
+
+static void cache_store_q8(Mat *C, int row, const float *x, int r) {
+    int8_t *q = (int8_t *)C->data + (size_t)row * C->cols;
+    float *scale = (float *)C->scale + (size_t)row * (C->cols / C->group), part_scale[2];
+    quantize_activations(q, &part_scale[0], x, r, r);  /* c^KV: one group of r */
+    if (C->cols > r) quantize_activations(q + r, &part_scale[1], x + r, C->cols - r, C->cols - r);
+    for (int g = 0; g < C->cols / C->group; g++) scale[g] = part_scale[g * C->group >= r];
+}
+
 
 /* Attention's kernels, a tile of ATT_ROWS cached rows at a time. The scores (scores_tile) run
  * the rows_lanes or the matmul's float kernels above. The weighted sums (weighted_tile) are plain
@@ -3332,13 +3484,13 @@ static const float *rows_as_f32(const Mat *W, int j0, int n, int c0, int cols, f
     return block;
 }
 
-/* The scores of cached rows j0..j0+n-1 for every head, S[h * s_stride + j] = Q[h] . W[j]. With
- * the queries in lanes (qT, see scores_in_lanes) a rows_lanes kernel takes 16 heads by step rows
- * a call; else the matmul's 4-row x 4-token float kernels (rows: cached positions, tokens:
- * heads), on rows side by side as no weight matrix is walked, bf16 rows as they are, q8 rows as
- * floats first (block: [ATT_ROWS][W->cols]). */
+/* The scores of cached rows j0..j0+n-1 for every head, S[h * s_stride + j] = Q[h] . W[j] (f32
+ * or bf16 rows; q8: scores_tile_q8). With the queries in lanes (qT, see scores_in_lanes) a
+ * rows_lanes kernel takes 16 heads by step rows a call; else the matmul's 4-row x 4-token float
+ * kernels (rows: cached positions, tokens: heads), on rows side by side as no weight matrix is
+ * walked, bf16 rows as they are. */
 static void scores_tile(float *S, size_t s_stride, const float *Q, const float *qT, int pairs,
-                        const Mat *W, int H, int j0, int n, float *block, int kernel) {
+                        const Mat *W, int H, int j0, int n, int kernel) {
     int len = W->cols, bf16 = W->dtype == DTYPE_BF16, step = 0;
     RowsLanes lanes = qT ? score_kernel(kernel, bf16, pairs, &step) : NULL;
     int lanes_len = pairs ? len / 2 : len;  /* pairs: a row is len / 2 words */
@@ -3359,11 +3511,9 @@ static void scores_tile(float *S, size_t s_stride, const float *Q, const float *
     Dot4x4Float dot = float_kernel(bf16, kernel);
     size_t stride = len, size = bf16 ? sizeof(uint16_t) : sizeof(float);
     const char *c = (const char *)W->data + dtype_bytes(W->dtype, (size_t)j0 * stride);
-    if (W->dtype == DTYPE_Q8) c = (const char *)rows_as_f32(W, j0, n, 0, len, block, &stride);
     for (int j = 0; j < n; j += 4) {
-        if (W->dtype != DTYPE_Q8)  /* the next 4 rows, fetched while these meet every head */
-            for (size_t b = 0; b < 4 * stride * size; b += 64)
-                __builtin_prefetch(c + (j + 4) * stride * size + b);
+        for (size_t b = 0; b < 4 * stride * size; b += 64)  /* the next 4 rows, meanwhile */
+            __builtin_prefetch(c + (j + 4) * stride * size + b);
         for (int h0 = 0; h0 < H; h0 += 4) {
             const void *w[4];
             const float *x[4];
@@ -3411,6 +3561,123 @@ static int scores_in_pairs(uint32_t *pairs, const float *Q, const Mat *W, int H,
                     f32_to_bf16(q[0]) | (uint32_t)f32_to_bf16(q[1]) << 16;
             }
     return 1;
+}
+
+/* A q8 cache's attention (-k q8) in int8, on every CPU the same sums: the queries' two parts
+ * (c^KV's r numbers, k^R's) quantized apart as activations are, each head's weights
+ * e^(S - max) s_j quantized to u8 per tile; int32 products, then floats. AVX-512 VNNI runs
+ * scores_q8_vnni and weighted_q8_vnni where they fit (16 heads a call, r in blocks of 64). */
+static int attention_q8_vnni(int kernel, int H, int r, int cols) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    return kernel == KERNEL_BEST && H % 16 == 0 && r % 64 == 0 && (cols - r) % 4 == 0;
+#else
+    (void)kernel, (void)H, (void)r, (void)cols;
+    return 0;
+#endif
+}
+
+/* Each head's query as int8, its two parts apart (scale each: q_scale[0][h], [1][h]), and
+ * -128 x each part's sum; with words, heads in the lanes for scores_q8_vnni. */
+static void queries_q8(AttendScratch *a, const float *Q, int r, int cols, int words) {
+    int H = a->heads;
+    for (int h = 0; h < H; h++) {
+        int8_t *q = a->q_int8 + (size_t)h * cols;
+        const float *x = Q + (size_t)h * cols;
+        int32_t sum[2] = {0, 0};
+        quantize_activations(q, &a->q_scale[h], x, r, r);
+        a->q_scale[H + h] = 0;
+        if (cols > r) quantize_activations(q + r, &a->q_scale[H + h], x + r, cols - r, cols - r);
+        for (int k = 0; k < cols; k++) sum[k >= r] += q[k];
+        a->q_bias[h] = -128 * sum[0], a->q_bias[H + h] = -128 * sum[1];
+    }
+    for (int g = 0; words && g < H / 16; g++)
+        for (int k = 0; k < cols / 4; k++)
+            for (int h = 0; h < 16; h++)
+                memcpy(&a->q_words[((size_t)g * (cols / 4) + k) * 16 + h],
+                       a->q_int8 + (size_t)(16 * g + h) * cols + 4 * k, 4);
+}
+
+/* The scores of a q8 cache's rows j0..j0+n-1 for every head: S[h][j] = aL sl_j qs_l + aR sr_j
+ * qs_r, aL and aR the int8 products of the two parts; sets sl, sr: the rows' c^KV and k^R
+ * scales. */
+static void scores_tile_q8(float *S, size_t s_stride, const AttendScratch *a, const Mat *C, int r,
+                           float *sl, float *sr, int j0, int n, int words) {
+    int H = a->heads, cols = C->cols, groups = cols / C->group;
+    const int8_t *rows = (const int8_t *)C->data + (size_t)j0 * cols;
+    const float *qs_l = a->q_scale, *qs_r = a->q_scale + H;
+    for (int j = 0; j < n; j++) {
+        sl[j] = C->scale[(size_t)(j0 + j) * groups];
+        sr[j] = cols > r ? C->scale[(size_t)(j0 + j) * groups + r / C->group] : 0;
+    }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    for (int g = 0; words && g < H / 16; g++) {
+        float out[ATT_ROWS][16];
+        scores_q8_vnni(out[0], rows, cols, n, sl, sr, a->q_words + (size_t)g * (cols / 4) * 16,
+                       a->q_bias + 16 * g, a->q_bias + H + 16 * g, qs_l + 16 * g, qs_r + 16 * g,
+                       r, cols);
+        for (int h = 0; h < 16; h++)
+            for (int j = 0; j < n; j++) S[(size_t)(16 * g + h) * s_stride + j0 + j] = out[j][h];
+    }
+    if (words) return;
+#endif
+    (void)words;
+    for (int j = 0; j < n; j++)
+        for (int h = 0; h < H; h++) {
+            const int8_t *q = a->q_int8 + (size_t)h * cols, *c = rows + (size_t)j * cols;
+            int32_t sum_l = 0, sum_r = 0;
+            for (int k = 0; k < r; k++) sum_l += q[k] * c[k];
+            for (int k = r; k < cols; k++) sum_r += q[k] * c[k];
+            S[(size_t)h * s_stride + j0 + j] =
+                MULADD((float)sum_l, qs_l[h] * sl[j], (float)sum_r * (qs_r[h] * sr[j]));
+        }
+}
+
+/* One head's weights for a tile's weighted sum on a q8 cache: w_j = e_j sl_j (e^(S - max) times
+ * the row's c^KV scale) as u8, w_j ~ q_j x max_j w_j / 255, zero past n up to a multiple of 4.
+ * Returns that scale (NaN where a w_j is NaN or infinite, so that it reaches the logits). */
+static float tile_weights_q8(uint8_t *q, const float *e, const float *sl, int n) {
+    float w[ATT_ROWS], top = 0, poison = 0;
+#pragma omp simd reduction(max : top) reduction(+ : poison)
+    for (int j = 0; j < n; j++) {
+        w[j] = e[j] * sl[j];
+        top = w[j] > top ? w[j] : top;
+        poison += w[j] * 0.0f;
+    }
+    float to_u8 = top > 0 && poison == 0 ? 255.0f / top : 0;  /* 0: all weights 0 */
+    if (isinf(to_u8)) to_u8 = 0;  /* a subnormal largest weight: as good as 0 */
+#pragma omp simd
+    for (int j = 0; j < n; j++) q[j] = (uint8_t)(int)rintf(w[j] * to_u8);
+    for (int j = n; j < (n + 3) / 4 * 4; j++) q[j] = 0;
+    return poison == 0 ? top / 255.0f : NAN;
+}
+
+/* A q8 cache's weighted sums over rows j0..j0+n-1 of C: each head's weights e^(S - max) sl_j
+ * (e: p [H][ATT_ROWS]) as u8 w (tile_weights_q8), then sums[h][i] += w_scale[h] x
+ * sum_{j<n} w[h][j] c_j[i] for i < r, int32 sums 64 columns at a time. */
+static void weighted_tile_q8(float *sums, int r, const float *p, const float *sl, uint8_t *w,
+                             float *w_scale, const Mat *C, int H, int j0, int n, int vnni) {
+    const int8_t *rows = (const int8_t *)C->data + (size_t)j0 * C->cols;
+    size_t stride = C->cols;
+    for (int h = 0; h < H; h++)
+        w_scale[h] = tile_weights_q8(w + h * ATT_ROWS, p + h * ATT_ROWS, sl, n);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (vnni) {
+        weighted_q8_vnni(sums, r, w, w_scale, rows, stride, H, n);
+        return;
+    }
+#endif
+    (void)vnni;
+    for (int h = 0; h < H; h++)
+        for (int c0 = 0; c0 < r; c0 += 64) {
+            int cols = r - c0 < 64 ? r - c0 : 64;
+            int32_t acc[64] = {0};
+            for (int j = 0; j < n; j++) {
+                int32_t wj = w[(size_t)h * ATT_ROWS + j];
+                for (int i = 0; i < cols; i++) acc[i] += wj * rows[(size_t)j * stride + c0 + i];
+            }
+            float *out = sums + (size_t)h * r + c0;
+            for (int i = 0; i < cols; i++) out[i] = MULADD(w_scale[h], (float)acc[i], out[i]);
+        }
 }
 
 /* u[h][i] += sum_{j<n} p[h][j] c[j][i] for heads x cols; the full block keeps u in registers. */
@@ -3565,6 +3832,8 @@ static void attend_latents_with(float *u, size_t u_stride, float *S, const float
         for (size_t i = 0; i < (size_t)H * C->cols; i++) a->q_bf16[i] = bf16_rounded(Q[i]);
         Q = a->q_bf16;
     }
+    int q8 = C->dtype == DTYPE_Q8, words = q8 && attention_q8_vnni(kernel, H, r, C->cols);
+    if (q8) queries_q8(a, Q, r, C->cols, words);
     int pairs = bf16 && scores_in_pairs(a->q_pairs, Q, C, H, kernel);
     int in_lanes = !pairs && scores_in_lanes(a->qT, Q, C, H, kernel);
     int weighted_pairs = 0;
@@ -3582,7 +3851,8 @@ static void attend_latents_with(float *u, size_t u_stride, float *S, const float
 #endif
         float *p = a->p + (size_t)id * H * ATT_ROWS;
         uint32_t *p_pairs = a->p_pairs + (size_t)id * H * ATT_ROWS / 2;
-        float *block = a->rows_f32 ? a->rows_f32 + (size_t)id * ATT_ROWS * C->cols : NULL;
+        uint8_t *w_int8 = a->w_int8 + (size_t)id * (H * ATT_ROWS + 64);
+        float *w_scale = a->w_scale + (size_t)id * (H + 16);
 #pragma omp for schedule(dynamic, 1)
         for (int sp = 0; sp < splits; sp++) {
             float *sums = a->sums + (size_t)sp * H * r, *max = a->max + (size_t)sp * H;
@@ -3593,11 +3863,17 @@ static void attend_latents_with(float *u, size_t u_stride, float *S, const float
             for (int j0 = sp * tiles * ATT_ROWS; j0 < end; j0 += ATT_ROWS) {
                 int n = end - j0 < ATT_ROWS ? end - j0 : ATT_ROWS;
                 const float *qT = pairs ? (const float *)a->q_pairs : in_lanes ? a->qT : NULL;
-                scores_tile(S, rows, Q, qT, pairs, C, H, j0, n, block, kernel);
+                float sl[ATT_ROWS], sr[ATT_ROWS];  /* q8: the rows' c^KV and k^R scales */
+                if (q8) scores_tile_q8(S, rows, a, C, r, sl, sr, j0, n, words);
+                else scores_tile(S, rows, Q, qT, pairs, C, H, j0, n, kernel);
                 for (int h = 0; h < H; h++)
                     tile_probabilities(S + (size_t)h * rows + j0, n, scale, &max[h], &total[h],
                                        sums + (size_t)h * r, r, bf16, p + h * ATT_ROWS,
                                        weighted_pairs ? p_pairs + h * ATT_ROWS / 2 : NULL);
+                if (q8) {
+                    weighted_tile_q8(sums, r, p, sl, w_int8, w_scale, C, H, j0, n, words);
+                    continue;
+                }
 #if defined(__AVX512BF16__)
                 if (weighted_pairs) {
                     weighted_pairs_avx512(sums, r, p_pairs, ATT_ROWS / 2,
@@ -3632,7 +3908,7 @@ static void attend_latents(float *u, size_t u_stride, float *S, const float *Q, 
 }
 
 /* attend_latents' scratch for H heads, r sums and rows width wide, on every thread this
- * process may run (a q8 cache adds rows_f32: set_cache_dtype). */
+ * process may run. */
 static void attend_scratch_init(AttendScratch *a, int H, int r, int width) {
     int threads = 1;
 #ifdef _OPENMP
@@ -3641,14 +3917,21 @@ static void attend_scratch_init(AttendScratch *a, int H, int r, int width) {
     *a = (AttendScratch){floats((size_t)H * width), floats((size_t)ATT_MAX_SPLITS * H * r),
                          floats((size_t)ATT_MAX_SPLITS * H),
                          xcalloc((size_t)ATT_MAX_SPLITS * H, sizeof(double)),
-                         floats((size_t)threads * H * ATT_ROWS), NULL, floats((size_t)H * width),
+                         floats((size_t)threads * H * ATT_ROWS), floats((size_t)H * width),
                          xcalloc((size_t)H * (width + 1) / 2, sizeof(uint32_t)),
-                         xcalloc((size_t)threads * H * ATT_ROWS / 2, sizeof(uint32_t)), threads, H};
+                         xcalloc((size_t)threads * H * ATT_ROWS / 2, sizeof(uint32_t)),
+                         xcalloc((size_t)H * width, 1),
+                         xcalloc((size_t)H * (width + 3) / 4, sizeof(int32_t)), floats(2 * H),
+                         xcalloc(2 * (size_t)H, sizeof(int32_t)),
+                         xcalloc_huge((size_t)threads * (H * ATT_ROWS + 64)),
+                         floats((size_t)threads * (H + 16)),
+                         threads, H};
 }
 
 static void attend_scratch_free(AttendScratch *a) {
-    void *bufs[] = {a->qT, a->sums, a->max, a->total, a->p, a->rows_f32, a->q_bf16, a->q_pairs,
-                    a->p_pairs};
+    void *bufs[] = {a->qT,     a->sums,    a->max,     a->total,  a->p,      a->q_bf16,
+                    a->q_pairs, a->p_pairs, a->q_int8, a->q_words, a->q_scale, a->q_bias,
+                    a->w_int8,  a->w_scale};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
 }
 

@@ -466,13 +466,14 @@ static void test_attention_kernels(void) {
     static double ref_s[MAXROWS];
     static uint16_t wb[MAXROWS * COLS];
     static int8_t wq[MAXROWS * COLS];
-    static float wscale[MAXROWS * COLS / 8];
+    static float wscale[MAXROWS * COLS / 8], v_portable[MAXH * COUNT];
     const float scale = 0.125f;
     for (int i = 0; i < MAXROWS * COLS; i++) w[i] = rand_normal();
     for (int i = 0; i < MAXH * COLS; i++) q[i] = rand_normal();
     for (int i = 0; i < MAXH * MAXROWS; i++) p[i] = random_f32(&test_rng);
     for (int i = 0; i < MAXROWS * COLS; i++) wb[i] = f32_to_bf16(w[i]);
-    quantize_activations(wq, wscale, w, MAXROWS * COLS, 8);
+    Mat q8_cache = {wq, wscale, DTYPE_Q8, MAXROWS, COLS, cache_q8_group(COUNT, COLS)};
+    for (int j = 0; j < MAXROWS; j++) cache_store_q8(&q8_cache, j, w + j * COLS, COUNT);
     const int heads[] = {1, 5, 16, 19, 32}, rows_list[] = {1, 3, 67, 131, 4500};  /* 16, 32: in lanes */
     const int kernels[] = {KERNEL_PORTABLE, KERNEL_BEST, KERNEL_NO_VNNI};
     int threads = 1;
@@ -482,14 +483,22 @@ static void test_attention_kernels(void) {
     for (int dtype = 0; dtype < 3; dtype++) {
         const void *data = dtype == 0 ? (const void *)w : dtype == 1 ? (const void *)wb : (const void *)wq;
         int type = dtype == 0 ? DTYPE_F32 : dtype == 1 ? DTYPE_BF16 : DTYPE_Q8;
-        double score_err = 0, attend_err = 0, sum_err = 0;
+        double score_err = 0, attend_err = 0, sum_err = 0, kernels_apart = 0;
         int same = 1;
         for (int i = 0; i < MAXH * COLS; i++)  /* a bf16 cache meets bf16 queries */
             qr[i] = dtype == 1 ? bf16_to_f32(f32_to_bf16(q[i])) : q[i];
+        for (int h = 0; dtype == 2 && h < MAXH; h++)  /* a q8 cache: int8 queries, parts apart */
+            for (int part = 0; part < 2; part++) {
+                int at = h * COLS + part * COUNT, len = part ? COLS - COUNT : COUNT;
+                int8_t qq[COLS];
+                float qs;
+                quantize_activations(qq, &qs, q + at, len, len);
+                for (int k = 0; k < len; k++) qr[at + k] = qq[k] * qs;
+            }
         for (int a = 0; a < 5; a++)
             for (int b = 0; b < 5; b++) {
                 int H = heads[a], rows = rows_list[b];
-                Mat W = {data, dtype == 2 ? wscale : NULL, type, rows, COLS, dtype == 2 ? 8 : COLS};
+                Mat W = {data, dtype == 2 ? wscale : NULL, type, rows, COLS, dtype == 2 ? q8_cache.group : COLS};
                 for (int j = 0; j < rows; j++) mat_row_to_f32(deq + j * COLS, &W, j);
                 for (int k = 0; k < 3; k++) {
                     for (int nt = 1; nt <= 3; nt += 2) {
@@ -498,7 +507,6 @@ static void test_attention_kernels(void) {
 #endif
                         AttendScratch att;
                         attend_scratch_init(&att, H, COUNT, COLS);
-                        if (dtype == 2) att.rows_f32 = floats((size_t)att.threads * ATT_ROWS * COLS);
                         attend_latents_with(nt == 1 ? v1 : v3, COUNT, nt == 1 ? s1 : s3, q, &W, COUNT,
                                             scale, &att, kernels[k]);
                         attend_scratch_free(&att);
@@ -506,6 +514,9 @@ static void test_attention_kernels(void) {
                     }
                     same &= !memcmp(s1, s3, sizeof(float) * H * rows) && !memcmp(u1, u3, sizeof(float) * H * COUNT) &&
                             !memcmp(v1, v3, sizeof(float) * H * COUNT);
+                    for (int i = 0; i < H * COUNT; i++)  /* each kernel against the portable one */
+                        if (k == 0) v_portable[i] = v1[i];
+                        else kernels_apart = fmax(kernels_apart, fabs(v1[i] - v_portable[i]));
                     for (int h = 0; h < H; h++) {
                         double top = -INFINITY, total = 0;
                         for (int j = 0; j < rows; j++) {
@@ -532,12 +543,16 @@ static void test_attention_kernels(void) {
         omp_set_num_threads(threads);
 #endif
         /* a bf16 cache's probabilities are bf16, each within 2^-9 of e^(S - max): 3 rows of
-         * N(0, 1) numbers reach 2.1e-3 from double (every kernel alike) */
-        double attend_max = dtype == 1 ? 4e-3 : 1e-5;
-        check(score_err < 1e-4 && attend_err < attend_max && sum_err < 1e-4 && same,
+         * N(0, 1) numbers reach 2.1e-3 from double (every kernel alike); a q8 cache's weights
+         * are u8, each within 1/510 of the tile's largest (3 rows: 9.0e-3, under 3 x 3 / 510).
+         * The kernels round the same bf16 probabilities but for scores a rounding apart; q8
+         * kernels sum the same integers, and came out identical */
+        double attend_max = dtype == 1 ? 4e-3 : dtype == 2 ? 2e-2 : 1e-5;
+        double apart_max = dtype == 1 ? 1e-4 : 1e-5;
+        check(score_err < 1e-4 && attend_err < attend_max && sum_err < 1e-4 && same && kernels_apart < apart_max,
               "attention on a %s cache, 1-32 heads x 1-4500 rows: scores %.1e, softmax-weighted sums %.1e, "
-              "weighted sums %.1e from double; 1 and 3 threads %s", storage_name(type), score_err, attend_err,
-              sum_err, same ? "identical" : "DIFFER");
+              "weighted sums %.1e from double; kernels %.1e from the portable one; 1 and 3 threads %s",
+              storage_name(type), score_err, attend_err, sum_err, kernels_apart, same ? "identical" : "DIFFER");
     }
 }
 
