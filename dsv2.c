@@ -238,11 +238,11 @@ static void matmul(float *y, const Mat *W, const float *x, int n, MatmulScratch 
  *   u[h]    = sum_j softmax_j(S[h])_j C[j][0..r)       u: H rows u_stride apart
  * Each sum runs in the same order whatever the number of threads. AttendScratch: what it needs,
  * allocated once (nothing is allocated while decoding). */
-/* Cached rows per tile, splits of a token's rows. A tile's sums meet floats once (each head's
- * r sums read and written): 256 rows a tile against 64 took attention over 8 layers x 8,400
- * rows from 5.7-6.7 to 3.8 ms per token with a q8 cache, 6.1 to 5.1 with bf16 (Zen 5, 2 threads);
- * 600 to 2,100 rows gained too. A tile is then at most 576 KiB of f32 rows, in L2. */
-enum { ATT_ROWS = 256, ATT_MAX_SPLITS = 32 };
+/* Cached rows per tile (at most; attention_tile), splits of a token's rows. A tile's sums meet
+ * floats once (each head's r sums read and written): 256 rows a tile against 64 took attention
+ * over 8 layers x 8,400 rows from 5.7-6.7 to 3.8 ms per token with a q8 cache, 6.1 to 5.1 with
+ * bf16 (Zen 5, 2 threads); 600 to 2,100 rows gained too. */
+enum { ATT_ROWS = 256, ATT_MAX_SPLITS = 32, ATT_TILE_BYTES = 384 << 10 };
 typedef struct {
     float *qT;        /* the queries, heads in the lanes [H/16][C->cols][16] */
     float *sums;      /* each split's sum_j e^(S[h][j] - max) C[j] [ATT_MAX_SPLITS][H][r] */
@@ -3750,11 +3750,20 @@ static void weighted_rows_sum(float *u, size_t u_stride, const float *P, size_t 
     }
 }
 
-/* A token's rows go in splits of whole tiles, at most ATT_MAX_SPLITS splits: a function of rows
- * alone, so the sums, and the answer, do not change with the number of threads. Returns the
- * splits; *tiles: tiles per split. */
-static int attention_splits(int rows, int *tiles) {
-    int all = (rows + ATT_ROWS - 1) / ATT_ROWS;
+/* Rows per tile for a cache's rows: ATT_ROWS, halved while a tile is over ATT_TILE_BYTES, so
+ * that it stays in L2 between its scores and its weighted sums (Zen 2 has 512 KiB a core; 256
+ * rows of V2's f32 cache are 576 KiB; f32 takes 128, bf16 and q8 256). */
+static int attention_tile(const Mat *C) {
+    int tile = ATT_ROWS;
+    while (tile > 16 && dtype_bytes(C->dtype, (size_t)tile * C->cols) > ATT_TILE_BYTES) tile /= 2;
+    return tile;
+}
+
+/* A token's rows go in splits of whole tiles (tile rows each), at most ATT_MAX_SPLITS splits: a
+ * function of rows alone, so the sums, and the answer, do not change with the number of threads.
+ * Returns the splits; *tiles: tiles per split. */
+static int attention_splits(int rows, int tile, int *tiles) {
+    int all = (rows + tile - 1) / tile;
     *tiles = (all + ATT_MAX_SPLITS - 1) / ATT_MAX_SPLITS;
     return (all + *tiles - 1) / *tiles;
 }
@@ -3828,7 +3837,8 @@ static void tile_probabilities(float *s, int n, float scale, float *max, double 
  * of an f32 cache (Zen 5, 2 threads): 8,400 rows 14.1 -> 9.7 ms, 32,768 rows 55.9 -> 30.7 ms. */
 static void attend_latents_with(float *u, size_t u_stride, float *S, const float *Q,
                                 const Mat *C, int r, float scale, AttendScratch *a, int kernel) {
-    int rows = C->rows, H = a->heads, tiles, splits = attention_splits(rows, &tiles);
+    int rows = C->rows, H = a->heads, tile = attention_tile(C), tiles;
+    int splits = attention_splits(rows, tile, &tiles);
     int bf16 = C->dtype == DTYPE_BF16, threads = 1;
     if (bf16) {  /* a bf16 cache meets bf16 queries and probabilities, on every CPU */
 #pragma omp simd
@@ -3862,9 +3872,9 @@ static void attend_latents_with(float *u, size_t u_stride, float *S, const float
             double *total = a->total + (size_t)sp * H;
             memset(sums, 0, (size_t)H * r * sizeof(float));
             for (int h = 0; h < H; h++) max[h] = -INFINITY, total[h] = 0;
-            int end = (sp + 1) * tiles * ATT_ROWS < rows ? (sp + 1) * tiles * ATT_ROWS : rows;
-            for (int j0 = sp * tiles * ATT_ROWS; j0 < end; j0 += ATT_ROWS) {
-                int n = end - j0 < ATT_ROWS ? end - j0 : ATT_ROWS;
+            int end = (sp + 1) * tiles * tile < rows ? (sp + 1) * tiles * tile : rows;
+            for (int j0 = sp * tiles * tile; j0 < end; j0 += tile) {
+                int n = end - j0 < tile ? end - j0 : tile;
                 const float *qT = pairs ? (const float *)a->q_pairs : in_lanes ? a->qT : NULL;
                 float sl[ATT_ROWS], sr[ATT_ROWS];  /* q8: the rows' c^KV and k^R scales */
                 if (q8) scores_tile_q8(S, rows, a, C, r, sl, sr, j0, n, words);
