@@ -261,6 +261,9 @@ typedef struct {
     float *w_scale;     /* per thread: their scales [threads][H], a cache line apart */
     int threads, heads;
 } AttendScratch;
+/* Per-thread strides of w_int8 (bytes) and w_scale (floats): a cache line past their use. */
+static size_t w_int8_stride(int H) { return (size_t)H * ATT_ROWS + 64; }
+static size_t w_scale_stride(int H) { return (size_t)H + 16; }
 static void attend_latents(float *u, size_t u_stride, float *S, const float *Q, const Mat *C,
                            int r, float scale, AttendScratch *a);
 static void attend_scratch_init(AttendScratch *a, int H, int r, int width);
@@ -2852,10 +2855,6 @@ KERNEL_INLINE __m512i dpbusd_into(__m512i acc, __m512i u8, __m512i s8) {
     return _mm512_dpbusd_epi32(acc, u8, s8);
 #endif
 }
-/* The scores, 16 heads in the lanes, 8 rows a pass: a row's numbers k..k+3 (one 32-bit word)
- * are broadcast and made unsigned (xor 0x80: c + 128) against the heads' four query numbers
- * (q_words [cols / 4][16]). Each part's sums start at bias = -128 x the sum of its query
- * numbers, which takes the 128 back off. out[j][h] = aL sl_j qs_l[h] + aR sr_j qs_r[h]. */
 enum { SCORE_Q8_ROWS = 8 };
 /* acc[i] += words k0..k1-1 of row c[i] (made unsigned) against the heads' query words; the
  * rows ahead bytes further are fetched meanwhile (without, the rows came from memory at a third
@@ -2875,6 +2874,10 @@ KERNEL_INLINE void score_words_q8_vnni(__m512i acc[SCORE_Q8_ROWS],
         }
     }
 }
+/* The scores, 16 heads in the lanes, 8 rows a pass: a row's numbers k..k+3 (one 32-bit word)
+ * are broadcast and made unsigned (xor 0x80: c + 128) against the heads' four query numbers
+ * (q_words [cols / 4][16]). Each part's sums start at bias = -128 x the sum of its query
+ * numbers, which takes the 128 back off. out[j][h] = aL sl_j qs_l[h] + aR sr_j qs_r[h]. */
 static void scores_q8_vnni(float *out, const int8_t *rows, size_t stride, int n, const float *sl,
                            const float *sr, const int32_t *q_words, const int32_t *bias_l,
                            const int32_t *bias_r, const float *qs_l, const float *qs_r, int r,
@@ -3711,13 +3714,11 @@ static void weighted_rows_avx2(float *u, size_t u_stride, const float *p, size_t
 /* u[h][i] += sum_{j<n} p[h][j] c[j][i] for heads x cols; the full block keeps u in registers. */
 static void weighted_rows_block(float *u, size_t u_stride, const float *p, size_t p_stride,
                                 const float *c, size_t c_stride, int heads, int cols, int n) {
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
     if (heads == ATT_HEADS && cols == WSUM_COLS) {
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
         weighted_rows_avx2(u, u_stride, p, p_stride, c, c_stride, n);
         return;
-    }
 #endif
-    if (heads == ATT_HEADS && cols == WSUM_COLS) {
         float acc[ATT_HEADS][WSUM_COLS];
         for (int h = 0; h < ATT_HEADS; h++)
             for (int i = 0; i < WSUM_COLS; i++) acc[h][i] = u[h * u_stride + i];
@@ -3894,8 +3895,8 @@ static void attend_latents_with(float *u, size_t u_stride, float *S, const float
 #endif
         float *p = a->p + (size_t)id * H * ATT_ROWS;
         uint32_t *p_pairs = a->p_pairs + (size_t)id * H * ATT_ROWS / 2;
-        uint8_t *w_int8 = a->w_int8 + (size_t)id * (H * ATT_ROWS + 64);
-        float *w_scale = a->w_scale + (size_t)id * (H + 16);
+        uint8_t *w_int8 = a->w_int8 + id * w_int8_stride(H);
+        float *w_scale = a->w_scale + id * w_scale_stride(H);
 #pragma omp for schedule(dynamic, 1)
         for (int sp = 0; sp < splits; sp++) {
             float *sums = a->sums + (size_t)sp * H * r, *max = a->max + (size_t)sp * H;
@@ -3966,8 +3967,8 @@ static void attend_scratch_init(AttendScratch *a, int H, int r, int width) {
                          xcalloc((size_t)H * width, 1),
                          xcalloc((size_t)H * (width + 3) / 4, sizeof(int32_t)), floats(2 * H),
                          xcalloc(2 * (size_t)H, sizeof(int32_t)),
-                         xcalloc_huge((size_t)threads * (H * ATT_ROWS + 64)),
-                         floats((size_t)threads * (H + 16)),
+                         xcalloc_huge(threads * w_int8_stride(H)),
+                         floats(threads * w_scale_stride(H)),
                          threads, H};
 }
 
