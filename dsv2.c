@@ -2874,16 +2874,50 @@ KERNEL_INLINE void score_words_q8_vnni(__m512i acc[SCORE_Q8_ROWS],
         }
     }
 }
-/* The scores, 16 heads in the lanes, 8 rows a pass: a row's numbers k..k+3 (one 32-bit word)
- * are broadcast and made unsigned (xor 0x80: c + 128) against the heads' four query numbers
- * (q_words [cols / 4][16]). Each part's sums start at bias = -128 x the sum of its query
- * numbers, which takes the 128 back off. out[j][h] = aL sl_j qs_l[h] + aR sr_j qs_r[h]. */
-static void scores_q8_vnni(float *out, const int8_t *rows, size_t stride, int n, const float *sl,
-                           const float *sr, const int32_t *q_words, const int32_t *bias_l,
-                           const int32_t *bias_r, const float *qs_l, const float *qs_r, int r,
-                           int cols) {
+/* Four vectors' 128-bit lanes transposed: v[k] lane i <- a_i lane k. */
+KERNEL_INLINE void transpose_lanes_4x4(__m512i v[4], __m512i a0, __m512i a1, __m512i a2,
+                                       __m512i a3) {
+    __m512i lo01 = _mm512_shuffle_i32x4(a0, a1, 0x44), hi01 = _mm512_shuffle_i32x4(a0, a1, 0xEE);
+    __m512i lo23 = _mm512_shuffle_i32x4(a2, a3, 0x44), hi23 = _mm512_shuffle_i32x4(a2, a3, 0xEE);
+    v[0] = _mm512_shuffle_i32x4(lo01, lo23, 0x88);
+    v[1] = _mm512_shuffle_i32x4(lo01, lo23, 0xDD);
+    v[2] = _mm512_shuffle_i32x4(hi01, hi23, 0x88);
+    v[3] = _mm512_shuffle_i32x4(hi01, hi23, 0xDD);
+}
+/* Sixteen vectors of 16 numbers (32 bits each) transposed in place: a[i] lane k <- a[k] lane i.
+ * Pairs of rows interleave by 32 then 64 bits within 128-bit lanes, then the lanes move. */
+KERNEL_INLINE void transpose_16x16(__m512i a[16]) {
+    __m512i b[16];
+    for (int i = 0; i < 16; i += 2) {
+        b[i] = _mm512_unpacklo_epi32(a[i], a[i + 1]);
+        b[i + 1] = _mm512_unpackhi_epi32(a[i], a[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  /* a[4g + m], 128-bit lane l: number 4l + m of rows 4g.. */
+        a[i] = _mm512_unpacklo_epi64(b[i], b[i + 2]);
+        a[i + 1] = _mm512_unpackhi_epi64(b[i], b[i + 2]);
+        a[i + 2] = _mm512_unpacklo_epi64(b[i + 1], b[i + 3]);
+        a[i + 3] = _mm512_unpackhi_epi64(b[i + 1], b[i + 3]);
+    }
+    for (int m = 0; m < 4; m++) {
+        __m512i v[4];
+        transpose_lanes_4x4(v, a[m], a[4 + m], a[8 + m], a[12 + m]);
+        for (int l = 0; l < 4; l++) b[4 * l + m] = v[l];
+    }
+    for (int i = 0; i < 16; i++) a[i] = b[i];
+}
+/* The scores of 16 heads, S[h][j] (stride s_stride), 8 rows a pass with the heads in the lanes:
+ * a row's numbers k..k+3 (one 32-bit word) are broadcast and made unsigned (xor 0x80: c + 128)
+ * against the heads' four query numbers (q_words [cols / 4][16]). Each part's sums start at
+ * bias = -128 x the sum of its query numbers, which takes the 128 back off. S[h][j] = aL sl_j
+ * qs_l[h] + aR sr_j qs_r[h]; every 16 rows turn to the heads' order in registers (scattering
+ * them one number at a time took a third of the kernel's time again). */
+static void scores_q8_vnni(float *S, size_t s_stride, const int8_t *rows, size_t stride, int n,
+                           const float *sl, const float *sr, const int32_t *q_words,
+                           const int32_t *bias_l, const int32_t *bias_r, const float *qs_l,
+                           const float *qs_r, int r, int cols) {
     enum { R = SCORE_Q8_ROWS };
     __m512 l = _mm512_loadu_ps(qs_l), rope = _mm512_loadu_ps(qs_r);
+    __m512i out[16] = {0};  /* past n: lanes the masked stores leave out */
     for (int j = 0; j < n; j += R) {
         const int8_t *c[R];
         __m512i acc_l[R], acc_r[R];
@@ -2894,13 +2928,19 @@ static void scores_q8_vnni(float *out, const int8_t *rows, size_t stride, int n,
         }
         score_words_q8_vnni(acc_l, c, q_words, 0, r / 4, R * stride);
         score_words_q8_vnni(acc_r, c, q_words, r / 4, cols / 4, R * stride);
-        for (int i = 0; i < R && j + i < n; i++) {
+        for (int i = 0; i < R; i++) {
+            int row = j + i < n ? j + i : n - 1;
             __m512 part_r = _mm512_mul_ps(_mm512_cvtepi32_ps(acc_r[i]),
-                                          _mm512_mul_ps(rope, _mm512_set1_ps(sr[j + i])));
-            _mm512_storeu_ps(out + (size_t)(j + i) * 16,
-                             _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc_l[i]),
-                                             _mm512_mul_ps(l, _mm512_set1_ps(sl[j + i])), part_r));
+                                          _mm512_mul_ps(rope, _mm512_set1_ps(sr[row])));
+            out[j % 16 + i] = _mm512_castps_si512(_mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(acc_l[i]), _mm512_mul_ps(l, _mm512_set1_ps(sl[row])), part_r));
         }
+        if (j % 16 + R < 16 && j + R < n) continue;
+        transpose_16x16(out);
+        int j0 = j / 16 * 16;
+        __mmask16 keep = n - j0 >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j0)) - 1);
+        for (int h = 0; h < 16; h++)
+            _mm512_mask_storeu_ps(S + (size_t)h * s_stride + j0, keep, _mm512_castsi512_ps(out[h]));
     }
 }
 
@@ -2908,7 +2948,7 @@ static void scores_q8_vnni(float *out, const int8_t *rows, size_t stride, int n,
  * zero past n up to a multiple of 4). Four rows' bytes of a column become one 32-bit word
  * (`vpunpck`: 16 columns a vector, 64 columns a block), met by each head's four weights broadcast;
  * 4 heads x 64 columns of int32 sums stay in registers. The unpacks leave column 16l + 4m + i in
- * lane l of vector m; eight `vshufi32x4` put the columns back in order before the sums go out. */
+ * lane l of vector m; transpose_lanes_4x4 puts the columns back in order before the sums go out. */
 static void weighted_q8_vnni(float *sums, int r, const uint8_t *w, const float *w_scale,
                              const int8_t *rows, size_t stride, int H, int n) {
     __m512i quads[ATT_ROWS / 4][4];
@@ -2946,14 +2986,8 @@ static void weighted_q8_vnni(float *sums, int r, const uint8_t *w, const float *
                 }
             }
             for (int h = 0; h < 4; h++) {
-                __m512i lo01 = _mm512_shuffle_i32x4(acc[h][0], acc[h][1], 0x44);
-                __m512i hi01 = _mm512_shuffle_i32x4(acc[h][0], acc[h][1], 0xEE);
-                __m512i lo23 = _mm512_shuffle_i32x4(acc[h][2], acc[h][3], 0x44);
-                __m512i hi23 = _mm512_shuffle_i32x4(acc[h][2], acc[h][3], 0xEE);
-                __m512i v[4] = {_mm512_shuffle_i32x4(lo01, lo23, 0x88),
-                                _mm512_shuffle_i32x4(lo01, lo23, 0xDD),
-                                _mm512_shuffle_i32x4(hi01, hi23, 0x88),
-                                _mm512_shuffle_i32x4(hi01, hi23, 0xDD)};
+                __m512i v[4];
+                transpose_lanes_4x4(v, acc[h][0], acc[h][1], acc[h][2], acc[h][3]);
                 __m512 f = _mm512_set1_ps(w_scale[h0 + h]);
                 float *out = sums + (size_t)(h0 + h) * r + c0;
                 for (int k = 0; k < 4; k++)
@@ -3612,19 +3646,16 @@ static void scores_tile_q8(float *S, size_t s_stride, const AttendScratch *a, co
     int H = a->heads, cols = C->cols, groups = cols / C->group;
     const int8_t *rows = (const int8_t *)C->data + (size_t)j0 * cols;
     const float *qs_l = a->q_scale, *qs_r = a->q_scale + H;
-    for (int j = 0; j < n; j++) {
+    for (int j = 0; j < n; j++) {  /* and the next tile's scales meanwhile (they missed cache) */
+        __builtin_prefetch(C->scale + (size_t)(j0 + n + j) * groups);
         sl[j] = C->scale[(size_t)(j0 + j) * groups];
         sr[j] = cols > r ? C->scale[(size_t)(j0 + j) * groups + r / C->group] : 0;
     }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    for (int g = 0; words && g < H / 16; g++) {
-        float out[ATT_ROWS][16];
-        scores_q8_vnni(out[0], rows, cols, n, sl, sr, a->q_words + (size_t)g * (cols / 4) * 16,
-                       a->q_bias + 16 * g, a->q_bias + H + 16 * g, qs_l + 16 * g, qs_r + 16 * g,
-                       r, cols);
-        for (int h = 0; h < 16; h++)
-            for (int j = 0; j < n; j++) S[(size_t)(16 * g + h) * s_stride + j0 + j] = out[j][h];
-    }
+    for (int g = 0; words && g < H / 16; g++)
+        scores_q8_vnni(S + (size_t)16 * g * s_stride + j0, s_stride, rows, cols, n, sl, sr,
+                       a->q_words + (size_t)g * (cols / 4) * 16, a->q_bias + 16 * g,
+                       a->q_bias + H + 16 * g, qs_l + 16 * g, qs_r + 16 * g, r, cols);
     if (words) return;
 #endif
     (void)words;
