@@ -3647,7 +3647,7 @@ static void scores_tile_q8(float *S, size_t s_stride, const AttendScratch *a, co
     const int8_t *rows = (const int8_t *)C->data + (size_t)j0 * cols;
     const float *qs_l = a->q_scale, *qs_r = a->q_scale + H;
     for (int j = 0; j < n; j++) {  /* and the next tile's scales meanwhile (they missed cache) */
-        __builtin_prefetch(C->scale + (size_t)(j0 + n + j) * groups);
+        if (j0 + n + j < C->rows) __builtin_prefetch(C->scale + (size_t)(j0 + n + j) * groups);
         sl[j] = C->scale[(size_t)(j0 + j) * groups];
         sr[j] = cols > r ? C->scale[(size_t)(j0 + j) * groups + r / C->group] : 0;
     }
