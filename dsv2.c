@@ -2917,23 +2917,25 @@ static void scores_q8_vnni(float *S, size_t s_stride, const int8_t *rows, size_t
                            const float *qs_r, int r, int cols) {
     enum { R = SCORE_Q8_ROWS };
     __m512 l = _mm512_loadu_ps(qs_l), rope = _mm512_loadu_ps(qs_r);
-    __m512i out[16] = {0};  /* past n: lanes the masked stores leave out */
+    __m512i out[16] = {0};  /* 16 rows' sums, heads in the lanes, then heads' rows */
     for (int j = 0; j < n; j += R) {
         const int8_t *c[R];
+        int row[R];  /* past n: the last row again, into lanes the masked stores leave out */
         __m512i acc_l[R], acc_r[R];
         for (int i = 0; i < R; i++) {
-            c[i] = rows + (size_t)(j + i < n ? j + i : n - 1) * stride;
+            row[i] = j + i < n ? j + i : n - 1;
+            c[i] = rows + (size_t)row[i] * stride;
             acc_l[i] = _mm512_loadu_si512(bias_l);
             acc_r[i] = _mm512_loadu_si512(bias_r);
         }
         score_words_q8_vnni(acc_l, c, q_words, 0, r / 4, R * stride);
         score_words_q8_vnni(acc_r, c, q_words, r / 4, cols / 4, R * stride);
         for (int i = 0; i < R; i++) {
-            int row = j + i < n ? j + i : n - 1;
             __m512 part_r = _mm512_mul_ps(_mm512_cvtepi32_ps(acc_r[i]),
-                                          _mm512_mul_ps(rope, _mm512_set1_ps(sr[row])));
-            out[j % 16 + i] = _mm512_castps_si512(_mm512_fmadd_ps(
-                _mm512_cvtepi32_ps(acc_l[i]), _mm512_mul_ps(l, _mm512_set1_ps(sl[row])), part_r));
+                                          _mm512_mul_ps(rope, _mm512_set1_ps(sr[row[i]])));
+            __m512 scale_l = _mm512_mul_ps(l, _mm512_set1_ps(sl[row[i]]));
+            out[j % 16 + i] = _mm512_castps_si512(
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc_l[i]), scale_l, part_r));
         }
         if (j % 16 + R < 16 && j + R < n) continue;
         transpose_16x16(out);

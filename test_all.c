@@ -474,7 +474,8 @@ static void test_attention_kernels(void) {
     for (int i = 0; i < MAXROWS * COLS; i++) wb[i] = f32_to_bf16(w[i]);
     Mat q8_cache = {wq, wscale, DTYPE_Q8, MAXROWS, COLS, cache_q8_group(COUNT, COLS)};
     for (int j = 0; j < MAXROWS; j++) cache_store_q8(&q8_cache, j, w + j * COLS, COUNT);
-    const int heads[] = {1, 5, 16, 19, 32}, rows_list[] = {1, 3, 67, 700, 8500};  /* 16, 32: in lanes; 700: a last tile of 188 rows (16 x 11 + 12) */
+    /* heads 16, 32: in lanes; 700 rows: a last tile of 188 (16 x 11 + 12, a part pass) */
+    const int heads[] = {1, 5, 16, 19, 32}, rows_list[] = {1, 3, 67, 700, 8500};
     const int kernels[] = {KERNEL_PORTABLE, KERNEL_BEST, KERNEL_NO_VNNI};
     int threads = 1;
 #ifdef _OPENMP
