@@ -342,10 +342,11 @@ static double transposed_error(const Mat *W, const float *deq) {
 }
 
 static void test_matmul_dtypes(void) {
-    enum { ROWS = 37, COLS = 352, N = 5, G = 32 };  /* 11 groups: 8 at a time, then 3 */
-    float w[ROWS * COLS], x[N * COLS], y[N * ROWS], wq_scale[ROWS * COLS / 16];
-    int8_t wq[ROWS * COLS], xq[N * COLS];
-    float xs[N * COLS / 16];
+    /* 35 groups: AVX2 takes 8 at a time, then 3; AVX-VNNI's scale table 32, then 3 */
+    enum { ROWS = 37, COLS = 1120, N = 5, G = 32 };
+    static float w[ROWS * COLS], x[N * COLS], y[N * ROWS], wq_scale[ROWS * COLS / 16];
+    static int8_t wq[ROWS * COLS], xq[N * COLS];
+    static float xs[N * COLS / 16];
     double ref[N * ROWS], max_ref = 0;
     for (int i = 0; i < ROWS * COLS; i++) w[i] = rand_normal();
     for (int i = 0; i < N * COLS; i++) x[i] = rand_normal();
@@ -373,15 +374,20 @@ static void test_matmul_dtypes(void) {
     check(err < 0.02 * max_ref, "q8 matmul (int8 weights and activations, groups of 32) within 2%% of the max: %.1e of %.1f", err, max_ref);
     /* every SIMD kernel built for this CPU against the portable one, 1 to 4 tokens per call */
     const char *built = "portable C only";
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVXVNNI__)
+    built = "AVX-512 VNNI, AVX-VNNI and AVX2";
+#elif defined(__AVX512VNNI__) && defined(__AVX512BW__)
     built = "AVX-512 VNNI and AVX2";
+#elif defined(__AVXVNNI__) && defined(__AVX2__) && defined(__FMA__)
+    built = "AVX-VNNI and AVX2";
 #elif defined(__AVX2__) && defined(__FMA__)
     built = "AVX2";
 #elif defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
     built = "NEON with sdot";
 #endif
-    int kernels[] = {KERNEL_BEST, KERNEL_NO_VNNI};
-    for (int k = 0; k < 2; k++) {
+    const int kernels[] = {KERNEL_BEST, KERNEL_NO_VNNI, KERNEL_AVX_VNNI};
+    const char *names[] = {"best", "without VNNI (AVX2 or NEON)", "AVX-VNNI (256 bits) where built"};
+    for (int k = 0; k < 3; k++) {
         act.kernel = kernels[k];
         float worst = 0;
         for (int n = 1; n <= N; n++) {  /* 1 to 4 tokens per kernel call, and 4 + 1 */
@@ -389,7 +395,7 @@ static void test_matmul_dtypes(void) {
             worst = fmaxf(worst, max_abs_diff(y, y_simd, (size_t)n * ROWS));
         }
         check(worst < 1e-4f, "q8 kernel %s (built: %s) agrees with the portable C kernel on 1-5 tokens (%.1e)",
-              k == 0 ? "best" : "without VNNI (AVX2 or NEON)", built, worst);
+              names[k], built, worst);
     }
     float deq[ROWS * COLS];
     for (int r = 0; r < ROWS; r++) mat_row_to_f32(deq + r * COLS, &Q, r);
@@ -594,7 +600,7 @@ static void test_matmul_q4(void) {
     double transposed = transposed_error(&Q, deq);
     check(transposed < 1e-5, "q4 transposed product W^T x (scale joined to x, nibbles read directly), 1-3 and 11 tokens, vs double: %.1e of the largest", transposed);
     MatmulScratch *act = matmul_scratch_new(1, N * COLS);
-    const int kernels[] = {KERNEL_BEST, KERNEL_NO_VNNI};
+    const int kernels[] = {KERNEL_BEST, KERNEL_NO_VNNI, KERNEL_AVX_VNNI};
     double worst = 0, ref_err = 0, largest = 0;
     for (int n = 1; n <= N; n++) {
         act->kernel = KERNEL_PORTABLE;
@@ -606,7 +612,7 @@ static void test_matmul_q4(void) {
                 ref_err = fmax(ref_err, fabs(y[t * ROWS + r] - sum));
                 largest = fmax(largest, fabs(sum));
             }
-        for (int k = 0; k < 2; k++) {
+        for (int k = 0; k < 3; k++) {
             act->kernel = kernels[k];
             matmul(y_k, &Q, x, n, act);
             worst = fmax(worst, max_abs_diff(y, y_k, (size_t)n * ROWS));
