@@ -253,9 +253,9 @@ typedef struct {
     uint32_t *q_pairs;  /* the same as bf16 pairs, heads in the lanes [H/16][C->cols / 2][16] */
     uint32_t *p_pairs;  /* per thread: a tile's e^(S - max), bf16 pairs [threads][H][ATT_ROWS/2] */
     int8_t *q_int8;     /* a q8 cache's queries as int8 [H][C->cols] (latent, rope key apart) */
-    int32_t *q_words;   /* the same, heads in the lanes: [H/16][C->cols / 4][16] 4-byte words */
+    int32_t *q_words;   /* the same, heads in the lanes: [H/lanes][C->cols / 4][lanes] words (16 or 8) */
     float *q_scale;     /* their scales [2][H]: latent, rope key */
-    int32_t *q_bias;    /* -128 x the sum of each part's int8 numbers [2][H] (scores_q8_vnni) */
+    int32_t *q_bias;    /* -128 x the sum of each part's int8 numbers [2][H] (the VNNI scores) */
     uint8_t *w_int8;    /* per thread: a tile's weights e^(S - max) s_j as u8 [threads][H][ATT_ROWS]
                          * (threads a cache line apart, as for w_scale: none writes another's) */
     float *w_scale;     /* per thread: their scales [threads][H], a cache line apart */
@@ -3038,6 +3038,128 @@ static void weighted_q8_vnni(float *sums, int r, const uint8_t *w, const float *
     }
 }
 #endif
+/* The same with AVX-VNNI on 256 bits (CPUs without AVX-512: Intel Core 12th generation on;
+ * Zen 5 built so): 8 heads in the lanes, 4 rows a pass for the scores (8 int32 sums in 16
+ * registers), and 2 heads x 32 columns for the weighted sums. Kernels alone (16 heads x 8
+ * layers x 8,400 rows, 2 threads, Zen 5 built for AVX2 + AVX-VNNI): the portable loops 39 ms
+ * per token, these 9.9; an f32 cache 15.6-18.1, bf16 18.1-20.8. */
+#if defined(__AVXVNNI__) && defined(__AVX2__) && defined(__FMA__)
+/* Eight vectors of 8 floats transposed in place: a[i] lane k <- a[k] lane i. */
+static inline void transpose_8x8(__m256 a[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(a[i], a[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(a[i], a[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {  /* u[4g + m], 128-bit lane l: number 4l + m of rows 4g.. */
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int m = 0; m < 4; m++) {
+        a[m] = _mm256_permute2f128_ps(u[m], u[4 + m], 0x20);
+        a[4 + m] = _mm256_permute2f128_ps(u[m], u[4 + m], 0x31);
+    }
+}
+
+/* acc[i] += words k0..k1-1 of row c[i] (made unsigned) against 8 heads' query words. */
+KERNEL_INLINE void score_words_avxvnni(__m256i acc[4], const int8_t *const c[4],
+                                       const int32_t *q_words, int k0, int k1, size_t ahead) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    for (int k = k0; k < k1; k++) {
+        __m256i q = _mm256_loadu_si256((const __m256i *)(q_words + (size_t)k * 8));
+        for (int i = 0; i < 4; i++) {
+            int32_t word;
+            if (k % 16 == 0) __builtin_prefetch(c[i] + ahead + 4 * k);
+            memcpy(&word, c[i] + 4 * k, 4);
+            acc[i] = _mm256_dpbusd_avx_epi32(acc[i], _mm256_xor_si256(_mm256_set1_epi32(word), flip), q);
+        }
+    }
+}
+
+/* scores_q8_vnni for 8 heads (q_words [cols / 4][8]): S[h][j] = aL sl_j qs_l[h] + aR sr_j
+ * qs_r[h]; every 8 rows turn to the heads' order in registers. */
+static void scores_q8_avxvnni(float *S, size_t s_stride, const int8_t *rows, size_t stride, int n,
+                              const float *sl, const float *sr, const int32_t *q_words,
+                              const int32_t *bias_l, const int32_t *bias_r, const float *qs_l,
+                              const float *qs_r, int r, int cols) {
+    enum { R = 4 };
+    __m256 l = _mm256_loadu_ps(qs_l), rope = _mm256_loadu_ps(qs_r), out[8];
+    for (int j = 0; j < n; j += R) {
+        const int8_t *c[R];
+        int row[R];  /* past n: the last row again, into lanes the masked stores leave out */
+        __m256i acc_l[R], acc_r[R];
+        for (int i = 0; i < R; i++) {
+            row[i] = j + i < n ? j + i : n - 1;
+            c[i] = rows + (size_t)row[i] * stride;
+            acc_l[i] = _mm256_loadu_si256((const __m256i *)bias_l);
+            acc_r[i] = _mm256_loadu_si256((const __m256i *)bias_r);
+        }
+        score_words_avxvnni(acc_l, c, q_words, 0, r / 4, R * stride);
+        score_words_avxvnni(acc_r, c, q_words, r / 4, cols / 4, R * stride);
+        for (int i = 0; i < R; i++) {
+            __m256 part_r = _mm256_mul_ps(_mm256_cvtepi32_ps(acc_r[i]),
+                                          _mm256_mul_ps(rope, _mm256_set1_ps(sr[row[i]])));
+            out[j % 8 + i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_l[i]),
+                                             _mm256_mul_ps(l, _mm256_set1_ps(sl[row[i]])), part_r);
+        }
+        if (j % 8 + R < 8 && j + R < n) continue;
+        transpose_8x8(out);
+        int j0 = j / 8 * 8, count = n - j0 < 8 ? n - j0 : 8;
+        __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(count),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (int h = 0; h < 8; h++) _mm256_maskstore_ps(S + (size_t)h * s_stride + j0, keep, out[h]);
+    }
+}
+
+/* weighted_q8_vnni with 256 bits: 32 columns a block (the unpacks leave column 16l + 4m + i in
+ * 128-bit lane l of vector m), 2 heads x 4 vectors of int32 sums in registers. */
+static void weighted_q8_avxvnni(float *sums, int r, const uint8_t *w, const float *w_scale,
+                                const int8_t *rows, size_t stride, int H, int n) {
+    __m256i quads[ATT_ROWS / 4][4];
+    int nq = (n + 3) / 4;
+    for (int c0 = 0; c0 < r; c0 += 32) {
+        for (int qd = 0; qd < nq; qd++) {
+            __m256i a[4];
+            for (int i = 0; i < 4; i++)  /* past n: the last row again, under zero weights */
+                a[i] = _mm256_loadu_si256((const __m256i *)(
+                        rows + (size_t)(4 * qd + i < n ? 4 * qd + i : n - 1) * stride + c0));
+            __m256i lo01 = _mm256_unpacklo_epi8(a[0], a[1]), hi01 = _mm256_unpackhi_epi8(a[0], a[1]);
+            __m256i lo23 = _mm256_unpacklo_epi8(a[2], a[3]), hi23 = _mm256_unpackhi_epi8(a[2], a[3]);
+            quads[qd][0] = _mm256_unpacklo_epi16(lo01, lo23);
+            quads[qd][1] = _mm256_unpackhi_epi16(lo01, lo23);
+            quads[qd][2] = _mm256_unpacklo_epi16(hi01, hi23);
+            quads[qd][3] = _mm256_unpackhi_epi16(hi01, hi23);
+        }
+        for (int h0 = 0; h0 < H; h0 += 2) {
+            __m256i acc[2][4];
+            for (int h = 0; h < 2; h++)
+                for (int m = 0; m < 4; m++) acc[h][m] = _mm256_setzero_si256();
+            for (int qd = 0; qd < nq; qd++)
+                for (int h = 0; h < 2; h++) {
+                    int32_t word;
+                    memcpy(&word, w + (size_t)(h0 + h) * ATT_ROWS + 4 * qd, 4);
+                    __m256i wv = _mm256_set1_epi32(word);
+                    for (int m = 0; m < 4; m++)
+                        acc[h][m] = _mm256_dpbusd_avx_epi32(acc[h][m], wv, quads[qd][m]);
+                }
+            for (int h = 0; h < 2; h++) {
+                __m256i v[4] = {  /* columns 0-7, 8-15, 16-23, 24-31 */
+                    _mm256_permute2x128_si256(acc[h][0], acc[h][1], 0x20),
+                    _mm256_permute2x128_si256(acc[h][2], acc[h][3], 0x20),
+                    _mm256_permute2x128_si256(acc[h][0], acc[h][1], 0x31),
+                    _mm256_permute2x128_si256(acc[h][2], acc[h][3], 0x31)};
+                __m256 f = _mm256_set1_ps(w_scale[h0 + h]);
+                float *out = sums + (size_t)(h0 + h) * r + c0;
+                for (int k = 0; k < 4; k++)
+                    _mm256_storeu_ps(out + 8 * k, _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(v[k]),
+                                                                  _mm256_loadu_ps(out + 8 * k)));
+            }
+        }
+    }
+}
+#endif
 enum { SCORE_HEADS = 16, SCORE_MAX_LEN = 1024, SCORE_MAX_ROWS = 8 };
 
 /* Four q8 rows of W (row[k]: element offsets) dotted with one token's int8 form xq/xs. */
@@ -3651,20 +3773,27 @@ static int scores_in_pairs(uint32_t *pairs, const float *Q, const Mat *W, int H,
 
 /* A q8 cache's attention (-k q8) in int8, on every CPU the same sums: the queries' two parts
  * (c^KV's r numbers, k^R's) quantized apart as activations are, each head's weights
- * e^(S - max) s_j quantized to u8 per tile; int32 products, then floats. AVX-512 VNNI runs
- * scores_q8_vnni and weighted_q8_vnni where they fit (16 heads a call, r in blocks of 64). */
-static int attention_q8_vnni(int kernel, int H, int r, int cols) {
+ * e^(S - max) s_j quantized to u8 per tile; int32 products, then floats. Returns the heads a
+ * SIMD call takes, 0 for the portable loops: AVX-512 VNNI runs scores_q8_vnni and
+ * weighted_q8_vnni where they fit (16 heads a call, r in blocks of 64), AVX-VNNI the 256-bit
+ * ones (8 heads, r in blocks of 32). */
+static int attention_q8_lanes(int kernel, int H, int r, int cols) {
+    if ((cols - r) % 4 != 0) return 0;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    return kernel == KERNEL_BEST && H % 16 == 0 && r % 64 == 0 && (cols - r) % 4 == 0;
-#else
-    (void)kernel, (void)H, (void)r, (void)cols;
-    return 0;
+    if (kernel == KERNEL_BEST && H % 16 == 0 && r % 64 == 0) return 16;
 #endif
+#if defined(__AVXVNNI__) && defined(__AVX2__) && defined(__FMA__)
+    if ((kernel == KERNEL_BEST || kernel == KERNEL_AVX_VNNI) && H % 8 == 0 && r % 32 == 0)
+        return 8;
+#endif
+    (void)kernel, (void)H, (void)r;
+    return 0;
 }
 
 /* Each head's query as int8, its two parts apart (scale each: q_scale[0][h], [1][h]), and
- * -128 x each part's sum; with words, heads in the lanes for scores_q8_vnni. */
-static void queries_q8(AttendScratch *a, const float *Q, int r, int cols, int words) {
+ * -128 x each part's sum; with lanes (16 or 8), heads in the lanes for the SIMD scores:
+ * q_words [H / lanes][cols / 4][lanes]. */
+static void queries_q8(AttendScratch *a, const float *Q, int r, int cols, int lanes) {
     int H = a->heads;
     for (int h = 0; h < H; h++) {
         int8_t *q = a->q_int8 + (size_t)h * cols;
@@ -3676,18 +3805,18 @@ static void queries_q8(AttendScratch *a, const float *Q, int r, int cols, int wo
         for (int k = 0; k < cols; k++) sum[k >= r] += q[k];
         a->q_bias[h] = -128 * sum[0], a->q_bias[H + h] = -128 * sum[1];
     }
-    for (int g = 0; words && g < H / 16; g++)
+    for (int g = 0; lanes && g < H / lanes; g++)
         for (int k = 0; k < cols / 4; k++)
-            for (int h = 0; h < 16; h++)
-                memcpy(&a->q_words[((size_t)g * (cols / 4) + k) * 16 + h],
-                       a->q_int8 + (size_t)(16 * g + h) * cols + 4 * k, 4);
+            for (int h = 0; h < lanes; h++)
+                memcpy(&a->q_words[((size_t)g * (cols / 4) + k) * lanes + h],
+                       a->q_int8 + (size_t)(lanes * g + h) * cols + 4 * k, 4);
 }
 
 /* The scores of a q8 cache's rows j0..j0+n-1 for every head: S[h][j] = aL sl_j qs_l + aR sr_j
  * qs_r, aL and aR the int8 products of the two parts; sets sl, sr: the rows' c^KV and k^R
  * scales. */
 static void scores_tile_q8(float *S, size_t s_stride, const AttendScratch *a, const Mat *C, int r,
-                           float *sl, float *sr, int j0, int n, int words) {
+                           float *sl, float *sr, int j0, int n, int lanes) {
     int H = a->heads, cols = C->cols, groups = cols / C->group;
     const int8_t *rows = (const int8_t *)C->data + (size_t)j0 * cols;
     const float *qs_l = a->q_scale, *qs_r = a->q_scale + H;
@@ -3697,13 +3826,18 @@ static void scores_tile_q8(float *S, size_t s_stride, const AttendScratch *a, co
         sr[j] = cols > r ? C->scale[(size_t)(j0 + j) * groups + r / C->group] : 0;
     }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    for (int g = 0; words && g < H / 16; g++)
+    for (int g = 0; lanes == 16 && g < H / 16; g++)
         scores_q8_vnni(S + (size_t)16 * g * s_stride + j0, s_stride, rows, cols, n, sl, sr,
                        a->q_words + (size_t)g * (cols / 4) * 16, a->q_bias + 16 * g,
                        a->q_bias + H + 16 * g, qs_l + 16 * g, qs_r + 16 * g, r, cols);
-    if (words) return;
 #endif
-    (void)words;
+#if defined(__AVXVNNI__) && defined(__AVX2__) && defined(__FMA__)
+    for (int g = 0; lanes == 8 && g < H / 8; g++)
+        scores_q8_avxvnni(S + (size_t)8 * g * s_stride + j0, s_stride, rows, cols, n, sl, sr,
+                          a->q_words + (size_t)g * (cols / 4) * 8, a->q_bias + 8 * g,
+                          a->q_bias + H + 8 * g, qs_l + 8 * g, qs_r + 8 * g, r, cols);
+#endif
+    if (lanes) return;
     for (int j = 0; j < n; j++)
         for (int h = 0; h < H; h++) {
             const int8_t *q = a->q_int8 + (size_t)h * cols, *c = rows + (size_t)j * cols;
@@ -3738,18 +3872,18 @@ static float tile_weights_q8(uint8_t *q, const float *e, const float *sl, int n)
  * (e: p [H][ATT_ROWS]) as u8 w (tile_weights_q8), then sums[h][i] += w_scale[h] x
  * sum_{j<n} w[h][j] c_j[i] for i < r, int32 sums 64 columns at a time. */
 static void weighted_tile_q8(float *sums, int r, const float *p, const float *sl, uint8_t *w,
-                             float *w_scale, const Mat *C, int H, int j0, int n, int vnni) {
+                             float *w_scale, const Mat *C, int H, int j0, int n, int lanes) {
     const int8_t *rows = (const int8_t *)C->data + (size_t)j0 * C->cols;
     size_t stride = C->cols;
     for (int h = 0; h < H; h++)
         w_scale[h] = tile_weights_q8(w + h * ATT_ROWS, p + h * ATT_ROWS, sl, n);
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    if (vnni) {
-        weighted_q8_vnni(sums, r, w, w_scale, rows, stride, H, n);
-        return;
-    }
+    if (lanes == 16) weighted_q8_vnni(sums, r, w, w_scale, rows, stride, H, n);
 #endif
-    (void)vnni;
+#if defined(__AVXVNNI__) && defined(__AVX2__) && defined(__FMA__)
+    if (lanes == 8) weighted_q8_avxvnni(sums, r, w, w_scale, rows, stride, H, n);
+#endif
+    if (lanes) return;
     for (int h = 0; h < H; h++)
         for (int c0 = 0; c0 < r; c0 += 64) {
             int cols = r - c0 < 64 ? r - c0 : 64;
@@ -3952,8 +4086,8 @@ static void attend_latents_with(float *u, size_t u_stride, float *S, const float
         for (size_t i = 0; i < (size_t)H * C->cols; i++) a->q_bf16[i] = bf16_rounded(Q[i]);
         Q = a->q_bf16;
     }
-    int q8 = C->dtype == DTYPE_Q8, words = q8 && attention_q8_vnni(kernel, H, r, C->cols);
-    if (q8) queries_q8(a, Q, r, C->cols, words);
+    int q8 = C->dtype == DTYPE_Q8, lanes = q8 ? attention_q8_lanes(kernel, H, r, C->cols) : 0;
+    if (q8) queries_q8(a, Q, r, C->cols, lanes);
     int pairs = bf16 && scores_in_pairs(a->q_pairs, Q, C, H, kernel);
     int in_lanes = !pairs && scores_in_lanes(a->qT, Q, C, H, kernel);
     int weighted_pairs = 0;
@@ -3984,14 +4118,14 @@ static void attend_latents_with(float *u, size_t u_stride, float *S, const float
                 int n = end - j0 < tile ? end - j0 : tile;
                 const float *qT = pairs ? (const float *)a->q_pairs : in_lanes ? a->qT : NULL;
                 float sl[ATT_ROWS], sr[ATT_ROWS];  /* q8: the rows' c^KV and k^R scales */
-                if (q8) scores_tile_q8(S, rows, a, C, r, sl, sr, j0, n, words);
+                if (q8) scores_tile_q8(S, rows, a, C, r, sl, sr, j0, n, lanes);
                 else scores_tile(S, rows, Q, qT, pairs, C, H, j0, n, kernel);
                 for (int h = 0; h < H; h++)
                     tile_probabilities(S + (size_t)h * rows + j0, n, scale, &max[h], &total[h],
                                        sums + (size_t)h * r, r, bf16, p + h * ATT_ROWS,
                                        weighted_pairs ? p_pairs + h * ATT_ROWS / 2 : NULL);
                 if (q8) {
-                    weighted_tile_q8(sums, r, p, sl, w_int8, w_scale, C, H, j0, n, words);
+                    weighted_tile_q8(sums, r, p, sl, w_int8, w_scale, C, H, j0, n, lanes);
                     continue;
                 }
 #if defined(__AVX512BF16__)

@@ -482,7 +482,7 @@ static void test_attention_kernels(void) {
     for (int j = 0; j < MAXROWS; j++) cache_store_q8(&q8_cache, j, w + j * COLS, COUNT);
     /* heads 16, 32: in lanes; 700 rows: a last tile of 188 (16 x 11 + 12, a part pass) */
     const int heads[] = {1, 5, 16, 19, 32}, rows_list[] = {1, 3, 67, 700, 8500};
-    const int kernels[] = {KERNEL_PORTABLE, KERNEL_BEST, KERNEL_NO_VNNI};
+    const int kernels[] = {KERNEL_PORTABLE, KERNEL_BEST, KERNEL_NO_VNNI, KERNEL_AVX_VNNI};
     int threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
@@ -507,7 +507,7 @@ static void test_attention_kernels(void) {
                 int H = heads[a], rows = rows_list[b];
                 Mat W = {data, dtype == 2 ? wscale : NULL, type, rows, COLS, dtype == 2 ? q8_cache.group : COLS};
                 for (int j = 0; j < rows; j++) mat_row_to_f32(deq + j * COLS, &W, j);
-                for (int k = 0; k < 3; k++) {
+                for (int k = 0; k < 4; k++) {
                     for (int nt = 1; nt <= 3; nt += 2) {
 #ifdef _OPENMP
                         omp_set_num_threads(nt);
