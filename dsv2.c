@@ -253,7 +253,7 @@ typedef struct {
     uint32_t *q_pairs;  /* the same as bf16 pairs, heads in the lanes [H/16][C->cols / 2][16] */
     uint32_t *p_pairs;  /* per thread: a tile's e^(S - max), bf16 pairs [threads][H][ATT_ROWS/2] */
     int8_t *q_int8;     /* a q8 cache's queries as int8 [H][C->cols] (latent, rope key apart) */
-    int32_t *q_words;   /* the same, heads in the lanes: [H/lanes][C->cols / 4][lanes] words (16 or 8) */
+    int32_t *q_words;   /* the same, heads in lanes: [H/lanes][C->cols / 4][lanes], 16 or 8 */
     float *q_scale;     /* their scales [2][H]: latent, rope key */
     int32_t *q_bias;    /* -128 x the sum of each part's int8 numbers [2][H] (the VNNI scores) */
     uint8_t *w_int8;    /* per thread: a tile's weights e^(S - max) s_j as u8 [threads][H][ATT_ROWS]
@@ -3073,7 +3073,8 @@ KERNEL_INLINE void score_words_avxvnni(__m256i acc[4], const int8_t *const c[4],
             int32_t word;
             if (k % 16 == 0) __builtin_prefetch(c[i] + ahead + 4 * k);
             memcpy(&word, c[i] + 4 * k, 4);
-            acc[i] = _mm256_dpbusd_avx_epi32(acc[i], _mm256_xor_si256(_mm256_set1_epi32(word), flip), q);
+            __m256i u = _mm256_xor_si256(_mm256_set1_epi32(word), flip);
+            acc[i] = _mm256_dpbusd_avx_epi32(acc[i], u, q);
         }
     }
 }
@@ -3109,7 +3110,8 @@ static void scores_q8_avxvnni(float *S, size_t s_stride, const int8_t *rows, siz
         int j0 = j / 8 * 8, count = n - j0 < 8 ? n - j0 : 8;
         __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(count),
                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        for (int h = 0; h < 8; h++) _mm256_maskstore_ps(S + (size_t)h * s_stride + j0, keep, out[h]);
+        for (int h = 0; h < 8; h++)
+            _mm256_maskstore_ps(S + (size_t)h * s_stride + j0, keep, out[h]);
     }
 }
 
@@ -3125,8 +3127,10 @@ static void weighted_q8_avxvnni(float *sums, int r, const uint8_t *w, const floa
             for (int i = 0; i < 4; i++)  /* past n: the last row again, under zero weights */
                 a[i] = _mm256_loadu_si256((const __m256i *)(
                         rows + (size_t)(4 * qd + i < n ? 4 * qd + i : n - 1) * stride + c0));
-            __m256i lo01 = _mm256_unpacklo_epi8(a[0], a[1]), hi01 = _mm256_unpackhi_epi8(a[0], a[1]);
-            __m256i lo23 = _mm256_unpacklo_epi8(a[2], a[3]), hi23 = _mm256_unpackhi_epi8(a[2], a[3]);
+            __m256i lo01 = _mm256_unpacklo_epi8(a[0], a[1]);
+            __m256i hi01 = _mm256_unpackhi_epi8(a[0], a[1]);
+            __m256i lo23 = _mm256_unpacklo_epi8(a[2], a[3]);
+            __m256i hi23 = _mm256_unpackhi_epi8(a[2], a[3]);
             quads[qd][0] = _mm256_unpacklo_epi16(lo01, lo23);
             quads[qd][1] = _mm256_unpackhi_epi16(lo01, lo23);
             quads[qd][2] = _mm256_unpacklo_epi16(hi01, hi23);
