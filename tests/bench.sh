@@ -14,8 +14,8 @@ threads=${OMP_NUM_THREADS:-$(nproc)}
 cpu=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
 prompt=$(seq -s' ' 1000 1127)   # 128 token ids
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-isa=$(grep -m1 -o -w -E 'avx512_vnni' /proc/cpuinfo || grep -m1 -o -w -E 'avx2' /proc/cpuinfo || grep -m1 -o -w asimddp /proc/cpuinfo || echo "none of avx512_vnni, avx2, asimddp")
-kernel=$(case $isa in avx512_vnni) echo "AVX-512 VNNI";; avx2) echo AVX2;; asimddp) echo "NEON sdot";; *) echo "portable C";; esac)
+isa=$(grep -m1 -o -w -E 'avx512_vnni' /proc/cpuinfo || grep -m1 -o -w -E 'avx_vnni' /proc/cpuinfo || grep -m1 -o -w -E 'avx2' /proc/cpuinfo || grep -m1 -o -w asimddp /proc/cpuinfo || echo "none of avx512_vnni, avx_vnni, avx2, asimddp")
+kernel=$(case $isa in avx512_vnni) echo "AVX-512 VNNI";; avx_vnni) echo "AVX-VNNI (256-bit)";; avx2) echo AVX2;; asimddp) echo "NEON sdot";; *) echo "portable C";; esac)
 echo "CPU: $cpu, $threads threads, instruction set: $isa (q8 kernel: $kernel)"
 cc -O3 -march=native -fopenmp -o build/peak tests/peak.c
 echo "arithmetic peak (tests/peak.c): $(build/peak | sed 's/^[0-9]* threads: //')"
