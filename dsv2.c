@@ -2439,12 +2439,21 @@ static inline __m256i group_sums8_avx2(const __m256i d[8]) {
 
 /* bias x the sums of a token's groups g..g + n - 1 (lane i: group g + i): what unsigned weights
  * add (q4's q + 8: 8; q8's w + 128 with vnni: 128, at most 2 x 128 x 127 a pair in int16). */
-static inline __m256i bias_sums_avx2(const int8_t *x, int g, int n, int bias) {
+static inline __m256i bias_sums_avx2(const int8_t *x, int g, int n, int bias, int vnni) {
     const __m256i b = _mm256_set1_epi8((char)bias), ones = _mm256_set1_epi16(1);
     __m256i d[8];
-    for (int i = 0; i < 8; i++)
-        d[i] = i < n ? _mm256_madd_epi16(_mm256_maddubs_epi16(b, group_avx2(x, g + i)), ones)
-                     : _mm256_setzero_si256();
+    for (int i = 0; i < 8; i++) {
+        d[i] = _mm256_setzero_si256();
+        if (i >= n) continue;
+#if defined(__AVXVNNI__)
+        if (vnni) {
+            d[i] = _mm256_dpbusd_avx_epi32(d[i], b, group_avx2(x, g + i));
+            continue;
+        }
+#endif
+        d[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(b, group_avx2(x, g + i)), ones);
+    }
+    (void)vnni;
     return group_sums8_avx2(d);
 }
 
@@ -2483,7 +2492,7 @@ KERNEL_INLINE void dot4x4_group32_avx2(const Mat *W, const size_t row[4],
             for (int b = 0; t == 0 && b < 8 * group_bytes; b += 64)
                 for (int k = 0; k < 4; k++) prefetch_ahead(w[k], (size_t)g * group_bytes + b);
             for (int k = 0; t == 0 && k < 4; k++) prefetch_ahead(ws[k], (size_t)g * sizeof(float));
-            __m256i bias = q4 || vnni ? bias_sums_avx2(xq[t], g, 8, q4 ? 8 : 128)
+            __m256i bias = q4 || vnni ? bias_sums_avx2(xq[t], g, 8, q4 ? 8 : 128, vnni)
                                       : _mm256_setzero_si256();
             a0 = eight_groups_avx2(a0, w[0], ws[0], g, 8, q4, xq[t], xs[t], bias, vnni);
             a1 = eight_groups_avx2(a1, w[1], ws[1], g, 8, q4, xq[t], xs[t], bias, vnni);
@@ -2492,7 +2501,7 @@ KERNEL_INLINE void dot4x4_group32_avx2(const Mat *W, const size_t row[4],
         }
         if (g < groups) {  /* the last groups, fewer than 8 */
             int n = groups - g;
-            __m256i bias = q4 || vnni ? bias_sums_avx2(xq[t], g, n, q4 ? 8 : 128)
+            __m256i bias = q4 || vnni ? bias_sums_avx2(xq[t], g, n, q4 ? 8 : 128, vnni)
                                       : _mm256_setzero_si256();
             a0 = eight_groups_avx2(a0, w[0], ws[0], g, n, q4, xq[t], xs[t], bias, vnni);
             a1 = eight_groups_avx2(a1, w[1], ws[1], g, n, q4, xq[t], xs[t], bias, vnni);
