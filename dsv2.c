@@ -2438,7 +2438,7 @@ static inline __m256i group_sums8_avx2(const __m256i d[8]) {
 }
 
 /* bias x the sums of a token's groups g..g + n - 1 (lane i: group g + i): what unsigned weights
- * add (q4's q + 8: 8; q8's w + 128 with vnni: 128, at most 2 x 128 x 127 a pair in int16). */
+ * add (q4's q + 8: 8; q8's w + 128, with vnni only: 128). */
 static inline __m256i bias_sums_avx2(const int8_t *x, int g, int n, int bias, int vnni) {
     const __m256i b = _mm256_set1_epi8((char)bias), ones = _mm256_set1_epi16(1);
     __m256i d[8];
@@ -3096,6 +3096,7 @@ static void scores_q8_avxvnni(float *S, size_t s_stride, const int8_t *rows, siz
                               const float *qs_r, int r, int cols) {
     enum { R = 4 };
     __m256 l = _mm256_loadu_ps(qs_l), rope = _mm256_loadu_ps(qs_r), out[8];
+    for (int i = 0; i < 8; i++) out[i] = _mm256_setzero_ps();  /* rows past n: lanes left out */
     for (int j = 0; j < n; j += R) {
         const int8_t *c[R];
         int row[R];  /* past n: the last row again, into lanes the masked stores leave out */
