@@ -347,6 +347,7 @@ static void test_matmul_dtypes(void) {
     static float w[ROWS * COLS], x[N * COLS], y[N * ROWS], wq_scale[ROWS * COLS / 16];
     static int8_t wq[ROWS * COLS], xq[N * COLS];
     static float xs[N * COLS / 16];
+    static int32_t xsum[N * COLS / 16];
     double ref[N * ROWS], max_ref = 0;
     for (int i = 0; i < ROWS * COLS; i++) w[i] = rand_normal();
     for (int i = 0; i < N * COLS; i++) x[i] = rand_normal();
@@ -364,7 +365,7 @@ static void test_matmul_dtypes(void) {
     check(err < 1e-4, "f32 matmul of 5 tokens, 37 rows (blocks of 4 with a ragged end): max err %.1e", err);
     quantize_activations(wq, wq_scale, w, ROWS * COLS, G);  /* the same symmetric scheme as export.py */
     size_t at[1];
-    MatmulScratch act = {xq, xs, N * COLS, at, 1, 0, NULL, 0, NULL};  /* q8: no panels */
+    MatmulScratch act = {xq, xs, xsum, N * COLS, at, 1, 0, NULL, 0, NULL};  /* q8: no panels */
     Mat Q = {wq, wq_scale, DTYPE_Q8, ROWS, COLS, G};
     float y_simd[N * ROWS];
     act.kernel = KERNEL_PORTABLE;
@@ -430,10 +431,11 @@ static void test_matmul_float_kernels(void) {
     for (int i = 0; i < N * COLS; i++) x[i] = rand_normal();
     int8_t xq[N * COLS];
     float xs[N * COLS / 32];
+    int32_t xsum[N * COLS / 32];
     size_t at[1], panel_at[1];
     const int kernels[] = {KERNEL_BEST, KERNEL_NO_VNNI};
     const char *names[] = {"best built", "AVX2 where built"};
-    MatmulScratch act = {xq, xs, N * COLS, at, 1, KERNEL_PORTABLE, NULL, 0, panel_at};
+    MatmulScratch act = {xq, xs, xsum, N * COLS, at, 1, KERNEL_PORTABLE, NULL, 0, panel_at};
     for (int dtype = 0; dtype < 2; dtype++)
         for (int k = 0; k < 2; k++) {
             Mat W = {dtype ? (void *)b : (void *)w, NULL, dtype ? DTYPE_BF16 : DTYPE_F32, ROWS, COLS, COLS};
@@ -641,8 +643,9 @@ static void test_matmul_many(void) {
     quantize_activations(qc, sc, wc, C_ROWS * C_COLS, G);
     static int8_t aq[N * COLS * 2 + 2 * C_COLS];
     static float as[sizeof aq / G];
+    static int32_t asum[sizeof aq / G];
     size_t at[3], panel_at[3];
-    MatmulScratch act = {aq, as, sizeof aq, at, 3, 0, NULL, 0, panel_at};
+    MatmulScratch act = {aq, as, asum, sizeof aq, at, 3, 0, NULL, 0, panel_at};
     for (int dtype = DTYPE_F32; dtype <= DTYPE_Q8; dtype += DTYPE_Q8 - DTYPE_F32) {
         int q8 = dtype == DTYPE_Q8;
         Mat A = {q8 ? (void *)qa : wa, q8 ? sa : NULL, dtype, A_ROWS, COLS, q8 ? G : COLS};
