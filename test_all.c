@@ -463,10 +463,19 @@ static void test_matmul_float_kernels(void) {
 /* Absorbed attention's kernels against a double reference on the cache's types (f32, bf16, q8),
  * ragged sizes (heads past the register blocks, rows past the tiles and splits, columns past the
  * vectors): attend_latents' scaled scores S[h][j] = scale Q[h] . W[j] and its softmax-weighted
- * sums u[h] = sum_j softmax(S[h])_j W[j] by every kernel built (8,500 rows: more tiles
- * than ATT_MAX_SPLITS splits of one), and weighted_rows_sum's u[h] = sum_j P[h][j] W[j]; all the
- * same to the bit with 1 thread and with 3. */
+ * sums u[h] = sum_j softmax(S[h])_j W[j] by every kernel built (8,500 rows: 34 tiles in 9
+ * splits), and weighted_rows_sum's u[h] = sum_j P[h][j] W[j]; all the same to the bit with 1
+ * thread and with 3. First the splits: every tile in one, at most ATT_MAX_SPLITS of them, each
+ * of at least ATT_SPLIT_TILES tiles (a split's sums cost a zeroing and a merge). */
 static void test_attention_kernels(void) {
+    int splits_ok = 1;
+    for (int rows = 1; rows <= 300000; rows += 1 + rows / 7) {
+        int tiles, all = (rows + 255) / 256, splits = attention_splits(rows, 256, &tiles);
+        splits_ok &= splits >= 1 && splits <= ATT_MAX_SPLITS && tiles >= ATT_SPLIT_TILES &&
+                     (splits - 1) * tiles < all && splits * tiles >= all;
+    }
+    check(splits_ok, "attention splits: 1 to %d of at least %d tiles, every tile in one, for 1 to 300,000 rows",
+          ATT_MAX_SPLITS, ATT_SPLIT_TILES);
     enum { MAXH = 32, MAXROWS = 8500, COLS = 72, COUNT = 64 };
     static float w[MAXROWS * COLS], deq[MAXROWS * COLS], q[MAXH * COLS], p[MAXH * MAXROWS];
     static float s1[MAXH * MAXROWS], s3[MAXH * MAXROWS], u1[MAXH * COUNT], u3[MAXH * COUNT];
