@@ -2399,7 +2399,7 @@ static void dot4x4_q4_group32_vnni(const Mat *W, const size_t row[4], const int8
  * times x with w's sign (vpsignb), pairs summed into int16 (vpmaddubsw: at most 2 x 128 x 127,
  * no saturation), then into int32 (vpmaddwd by ones). q4 is read from its nibbles: q + 8 is
  * already unsigned (at most 2 x 15 x 128 a pair), and 8 x sum(x) comes off in int16. Eight
- * groups' int32 sums become one vector (lane i: group i, by vphaddd), scaled by the eight
+ * groups' int32 sums become one vector (lane i: group i, four_sums_avx2), scaled by the eight
  * groups' scales at once, each row's sums in one register (16 sums and a scale per group and
  * (row, token) had spilled). Zen 5 built for AVX2, 24 matrices 1408 x 2048, 2 threads: one
  * token q8 2.9-3.8 -> 1.5-2.0 ms, q4 (unpacked before) 3.8-5.0 -> 1.0-1.6 ms; 48 tokens the
@@ -2443,10 +2443,21 @@ static inline __m256i group_dot_avx2(const int8_t *w, int g, int q4, const int8_
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, xv), ones);  /* 8 x sum(x) still in */
 }
 
+/* Four vectors' int32 lanes summed within each 128-bit half: [d0's lanes 0-3, d1's, d2's, d3's
+ * | the same of lanes 4-7], by unpacks and adds. vphaddd twice does the same, but Zen 5 issues
+ * one about every 2.3 cycles, against several unpacks a cycle (a probe, 8 independent chains:
+ * 4.9 ns per 8 vphaddd, 0.6-0.9 per 8 vpunpckldq or vpaddd). */
+static inline __m256i four_sums_avx2(__m256i d0, __m256i d1, __m256i d2, __m256i d3) {
+    __m256i t0 = _mm256_add_epi32(_mm256_unpacklo_epi32(d0, d1), _mm256_unpackhi_epi32(d0, d1));
+    __m256i t1 = _mm256_add_epi32(_mm256_unpacklo_epi32(d2, d3), _mm256_unpackhi_epi32(d2, d3));
+    /* t0: [d0 0+2, d1 0+2, d0 1+3, d1 1+3 | lanes 4-7 alike], t1 the same of d2, d3 */
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1));
+}
+
 /* d[i]: group i's 8 lanes; lane i of the result: their sum. */
 static inline __m256i group_sums8_avx2(const __m256i d[8]) {
-    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
-    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
+    __m256i a = four_sums_avx2(d[0], d[1], d[2], d[3]);
+    __m256i b = four_sums_avx2(d[4], d[5], d[6], d[7]);
     /* a: groups 0-3's lanes 0-3 summed, then their lanes 4-7; b: the same for groups 4-7 */
     return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20),
                             _mm256_permute2x128_si256(a, b, 0x31));
@@ -2521,7 +2532,7 @@ KERNEL_INLINE void dot4x4_group32_avx2(const Mat *W, const size_t row[4],
 }
 
 /* q8, 2-4 tokens: a row at a time, four groups at a time, their |w| in registers (w's signs
- * read from L1) for every token; each (row, token)'s four dots summed by three vphaddd into
+ * read from L1) for every token; each (row, token)'s four dots summed (four_sums_avx2) into
  * [g0..g3 lanes 0-3 | g0..g3 lanes 4-7] and scaled by the four scales twice over. */
 KERNEL_INLINE void dot4_tokens_q8_avx2(const Mat *W, const size_t row[4],
                                        const int8_t *const xq[4], const float *const xs[4],
@@ -2549,8 +2560,7 @@ KERNEL_INLINE void dot4_tokens_q8_avx2(const Mat *W, const size_t row[4],
                     __m256i x = _mm256_sign_epi8(group_avx2(xq[t], g + i), group_avx2(w, g + i));
                     d[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs[i], x), ones);
                 }
-                __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]),
-                                                 _mm256_hadd_epi32(d[2], d[3]));
+                __m256i sums = four_sums_avx2(d[0], d[1], d[2], d[3]);
                 __m256 x_scale = _mm256_broadcast_ps((const __m128 *)(xs[t] + g));
                 __m256 scale = _mm256_mul_ps(w_scale, x_scale);
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[t]);
