@@ -2398,7 +2398,7 @@ static void dot4x4_q4_group32_vnni(const Mat *W, const size_t row[4], const int8
  * tokens. There is no int8 x int8 instruction, so as llama.cpp does for q8: |w| (unsigned)
  * times x with w's sign (vpsignb), pairs summed into int16 (vpmaddubsw: at most 2 x 128 x 127,
  * no saturation), then into int32 (vpmaddwd by ones). q4 is read from its nibbles: q + 8 is
- * already unsigned (at most 2 x 15 x 128 a pair), and 8 x sum(x) comes off in int16. Eight
+ * already unsigned (at most 2 x 15 x 128 a pair), and 8 x sum(x) comes off (bias_sums_avx2). Eight
  * groups' int32 sums become one vector (lane i: group i, four_sums_avx2), scaled by the eight
  * groups' scales at once, each row's sums in one register (16 sums and a scale per group and
  * (row, token) had spilled). Zen 5 built for AVX2, 24 matrices 1408 x 2048, 2 threads: one
@@ -2466,7 +2466,8 @@ static inline __m256i group_sums8_avx2(const __m256i d[8]) {
 /* The bias times the sums of a token's groups g..g + n - 1 (lane i: group g + i; sum: the
  * token's group sums, from prepare_inputs): what unsigned weights add, q4's q + 8 (shift 3: 8)
  * or q8's w + 128 with vnni (shift 7: 128). Summed once per token, not per call (q4 decode
- * recomputed them for every four rows: 8-layer V2-Lite, Zen 5 built for AVX2, 67 -> 72 tok/s). */
+ * recomputed them for every four rows: 8-layer V2-Lite, Zen 5 built for AVX2, 61.3 -> 66.9
+ * tok/s, medians of 7 alternations). */
 static inline __m256i bias_sums_avx2(const int32_t *sum, int g, int n, int shift) {
     int32_t part[8] = {0};
     if (n < 8) memcpy(part, sum + g, (size_t)n * sizeof *part);
