@@ -204,6 +204,14 @@ static void *xcalloc_huge(size_t bytes) {
     return p;
 }
 
+/* Touches every page of a buffer now: a fresh page's first write costs a fault and the kernel's
+ * zeroing of it (0.3-0.5 s for the 250 MB a 512-token V2-Lite prompt uses, on this VM), which
+ * the first prompt would otherwise pay in the middle of its products. */
+static void prefault(void *p, size_t bytes) {
+    volatile char *c = p;
+    for (size_t i = 0; i < bytes; i += 4096) c[i] = 0;
+}
+
 /* A layer is MoE iff experts exist, it is past the dense prefix, and on the frequency grid. */
 static int is_moe_layer(const Config *c, int l) {
     return c->n_routed_experts > 0 && l >= c->first_k_dense_replace && l % c->moe_layer_freq == 0;
@@ -221,6 +229,8 @@ typedef struct { float *y; const Mat *W; const float *x; int n; } Product;
 typedef struct MatmulScratch MatmulScratch;
 static MatmulScratch *matmul_scratch_new(int max_products, size_t max_inputs);
 static void matmul_scratch_free(MatmulScratch *scratch);
+/* Faults in (prefault) the scratch that calls of up to `tokens` tokens use. */
+static void matmul_scratch_prefault(MatmulScratch *scratch, const Config *c, int tokens);
 
 /* Several independent products at once (the experts of a layer, the heads' W^UV); the same
  * numbers as one matmul each, in less time. */
@@ -468,6 +478,7 @@ typedef struct {
 typedef struct {
     const Config *cfg;
     int attn_mode, context;           /* context: positions the cache holds */
+    int batch;                        /* n <= batch = min(context, MAX_BATCH) tokens a call */
     double softmax_scale;
     float *rope_cos, *rope_sin;       /* [context][dr/2] */
     float *x, *xn, *branch;           /* residual stream h, its norm, a block's output [n][D] */
@@ -525,8 +536,17 @@ static size_t kv_cache_width(const Config *c, int attn_mode) {
 
 static float *floats(size_t n) { return xcalloc_huge(n * sizeof(float)); }
 
+/* A run's buffer; those a forward call writes (used) are faulted in now (prefault), not in the
+ * middle of the first prompt, which then runs at the speed of the ones after it. */
+static float *run_floats(size_t n, int used) {
+    float *p = floats(n);
+    if (used) prefault(p, n * sizeof(float));
+    return p;
+}
+
 static void init_run_state(RunState *s, const Config *c, int attn_mode, int context) {
-    int D = c->hidden_size, H = c->num_attention_heads, B = MAX_BATCH, E = c->n_routed_experts;
+    int D = c->hidden_size, H = c->num_attention_heads, E = c->n_routed_experts;
+    int B = context < MAX_BATCH ? context : MAX_BATCH;
     int K = c->num_experts_per_tok, r = c->kv_lora_rank, dr = c->qk_rope_head_dim;
     int dq = c->qk_nope_head_dim + dr, dv = c->v_head_dim;
     int moe_width = c->moe_intermediate_size * (K + c->n_shared_experts);  /* routed + shared */
@@ -535,43 +555,46 @@ static void init_run_state(RunState *s, const Config *c, int attn_mode, int cont
                                  max_int(c->q_lora_rank, H * (r + dr))),
                          H * dv);  /* the most input floats of one matmul_many */
     int max_products = max_int(2 * (E < B * K ? E : B * K) + 2, H);  /* gate, up per expert */
+    int naive = attn_mode == ATTN_NAIVE;  /* its buffers, or absorb's, are the ones written */
     memset(s, 0, sizeof *s);
     s->cfg = c;
     s->attn_mode = attn_mode;
     s->context = context;
+    s->batch = B;
     s->softmax_scale = attention_softmax_scale(c);
     s->rope_cos = floats((size_t)context * dr / 2);
     s->rope_sin = floats((size_t)context * dr / 2);
     rope_tables(c, context, s->rope_cos, s->rope_sin);
-    s->x = floats((size_t)B * D);
-    s->xn = floats((size_t)B * D);
-    s->branch = floats((size_t)B * D);
-    s->q_latent = floats((size_t)B * c->q_lora_rank);
-    s->q = floats((size_t)B * H * dq);
-    s->kv_a = floats((size_t)B * (r + dr));
-    s->kv_latent = floats((size_t)B * r);
-    s->kv = floats((size_t)B * H * (c->qk_nope_head_dim + dv));
-    s->q_absorbed = floats((size_t)B * H * (r + dr));
-    s->row = floats((size_t)H * r);
-    s->latent_out = floats((size_t)H * B * r);
-    s->head_tmp = floats((size_t)H * B * dv);
-    s->scores = floats((size_t)H * context);
-    s->head_out = floats((size_t)B * H * dv);
-    s->hidden = floats((size_t)B * mlp_width);
-    s->hidden2 = floats((size_t)B * mlp_width);
-    s->expert_in = floats((size_t)B * K * D);
-    s->expert_out = floats((size_t)B * K * D);
+    s->x = run_floats((size_t)B * D, 1);
+    s->xn = run_floats((size_t)B * D, 1);
+    s->branch = run_floats((size_t)B * D, 1);
+    s->q_latent = run_floats((size_t)B * c->q_lora_rank, 1);
+    s->q = run_floats((size_t)B * H * dq, 1);
+    s->kv_a = run_floats((size_t)B * (r + dr), 1);
+    s->kv_latent = run_floats((size_t)B * r, naive);
+    s->kv = run_floats((size_t)B * H * (c->qk_nope_head_dim + dv), naive);
+    s->q_absorbed = run_floats((size_t)B * H * (r + dr), !naive);
+    s->row = run_floats((size_t)H * r, !naive);
+    s->latent_out = run_floats((size_t)H * B * r, !naive);
+    s->head_tmp = run_floats((size_t)H * B * dv, !naive);
+    s->scores = run_floats((size_t)H * context, 1);
+    s->head_out = run_floats((size_t)B * H * dv, 1);
+    s->hidden = run_floats((size_t)B * mlp_width, 1);
+    s->hidden2 = run_floats((size_t)B * mlp_width, 1);
+    s->expert_in = run_floats((size_t)B * K * D, 1);
+    s->expert_out = run_floats((size_t)B * K * D, 1);
     s->expert_tokens = xcalloc((size_t)B * K, sizeof(int));
     s->products = xcalloc(max_products, sizeof(Product));
     s->head_mats = xcalloc(H, sizeof(Mat));
-    s->router_probs = floats((size_t)B * E);
+    s->router_probs = run_floats((size_t)B * E, 1);
     s->topk_idx = xcalloc((size_t)B * K, sizeof(int));
-    s->topk_weight = floats((size_t)B * K);
+    s->topk_weight = run_floats((size_t)B * K, 1);
     s->router.masked = floats(E);
     s->router.group_score = floats(c->n_group);
     s->router.taken = xcalloc(E, 1);
     s->router.group_taken = xcalloc(c->n_group, 1);
     s->matmul = matmul_scratch_new(max_products, (size_t)B * widest);
+    matmul_scratch_prefault(s->matmul, c, B);
     s->logits = floats(c->vocab_size);
     s->cache_width = kv_cache_width(c, attn_mode);
     s->cache = xcalloc_huge((size_t)c->num_hidden_layers * context * s->cache_width * 4);
@@ -1017,6 +1040,7 @@ static void trace_free(Trace *tr) {
 static float *forward_batch(const Weights *w, RunState *s, const int *tokens, int n, int pos) {
     const Config *c = &w->cfg;
     int D = c->hidden_size;
+    if (n > s->batch) die("internal: %d tokens in one forward call, buffers for %d", n, s->batch);
     for (int t = 0; t < n; t++) mat_row_to_f32(s->x + (size_t)t * D, &w->embed, tokens[t]);
     for (int l = 0; l < c->num_hidden_layers; l++) {
         const Layer *L = &w->layers[l];
@@ -1041,14 +1065,14 @@ static float *forward_batch(const Weights *w, RunState *s, const int *tokens, in
     return s->all_logits ? s->all_logits + (size_t)(n - 1) * c->vocab_size : s->logits;
 }
 
-/* Any number of tokens: in chunks of MAX_BATCH (or on the GPU, in the CUDA build). */
+/* Any number of tokens: in chunks of s->batch (or on the GPU, in the CUDA build). */
 static float *forward(const Weights *w, RunState *s, const int *tokens, int n, int pos) {
 #ifdef DSV2_CUDA
     if (s->gpu) return cuda_forward(s->gpu, tokens, n, pos);
 #endif
     float *logits = NULL;
-    for (int done = 0; done < n; done += MAX_BATCH) {
-        int chunk = n - done < MAX_BATCH ? n - done : MAX_BATCH;
+    for (int done = 0; done < n; done += s->batch) {
+        int chunk = n - done < s->batch ? n - done : s->batch;
         logits = forward_batch(w, s, tokens + done, chunk, pos + done);
     }
     return logits;
@@ -1679,12 +1703,12 @@ static void log_probs(const float *logits, int V, double *out) {
     for (int i = 0; i < V; i++) out[i] = logits[i] - log_sum;
 }
 
-/* Every position's logits [n][V] for n <= MAX_BATCH tokens at pos.. (-m eval): one batched pass
+/* Every position's logits [n][V] for n <= s->batch tokens at pos.. (-m eval): one batched pass
  * on the CPU, token by token on the GPU. A NaN or infinity is an error, as for forward_checked. */
 static const float *forward_every(const Weights *w, RunState *s, const int *tokens, int n,
                                   int pos) {
     size_t V = (size_t)w->cfg.vocab_size;
-    if (!s->all_logits) s->all_logits = floats((size_t)MAX_BATCH * V);
+    if (!s->all_logits) s->all_logits = floats((size_t)s->batch * V);
     if (s->gpu) {
         float *keep = s->all_logits;
         for (int t = 0; t < n; t++)
@@ -1729,7 +1753,7 @@ static void eval_token(EvalSums *e, const float *p, const float *q, int V, int n
 /* -m eval: the mean negative log-likelihood of each next token of the text and its perplexity;
  * with another model (-r), also the KL divergence between their next-token distributions, how
  * often their top-1 agree, and the largest logit difference. A text longer than the context
- * goes in windows of it, each starting afresh; within a window, in batches of MAX_BATCH. */
+ * goes in windows of it, each starting afresh; within a window, in batches of s->batch. */
 static void run_eval(const Weights *w, RunState *s, const Weights *ref, RunState *ref_state,
                      const IdList *ids) {
     int V = w->cfg.vocab_size, n = ids->n;
@@ -1740,7 +1764,7 @@ static void run_eval(const Weights *w, RunState *s, const Weights *ref, RunState
     EvalSums e = {0};
     for (int i = 0; i + 1 < n;) {
         int pos = i % s->context, chunk = n - 1 - i;  /* the last token predicts nothing */
-        chunk = chunk < MAX_BATCH ? chunk : MAX_BATCH;
+        chunk = chunk < s->batch ? chunk : s->batch;
         chunk = chunk < s->context - pos ? chunk : s->context - pos;  /* not past the window */
         const float *p = forward_every(w, s, &ids->ids[i], chunk, pos);
         const float *q = ref ? forward_every(ref, ref_state, &ids->ids[i], chunk, pos) : NULL;
@@ -3556,6 +3580,24 @@ static long long plan_inputs(const Product *p, int count, MatmulScratch *act, in
         act->panels = xcalloc_huge(act->panel_capacity * sizeof(float));
     }
     return work;
+}
+
+/* The int8 inputs for q8 and q4 weights (scales and sums: one per q8_group), else the token
+ * panels: what `tokens` tokens of the widest input take, padded, and each expert's padding. */
+static void matmul_scratch_prefault(MatmulScratch *s, const Config *c, int tokens) {
+    PrefillKernels kern;
+    if (c->dtype == DTYPE_Q8 || c->dtype == DTYPE_Q4) {
+        prefault(s->q, s->capacity);
+        prefault(s->scale, s->capacity / c->q8_group * sizeof(float));
+        prefault(s->sum, s->capacity / c->q8_group * sizeof(int32_t));
+    } else if (tokens >= PANEL_MIN_TOKENS && prefill_kernels(s->kernel, &kern)) {
+        size_t padded = (size_t)(tokens + PANEL_TOKENS - 1) / PANEL_TOKENS * PANEL_TOKENS;
+        int E = c->n_routed_experts, routed = tokens * c->num_experts_per_tok;
+        s->panel_capacity = s->capacity / tokens * padded +
+                            (size_t)((E < routed ? E : routed) + 1) * PANEL_TOKENS * c->hidden_size;
+        s->panels = xcalloc_huge(s->panel_capacity * sizeof(float));
+        prefault(s->panels, s->panel_capacity * sizeof(float));
+    }
 }
 
 /* This thread's share of preparing the inputs as plan_inputs placed them: int8 tokens one token

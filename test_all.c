@@ -716,6 +716,45 @@ static void test_batch_equals_single(int attn_mode, Config c, const char *label)
     free(buf);
 }
 
+/* The share of a buffer's whole pages that are in memory (mincore), or -1. */
+static double resident_share(const void *p, size_t bytes) {
+    uintptr_t page = 4096, start = ((uintptr_t)p + page - 1) & ~(page - 1);
+    uintptr_t end = ((uintptr_t)p + bytes) & ~(page - 1);
+    if (end <= start) return 1;
+    size_t n = (end - start) / page, in = 0;
+    unsigned char *v = xcalloc(n, 1);
+    int ok = mincore((void *)start, end - start, v) == 0;
+    for (size_t i = 0; i < n; i++) in += v[i] & 1;
+    free(v);
+    return ok ? (double)in / n : -1;
+}
+
+/* A run's buffers hold min(context, MAX_BATCH) tokens and are in memory before the first
+ * prompt (prefault): its first touch of them once cost 0.3-0.5 s of page faults. */
+static void test_run_state_prefault(void) {
+    Config c = small_config(8);
+    c.hidden_size = 256; c.intermediate_size = 512; c.moe_intermediate_size = 128;
+    c.max_position_embeddings = 4096;
+    int contexts[2] = {40, MAX_BATCH + 88}, ok = 1;
+    double worst = 1;
+    for (int i = 0; i < 2; i++) {
+        RunState s;
+        init_run_state(&s, &c, ATTN_ABSORB, contexts[i]);
+        int B = contexts[i] < MAX_BATCH ? contexts[i] : MAX_BATCH;
+        ok &= s.batch == B;
+        int moe_width = c.moe_intermediate_size * (c.num_experts_per_tok + c.n_shared_experts);
+        int mlp_width = moe_width > c.intermediate_size ? moe_width : c.intermediate_size;
+        double share[4] = {
+            resident_share(s.x, (size_t)B * c.hidden_size * sizeof(float)),
+            resident_share(s.hidden, (size_t)B * mlp_width * sizeof(float)),
+            resident_share(s.expert_in, (size_t)B * c.num_experts_per_tok * c.hidden_size * sizeof(float)),
+            s.matmul->panels ? resident_share(s.matmul->panels, s.matmul->panel_capacity * sizeof(float)) : 1};
+        for (int k = 0; k < 4; k++) worst = share[k] < worst ? share[k] : worst;
+        free_run_state(&s);
+    }
+    check(ok && worst == 1, "run buffers: min(context, MAX_BATCH) tokens, in memory before the first prompt (least resident share %.2f)", worst);
+}
+
 /* A config whose latent is wider than every MLP (kv_lora_rank 160 against widths 20 and 18): the
  * naive form once copied the latent into the MLP scratch and overflowed it (ASan: make test-asan).
  * A 12-token prompt through both forms must agree. */
@@ -2477,6 +2516,7 @@ int main(int argc, char **argv) {
         test_batch_equals_single(ATTN_NAIVE, small_config(8), "small");
         test_batch_equals_single(ATTN_ABSORB, unusual_config(), "unusual");
         test_batch_equals_single(ATTN_NAIVE, unusual_config(), "unusual");
+        test_run_state_prefault();
         test_gradient_finite_differences();
         test_naive_equals_absorb(0);
         test_naive_equals_absorb(8);
