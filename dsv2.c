@@ -491,7 +491,8 @@ typedef struct {
     float *row;                       /* absorb: one weight row as floats [H][r] */
     float *latent_out;                /* absorb: sum_j P_j c_j per head [H][n][r] */
     float *head_tmp;                  /* absorb: W^UV of that [H][n][dv] */
-    float *scores;                    /* one token's probabilities [H][pos+1] (pos: its own) */
+    float *scores;                    /* a token's probabilities [H][pos+1] (pos: its own), one
+                                       * per attend slot [attend_slots][H][context] */
     float *head_out;                  /* o_{t,i} [n][H*dv] */
     float *hidden, *hidden2;          /* MLP: [n][I] dense; [n*K][Im] + [n][N_s*Im] MoE */
     float *expert_in, *expert_out;    /* the tokens of each expert, expert by expert [n*K][D] */
@@ -507,7 +508,9 @@ typedef struct {
     float *all_logits;                /* -m eval: [n][V] of every token of the batch, or NULL */
     void *cache;                      /* [L][context][cache_width] of cache_dtype */
     float *cache_scale;               /* q8 cache: one scale per cache_group numbers */
-    AttendScratch attend;             /* absorb: attend_latents' scratch */
+    AttendScratch *attend;            /* absorb: attend_latents' scratch, one per slot: a prompt's
+                                       * tokens attend side by side, one a thread */
+    int attend_slots;                 /* the threads this process may run */
     size_t cache_width;               /* numbers per token per layer */
     int cache_dtype, cache_group;     /* -k: DTYPE_F32 (default, exact), DTYPE_BF16, DTYPE_Q8 */
     void *gpu;                        /* the GPU build: the model on the GPU, or NULL */
@@ -577,7 +580,11 @@ static void init_run_state(RunState *s, const Config *c, int attn_mode, int cont
     s->row = run_floats((size_t)H * r, !naive);
     s->latent_out = run_floats((size_t)H * B * r, !naive);
     s->head_tmp = run_floats((size_t)H * B * dv, !naive);
-    s->scores = run_floats((size_t)H * context, 1);
+    s->attend_slots = 1;
+#ifdef _OPENMP
+    if (!naive && B > 1) s->attend_slots = omp_get_max_threads();
+#endif
+    s->scores = run_floats((size_t)s->attend_slots * H * context, 1);
     s->head_out = run_floats((size_t)B * H * dv, 1);
     s->hidden = run_floats((size_t)B * mlp_width, 1);
     s->hidden2 = run_floats((size_t)B * mlp_width, 1);
@@ -600,7 +607,9 @@ static void init_run_state(RunState *s, const Config *c, int attn_mode, int cont
     s->cache = xcalloc_huge((size_t)c->num_hidden_layers * context * s->cache_width * 4);
     s->cache_dtype = DTYPE_F32;
     s->cache_group = (int)s->cache_width;
-    attend_scratch_init(&s->attend, H, r, (int)s->cache_width);
+    s->attend = xcalloc(s->attend_slots, sizeof(AttendScratch));
+    for (int i = 0; i < s->attend_slots; i++)
+        attend_scratch_init(&s->attend[i], H, r, (int)s->cache_width);
 }
 
 /* -k: the absorbed cache in bf16, or in q8 (groups of 32 with a scale, as q8 weights), instead
@@ -631,7 +640,8 @@ static void free_run_state(RunState *s) {
                     s->router.group_taken, s->products, s->head_mats, s->logits, s->all_logits,
                     s->cache, s->cache_scale};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
-    attend_scratch_free(&s->attend);
+    for (int i = 0; i < s->attend_slots; i++) attend_scratch_free(&s->attend[i]);
+    free(s->attend);
     matmul_scratch_free(s->matmul);
 }
 
@@ -714,6 +724,20 @@ static void cache_store(RunState *s, int layer, int pos, const float *rows, int 
     else mat_store_rows(&all, pos, rows, n);
 }
 
+/* Token t of n (at pos + t) against the cached rows up to its own, all heads at once, with
+ * attend slot `slot`'s scratch and scores. */
+static void attend_token(RunState *s, int layer, int t, int n, int pos, int slot) {
+    const Config *c = s->cfg;
+    int H = c->num_attention_heads, r = c->kv_lora_rank, rows = pos + t + 1;  /* causal */
+    Mat latents = cache_rows(s, layer, rows);
+    /* eq. 16-17: q.k = q_abs.c^KV_j + q^R.k^R_j for every head and position; eq. 18:
+     * u_h = sum_j softmax_j(q.k / sqrt(dn + dr)) c^KV_j, each cached row read once */
+    attend_latents(s->latent_out + (size_t)t * r, (size_t)n * r,
+                   s->scores + (size_t)slot * H * s->context,
+                   s->q_absorbed + (size_t)t * H * s->cache_width, &latents, r,
+                   (float)s->softmax_scale, &s->attend[slot]);
+}
+
 /* Absorbed attention over the latent cache, token by token with all heads at once: the scores
  * of every head are one product against the cached rows, so each row is read once per token
  * (reading it once per head made decoding slow down with context: 16x the reads for V2-Lite). */
@@ -735,17 +759,23 @@ static void mla_attend_absorbed(RunState *s, const Config *c, const Layer *L, in
             memcpy(q_cat + t * H * width + r, q_nope + (size_t)t * H * dq + dn,
                    dr * sizeof(float));
     }
-    for (int t = 0; t < n; t++) {
-        int rows = pos + t + 1;                                  /* causal: up to this token */
-        Mat latents = cache_rows(s, layer, rows);
-        /* eq. 16-17: q.k = q_abs.c^KV_j + q^R.k^R_j for every head and position; eq. 18:
-         * u_h = sum_j softmax_j(q.k / sqrt(dn + dr)) c^KV_j, each cached row read once */
-        attend_latents(s->latent_out + (size_t)t * r, (size_t)n * r, s->scores,
-                       s->q_absorbed + (size_t)t * H * width, &latents, r,
-                       (float)s->softmax_scale, &s->attend);
-        for (int h = 0; s->trace && t == n - 1 && h < H; h++)  /* -m trace: the probabilities */
-            softmax(s->scores + (size_t)h * rows, rows);
-    }
+    int slots = s->attend_slots;  /* the threads now running, at most */
+#ifdef _OPENMP
+    slots = omp_get_max_threads() < slots ? omp_get_max_threads() : slots;
+#endif
+    if (n == 1 || s->trace || slots == 1)  /* a token's rows split among threads */
+        for (int t = 0; t < n; t++) attend_token(s, layer, t, n, pos, 0);
+    else  /* a prompt: whole tokens side by side, the longest first (one alone left a core idle) */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(slots)
+        for (int i = 0; i < n; i++) {
+            int slot = 0;
+#ifdef _OPENMP
+            slot = omp_get_thread_num();
+#endif
+            attend_token(s, layer, n - 1 - i, n, pos, slot);
+        }
+    for (int h = 0; s->trace && h < H; h++)  /* -m trace: the last token's probabilities */
+        softmax(s->scores + (size_t)h * (pos + n), pos + n);
     for (int h = 0; h < H; h++) {              /* eq. 11, 18: o = W^UV u, all heads in one pass */
         s->head_mats[h] = mat_rows(&L->kv_b_proj, h * kv_head_rows + dn, dv);
         s->products[h] = (Product){s->head_tmp + (size_t)h * n * dv, &s->head_mats[h],
@@ -4192,6 +4222,7 @@ static void attend_latents_with(float *u, size_t u_stride, float *S, const float
 #endif
 #ifdef _OPENMP
     threads = omp_get_max_threads() < a->threads ? omp_get_max_threads() : a->threads;
+    if (omp_in_parallel()) threads = 1;  /* a prompt's tokens, each on its own thread */
 #endif
 #pragma omp parallel num_threads(threads) if ((long long)rows * H * C->cols > 32768)
     {
