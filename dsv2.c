@@ -584,7 +584,8 @@ static void init_run_state(RunState *s, const Config *c, int attn_mode, int cont
 #ifdef _OPENMP
     if (!naive && B > 1) s->attend_slots = omp_get_max_threads();
 #endif
-    s->scores = run_floats((size_t)s->attend_slots * H * context, 1);
+    s->scores = floats((size_t)s->attend_slots * H * context);
+    prefault(s->scores, (size_t)H * context * sizeof(float));  /* the other slots: prompts' */
     s->head_out = run_floats((size_t)B * H * dv, 1);
     s->hidden = run_floats((size_t)B * mlp_width, 1);
     s->hidden2 = run_floats((size_t)B * mlp_width, 1);
