@@ -547,6 +547,25 @@ static float *run_floats(size_t n, int used) {
     return p;
 }
 
+/* Attention's slots: one (scores and scratch) per thread where a prompt's tokens attend side by
+ * side (side_by_side), else one. Slot 0, the one decoding uses, is faulted in now; the others as
+ * prompts use them (H x context floats each: 84 MB per thread for V2 at its longest context). */
+static void attend_slots_init(RunState *s, int side_by_side) {
+    const Config *c = s->cfg;
+    int H = c->num_attention_heads;
+    s->attend_slots = 1;
+#ifdef _OPENMP
+    if (side_by_side) s->attend_slots = omp_get_max_threads();
+#else
+    (void)side_by_side;  /* one thread */
+#endif
+    s->scores = floats((size_t)s->attend_slots * H * s->context);
+    prefault(s->scores, (size_t)H * s->context * sizeof(float));
+    s->attend = xcalloc(s->attend_slots, sizeof(AttendScratch));
+    for (int i = 0; i < s->attend_slots; i++)
+        attend_scratch_init(&s->attend[i], H, c->kv_lora_rank, (int)s->cache_width);
+}
+
 static void init_run_state(RunState *s, const Config *c, int attn_mode, int context) {
     int D = c->hidden_size, H = c->num_attention_heads, E = c->n_routed_experts;
     int B = context < MAX_BATCH ? context : MAX_BATCH;
@@ -580,12 +599,6 @@ static void init_run_state(RunState *s, const Config *c, int attn_mode, int cont
     s->row = run_floats((size_t)H * r, !naive);
     s->latent_out = run_floats((size_t)H * B * r, !naive);
     s->head_tmp = run_floats((size_t)H * B * dv, !naive);
-    s->attend_slots = 1;
-#ifdef _OPENMP
-    if (!naive && B > 1) s->attend_slots = omp_get_max_threads();
-#endif
-    s->scores = floats((size_t)s->attend_slots * H * context);
-    prefault(s->scores, (size_t)H * context * sizeof(float));  /* the other slots: prompts' */
     s->head_out = run_floats((size_t)B * H * dv, 1);
     s->hidden = run_floats((size_t)B * mlp_width, 1);
     s->hidden2 = run_floats((size_t)B * mlp_width, 1);
@@ -608,9 +621,7 @@ static void init_run_state(RunState *s, const Config *c, int attn_mode, int cont
     s->cache = xcalloc_huge((size_t)c->num_hidden_layers * context * s->cache_width * 4);
     s->cache_dtype = DTYPE_F32;
     s->cache_group = (int)s->cache_width;
-    s->attend = xcalloc(s->attend_slots, sizeof(AttendScratch));
-    for (int i = 0; i < s->attend_slots; i++)
-        attend_scratch_init(&s->attend[i], H, r, (int)s->cache_width);
+    attend_slots_init(s, !naive && B > 1);
 }
 
 /* -k: the absorbed cache in bf16, or in q8 (groups of 32 with a scale, as q8 weights), instead
