@@ -2360,6 +2360,15 @@ enum { PREFETCH_AHEAD = 2048 };
 #else
 #define KERNEL_INLINE static inline
 #endif
+/* A loaded vector kept in a register: the compiler otherwise folds the load into each FMA that
+ * uses it (4 loads where 1 does), and FMAs with a memory operand ran at half speed on Zen 5
+ * (4x4 f32 kernel: 90 -> 175 GFLOP/s on one core). An empty asm: no instruction is emitted. */
+#if defined(__GNUC__)
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+#else
+#define IN_REGISTER(v) (void)0
+#endif
+
 static inline void prefetch_ahead(const void *row, size_t bytes_done) {
     if (bytes_done % 64 == 0) __builtin_prefetch((const char *)row + bytes_done + PREFETCH_AHEAD);
 }
@@ -2656,6 +2665,54 @@ static void dot4x4_q4_group32_avx2(const Mat *W, const size_t row[4], const int8
                                    float out[4][4]) {
     dot4x4_group32_avx2(W, row, xq, xs, xsum, nt, out, 1, 0);
 }
+
+/* q8 prefill without VNNI, tokens in the lanes (q8_lanes_rows): 3 rows x 16 tokens over
+ * `groups` groups of 32. Rows come widened to int16 (w16[r], a chunk's columns); tokens as
+ * int16 pairs of columns, 8 tokens a block (xa, xb: [pair][token][2], 16 values a pair) with
+ * their scales [group][token] (sa, sb). Each column pair is one vpmaddwd per row and block
+ * against the row's pair broadcast as one 32-bit word, the int32 sums of a group scaled once
+ * per 8 tokens: no per-(row, token) reduction (the 4 x 4 kernel spends a third of its time on
+ * those, a microbenchmark in docs/speed.md). Adds into out[r * stride + t]. */
+#define Q8_LANES_PAIR(acc_a, acc_b, w)                                                          \
+    do {                                                                                       \
+        __m256i wp = _mm256_broadcastd_epi32(_mm_loadu_si32(w));                                \
+        acc_a = _mm256_add_epi32(acc_a, _mm256_madd_epi16(xva, wp));                           \
+        acc_b = _mm256_add_epi32(acc_b, _mm256_madd_epi16(xvb, wp));                           \
+    } while (0)
+static void q8_lanes_rows_avx2(float *out, int stride, const int16_t *const w16[3],
+                               const float *const ws[3], const int16_t *xa, const int16_t *xb,
+                               const float *sa, const float *sb, int groups) {
+    __m256 f0a = _mm256_setzero_ps(), f0b = f0a, f1a = f0a, f1b = f0a, f2a = f0a, f2b = f0a;
+    for (int g = 0; g < groups; g++) {
+        __m256i i0a = _mm256_setzero_si256(), i0b = i0a, i1a = i0a, i1b = i0a, i2a = i0a,
+                i2b = i0a;
+        for (int p = g * 16; p < g * 16 + 16; p++) {
+            __m256i xva = _mm256_loadu_si256((const __m256i *)(xa + (size_t)p * 16));
+            __m256i xvb = _mm256_loadu_si256((const __m256i *)(xb + (size_t)p * 16));
+            IN_REGISTER(xva);
+            IN_REGISTER(xvb);
+            Q8_LANES_PAIR(i0a, i0b, w16[0] + 2 * p);
+            Q8_LANES_PAIR(i1a, i1b, w16[1] + 2 * p);
+            Q8_LANES_PAIR(i2a, i2b, w16[2] + 2 * p);
+        }
+        __m256 ta = _mm256_loadu_ps(sa + g * 8), tb = _mm256_loadu_ps(sb + g * 8);
+        __m256 w0 = _mm256_set1_ps(ws[0][g]), w1 = _mm256_set1_ps(ws[1][g]),
+               w2 = _mm256_set1_ps(ws[2][g]);
+        f0a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0a), _mm256_mul_ps(w0, ta), f0a);
+        f0b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0b), _mm256_mul_ps(w0, tb), f0b);
+        f1a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1a), _mm256_mul_ps(w1, ta), f1a);
+        f1b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1b), _mm256_mul_ps(w1, tb), f1b);
+        f2a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i2a), _mm256_mul_ps(w2, ta), f2a);
+        f2b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i2b), _mm256_mul_ps(w2, tb), f2b);
+    }
+    __m256 f[3][2] = {{f0a, f0b}, {f1a, f1b}, {f2a, f2b}};
+    for (int r = 0; r < 3; r++)
+        for (int h = 0; h < 2; h++) {
+            float *o = out + (size_t)r * stride + h * 8;
+            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), f[r][h]));
+        }
+}
+#undef Q8_LANES_PAIR
 #endif
 
 /* AVX-VNNI (Intel Core 12th generation on and Core Ultra, without AVX-512; Zen 5): the same
@@ -2759,15 +2816,6 @@ static inline void dot4x4_float_portable(const void *const w[4], int bf16, const
         out[t][0] = a; out[t][1] = b; out[t][2] = c; out[t][3] = d;
     }
 }
-
-/* A loaded vector kept in a register: the compiler otherwise folds the load into each FMA that
- * uses it (4 loads where 1 does), and FMAs with a memory operand ran at half speed on Zen 5
- * (4x4 f32 kernel: 90 -> 175 GFLOP/s on one core). An empty asm: no instruction is emitted. */
-#if defined(__GNUC__)
-#define IN_REGISTER(v) __asm__("" : "+v"(v))
-#else
-#define IN_REGISTER(v) (void)0
-#endif
 
 /* Intrinsics, AVX2 + FMA and AVX-512: four rows by PASS tokens at a time (2 in AVX2's 16
  * registers, 4 in AVX-512's 32), 4 x PASS independent accumulators (FMA's latency hidden) and
@@ -3352,6 +3400,33 @@ static int q4_direct(const Mat *W, int tokens, int kernel) {
     return tokens < 32;
 }
 
+/* q8 prefill with the tokens in the lanes (q8_lanes_rows_avx2), where the 4-row x 4-token AVX2
+ * kernel would run without VNNI and a product has Q8_LANES_MIN tokens or more (fewer would be
+ * mostly padding: the tokens go 16 at a time). */
+enum { Q8_LANES_MIN = 16, Q8_LANES_BLOCK = 8, Q8_LANES_TOKENS = 16, Q8_LANES_CHUNK = 512 };
+typedef void (*Q8LanesRows)(float *, int, const int16_t *const[3], const float *const[3],
+                            const int16_t *, const int16_t *, const float *, const float *, int);
+static void q8_lanes_rows_portable(float *out, int stride, const int16_t *const w16[3],
+                                   const float *const ws[3], const int16_t *xa,
+                                   const int16_t *xb, const float *sa, const float *sb,
+                                   int groups);
+static Q8LanesRows q8_lanes_kernel(const Mat *W, int tokens, int kernel) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (W->dtype == DTYPE_Q8 && tokens >= Q8_LANES_MIN && tokens <= MAX_BATCH &&
+        q8_kernel(W, kernel) == dot4x4_q8_group32_avx2)
+        return q8_lanes_rows_avx2;
+#endif
+    (void)W, (void)tokens, (void)kernel, (void)q8_lanes_rows_portable;  /* the tests' reference */
+    return NULL;
+}
+
+/* What a product's token panel for q8_lanes_rows takes, in floats: n tokens padded to 16, each
+ * as cols int16 values and one scale per group of 32. */
+static size_t q8_lanes_floats(int n, int cols) {
+    size_t padded = (size_t)(n + Q8_LANES_TOKENS - 1) / Q8_LANES_TOKENS * Q8_LANES_TOKENS;
+    return padded * cols / 2 + padded * (cols / 32);
+}
+
 /* The f32/bf16 kernel: AVX-512 where built, else AVX2 (KERNEL_NO_VNNI forces it), else C. */
 static Dot4x4Float float_kernel(int bf16, int kernel) {
 #if defined(__AVX512F__)
@@ -3560,6 +3635,85 @@ static void make_panel(float *panel, const float *x, int n, int cols, int t0) {
     }
 }
 
+/* q8_lanes_rows_avx2 in plain C, the same sums in the same order (the tests hold the AVX2
+ * kernel to it bit for bit). */
+static void q8_lanes_rows_portable(float *out, int stride, const int16_t *const w16[3],
+                                   const float *const ws[3], const int16_t *xa,
+                                   const int16_t *xb, const float *sa, const float *sb,
+                                   int groups) {
+    float f[3][Q8_LANES_TOKENS] = {{0}};
+    for (int g = 0; g < groups; g++)
+        for (int r = 0; r < 3; r++)
+            for (int t = 0; t < Q8_LANES_TOKENS; t++) {
+                const int16_t *x = (t < Q8_LANES_BLOCK ? xa : xb) + (t % Q8_LANES_BLOCK) * 2;
+                int32_t sum = 0;
+                for (int k = g * 32; k < g * 32 + 32; k++)
+                    sum += (int32_t)w16[r][k] * x[(size_t)(k / 2) * 16 + k % 2];
+                float scale = ws[r][g] * (t < Q8_LANES_BLOCK ? sa : sb)[g * 8 + t % 8];
+                f[r][t] = fmaf((float)sum, scale, f[r][t]);
+            }
+    for (int r = 0; r < 3; r++)
+        for (int t = 0; t < Q8_LANES_TOKENS; t++) out[(size_t)r * stride + t] += f[r][t];
+}
+
+/* Token t of a product's q8_lanes panel (q8_lanes_floats): its int8 values q as int16 pairs of
+ * columns, 8 tokens a block ([block][pair][token][2]), then the scales [block][group][token].
+ * The product's last token also zeroes the padding up to 16. */
+static void q8_lanes_put(float *panel, const int8_t *q, const float *scale, int t, int n,
+                         int cols) {
+    int groups = cols / 32, padded = (n + Q8_LANES_TOKENS - 1) / Q8_LANES_TOKENS * Q8_LANES_TOKENS;
+    int16_t *x16 = (int16_t *)panel;
+    float *sc = panel + (size_t)padded * cols / 2;
+    for (int u = t; u < (t == n - 1 ? padded : t + 1); u++) {
+        int block = u / Q8_LANES_BLOCK, lane = u % Q8_LANES_BLOCK;
+        int16_t *xb = x16 + (size_t)block * cols * Q8_LANES_BLOCK + lane * 2;
+        for (int c = 0; c < cols; c++) xb[(size_t)(c / 2) * 16 + c % 2] = u == t ? q[c] : 0;
+        for (int g = 0; g < groups; g++)
+            sc[((size_t)block * groups + g) * Q8_LANES_BLOCK + lane] = u == t ? scale[g] : 0;
+    }
+}
+
+/* Rows 4b .. 4b + 4 count - 1 of a q8 product against its q8_lanes panel: a chunk of the rows
+ * widened to int16 (in L1), then 16 tokens at a time against 3 rows at a time. */
+static void q8_lanes_blocks(const Product *p, int b, int count, const float *panel,
+                            Q8LanesRows kern) {
+    const Mat *W = p->W;
+    int rows = W->rows, cols = W->cols, groups = cols / 32, first = 4 * b, n = 4 * count;
+    if (n > rows - first) n = rows - first;
+    int padded = (p->n + Q8_LANES_TOKENS - 1) / Q8_LANES_TOKENS * Q8_LANES_TOKENS;
+    const int16_t *x16 = (const int16_t *)panel;
+    const float *sc = panel + (size_t)padded * cols / 2;
+    float out[PANEL_ROWS * (MAX_BATCH + Q8_LANES_TOKENS)];
+    int16_t w16[PANEL_ROWS][Q8_LANES_CHUNK];
+    memset(out, 0, sizeof(float) * PANEL_ROWS * padded);
+    for (int c0 = 0; c0 < cols; c0 += Q8_LANES_CHUNK) {
+        int len = cols - c0 < Q8_LANES_CHUNK ? cols - c0 : Q8_LANES_CHUNK;
+        for (int r = 0; r < n; r++) {
+            const int8_t *w = (const int8_t *)W->data + (size_t)(first + r) * cols + c0;
+            for (int k = 0; k < len; k++) w16[r][k] = w[k];
+        }
+        for (int t0 = 0; t0 < padded; t0 += Q8_LANES_TOKENS) {  /* 16 tokens' chunk in L1 */
+            size_t block = (size_t)t0 / Q8_LANES_BLOCK;
+            const int16_t *xa = x16 + (block * (cols / 2) + c0 / 2) * 16;
+            const float *sa = sc + (block * groups + c0 / 32) * Q8_LANES_BLOCK;
+            for (int r0 = 0; r0 < n; r0 += 3) {
+                const int16_t *w[3];
+                const float *ws[3];
+                for (int k = 0; k < 3; k++) {  /* past n: the last row again, not stored */
+                    int r = r0 + k < n ? r0 + k : n - 1;
+                    w[k] = w16[r];
+                    ws[k] = W->scale + ((size_t)(first + r) * cols + c0) / 32;
+                }
+                kern(out + (size_t)r0 * padded + t0, padded, w, ws, xa, xa + (size_t)cols * 8,
+                     sa, sa + (size_t)groups * Q8_LANES_BLOCK, len / 32);
+            }
+        }
+    }
+    for (int t = 0; t < p->n; t++)
+        for (int r = 0; r < n; r++)
+            p->y[(size_t)t * rows + first + r] = out[(size_t)r * padded + t];
+}
+
 /* Block b of product p against every token: rows b, b + Q, b + 2Q, b + 3Q (Q: the number of
  * blocks), read from memory once and reused from cache for up to four tokens per kernel call.
  * xq/xs: the int8 tokens for q8 and q4 weights. */
@@ -3610,9 +3764,17 @@ static long long plan_inputs(const Product *p, int count, MatmulScratch *act, in
         const Mat *W = p[i].W;
         work += (long long)(W->rows + 3) / 4 * W->cols * p[i].n;
         if (int8_input(W) && !act) die("internal: activation scratch missing");
-        if (int8_input(W) && shares_previous_input(p, i)) act->at[i] = act->at[i - 1];
-        else if (int8_input(W)) act->at[i] = used, used += (size_t)p[i].n * W->cols;
-        else if (!panels) continue;
+        int lanes = panels && int8_input(W) && q8_lanes_kernel(W, p[i].n, act->kernel);
+        if (int8_input(W) && shares_previous_input(p, i)) {
+            act->at[i] = act->at[i - 1];
+            if (panels) act->panel_at[i] = act->panel_at[i - 1];
+            if (panels && (act->panel_at[i] != SIZE_MAX) != lanes)
+                die("internal: products sharing an input disagree on its q8 panel");
+        } else if (int8_input(W)) {
+            act->at[i] = used, used += (size_t)p[i].n * W->cols;
+            if (panels) act->panel_at[i] = lanes ? panel_floats : SIZE_MAX;
+            if (lanes) panel_floats += q8_lanes_floats(p[i].n, W->cols);
+        } else if (!panels) continue;
         else if (p[i].n < PANEL_MIN_TOKENS || p[i].n > MAX_BATCH) act->panel_at[i] = SIZE_MAX;
         else if (shares_previous_input(p, i)) act->panel_at[i] = act->panel_at[i - 1];
         else {
@@ -3630,17 +3792,29 @@ static long long plan_inputs(const Product *p, int count, MatmulScratch *act, in
     return work;
 }
 
-/* The int8 inputs for q8 and q4 weights (scales and sums: one per q8_group), else the token
- * panels: what `tokens` tokens of the widest input take, padded, and each expert's padding. */
+/* The int8 inputs for q8 and q4 weights (scales and sums: one per q8_group) and, where q8 takes
+ * the tokens in the lanes, their panels; else the float token panels: what `tokens` tokens of
+ * the widest input take, padded, and each expert's padding. */
 static void matmul_scratch_prefault(MatmulScratch *s, const Config *c, int tokens) {
     PrefillKernels kern;
+    Mat q8 = {NULL, NULL, c->dtype, 1, 32, c->q8_group};
+    int E = c->n_routed_experts, routed = tokens * c->num_experts_per_tok;
     if (c->dtype == DTYPE_Q8 || c->dtype == DTYPE_Q4) {
         prefault(s->q, s->capacity);
         prefault(s->scale, s->capacity / c->q8_group * sizeof(float));
         prefault(s->sum, s->capacity / c->q8_group * sizeof(int32_t));
+        if (tokens >= Q8_LANES_MIN && q8_lanes_kernel(&q8, tokens, s->kernel)) {
+            /* the widest input's lanes panel, each expert's padding: 1/2 + 1/32 float a value */
+            size_t padded = (size_t)(tokens + Q8_LANES_TOKENS - 1) / Q8_LANES_TOKENS *
+                            Q8_LANES_TOKENS;
+            s->panel_capacity = (s->capacity / tokens * padded +
+                                 (size_t)((E < routed ? E : routed) + 1) * Q8_LANES_TOKENS *
+                                 c->hidden_size) * 17 / 32;
+            s->panels = xcalloc_huge(s->panel_capacity * sizeof(float));
+            prefault(s->panels, s->panel_capacity * sizeof(float));
+        }
     } else if (tokens >= PANEL_MIN_TOKENS && prefill_kernels(s->kernel, &kern)) {
         size_t padded = (size_t)(tokens + PANEL_TOKENS - 1) / PANEL_TOKENS * PANEL_TOKENS;
-        int E = c->n_routed_experts, routed = tokens * c->num_experts_per_tok;
         s->panel_capacity = s->capacity / tokens * padded +
                             (size_t)((E < routed ? E : routed) + 1) * PANEL_TOKENS * c->hidden_size;
         s->panels = xcalloc_huge(s->panel_capacity * sizeof(float));
@@ -3663,6 +3837,9 @@ static void prepare_inputs(const Product *p, int count, MatmulScratch *act, int 
                 quantize_activations(act->q + at, act->scale + at / W->group,
                                      p[i].x + (size_t)t * W->cols, W->cols, W->group);
                 group_sums(act->sum + at / W->group, act->q + at, W->cols, W->group);
+                if (panels && act->panel_at[i] != SIZE_MAX)
+                    q8_lanes_put(act->panels + act->panel_at[i], act->q + at,
+                                 act->scale + at / W->group, t, p[i].n, W->cols);
             }
         else if (panels && act->panel_at[i] != SIZE_MAX)
             for (int t0 = 0; t0 < p[i].n; t0 += PANEL_TOKENS, job++)
@@ -3697,11 +3874,14 @@ static void matmul_many(const Product *p, int count, MatmulScratch *act) {
                 const int8_t *xq = int8_input(W) ? act->q + act->at[i] : NULL;
                 const float *xs = int8_input(W) ? act->scale + act->at[i] / W->group : NULL;
                 const int32_t *xsum = int8_input(W) ? act->sum + act->at[i] / W->group : NULL;
-                const float *xT = panels && !int8_input(W) && act->panel_at[i] != SIZE_MAX
+                const float *xT = panels && act->panel_at[i] != SIZE_MAX
                                   ? act->panels + act->panel_at[i] : NULL;
+                Q8LanesRows lanes = xT && int8_input(W) ? q8_lanes_kernel(W, p[i].n, act->kernel)
+                                                        : NULL;
                 for (long long b = lo, last = hi < blocks ? hi : blocks; b < last;) {
                     int three = last - b < PANEL_ROWS / 4 ? (int)(last - b) : PANEL_ROWS / 4;
-                    if (xT) matmul_blocks_panels(&p[i], (int)b, three, xT, &kern);
+                    if (lanes) q8_lanes_blocks(&p[i], (int)b, three, xT, lanes);
+                    else if (xT) matmul_blocks_panels(&p[i], (int)b, three, xT, &kern);
                     else matmul_block(&p[i], (int)b, xq, xs, xsum,
                                       act ? act->kernel : KERNEL_BEST);
                     b += xT ? three : 1;

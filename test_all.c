@@ -634,6 +634,52 @@ static void test_matmul_q4(void) {
     matmul_scratch_free(act);
 }
 
+/* q8 prefill with the tokens in the lanes (AVX2 without VNNI, from Q8_LANES_MIN tokens): rows
+ * not a multiple of 3 or 12, columns past one 512-column chunk, tokens not a multiple of 16.
+ * Through matmul against the portable 4 x 4 kernel, and the AVX2 kernel against its plain C
+ * copy bit for bit on the same panel. */
+static void test_q8_lanes(void) {
+    enum { G = 32, ROWS = 29, COLS = 544, N = 40 };
+    static float w[ROWS * COLS], x[N * COLS], y_ref[N * ROWS], y[N * ROWS], y_c[N * ROWS];
+    static int8_t wq[ROWS * COLS], xq[N * COLS];
+    static float ws[ROWS * COLS / G], xs[N * COLS / G];
+    for (int i = 0; i < ROWS * COLS; i++) w[i] = rand_normal();
+    for (int i = 0; i < N * COLS; i++) x[i] = rand_normal();
+    quantize_activations(wq, ws, w, ROWS * COLS, G);
+    Mat W = {wq, ws, DTYPE_Q8, ROWS, COLS, G};
+    MatmulScratch *act = matmul_scratch_new(1, N * COLS);
+    const int counts[] = {16, 21, N};
+    double worst = 0, largest = 0;
+    int lanes = 0;
+    for (int i = 0; i < 3; i++) {
+        int n = counts[i];
+        act->kernel = KERNEL_PORTABLE;
+        matmul(y_ref, &W, x, n, act);
+        act->kernel = KERNEL_NO_VNNI;
+        matmul(y, &W, x, n, act);
+        lanes += q8_lanes_kernel(&W, n, KERNEL_NO_VNNI) != NULL;
+        for (int k = 0; k < n * ROWS; k++) largest = fmax(largest, fabs(y_ref[k]));
+        worst = fmax(worst, max_abs_diff(y_ref, y, (size_t)n * ROWS));
+    }
+    check(worst < 1e-5 * largest, "q8 prefill, tokens in the lanes (%s) vs the portable kernel, %d x %d, 16, 21 and 40 tokens: %.1e of %.1f",
+          lanes ? "AVX2, taken" : "not built here", ROWS, COLS, worst, largest);
+#if defined(__AVX2__) && defined(__FMA__)
+    static float panel[N * COLS];  /* q8_lanes_floats(40, 544) = 48 x 272 + 48 x 17 */
+    for (int t = 0; t < N; t++) {
+        quantize_activations(xq + t * COLS, xs + t * COLS / G, x + t * COLS, COLS, G);
+        q8_lanes_put(panel, xq + t * COLS, xs + t * COLS / G, t, N, COLS);
+    }
+    Product p = {y, &W, x, N}, pc = {y_c, &W, x, N};
+    for (int b = 0; b < (ROWS + 3) / 4; b += 3) {
+        q8_lanes_blocks(&p, b, 3, panel, q8_lanes_rows_avx2);
+        q8_lanes_blocks(&pc, b, 3, panel, q8_lanes_rows_portable);
+    }
+    check(!memcmp(y, y_c, sizeof y) && max_abs_diff(y, y_ref, (size_t)N * ROWS) < 1e-5 * largest,
+          "q8_lanes_rows_avx2 == its plain C copy bit for bit (%d x %d, 40 tokens), and both agree with the 4 x 4 kernel", ROWS, COLS);
+#endif
+    matmul_scratch_free(act);
+}
+
 /* Several products in one pass (threads split their blocks by work; consecutive products with
  * the same input share its int8 form) give exactly what one product at a time gives. */
 static void test_matmul_many(void) {
@@ -2512,6 +2558,7 @@ int main(int argc, char **argv) {
         test_matmul_q4();
         test_bf16_round_to_even();
         test_matmul_many();
+        test_q8_lanes();
         test_batch_equals_single(ATTN_ABSORB, small_config(8), "small");
         test_batch_equals_single(ATTN_NAIVE, small_config(8), "small");
         test_batch_equals_single(ATTN_ABSORB, unusual_config(), "unusual");
