@@ -640,9 +640,9 @@ static void test_matmul_q4(void) {
  * copy bit for bit on the same panel. */
 static void test_q8_lanes(void) {
     enum { G = 32, ROWS = 29, COLS = 544, N = 40 };
-    static float w[ROWS * COLS], x[N * COLS], y_ref[N * ROWS], y[N * ROWS], y_c[N * ROWS];
-    static int8_t wq[ROWS * COLS], xq[N * COLS];
-    static float ws[ROWS * COLS / G], xs[N * COLS / G];
+    static float w[ROWS * COLS], x[N * COLS], y_ref[N * ROWS], y[N * ROWS];
+    static int8_t wq[ROWS * COLS];
+    static float ws[ROWS * COLS / G];
     for (int i = 0; i < ROWS * COLS; i++) w[i] = rand_normal();
     for (int i = 0; i < N * COLS; i++) x[i] = rand_normal();
     quantize_activations(wq, ws, w, ROWS * COLS, G);
@@ -664,7 +664,9 @@ static void test_q8_lanes(void) {
     check(worst < 1e-5 * largest, "q8 prefill, tokens in the lanes (%s) vs the portable kernel, %d x %d, 16, 21 and 40 tokens: %.1e of %.1f",
           lanes ? "AVX2, taken" : "not built here", ROWS, COLS, worst, largest);
 #if defined(__AVX2__) && defined(__FMA__)
-    static float panel[N * COLS];  /* q8_lanes_floats(40, 544) = 48 x 272 + 48 x 17 */
+    static float panel[N * COLS], y_c[N * ROWS];  /* q8_lanes_floats(40, 544): 48 x 272 + 48 x 17 */
+    static int8_t xq[N * COLS];
+    static float xs[N * COLS / G];
     for (int t = 0; t < N; t++) {
         quantize_activations(xq + t * COLS, xs + t * COLS / G, x + t * COLS, COLS, G);
         q8_lanes_put(panel, xq + t * COLS, xs + t * COLS / G, t, N, COLS);
