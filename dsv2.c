@@ -3400,9 +3400,9 @@ static int q4_direct(const Mat *W, int tokens, int kernel) {
     return tokens < 32;
 }
 
-/* q8 prefill with the tokens in the lanes (q8_lanes_rows_avx2), where the 4-row x 4-token AVX2
- * kernel would run without VNNI and a product has Q8_LANES_MIN tokens or more (fewer would be
- * mostly padding: the tokens go 16 at a time). */
+/* q8 and q4 prefill with the tokens in the lanes (q8_lanes_rows_avx2), where the 4-row x 4-token
+ * AVX2 kernel would run without VNNI and a product has Q8_LANES_MIN tokens or more (fewer would
+ * be mostly padding: the tokens go 16 at a time). */
 enum { Q8_LANES_MIN = 16, Q8_LANES_BLOCK = 8, Q8_LANES_TOKENS = 16, Q8_LANES_CHUNK = 512 };
 typedef void (*Q8LanesRows)(float *, int, const int16_t *const[3], const float *const[3],
                             const int16_t *, const int16_t *, const float *, const float *, int);
@@ -3412,8 +3412,9 @@ static void q8_lanes_rows_portable(float *out, int stride, const int16_t *const 
                                    int groups);
 static Q8LanesRows q8_lanes_kernel(const Mat *W, int tokens, int kernel) {
 #if defined(__AVX2__) && defined(__FMA__)
-    if (W->dtype == DTYPE_Q8 && tokens >= Q8_LANES_MIN && tokens <= MAX_BATCH &&
-        q8_kernel(W, kernel) == dot4x4_q8_group32_avx2)
+    Dot4x4 rows_tokens = q8_kernel(W, kernel);
+    if (tokens >= Q8_LANES_MIN && tokens <= MAX_BATCH &&
+        (rows_tokens == dot4x4_q8_group32_avx2 || rows_tokens == dot4x4_q4_group32_avx2))
         return q8_lanes_rows_avx2;
 #endif
     (void)W, (void)tokens, (void)kernel, (void)q8_lanes_rows_portable;  /* the tests' reference */
@@ -3673,8 +3674,8 @@ static void q8_lanes_put(float *panel, const int8_t *q, const float *scale, int 
     }
 }
 
-/* Rows 4b .. 4b + 4 count - 1 of a q8 product against its q8_lanes panel: a chunk of the rows
- * widened to int16 (in L1), then 16 tokens at a time against 3 rows at a time. */
+/* Rows 4b .. 4b + 4 count - 1 of a q8 or q4 product against its q8_lanes panel: a chunk of the
+ * rows widened to int16 (in L1), then 16 tokens at a time against 3 rows at a time. */
 static void q8_lanes_blocks(const Product *p, int b, int count, const float *panel,
                             Q8LanesRows kern) {
     const Mat *W = p->W;
@@ -3689,7 +3690,11 @@ static void q8_lanes_blocks(const Product *p, int b, int count, const float *pan
     for (int c0 = 0; c0 < cols; c0 += Q8_LANES_CHUNK) {
         int len = cols - c0 < Q8_LANES_CHUNK ? cols - c0 : Q8_LANES_CHUNK;
         for (int r = 0; r < n; r++) {
-            const int8_t *w = (const int8_t *)W->data + (size_t)(first + r) * cols + c0;
+            size_t at = (size_t)(first + r) * cols + c0;
+            int8_t nibbles[Q8_LANES_CHUNK];  /* q4: its chunk as int8 first */
+            const int8_t *w = (const int8_t *)W->data + at;
+            if (W->dtype == DTYPE_Q4)
+                unpack_q4(nibbles, (const uint8_t *)W->data + at / 2, len, W->group), w = nibbles;
             for (int k = 0; k < len; k++) w16[r][k] = w[k];
         }
         for (int t0 = 0; t0 < padded; t0 += Q8_LANES_TOKENS) {  /* 16 tokens' chunk in L1 */

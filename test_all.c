@@ -663,6 +663,35 @@ static void test_q8_lanes(void) {
     }
     check(worst < 1e-5 * largest, "q8 prefill, tokens in the lanes (%s) vs the portable kernel, %d x %d, 16, 21 and 40 tokens: %.1e of %.1f",
           lanes ? "AVX2, taken" : "not built here", ROWS, COLS, worst, largest);
+    static uint8_t w4[ROWS * COLS / 2];  /* the same weights at q4: byte j of a group, nibbles j and j + 16 */
+    static float s4[ROWS * COLS / G];
+    for (int g = 0; g < ROWS * COLS / G; g++) {
+        float m = 0;
+        for (int j = 0; j < G; j++) m = fabsf(w[g * G + j]) > fabsf(m) ? w[g * G + j] : m;
+        s4[g] = m / -8;
+        for (int j = 0; j < G; j++) {
+            int q = (int)fminf(fmaxf(roundf(w[g * G + j] / s4[g]), -8), 7) + 8;
+            uint8_t *b = &w4[g * G / 2 + j % (G / 2)];
+            *b = (uint8_t)(j < G / 2 ? (*b & 0xF0) | q : (*b & 0x0F) | (q << 4));
+        }
+    }
+    Mat W4 = {w4, s4, DTYPE_Q4, ROWS, COLS, G};
+    worst = largest = 0;
+    lanes = 0;
+    for (int i = 0; i < 3; i++) {
+        int n = counts[i];
+        act->kernel = KERNEL_PORTABLE;
+        matmul(y_ref, &W4, x, n, act);
+        act->kernel = KERNEL_NO_VNNI;
+        matmul(y, &W4, x, n, act);
+        lanes += q8_lanes_kernel(&W4, n, KERNEL_NO_VNNI) != NULL;
+        for (int k = 0; k < n * ROWS; k++) largest = fmax(largest, fabs(y_ref[k]));
+        worst = fmax(worst, max_abs_diff(y_ref, y, (size_t)n * ROWS));
+    }
+    check(worst < 1e-5 * largest, "q4 prefill, tokens in the lanes (%s) vs the portable kernel, %d x %d, 16, 21 and 40 tokens: %.1e of %.1f",
+          lanes ? "AVX2, taken" : "not built here", ROWS, COLS, worst, largest);
+    act->kernel = KERNEL_PORTABLE;
+    matmul(y_ref, &W, x, N, act);  /* the q8 reference again, for the kernel check below */
 #if defined(__AVX2__) && defined(__FMA__)
     static float panel[N * COLS], y_c[N * ROWS];  /* q8_lanes_floats(40, 544): 48 x 272 + 48 x 17 */
     static int8_t xq[N * COLS];
