@@ -3421,10 +3421,15 @@ static Q8LanesRows q8_lanes_kernel(const Mat *W, int tokens, int kernel) {
     return NULL;
 }
 
+/* n tokens padded to the 16 a q8_lanes_rows call takes. */
+static int q8_lanes_padded(int n) {
+    return (n + Q8_LANES_TOKENS - 1) / Q8_LANES_TOKENS * Q8_LANES_TOKENS;
+}
+
 /* What a product's token panel for q8_lanes_rows takes, in floats: n tokens padded to 16, each
  * as cols int16 values and one scale per group of 32. */
 static size_t q8_lanes_floats(int n, int cols) {
-    size_t padded = (size_t)(n + Q8_LANES_TOKENS - 1) / Q8_LANES_TOKENS * Q8_LANES_TOKENS;
+    size_t padded = (size_t)q8_lanes_padded(n);
     return padded * cols / 2 + padded * (cols / 32);
 }
 
@@ -3662,7 +3667,7 @@ static void q8_lanes_rows_portable(float *out, int stride, const int16_t *const 
  * The product's last token also zeroes the padding up to 16. */
 static void q8_lanes_put(float *panel, const int8_t *q, const float *scale, int t, int n,
                          int cols) {
-    int groups = cols / 32, padded = (n + Q8_LANES_TOKENS - 1) / Q8_LANES_TOKENS * Q8_LANES_TOKENS;
+    int groups = cols / 32, padded = q8_lanes_padded(n);
     int16_t *x16 = (int16_t *)panel;
     float *sc = panel + (size_t)padded * cols / 2;
     for (int u = t; u < (t == n - 1 ? padded : t + 1); u++) {
@@ -3681,7 +3686,7 @@ static void q8_lanes_blocks(const Product *p, int b, int count, const float *pan
     const Mat *W = p->W;
     int rows = W->rows, cols = W->cols, groups = cols / 32, first = 4 * b, n = 4 * count;
     if (n > rows - first) n = rows - first;
-    int padded = (p->n + Q8_LANES_TOKENS - 1) / Q8_LANES_TOKENS * Q8_LANES_TOKENS;
+    int padded = q8_lanes_padded(p->n);
     const int16_t *x16 = (const int16_t *)panel;
     const float *sc = panel + (size_t)padded * cols / 2;
     float out[PANEL_ROWS * (MAX_BATCH + Q8_LANES_TOKENS)];
@@ -3810,8 +3815,7 @@ static void matmul_scratch_prefault(MatmulScratch *s, const Config *c, int token
         prefault(s->sum, s->capacity / c->q8_group * sizeof(int32_t));
         if (tokens >= Q8_LANES_MIN && q8_lanes_kernel(&q8, tokens, s->kernel)) {
             /* the widest input's lanes panel, each expert's padding: 1/2 + 1/32 float a value */
-            size_t padded = (size_t)(tokens + Q8_LANES_TOKENS - 1) / Q8_LANES_TOKENS *
-                            Q8_LANES_TOKENS;
+            size_t padded = (size_t)q8_lanes_padded(tokens);
             s->panel_capacity = (s->capacity / tokens * padded +
                                  (size_t)((E < routed ? E : routed) + 1) * Q8_LANES_TOKENS *
                                  c->hidden_size) * 17 / 32;

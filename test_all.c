@@ -634,6 +634,23 @@ static void test_matmul_q4(void) {
     matmul_scratch_free(act);
 }
 
+/* W against counts[i] tokens of x with KERNEL_NO_VNNI and with the portable kernel: the largest
+ * difference; *largest: the largest portable output. */
+static double lanes_against_portable(const Mat *W, const float *x, const int *counts, int k,
+                                     MatmulScratch *act, float *y_ref, float *y, double *largest) {
+    double worst = 0;
+    *largest = 0;
+    for (int i = 0; i < k; i++) {
+        act->kernel = KERNEL_PORTABLE;
+        matmul(y_ref, W, x, counts[i], act);
+        act->kernel = KERNEL_NO_VNNI;
+        matmul(y, W, x, counts[i], act);
+        for (int j = 0; j < counts[i] * W->rows; j++) *largest = fmax(*largest, fabs(y_ref[j]));
+        worst = fmax(worst, max_abs_diff(y_ref, y, (size_t)counts[i] * W->rows));
+    }
+    return worst;
+}
+
 /* q8 prefill with the tokens in the lanes (AVX2 without VNNI, from Q8_LANES_MIN tokens): rows
  * not a multiple of 3 or 12, columns past one 512-column chunk, tokens not a multiple of 16.
  * Through matmul against the portable 4 x 4 kernel, and the AVX2 kernel against its plain C
@@ -649,18 +666,8 @@ static void test_q8_lanes(void) {
     Mat W = {wq, ws, DTYPE_Q8, ROWS, COLS, G};
     MatmulScratch *act = matmul_scratch_new(1, N * COLS);
     const int counts[] = {16, 21, N};
-    double worst = 0, largest = 0;
-    int lanes = 0;
-    for (int i = 0; i < 3; i++) {
-        int n = counts[i];
-        act->kernel = KERNEL_PORTABLE;
-        matmul(y_ref, &W, x, n, act);
-        act->kernel = KERNEL_NO_VNNI;
-        matmul(y, &W, x, n, act);
-        lanes += q8_lanes_kernel(&W, n, KERNEL_NO_VNNI) != NULL;
-        for (int k = 0; k < n * ROWS; k++) largest = fmax(largest, fabs(y_ref[k]));
-        worst = fmax(worst, max_abs_diff(y_ref, y, (size_t)n * ROWS));
-    }
+    double largest, worst = lanes_against_portable(&W, x, counts, 3, act, y_ref, y, &largest);
+    int lanes = q8_lanes_kernel(&W, N, KERNEL_NO_VNNI) != NULL;
     check(worst < 1e-5 * largest, "q8 prefill, tokens in the lanes (%s) vs the portable kernel, %d x %d, 16, 21 and 40 tokens: %.1e of %.1f",
           lanes ? "AVX2, taken" : "not built here", ROWS, COLS, worst, largest);
     static uint8_t w4[ROWS * COLS / 2];  /* the same weights at q4: byte j of a group, nibbles j and j + 16 */
@@ -676,18 +683,8 @@ static void test_q8_lanes(void) {
         }
     }
     Mat W4 = {w4, s4, DTYPE_Q4, ROWS, COLS, G};
-    worst = largest = 0;
-    lanes = 0;
-    for (int i = 0; i < 3; i++) {
-        int n = counts[i];
-        act->kernel = KERNEL_PORTABLE;
-        matmul(y_ref, &W4, x, n, act);
-        act->kernel = KERNEL_NO_VNNI;
-        matmul(y, &W4, x, n, act);
-        lanes += q8_lanes_kernel(&W4, n, KERNEL_NO_VNNI) != NULL;
-        for (int k = 0; k < n * ROWS; k++) largest = fmax(largest, fabs(y_ref[k]));
-        worst = fmax(worst, max_abs_diff(y_ref, y, (size_t)n * ROWS));
-    }
+    worst = lanes_against_portable(&W4, x, counts, 3, act, y_ref, y, &largest);
+    lanes = q8_lanes_kernel(&W4, N, KERNEL_NO_VNNI) != NULL;
     check(worst < 1e-5 * largest, "q4 prefill, tokens in the lanes (%s) vs the portable kernel, %d x %d, 16, 21 and 40 tokens: %.1e of %.1f",
           lanes ? "AVX2, taken" : "not built here", ROWS, COLS, worst, largest);
     act->kernel = KERNEL_PORTABLE;
